@@ -1,0 +1,482 @@
+#!/usr/bin/env bash
+# VPE bootstrap: brings the platform up, reports on it, and takes it down.
+#
+# Where a Docker engine answers, the stack runs under docker compose; otherwise
+# every component runs as a local process with all state under $VPE_HOME.
+# Both modes read the same .env, SQL, envs/ and dags/.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+COMPONENTS=(postgres executor airflow)
+AIRFLOW_SERVICES=(api-server scheduler dag-processor triggerer)
+
+usage() {
+  cat <<EOF
+Usage: ./bootstrap.sh [--local|--docker] [COMMAND] [ARGS...]
+
+Commands:
+  up [COMPONENT...]  start what is down (default command); components: ${COMPONENTS[*]}
+  status             one line per component: address and health (exit 1 if any is unhealthy)
+  down               stop every process this project started; data is kept
+  psql [ARGS...]     psql on the warehouse database (ARGS go to psql)
+  logs [COMPONENT...] last lines of the components' logs (all without one)
+  migrate            apply ddl.sql and dml.sql to the warehouse (up does this too)
+  airflow [ARGS...]  the airflow CLI, configured for this stack (e.g. airflow dags list)
+  test [ARGS...]     install the test tools and run the test suite (ARGS go to pytest)
+  config             print the resolved configuration and mode
+
+Options:
+  --local            run every component as a local process (default without a Docker engine)
+  --docker           run the stack with docker compose (default when a Docker engine answers)
+  -h, --help         this help
+
+Configuration: .env (every port, name and path); environment variables override it.
+EOF
+}
+
+say() { printf '%s\n' "$*"; }
+step() { printf '==> %s\n' "$*"; }
+die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
+
+# --- configuration -----------------------------------------------------------
+
+# Reads .env without overwriting variables the caller already set.
+load_config() {
+  local line key value
+  while IFS= read -r line || [ -n "$line" ]; do
+    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+    [[ "$line" =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || die ".env: cannot parse line: $line"
+    key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
+    [ -n "${!key+x}" ] || export "$key=$value"
+  done < "$ROOT/.env"
+
+  VPE_HOME=$(absolute "$VPE_HOME")
+  VPE_VENV=$(absolute "$VPE_VENV")
+  export VPE_HOME VPE_VENV
+  PG_DATA=$VPE_HOME/pg/data
+  PG_SOCKET=$VPE_HOME/pg/run
+  LOGS=$VPE_HOME/logs
+  PIDS=$VPE_HOME/run
+  SECRETS=$VPE_HOME/secrets.env
+  export VPE_BUFFER=$VPE_HOME/buffer
+  export AIRFLOW_HOME=$VPE_HOME/airflow
+}
+
+absolute() { case "$1" in /*) say "$1" ;; *) say "$ROOT/$1" ;; esac; }
+
+# An explicit flag wins; otherwise compose whenever a Docker engine answers.
+choose_mode() {
+  if [ -n "${MODE_FLAG:-}" ]; then
+    MODE=$MODE_FLAG
+  elif command -v docker >/dev/null 2>&1 && timeout 5 docker info >/dev/null 2>&1; then
+    MODE=docker
+  else
+    MODE=local
+  fi
+}
+
+print_config() {
+  say "VPE_MODE=$MODE"
+  local key
+  for key in $(grep -oE '^[A-Za-z_][A-Za-z0-9_]*' "$ROOT/.env"); do
+    say "$key=${!key}"
+  done
+}
+
+# --- prerequisites -----------------------------------------------------------
+
+require_python() {
+  command -v python3 >/dev/null 2>&1 || die "python3 not found: install Python 3.11 or newer (Debian: apt-get install python3 python3-venv)."
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$(python3 --version) is too old: install Python 3.11 or newer."
+  python3 -c 'import venv, ensurepip' 2>/dev/null \
+    || die "python3 cannot create venvs: apt-get install python3-venv"
+}
+
+find_pg_bin() {
+  local dir
+  for dir in "$VPE_PG_BIN" /usr/lib/postgresql/15/bin "$(pg_config --bindir 2>/dev/null || true)"; do
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then PG_BIN=$dir; return; fi
+  done
+  die "PostgreSQL server binaries not found: apt-get install postgresql-15, or set VPE_PG_BIN to the folder holding initdb and pg_ctl."
+}
+
+# PostgreSQL refuses to run as root, so root runs it as the postgres account.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u "$PG_OS_USER" -- "$@"; else "$@"; fi
+}
+
+pg_os_user() {
+  if [ "$(id -u)" != 0 ]; then PG_OS_USER=$(id -un); return; fi
+  PG_OS_USER=postgres
+  id "$PG_OS_USER" >/dev/null 2>&1 || die "running as root needs a 'postgres' account to run PostgreSQL: install postgresql-15, or run bootstrap as a normal user."
+  runuser -u "$PG_OS_USER" -- test -x "$VPE_HOME" \
+    || die "the postgres account cannot reach $VPE_HOME (a parent folder is private): set VPE_HOME to a folder it can reach, e.g. VPE_HOME=/var/tmp/vpe ./bootstrap.sh"
+}
+
+# --- local state -------------------------------------------------------------
+
+make_state_dirs() {
+  mkdir -p "$VPE_HOME" "$PIDS" "$VPE_BUFFER" "$AIRFLOW_HOME" "$LOGS"/{postgres,executor,airflow} "$VPE_HOME/pg"
+  # Tasks, Airflow workers and PostgreSQL all write here; no manual chmod afterwards.
+  chmod 0777 "$LOGS"/* "$VPE_BUFFER"
+}
+
+# Secrets are generated once and kept: the warehouse password must survive re-runs.
+ensure_secrets() {
+  if [ ! -s "$SECRETS" ]; then
+    ( umask 077
+      {
+        say "VPE_PG_PASSWORD=$(random_hex 24)"
+        say "VPE_EXECUTOR_TOKEN=$(random_hex 32)"
+        say "AIRFLOW__API_AUTH__JWT_SECRET=$(random_hex 32)"
+        say "AIRFLOW__API__SECRET_KEY=$(random_hex 32)"
+        say "AIRFLOW__CORE__FERNET_KEY=$(python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')"
+      } > "$SECRETS" )
+  fi
+  local line key
+  while IFS= read -r line; do
+    key=${line%%=*}
+    [ -n "${!key+x}" ] || export "$line"
+  done < "$SECRETS"
+  export VPE_WAREHOUSE_DSN="postgresql://$VPE_PG_USER:$VPE_PG_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
+}
+
+random_hex() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
+
+# Installs a requirements file only when it changed since its last install.
+ensure_venv() {
+  local file stamp want
+  for file in "$ROOT/requirements.txt" "$@"; do
+    stamp=$VPE_VENV/.vpe-installed-$(basename "$file")
+    want=$(sha256sum < "$file" | cut -d' ' -f1)
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && continue
+    if [ ! -x "$VPE_VENV/bin/python" ]; then
+      require_python
+      step "creating the Python venv $VPE_VENV"
+      python3 -m venv "$VPE_VENV"
+    fi
+    [ -x "$VPE_VENV/bin/uv" ] || "$VPE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check uv \
+      || die "installing uv into $VPE_VENV failed (see above); PyPI must be reachable."
+    step "installing $(basename "$file") into $VPE_VENV (the first time takes a minute)"
+    "$VPE_VENV/bin/uv" pip install --quiet --python "$VPE_VENV/bin/python" -r "$file" \
+      || die "installing $file failed (see above); PyPI must be reachable."
+    say "$want" > "$stamp"
+  done
+}
+
+pidfile() { say "$PIDS/$1.pid"; }
+
+# Alive and still the process we started (pid files outlive reboots).
+running() {
+  local file pid
+  file=$(pidfile "$1")
+  [ -f "$file" ] || return 1
+  pid=$(cat "$file")
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2"
+}
+
+# Each process gets its own session, so `down` can stop it with all its children.
+spawn() {
+  local name=$1 log=$2; shift 2
+  setsid "$@" >> "$log" 2>&1 < /dev/null &
+  say $! > "$(pidfile "$name")"
+}
+
+stop_group() {
+  local name=$1 file pid i
+  file=$(pidfile "$name")
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for i in $(seq 1 150); do
+      pgroup_alive "$pid" || break
+      sleep 0.1
+    done
+    pgroup_alive "$pid" && kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$file"
+}
+
+pgroup_alive() { ps -o pid= -g "$1" >/dev/null 2>&1; }
+
+wait_for() {
+  local what=$1 seconds=$2 log=$3; shift 3
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "$what did not become healthy within ${seconds}s; its log: $log (./bootstrap.sh logs)"
+    sleep 0.5
+  done
+}
+
+# --- postgres ----------------------------------------------------------------
+
+psql_super() {
+  "$PG_BIN/psql" -X -q -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$VPE_PG_USER" -v ON_ERROR_STOP=1 "$@"
+}
+
+postgres_healthy() { "$PG_BIN/pg_isready" -q -h "$PG_SOCKET" -p "$VPE_PG_PORT"; }
+
+init_cluster() {
+  [ -s "$PG_DATA/PG_VERSION" ] && return
+  step "creating the PostgreSQL cluster in $PG_DATA"
+  mkdir -p "$PG_DATA" "$PG_SOCKET"
+  chown "$PG_OS_USER" "$VPE_HOME/pg" "$PG_DATA" "$PG_SOCKET" "$LOGS/postgres"
+  chmod 0700 "$PG_DATA" "$PG_SOCKET"
+  local pwfile=$VPE_HOME/pg/.pwfile
+  ( umask 077; say "$VPE_PG_PASSWORD" > "$pwfile" )
+  chown "$PG_OS_USER" "$pwfile"
+  # Sockets trust only who can enter the 0700 socket folder; TCP needs the password.
+  as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U "$VPE_PG_USER" -E UTF8 --locale=C.UTF-8 \
+    --auth-local=trust --auth-host=scram-sha-256 --pwfile="$pwfile" > "$LOGS/postgres/initdb.log" 2>&1 \
+    || { rm -f "$pwfile"; die "initdb failed; see $LOGS/postgres/initdb.log"; }
+  rm -f "$pwfile"
+}
+
+start_postgres() {
+  find_pg_bin
+  pg_os_user
+  init_cluster
+  if as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
+    say "postgres   already running"
+  else
+    port_free "$VPE_PG_HOST" "$VPE_PG_PORT" || die "port $VPE_PG_PORT is taken by another program: set VPE_PG_PORT in .env or the environment."
+    step "starting PostgreSQL on $VPE_PG_HOST:$VPE_PG_PORT"
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres/postgres.log" -w -t 60 \
+      -o "-p $VPE_PG_PORT -k $PG_SOCKET -c listen_addresses=$VPE_PG_HOST ${VPE_PG_OPTIONS:-}" start >/dev/null \
+      || die "PostgreSQL did not start; see $LOGS/postgres/postgres.log"
+  fi
+  wait_for PostgreSQL 30 "$LOGS/postgres/postgres.log" postgres_healthy
+  ensure_database "$VPE_WAREHOUSE_DB"
+  ensure_database "$VPE_AIRFLOW_DB"
+  migrate
+}
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+ensure_database() {
+  [ "$(psql_super -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$1'")" = 1 ] \
+    || psql_super -d postgres -c "CREATE DATABASE \"$1\""
+}
+
+# ddl.sql and dml.sql are written to be re-applied: this never drops data.
+migrate() {
+  local file
+  for file in ddl.sql dml.sql; do
+    psql_super -d "$VPE_WAREHOUSE_DB" -f "$ROOT/$file" > "$LOGS/postgres/migrate.log" 2>&1 \
+      || die "applying $file to $VPE_WAREHOUSE_DB failed: $(tail -n 3 "$LOGS/postgres/migrate.log")"
+  done
+}
+
+stop_postgres() {
+  find_pg_bin
+  pg_os_user
+  [ -s "$PG_DATA/PG_VERSION" ] || return 0
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1 || return 0
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null
+}
+
+# --- executor ----------------------------------------------------------------
+
+executor_cli() { "$VPE_VENV/bin/python" "$ROOT/executor.py" "$@"; }
+
+executor_healthy() { executor_cli ping >/dev/null 2>&1; }
+
+start_executor() {
+  if running executor "executor.py serve"; then
+    say "executor   already running"
+  else
+    port_free "$VPE_EXECUTOR_HOST" "$VPE_EXECUTOR_PORT" || die "port $VPE_EXECUTOR_PORT is taken by another program: set VPE_EXECUTOR_PORT in .env or the environment."
+    step "starting the executor on $VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT"
+    spawn executor "$LOGS/executor/executor.log" "$VPE_VENV/bin/python" "$ROOT/executor.py" serve
+  fi
+  wait_for executor 60 "$LOGS/executor/executor.log" executor_healthy
+}
+
+# --- airflow -----------------------------------------------------------------
+
+airflow_env() {
+  local api="http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"
+  export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
+  export AIRFLOW__CORE__LOAD_EXAMPLES=False
+  export AIRFLOW__CORE__EXECUTOR=LocalExecutor
+  export AIRFLOW__CORE__PARALLELISM=$VPE_AIRFLOW_PARALLELISM
+  export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=$api/execution/
+  export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://$VPE_PG_USER:$VPE_PG_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
+  export AIRFLOW__API__HOST=$VPE_AIRFLOW_HOST
+  export AIRFLOW__API__PORT=$VPE_AIRFLOW_PORT
+  export AIRFLOW__API__BASE_URL=$api
+  export AIRFLOW__API__WORKERS=1
+  export AIRFLOW__LOGGING__BASE_LOG_FOLDER=$LOGS/airflow
+  # New DAG files show up within 30 s instead of Airflow's default 5 minutes.
+  export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=30
+  # DAGs import the executor's client code (executor.py) from the repo root.
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  export AIRFLOW_CONN_GRPC_DEFAULT
+  AIRFLOW_CONN_GRPC_DEFAULT=$(grpc_connection_json)
+}
+
+# The connection Airflow uses to reach the executor; the token travels in its extras.
+grpc_connection_json() {
+  printf '{"conn_type": "grpc", "host": "%s", "port": %s, "extra": {"auth_type": "NO_AUTH", "token": "%s"}}' \
+    "$VPE_EXECUTOR_HOST" "$VPE_EXECUTOR_PORT" "$VPE_EXECUTOR_TOKEN"
+}
+
+airflow_api() { say "http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"; }
+
+airflow_healthy() { curl -fsS --max-time 3 "$(airflow_api)/api/v2/monitor/health"; }
+
+start_airflow() {
+  local service missing=()
+  for service in "${AIRFLOW_SERVICES[@]}"; do
+    running "airflow-$service" "airflow $service" || missing+=("$service")
+  done
+  if [ ${#missing[@]} = 0 ]; then
+    say "airflow    already running"
+  else
+    running airflow-api-server "airflow api-server" || port_free "$VPE_AIRFLOW_HOST" "$VPE_AIRFLOW_PORT" \
+      || die "port $VPE_AIRFLOW_PORT is taken by another program: set VPE_AIRFLOW_PORT in .env or the environment."
+    step "migrating Airflow's metadata database"
+    "$VPE_VENV/bin/airflow" db migrate > "$LOGS/airflow/db-migrate.log" 2>&1 \
+      || die "airflow db migrate failed; see $LOGS/airflow/db-migrate.log"
+    for service in "${missing[@]}"; do
+      step "starting airflow $service"
+      spawn "airflow-$service" "$LOGS/airflow/$service.log" "$VPE_VENV/bin/airflow" "$service"
+    done
+  fi
+  wait_for "Airflow's api-server" 120 "$LOGS/airflow/api-server.log" airflow_healthy
+}
+
+airflow_password() {
+  local file=$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated
+  [ -f "$file" ] && python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["admin"])' "$file" || say "(not generated yet)"
+}
+
+# --- commands ----------------------------------------------------------------
+
+prepare_local() {
+  make_state_dirs
+  ensure_secrets
+  airflow_env
+}
+
+cmd_up() {
+  local wanted=("$@") component
+  [ ${#wanted[@]} -gt 0 ] || wanted=("${COMPONENTS[@]}")
+  exec 9> "$PIDS/bootstrap.lock"
+  flock -n 9 || die "another ./bootstrap.sh is working on $VPE_HOME; wait for it to finish."
+  ensure_venv
+  for component in "${wanted[@]}"; do "start_$component"; done
+  say ""
+  # Whatever was asked for is healthy by now (start_* waits or dies); others may be down on purpose.
+  cmd_status || true
+}
+
+cmd_status() {
+  local bad=0
+  find_pg_bin
+  printf '%-16s %-34s %s\n' COMPONENT ADDRESS STATE
+  status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
+  status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
+  status_line airflow "$(airflow_api)" airflow_healthy || bad=1
+  say ""
+  executor_cli ping 2>/dev/null | sed 's/^/  /' || true
+  cat <<EOF
+
+Airflow UI     $(airflow_api)   (user admin, password $(airflow_password))
+Warehouse      ./bootstrap.sh psql
+Trigger a DAG  ./bootstrap.sh airflow dags trigger ping_grpc
+Logs           ./bootstrap.sh logs [postgres|executor|airflow]
+Stop           ./bootstrap.sh down
+EOF
+  return $bad
+}
+
+status_line() {
+  local state=healthy
+  "$3" >/dev/null 2>&1 || state=unhealthy
+  printf '%-16s %-34s %s\n' "$1" "$2" "$state"
+  [ "$state" = healthy ]
+}
+
+cmd_down() {
+  local service
+  for service in "${AIRFLOW_SERVICES[@]}"; do stop_group "airflow-$service"; done
+  stop_group executor
+  stop_postgres
+  say "stopped; data kept in $VPE_HOME"
+}
+
+cmd_psql() {
+  find_pg_bin
+  postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up"
+  exec "$PG_BIN/psql" -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$VPE_PG_USER" -d "$VPE_WAREHOUSE_DB" "$@"
+}
+
+cmd_logs() {
+  local components=("$@") component file
+  [ $# -gt 0 ] || components=("${COMPONENTS[@]}")
+  for component in "${components[@]}"; do
+    for file in "$LOGS/$component"/*.log; do
+      [ -f "$file" ] || continue
+      say "==> $file <=="
+      tail -n 40 "$file"
+    done
+  done
+}
+
+cmd_migrate() {
+  find_pg_bin
+  postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up postgres"
+  migrate
+  say "applied ddl.sql and dml.sql to $VPE_WAREHOUSE_DB"
+}
+
+cmd_airflow() { exec "$VPE_VENV/bin/airflow" "$@"; }
+
+cmd_test() {
+  ensure_venv "$ROOT/requirements-test.txt"
+  cd "$ROOT"
+  exec "$VPE_VENV/bin/python" -m pytest tests "$@"
+}
+
+all_components() {
+  local component
+  for component in "$@"; do
+    [[ " ${COMPONENTS[*]} " == *" $component "* ]] || return 1
+  done
+}
+
+main() {
+  MODE_FLAG=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --local) MODE_FLAG=local ;;
+      --docker) MODE_FLAG=docker ;;
+      -h|--help|help) usage; exit 0 ;;
+      -*) usage >&2; exit 2 ;;
+      *) break ;;
+    esac
+    shift
+  done
+  local command=${1:-up}
+  [ $# -gt 0 ] && shift
+  load_config
+  choose_mode
+  case "$command" in
+    config) print_config; return ;;
+    test) cmd_test "$@"; return ;;
+    up|logs) all_components "$@" || { usage >&2; exit 2; } ;;
+    status|down|psql|migrate|airflow) ;;
+    *) usage >&2; exit 2 ;;
+  esac
+  [ "$MODE" = local ] || die "compose mode is not built yet: run ./bootstrap.sh --local $command"
+  prepare_local
+  "cmd_$command" "$@"
+}
+
+main "$@"
