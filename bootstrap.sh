@@ -306,6 +306,8 @@ airflow_env() {
   export AIRFLOW__CORE__PARALLELISM=$VPE_AIRFLOW_PARALLELISM
   export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=$api/execution/
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin
+  # A triggered run should run: DAGs here are edited in place, not promoted.
+  export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
   export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://$VPE_PG_USER:$VPE_PG_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
   export AIRFLOW__API__HOST=$VPE_AIRFLOW_HOST
   export AIRFLOW__API__PORT=$VPE_AIRFLOW_PORT
@@ -329,6 +331,11 @@ grpc_connection_json() {
 airflow_api() { say "http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"; }
 
 airflow_healthy() { curl -fsS --max-time 3 "$(airflow_api)/api/v2/monitor/health"; }
+
+# One of the parts the api-server's health endpoint reports on: scheduler, triggerer, dag_processor.
+airflow_part_healthy() {
+  airflow_healthy | python3 -c 'import json, sys; sys.exit(json.load(sys.stdin)[sys.argv[1]]["status"] != "healthy")' "$1"
+}
 
 start_airflow() {
   local service missing=()
@@ -379,10 +386,14 @@ cmd_up() {
 cmd_status() {
   local bad=0
   find_pg_bin
-  printf '%-16s %-34s %s\n' COMPONENT ADDRESS STATE
+  printf '%-22s %-30s %s\n' COMPONENT ADDRESS STATE
   status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
   status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
-  status_line airflow "$(airflow_api)" airflow_healthy || bad=1
+  status_line airflow-api "$(airflow_api)" airflow_healthy || bad=1
+  local part
+  for part in scheduler dag_processor triggerer; do
+    status_line "airflow-${part/_/-}" "(reported by airflow-api)" airflow_part_healthy "$part" || bad=1
+  done
   say ""
   executor_cli ping 2>/dev/null | sed 's/^/  /' || true
   cat <<EOF
@@ -397,9 +408,10 @@ EOF
 }
 
 status_line() {
-  local state=healthy
-  "$3" >/dev/null 2>&1 || state=unhealthy
-  printf '%-16s %-34s %s\n' "$1" "$2" "$state"
+  local name=$1 address=$2 state=healthy
+  shift 2
+  "$@" >/dev/null 2>&1 || state=unhealthy
+  printf '%-22s %-30s %s\n' "$name" "$address" "$state"
   [ "$state" = healthy ]
 }
 

@@ -6,13 +6,19 @@ venv the tests run in.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import psycopg
 import pytest
@@ -42,8 +48,19 @@ def bootstrap(*args: str, env: dict[str, str] | None = None, check: bool = True,
     return result
 
 
+@pytest.fixture(scope="session")
+def stack_home() -> Iterator[Path]:
+    """A world-traversable parent for stacks' state: PostgreSQL runs as another
+    account when the tests run as root, and pytest's own tmp dirs are private."""
+    parent = Path(tempfile.mkdtemp(prefix="vpe-tests-"))
+    parent.chmod(0o755)
+    yield parent
+    shutil.rmtree(parent, ignore_errors=True)
+
+
 def stack_config(home: Path) -> dict[str, str]:
     """Environment for a stack of its own: state in `home`, fresh ports, the tests' venv."""
+    home.mkdir(parents=True)
     return {
         "VPE_HOME": str(home),
         "VPE_VENV": sys.prefix,
@@ -67,9 +84,9 @@ def warehouse_dsn(env: dict[str, str], database: str | None = None) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def pg_env(stack_home: Path) -> Iterator[dict[str, str]]:
     """A stack with only PostgreSQL up (warehouse schema applied), shared by the session."""
-    env = stack_config(tmp_path_factory.mktemp("pg-stack") / "vpe")
+    env = stack_config(stack_home / "pg-stack")
     bootstrap("up", "postgres", env=env)
     env["VPE_WAREHOUSE_DSN"] = warehouse_dsn(env)
     yield env
@@ -84,3 +101,62 @@ def empty_db(pg_env: dict[str, str]) -> tuple[str, dict[str, str]]:
         conn.execute(f'CREATE DATABASE "{name}"')
     dsn = warehouse_dsn(pg_env, name)
     return dsn, {**pg_env, "VPE_WAREHOUSE_DB": name, "VPE_WAREHOUSE_DSN": dsn}
+
+
+class AirflowAPI:
+    """Airflow's REST API v2 as a user drives it: token, trigger, poll, read logs."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.base = f"http://127.0.0.1:{env['VPE_AIRFLOW_PORT']}"
+        passwords = Path(env["VPE_HOME"]) / "airflow" / "simple_auth_manager_passwords.json.generated"
+        password = json.loads(passwords.read_text())["admin"]
+        self.token = self.request("POST", "/auth/token", {"username": "admin", "password": password})["access_token"]
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if getattr(self, "token", None):
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"{method} {path} -> {err.code}: {err.read().decode()}") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        self.wait_for_dag(dag_id)
+        run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
+        """The dag-processor parses new files a few seconds after start-up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.request("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                return state
+            time.sleep(1)
+        raise AssertionError(f"{dag_id} run {run_id} still {state} after {timeout}s")
+
+    def task_state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
+        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["state"]
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        log = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}")
+        return json.dumps(log)
