@@ -1,0 +1,1158 @@
+#!/usr/bin/env python3
+"""VPE executor: runs task scripts from tasks/ inside isolated Python envs (envs/*.yml), over gRPC.
+
+The wire contract is ping.proto (loaded at run time; nothing generated is committed).
+Server:  python executor.py serve
+Client:  python executor.py ping | envs | run ENV TASK [-- ARGS...] | cancel RUN_ID
+Library: ExecutorClient(channel, token=None) with .ping(), .list_envs(), .run(...), .cancel(run_id);
+         open_channel(...) builds a channel from the same settings as the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import math
+import os
+import queue
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+__version__ = "0.3.0"
+
+HERE = Path(__file__).resolve().parent
+PROTO_FILE = "ping.proto"
+SERVICE_NAME = "vpe.Executor"
+
+log = logging.getLogger("vpe.executor")
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: Path) -> Iterator[None]:
+    added = str(folder) not in sys.path
+    if added:
+        sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(str(folder))
+
+
+def _load_proto():
+    with _on_sys_path(HERE):
+        return grpc.protos_and_services(PROTO_FILE)
+
+
+pb2, pb2_grpc = _load_proto()
+
+# ---------------------------------------------------------------- configuration
+
+DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_ARGS = 1024
+MAX_ENV_VARS = 256
+MAX_STRING_BYTES = 64 * 1024
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+MAX_LINE_CHARS = 16 * 1024
+MAX_BUFFERED_EVENTS = 10_000
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Request env vars may not change which code runs or where the executor's own values point.
+RESERVED_ENV_VARS = {"PATH", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV"}
+RESERVED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON")
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+@dataclasses.dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 3170
+    token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    home: Path = HERE / ".vpe"
+    envs_dir: Path = HERE / "envs"
+    tasks_dir: Path = HERE / "tasks"
+    max_concurrent: int = os.cpu_count() or 1
+    max_queue: int = 32
+    kill_grace: float = 1.0
+    shutdown_grace: float = 10.0
+    backend: str = "auto"
+    passthrough: tuple[str, ...] = tuple(DEFAULT_PASSTHROUGH.split())
+
+    @property
+    def built_envs_dir(self) -> Path:
+        return self.home / "envs"
+
+    @property
+    def buffer_dir(self) -> Path:
+        return self.home / "buffer"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs" / "executor"
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """Environment variables first, flags override."""
+    def pick(flag: str, var: str, default: str) -> str:
+        value = getattr(args, flag, None)
+        return str(value) if value is not None else _env(var, default)
+
+    home = Path(pick("home", "VPE_HOME", str(HERE / ".vpe"))).resolve()
+    return Config(
+        host=pick("host", "VPE_EXECUTOR_HOST", "127.0.0.1"),
+        port=int(pick("port", "VPE_EXECUTOR_PORT", "3170")),
+        token=pick("token", "VPE_EXECUTOR_TOKEN", ""),
+        tls_cert=pick("tls_cert", "VPE_EXECUTOR_TLS_CERT", ""),
+        tls_key=pick("tls_key", "VPE_EXECUTOR_TLS_KEY", ""),
+        tls_ca=pick("tls_ca", "VPE_EXECUTOR_TLS_CA", ""),
+        home=home,
+        envs_dir=Path(pick("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"))).resolve(),
+        tasks_dir=Path(pick("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"))).resolve(),
+        max_concurrent=int(pick("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1))),
+        max_queue=int(pick("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32")),
+        kill_grace=float(pick("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1.0")),
+        shutdown_grace=float(pick("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10")),
+        backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
+        passthrough=tuple(re.split(r"[\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH).strip()))
+        if _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH).strip() else (),
+    )
+
+
+# ---------------------------------------------------------------- environments
+
+class EnvSpecError(Exception):
+    """The yml cannot be built as written; the message says what to change."""
+
+
+class EnvBuildError(Exception):
+    """Building failed; the message says why and where the log is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    name: str
+    path: Path
+    content: bytes
+    python: str | None          # "3.11" or None for the executor's own Python
+    pip_packages: tuple[str, ...]
+    conda_only: tuple[str, ...]  # dependencies only a conda backend can install
+
+    def digest(self, backend: str) -> str:
+        return hashlib.sha256(backend.encode() + b"\0" + self.content).hexdigest()[:12]
+
+
+PYTHON_DEP_RE = re.compile(r"python(?:\s*={1,2}\s*(\d+)\.(\d+)(?:\.\*|\.\d+)?)?")
+PIP_DEP_RE = re.compile(r"pip(?:\s*[=<>!~].*)?")
+
+
+def parse_env_yml(path: Path) -> EnvSpec:
+    import yaml  # only the server needs it
+
+    content = path.read_bytes()
+    try:
+        doc = yaml.safe_load(content) or {}
+    except yaml.YAMLError as exc:
+        raise EnvSpecError(f"{path}: not valid YAML ({exc}); fix the file") from exc
+    if not isinstance(doc, dict):
+        raise EnvSpecError(f"{path}: expected a mapping with 'name', 'channels', 'dependencies'")
+    name = path.stem
+    if doc.get("name", name) != name:
+        raise EnvSpecError(f"{path}: 'name: {doc.get('name')}' differs from the file name; rename one so both are {name!r}")
+    python: str | None = None
+    pip_packages: list[str] = []
+    conda_only: list[str] = []
+    for dep in doc.get("dependencies") or []:
+        if isinstance(dep, dict) and set(dep) == {"pip"}:
+            for item in dep["pip"] or []:
+                item = str(item).strip()
+                if item.startswith("-"):
+                    raise EnvSpecError(f"{path}: pip option {item!r} is not supported; list package requirements only")
+                pip_packages.append(item)
+        elif isinstance(dep, str) and (m := PYTHON_DEP_RE.fullmatch(dep.strip())):
+            python = f"{m[1]}.{m[2]}" if m[1] else None
+        elif isinstance(dep, str) and PIP_DEP_RE.fullmatch(dep.strip()):
+            pip_packages.insert(0, dep.strip().replace("pip=", "pip==", 1) if "==" not in dep else dep.strip())
+        else:
+            conda_only.append(str(dep))
+    return EnvSpec(name, path, content, python, tuple(pip_packages), tuple(conda_only))
+
+
+def find_python(version: str | None, yml: Path) -> str:
+    """The real interpreter for `python=X.Y`: pythonX.Y on PATH, else this executor's own if it matches."""
+    if version is None:
+        return getattr(sys, "_base_executable", sys.executable)
+    probe = "import sys; print('%d.%d' % sys.version_info[:2]); print(getattr(sys, '_base_executable', sys.executable))"
+    reasons = []
+    for candidate in (shutil.which(f"python{version}"), sys.executable):
+        if not candidate:
+            reasons.append(f"no python{version} on PATH")
+            continue
+        result = subprocess.run([candidate, "-c", probe], capture_output=True, text=True, timeout=60)
+        lines = result.stdout.split("\n")
+        if result.returncode == 0 and lines[0] == version:
+            return lines[1]
+        first_error = (result.stderr.strip().splitlines() or [f"it is Python {lines[0]}"])[0]
+        reasons.append(f"{candidate}: {first_error}")
+    raise EnvBuildError(
+        f"Python {version} is not available ({'; '.join(reasons)}). "
+        f"Install Python {version} so that python{version} is on PATH, or change 'python={version}' in {yml}.")
+
+
+def find_uv() -> str | None:
+    beside_python = Path(sys.executable).parent / "uv"
+    return shutil.which("uv") or (str(beside_python) if beside_python.exists() else None)
+
+
+def detect_backend(choice: str) -> str:
+    if choice in ("auto", "conda"):
+        for tool in ("micromamba", "mamba", "conda"):
+            if shutil.which(tool):
+                return tool
+        if choice == "conda":
+            raise SystemExit("--backend conda: none of micromamba, mamba, conda is on PATH")
+    return "venv+uv" if find_uv() else "venv+pip"
+
+
+def build_commands(backend: str, spec: EnvSpec, prefix: Path) -> list[list[str]]:
+    """The commands that build `spec` into `prefix` (which must not exist yet)."""
+    if backend in ("micromamba", "mamba", "conda"):
+        tool = shutil.which(backend) or backend
+        verb = ["create"] if backend == "micromamba" else ["env", "create"]
+        return [[tool, *verb, "--yes", "-p", str(prefix), "-f", str(spec.path)]]
+    if spec.conda_only:
+        raise EnvSpecError(
+            f"{spec.path}: {', '.join(map(repr, spec.conda_only))} can only be installed by conda, and no "
+            f"conda/mamba/micromamba is on PATH. Move it to the pip: list with a pip version spec, or install micromamba.")
+    python = find_python(spec.python, spec.path)
+    env_python = str(prefix / "bin" / "python")
+    if backend == "venv+uv":
+        uv = find_uv() or "uv"
+        commands = [[uv, "venv", "--no-config", "--python", python, str(prefix)]]
+        if spec.pip_packages:
+            commands.append([uv, "pip", "install", "--no-config", "--python", env_python, *spec.pip_packages])
+        return commands
+    commands = [[python, "-m", "venv", str(prefix)]]
+    if spec.pip_packages:
+        commands.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                         *spec.pip_packages])
+    return commands
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+READY_MARKER = ".vpe-ready"
+
+
+@dataclasses.dataclass
+class EnvRecord:
+    name: str
+    yml: Path
+    state: int = pb2.ENV_BUILDING
+    prefix: Path | None = None       # the ready env in use
+    spec_hash: str = ""
+    detail: str = "waiting to build"
+    stale: bool = False
+
+
+class EnvManager:
+    """Builds every envs/*.yml once per content hash into $VPE_HOME/envs/<name>-<hash>, switching the
+    $VPE_HOME/envs/<name> symlink only after a complete build, so a failed build keeps the previous env."""
+
+    def __init__(self, cfg: Config, backend: str):
+        self._cfg = cfg
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._records: dict[str, EnvRecord] = {}
+        self._build_procs: set[subprocess.Popen] = set()
+        self._stopping = threading.Event()
+        self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="env-build")
+        for yml in sorted(cfg.envs_dir.glob("*.yml")):
+            self._records[yml.stem] = EnvRecord(yml.stem, yml)
+
+    def build_log(self, name: str) -> Path:
+        return self._cfg.logs_dir / f"env-{name}.log"
+
+    def start_builds(self) -> None:
+        if not self._records:
+            log.warning("no envs: %s has no *.yml files", self._cfg.envs_dir)
+        for record in self._records.values():
+            self._pool.submit(self._build, record)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            procs = list(self._build_procs)
+        for proc in procs:
+            kill_group(proc.pid, signal.SIGKILL)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def statuses(self) -> list:
+        with self._lock:
+            records = [dataclasses.replace(r) for r in self._records.values()]
+        return [self._status(r) for r in records]
+
+    def _status(self, r: EnvRecord):
+        show_log = r.state != pb2.ENV_READY or r.stale
+        return pb2.EnvStatus(
+            name=r.name, state=r.state, spec_hash=r.spec_hash, backend=self.backend, detail=r.detail,
+            log_tail=tail(self.build_log(r.name)) if show_log else "", log_path=str(self.build_log(r.name)),
+            stale=r.stale)
+
+    def lookup(self, name: str) -> EnvRecord | None:
+        with self._lock:
+            record = self._records.get(name)
+            return dataclasses.replace(record) if record else None
+
+    def names(self) -> list[str]:
+        return sorted(self._records)
+
+    def _update(self, record: EnvRecord, **changes) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(record, key, value)
+
+    def _build(self, record: EnvRecord) -> None:
+        built = self._cfg.built_envs_dir
+        link = built / record.name
+        previous = link.resolve() if (link / READY_MARKER).exists() else None
+        try:
+            spec = parse_env_yml(record.yml)
+            digest = spec.digest(self.backend)
+            prefix = built / f"{record.name}-{digest}"
+            if (prefix / READY_MARKER).exists():
+                self._activate(record, prefix, digest, f"ready (cached build {digest})")
+                log.info("env %s: ready, cached build %s", record.name, digest)
+                return
+            self._update(record, detail=f"building {digest} with {self.backend} (log: {self.build_log(record.name)})")
+            log.info("env %s: building %s with %s; log %s", record.name, digest, self.backend, self.build_log(record.name))
+            started = time.monotonic()
+            self._build_into(spec, prefix)
+            self._activate(record, prefix, digest, f"ready (built {digest} in {time.monotonic() - started:.1f}s)")
+            log.info("env %s: ready, built %s in %.1fs", record.name, digest, time.monotonic() - started)
+        except (EnvSpecError, EnvBuildError, OSError, subprocess.SubprocessError) as exc:
+            self._fail(record, previous, str(exc))
+
+    def _build_into(self, spec: EnvSpec, prefix: Path) -> None:
+        shutil.rmtree(prefix, ignore_errors=True)  # a half-built leftover from a crash
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        build_log = self.build_log(spec.name)
+        build_log.parent.mkdir(parents=True, exist_ok=True)
+        with build_log.open("w") as out:
+            out.write(f"# building env {spec.name} from {spec.path} with {self.backend}\n")
+            out.flush()
+            for command in build_commands(self.backend, spec, prefix):
+                self._run_build_step(command, out, spec, prefix)
+        (prefix / READY_MARKER).write_text(f"{spec.path}\n")
+
+    def _run_build_step(self, command: list[str], out, spec: EnvSpec, prefix: Path) -> None:
+        if self._stopping.is_set():
+            raise EnvBuildError("executor is shutting down")
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=build_environment(), cwd=prefix.parent, start_new_session=True)
+        with self._lock:
+            self._build_procs.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with self._lock:
+                self._build_procs.discard(proc)
+        if code != 0:
+            shutil.rmtree(prefix, ignore_errors=True)
+            raise EnvBuildError(f"`{Path(command[0]).name} {command[1]}` exited with {code}; "
+                                f"see {self.build_log(spec.name)} and fix {spec.path}")
+
+    def _activate(self, record: EnvRecord, prefix: Path, digest: str, detail: str) -> None:
+        link = prefix.parent / record.name
+        tmp_link = prefix.parent / f".{record.name}.{os.getpid()}.link"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(prefix.name)
+        os.replace(tmp_link, link)
+        for old in prefix.parent.glob(f"{record.name}-*"):
+            if old != prefix and re.fullmatch(rf"{re.escape(record.name)}-[0-9a-f]{{12}}", old.name):
+                shutil.rmtree(old, ignore_errors=True)
+        self._update(record, state=pb2.ENV_READY, prefix=prefix, spec_hash=digest, detail=detail, stale=False)
+
+    def _fail(self, record: EnvRecord, previous: Path | None, reason: str) -> None:
+        log.error("env %s: build failed: %s", record.name, reason)
+        if previous is not None:
+            digest = previous.name.rsplit("-", 1)[-1]
+            self._update(record, state=pb2.ENV_READY, prefix=previous, spec_hash=digest, stale=True,
+                         detail=f"rebuild failed, still running the previous build {digest}: {reason}")
+        else:
+            self._update(record, state=pb2.ENV_FAILED, prefix=None, detail=f"build failed: {reason}")
+
+
+def build_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH", "PYTHONHOME", "UV_PROJECT_ENVIRONMENT")}
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    env["UV_NO_PROGRESS"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------- processes
+
+def kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_dir: Path,
+                     extra: dict[str, str]) -> dict[str, str]:
+    """Minimal and explicit: nothing else of the executor's environment reaches a task."""
+    env = {
+        "PATH": f"{prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": _env("HOME", str(run_dir)),
+        "LANG": _env("LANG", "C.UTF-8"),
+        "TZ": _env("TZ", "UTC"),
+        "PYTHONUNBUFFERED": "1",
+        "VPE_ENV": env_name,
+        "VPE_RUN_ID": run_id,
+        "VPE_RUN_DIR": str(run_dir),
+        "VPE_BUFFER": str(cfg.buffer_dir),
+    }
+    env.update({name: os.environ[name] for name in cfg.passthrough if name in os.environ})
+    env.update(extra)
+    return env
+
+
+def _now_timestamp() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Slots:
+    """At most `limit` runs at once; up to `max_queue` more wait in FIFO order."""
+
+    def __init__(self, limit: int, max_queue: int):
+        self._limit, self._max_queue = limit, max_queue
+        self._cond = threading.Condition()
+        self._running = 0
+        self._waiting: deque[object] = deque()
+
+    def reserve(self, ticket: object) -> int:
+        """0 = may start now; n > 0 = queued at position n. Refuses when the queue is full."""
+        with self._cond:
+            if self._running < self._limit and not self._waiting:
+                self._running += 1
+                return 0
+            if len(self._waiting) >= self._max_queue:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self._running} runs are running and {len(self._waiting)} are queued (the limit); "
+                              f"retry later or raise --max-queue / --max-concurrent")
+            self._waiting.append(ticket)
+            return len(self._waiting)
+
+    def wait_turn(self, ticket: object, cancelled: threading.Event) -> bool:
+        with self._cond:
+            while not cancelled.is_set():
+                if self._waiting[0] is ticket and self._running < self._limit:
+                    self._waiting.popleft()
+                    self._running += 1
+                    self._cond.notify_all()
+                    return True
+                self._cond.wait(0.5)
+            self._waiting.remove(ticket)
+            self._cond.notify_all()
+            return False
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    run_id: str
+    env_name: str
+    argv: list[str]
+    env: dict[str, str]
+    run_dir: Path
+    log_path: Path
+    timeout: float
+
+
+class ActiveRun:
+    """One task process: a supervisor thread waits for a slot, starts the process in its own group,
+    reads both pipes, enforces timeout/cancel, writes the run log, and queues RunEvents for the RPC."""
+
+    def __init__(self, plan: RunPlan, slots: Slots, kill_grace: float):
+        self.plan = plan
+        self._slots = slots
+        self._kill_grace = kill_grace
+        self.events: queue.Queue = queue.Queue()
+        self._cancel_reason = ""
+        self._cancelled = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._supervise, name=f"run-{plan.run_id}", daemon=True)
+
+    def start(self, position: int) -> None:
+        self._position = position
+        self._thread.start()
+
+    def cancel(self, reason: str) -> None:
+        if not self._cancelled.is_set():
+            self._cancel_reason = reason
+            self._cancelled.set()
+            self._slots.wake()
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"c")
+
+    def _emit(self, **event) -> None:
+        self.events.put(pb2.RunEvent(**event))
+
+    def _supervise(self) -> None:
+        started = time.monotonic()
+        try:
+            if self._position and not self._wait_for_slot():
+                self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, cancelled=True,
+                                                duration_seconds=time.monotonic() - started,
+                                                log_path=str(self.plan.log_path)))
+                return
+            try:
+                self._run_process()
+            finally:
+                self._slots.release()
+        except Exception as exc:  # the stream must still end with a status
+            log.exception("run %s: supervisor failed", self.plan.run_id)
+            self._emit(line=pb2.OutputLine(stream=pb2.STDERR, text=f"executor error: {exc}", timestamp=_now_timestamp()))
+            self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, exit_code=-1,
+                                            duration_seconds=time.monotonic() - started, log_path=str(self.plan.log_path)))
+        finally:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _wait_for_slot(self) -> bool:
+        self._emit(queued=pb2.Queued(
+            position=self._position,
+            message=f"queued at position {self._position}: all run slots are busy; starts when one frees up"))
+        return self._slots.wait_turn(self, self._cancelled)
+
+    def _run_process(self) -> None:
+        plan = self.plan
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        plan.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with plan.log_path.open("a", encoding="utf-8") as run_log:
+            run_log.write(f"# run {plan.run_id} env={plan.env_name} argv={plan.argv}\n")
+            started = time.monotonic()
+            proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
+                                           run_dir=str(plan.run_dir)))
+            log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
+            timed_out = self._pump(proc, run_log, started)
+            rc = proc.wait()
+            duration = time.monotonic() - started
+            status = pb2.RunStatus(run_id=plan.run_id, timed_out=timed_out, cancelled=self._cancelled.is_set(),
+                                   duration_seconds=duration, log_path=str(plan.log_path))
+            if rc < 0:
+                status.signal = -rc
+            else:
+                status.exit_code = rc
+            outcome = f"signal {-rc}" if rc < 0 else f"exit {rc}"
+            extra = " (timed out)" if timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled else ""
+            run_log.write(f"# {outcome}{extra} after {duration:.3f}s\n")
+        log.info("run %s: %s%s after %.3fs", plan.run_id, outcome, extra, duration)
+        self._emit(status=status)
+
+    def _pump(self, proc: subprocess.Popen, run_log, started: float) -> bool:
+        """Forwards output lines until the process has exited and both pipes are closed. Returns timed_out."""
+        deadline = started + self.plan.timeout if self.plan.timeout else math.inf
+        kill_at = math.inf
+        timed_out = exited = False
+        exited_at = math.inf
+        partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
+        pidfd = os.pidfd_open(proc.pid)
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, pb2.STDOUT)
+        sel.register(proc.stderr, selectors.EVENT_READ, pb2.STDERR)
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        open_pipes = 2
+        try:
+            while open_pipes or not exited:
+                now = time.monotonic()
+                stop_reason = ("timeout" if now >= deadline else
+                               "cancel" if self._cancelled.is_set() else
+                               "leftover" if exited and now >= exited_at + 0.05 else "")
+                if stop_reason and kill_at == math.inf:
+                    timed_out = stop_reason == "timeout"
+                    if stop_reason == "leftover":
+                        log.info("run %s: leader exited, stopping processes left in its group", self.plan.run_id)
+                    kill_group(proc.pid, signal.SIGTERM)
+                    kill_at = now + self._kill_grace
+                if now >= kill_at:
+                    kill_group(proc.pid, signal.SIGKILL)
+                    kill_at = -math.inf
+                wait_until = min(deadline, kill_at if kill_at > 0 else math.inf, exited_at + 0.05 if exited else math.inf)
+                if self.events.qsize() > MAX_BUFFERED_EVENTS:  # slow client: stop reading, the task blocks on write
+                    time.sleep(0.05)
+                    continue
+                for key, _ in sel.select(None if wait_until == math.inf else max(0.0, wait_until - now)):
+                    if key.data == "exit":
+                        sel.unregister(pidfd)
+                        exited, exited_at = True, time.monotonic()
+                    elif key.data == "wake":
+                        os.read(self._wake_r, 64)
+                    else:
+                        chunk = os.read(key.fd, 65536)
+                        if not chunk:
+                            sel.unregister(key.fileobj)
+                            open_pipes -= 1
+                            chunk = b"\n" if partial[key.data] else b""
+                        self._forward(key.data, partial, chunk, run_log)
+        finally:
+            sel.close()
+            os.close(pidfd)
+            proc.stdout.close()
+            proc.stderr.close()
+        return timed_out
+
+    def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes, run_log) -> None:
+        data = partial[stream] + chunk
+        *lines, partial[stream] = data.split(b"\n")
+        if len(partial[stream]) > MAX_LINE_CHARS:
+            lines.append(partial[stream])
+            partial[stream] = b""
+        timestamp = _now_timestamp()
+        name = "stdout" if stream == pb2.STDOUT else "stderr"
+        for raw in lines:
+            text = raw.decode("utf-8", "replace")
+            for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
+                piece = text[start:start + MAX_LINE_CHARS]
+                run_log.write(f"{timestamp.ToJsonString()} {name} {piece}\n")
+                self._emit(line=pb2.OutputLine(stream=stream, text=piece, timestamp=timestamp))
+        run_log.flush()
+
+
+# ---------------------------------------------------------------- the service
+
+class ExecutorServicer(pb2_grpc.ExecutorServicer):
+    def __init__(self, cfg: Config, envs: EnvManager):
+        self._cfg = cfg
+        self._envs = envs
+        self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
+        self._runs: dict[str, ActiveRun] = {}
+        self._runs_lock = threading.Lock()
+        self.shutting_down = threading.Event()
+
+    def Ping(self, request, context):
+        return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses())
+
+    def ListEnvs(self, request, context):
+        return pb2.ListEnvsReply(envs=self._envs.statuses())
+
+    def Run(self, request, context):
+        try:
+            run = self._admit(request)
+        except Refused as refused:
+            context.abort(refused.code, str(refused))
+        if not context.add_callback(lambda: run.cancel("client went away")):
+            run.cancel("client went away")
+        try:
+            while True:
+                event = run.events.get()
+                yield event
+                if event.HasField("status"):
+                    return
+        finally:
+            run.cancel("RPC ended")
+            with self._runs_lock:
+                self._runs.pop(run.plan.run_id, None)
+
+    def Cancel(self, request, context):
+        with self._runs_lock:
+            run = self._runs.get(request.run_id)
+        if run is None:
+            return pb2.CancelReply(found=False, message=f"no run {request.run_id!r} is running or queued")
+        run.cancel("Cancel RPC")
+        return pb2.CancelReply(found=True, message=f"run {request.run_id!r} is being stopped")
+
+    def active_runs(self) -> list[ActiveRun]:
+        with self._runs_lock:
+            return list(self._runs.values())
+
+    def _admit(self, request) -> ActiveRun:
+        if self.shutting_down.is_set():
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
+        plan = self._plan(request)
+        run = ActiveRun(plan, self._slots, self._cfg.kill_grace)
+        with self._runs_lock:
+            if plan.run_id in self._runs:
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                              f"run {plan.run_id!r} is already running; use another run_id or Cancel it first")
+            position = self._slots.reserve(run)
+            self._runs[plan.run_id] = run
+        run.start(position)
+        return run
+
+    def _plan(self, request) -> RunPlan:
+        prefix = self._ready_env(request.env)
+        script = resolve_task(self._cfg.tasks_dir, request.task)
+        validate_args(request.args)
+        extra = validate_env_vars(request.env_vars)
+        timeout = validate_timeout(request.timeout_seconds)
+        run_id = validate_run_id(request.run_id) if request.run_id else new_run_id()
+        run_dir = self._cfg.buffer_dir / run_id
+        env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
+        return RunPlan(run_id, request.env, [str(prefix / "bin" / "python"), str(script), *request.args], env,
+                       run_dir, self._cfg.logs_dir / f"{run_id}.log", timeout)
+
+    def _ready_env(self, name: str) -> Path:
+        record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
+        if record is None:
+            known = ", ".join(self._envs.names()) or "none"
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"unknown env {name[:128]!r}; known envs: {known} (one per {self._cfg.envs_dir}/<name>.yml)")
+        if record.state != pb2.ENV_READY or record.prefix is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"env {name!r} is not ready: {record.detail}; "
+                          f"check `executor.py envs` and {self._envs.build_log(name)}")
+        return record.prefix
+
+
+def resolve_task(tasks_dir: Path, task: str) -> Path:
+    def refuse(why: str) -> Refused:
+        return Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"task {task[:200]!r} {why}; give a .py path relative to {tasks_dir}, e.g. ingestion/extract.py")
+
+    if not task:
+        raise refuse("is empty")
+    if "\0" in task or len(task) > 1024:
+        raise refuse("is not a valid path")
+    if task.startswith("/") or task.startswith("~"):
+        raise refuse("is absolute")
+    if ".." in Path(task).parts:
+        raise refuse("contains '..'")
+    if not task.endswith(".py"):
+        raise refuse("is not a .py script")
+    root = tasks_dir.resolve()
+    script = (root / task).resolve()
+    if not script.is_relative_to(root):
+        raise refuse("resolves outside the tasks dir (symlink)")
+    if not script.is_file():
+        raise refuse("does not exist")
+    return script
+
+
+def validate_args(args: Sequence[str]) -> None:
+    if len(args) > MAX_ARGS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(args)} args; at most {MAX_ARGS} are accepted")
+    for i, arg in enumerate(args):
+        if "\0" in arg or len(arg) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES}; pass data through a file in the run dir")
+
+
+def validate_env_vars(env_vars) -> dict[str, str]:
+    if len(env_vars) > MAX_ENV_VARS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(env_vars)} env vars; at most {MAX_ENV_VARS} are accepted")
+    for name, value in env_vars.items():
+        if not ENV_VAR_NAME_RE.fullmatch(name):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var name {name[:130]!r} is invalid; use letters, digits and _, not starting with a digit")
+        if name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r} is set by the executor and cannot be overridden "
+                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, {', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)})")
+        if "\0" in value or len(value) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES}")
+    return dict(env_vars)
+
+
+def validate_timeout(seconds: float) -> float:
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMEOUT_SECONDS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"timeout_seconds={seconds} is invalid; use 0 (none) or a number of seconds up to {MAX_TIMEOUT_SECONDS}")
+    return seconds
+
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"run_id {run_id[:140]!r} is invalid; use 1-128 of A-Z a-z 0-9 _ . - (not starting with '.' or '-'), "
+                      f"or leave it empty for a generated one")
+    return run_id
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """`authorization: Bearer <token>` on every call except the standard health check."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        given = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+            return handler
+        return _refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                 "missing or wrong token: send metadata 'authorization: Bearer <VPE_EXECUTOR_TOKEN>'")
+
+
+def _refusing_handler(handler, code: grpc.StatusCode, message: str):
+    def refuse(request, context):
+        context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
+    if not (cfg.tls_cert or cfg.tls_key):
+        return None
+    if not (cfg.tls_cert and cfg.tls_key):
+        raise SystemExit("TLS needs both VPE_EXECUTOR_TLS_CERT and VPE_EXECUTOR_TLS_KEY (or --tls-cert/--tls-key)")
+    ca = _read(cfg.tls_ca)
+    return grpc.ssl_server_credentials([(_read(cfg.tls_key), _read(cfg.tls_cert))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def serve(cfg: Config) -> int:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    backend = detect_backend(cfg.backend)
+    for folder in (cfg.built_envs_dir, cfg.buffer_dir, cfg.logs_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    envs = EnvManager(cfg, backend)
+    servicer = ExecutorServicer(cfg, envs)
+    workers = cfg.max_concurrent + cfg.max_queue + 16  # every streaming Run holds a thread; keep spares for Ping/Cancel
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                         options=GRPC_OPTIONS, maximum_concurrent_rpcs=workers,
+                         interceptors=[TokenAuth(cfg.token)] if cfg.token else [])
+    pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    credentials = server_credentials(cfg)
+    try:
+        if credentials:
+            server.add_secure_port(cfg.target, credentials)
+        else:
+            server.add_insecure_port(cfg.target)
+    except RuntimeError as exc:
+        log.error("cannot listen on %s (%s); is another executor running? pick another VPE_EXECUTOR_PORT", cfg.target, exc)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("executor %s listening on %s (%s, %s); envs from %s (backend %s), tasks from %s, home %s",
+             __version__, cfg.target, "TLS" if credentials else "plaintext", "token auth" if cfg.token else "no auth",
+             cfg.envs_dir, backend, cfg.tasks_dir, cfg.home)
+    envs.start_builds()
+    stop.wait()
+    log.info("shutting down: no new runs; running tasks get %.0fs to finish", cfg.shutdown_grace)
+    health_servicer.enter_graceful_shutdown()
+    servicer.shutting_down.set()
+    shutdown(servicer, cfg)
+    envs.stop()
+    server.stop(grace=2).wait()
+    log.info("stopped")
+    return 0
+
+
+def shutdown(servicer: ExecutorServicer, cfg: Config) -> None:
+    deadline = time.monotonic() + cfg.shutdown_grace
+    while servicer.active_runs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for run in servicer.active_runs():
+        log.info("run %s: killing its process group (shutdown grace over)", run.plan.run_id)
+        run.cancel("executor shutdown")
+    deadline = time.monotonic() + cfg.kill_grace + 2
+    while servicer.active_runs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the client
+
+class ExecutorClient:
+    """Client for an existing channel (e.g. from Airflow's GrpcHook.get_conn()). No Airflow imports here."""
+
+    def __init__(self, channel: grpc.Channel, token: str | None = None):
+        self._stub = pb2_grpc.ExecutorStub(channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def ping(self, timeout: float = 5.0):
+        return self._stub.Ping(pb2.PingRequest(), timeout=timeout, metadata=self._metadata)
+
+    def list_envs(self, timeout: float = 5.0):
+        return self._stub.ListEnvs(pb2.ListEnvsRequest(), timeout=timeout, metadata=self._metadata).envs
+
+    def run(self, env: str, task: str, args: Sequence[str] = (), env_vars: dict[str, str] | None = None,
+            timeout_seconds: float = 0.0, run_id: str = "", rpc_timeout: float | None = None):
+        """Iterator of RunEvent (line / queued / started, then one status). Call .cancel() on it to stop
+        the run (the executor kills the task's process group)."""
+        request = pb2.RunRequest(env=env, task=task, args=list(args), env_vars=env_vars or {},
+                                 timeout_seconds=timeout_seconds, run_id=run_id)
+        return self._stub.Run(request, timeout=rpc_timeout, metadata=self._metadata)
+
+    def cancel(self, run_id: str, timeout: float = 5.0):
+        return self._stub.Cancel(pb2.CancelRequest(run_id=run_id), timeout=timeout, metadata=self._metadata)
+
+
+def open_channel(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> grpc.Channel:
+    """Plaintext unless a CA (or the server's self-signed cert) is given; cert+key also given = mutual TLS."""
+    root = _read(tls_ca) or _read(tls_cert)
+    if root is None:
+        return grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    client_pair = (_read(tls_key), _read(tls_cert)) if tls_ca and tls_cert and tls_key else (None, None)
+    credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=client_pair[0],
+                                               certificate_chain=client_pair[1])
+    return grpc.secure_channel(target, credentials, options=GRPC_OPTIONS)
+
+
+def status_exit_code(status) -> int:
+    """Shell convention: the task's exit code, 128+N when killed by signal N, 124 when timed out."""
+    if status.timed_out:
+        return 124
+    if status.WhichOneof("outcome") == "signal":
+        return 128 + status.signal
+    return status.exit_code if status.WhichOneof("outcome") == "exit_code" else 1
+
+
+ENV_STATE_NAMES = {pb2.ENV_READY: "ready", pb2.ENV_BUILDING: "building", pb2.ENV_FAILED: "failed"}
+
+
+def describe_env(env) -> str:
+    state = ENV_STATE_NAMES.get(env.state, "unknown") + (" (stale)" if env.stale else "")
+    text = f"{env.name:<16} {state:<16} {env.backend:<10} {env.spec_hash or '-':<12} {env.detail}"
+    if env.log_tail and env.state != pb2.ENV_READY:
+        text += "\n" + "\n".join("    | " + line for line in env.log_tail.splitlines())
+    return text
+
+
+# ---------------------------------------------------------------- CLI
+
+def _client(cfg: Config) -> ExecutorClient:
+    return ExecutorClient(open_channel(cfg.target, cfg.tls_ca, cfg.tls_cert, cfg.tls_key), cfg.token or None)
+
+
+def _rpc_error(exc: grpc.RpcError, cfg: Config) -> str:
+    return f"executor at {cfg.target}: {exc.code().name}: {exc.details()}"
+
+
+def cmd_ping(cfg: Config, args: argparse.Namespace) -> int:
+    client = _client(cfg)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            reply = client.ping(timeout=args.timeout)
+            break
+        except grpc.RpcError as exc:
+            if time.monotonic() >= deadline or exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                print(_rpc_error(exc, cfg), file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    print(f"{reply.message} from executor {reply.version} at {cfg.target}")
+    for env in reply.envs:
+        print("  " + describe_env(env))
+    return 0
+
+
+def cmd_envs(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        envs = _client(cfg).list_envs(timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(_rpc_error(exc, cfg), file=sys.stderr)
+        return 1
+    print(f"{'ENV':<16} {'STATE':<16} {'BACKEND':<10} {'HASH':<12} DETAIL")
+    for env in envs:
+        print(describe_env(env))
+    return 0 if all(e.state == pb2.ENV_READY for e in envs) else 3
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    env_vars = dict(item.split("=", 1) for item in args.env_var)
+    call = _client(cfg).run(args.env, args.task, args.args, env_vars, args.timeout, args.run_id)
+    try:
+        for event in call:
+            kind = event.WhichOneof("event")
+            if kind == "line":
+                out = sys.stdout if event.line.stream == pb2.STDOUT else sys.stderr
+                out.write(event.line.text + "\n")
+                out.flush()
+            elif kind == "queued":
+                print(f"[executor] {event.queued.message}", file=sys.stderr)
+            elif kind == "started" and args.verbose:
+                print(f"[executor] run {event.started.run_id} pid {event.started.pid} log {event.started.log_path}",
+                      file=sys.stderr)
+            elif kind == "status":
+                if args.verbose or event.status.timed_out or event.status.cancelled:
+                    print(f"[executor] {'timed out; ' if event.status.timed_out else ''}"
+                          f"{'cancelled; ' if event.status.cancelled else ''}"
+                          f"{event.status.WhichOneof('outcome')}={getattr(event.status, event.status.WhichOneof('outcome') or 'exit_code')} "
+                          f"after {event.status.duration_seconds:.2f}s; log {event.status.log_path}", file=sys.stderr)
+                return status_exit_code(event.status)
+    except grpc.RpcError as exc:
+        print(_rpc_error(exc, cfg), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        call.cancel()
+        return 130
+    print("executor: stream ended without a final status", file=sys.stderr)
+    return 1
+
+
+def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        reply = _client(cfg).cancel(args.run_id, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(_rpc_error(exc, cfg), file=sys.stderr)
+        return 1
+    print(reply.message)
+    return 0 if reply.found else 1
+
+
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.stdout.reconfigure(line_buffering=True)
+    return serve(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--host", help="address to bind / connect to (env VPE_EXECUTOR_HOST, default 127.0.0.1)")
+    conn.add_argument("--port", type=int, help="port (env VPE_EXECUTOR_PORT, default 3170)")
+    conn.add_argument("--token", help="bearer token; prefer env VPE_EXECUTOR_TOKEN (flags show in ps); empty = no auth")
+    conn.add_argument("--tls-cert", help="PEM certificate (env VPE_EXECUTOR_TLS_CERT); client: trusted if no CA given")
+    conn.add_argument("--tls-key", help="PEM private key (env VPE_EXECUTOR_TLS_KEY)")
+    conn.add_argument("--tls-ca", help="PEM CA (env VPE_EXECUTOR_TLS_CA); server: require client certs signed by it")
+    client = argparse.ArgumentParser(add_help=False, parents=[conn])
+    client.add_argument("--timeout", type=float, default=5.0, help="RPC deadline in seconds (default 5)")
+
+    parser = argparse.ArgumentParser(prog="executor.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[conn], help="run the gRPC server (logs to stdout)",
+                       description="Serve Ping/ListEnvs/Run/Cancel + grpc.health.v1 + reflection. Envs build in the "
+                                   "background at start-up; SIGTERM stops gracefully.")
+    p.add_argument("--home", help="state dir (env VPE_HOME, default .vpe next to executor.py): envs/, buffer/, logs/executor/")
+    p.add_argument("--envs-dir", help="folder of env ymls (env VPE_EXECUTOR_ENVS_DIR, default <repo>/envs)")
+    p.add_argument("--tasks-dir", help="folder of task scripts (env VPE_EXECUTOR_TASKS_DIR, default <repo>/tasks)")
+    p.add_argument("--max-concurrent", type=int, help="runs at once (env VPE_EXECUTOR_MAX_CONCURRENT, default: cores)")
+    p.add_argument("--max-queue", type=int, help="runs waiting for a slot (env VPE_EXECUTOR_MAX_QUEUE, default 32)")
+    p.add_argument("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (env VPE_EXECUTOR_KILL_GRACE, default 1)")
+    p.add_argument("--shutdown-grace", type=float,
+                   help="seconds running tasks get on SIGTERM (env VPE_EXECUTOR_SHUTDOWN_GRACE, default 10)")
+    p.add_argument("--backend", choices=["auto", "conda", "venv"],
+                   help="env backend (env VPE_EXECUTOR_ENV_BACKEND, default auto: conda-family if on PATH, else venv)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ping", parents=[client], help="check the server answers; print version and env states",
+                       description="Exit 0 when the executor answers Ping, 1 (with the reason) otherwise.")
+    p.add_argument("--wait", type=float, default=0.0, help="keep retrying for this many seconds (default 0)")
+    p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("envs", parents=[client], help="list envs and their state",
+                       description="Exit 0 when every env is ready, 3 when some are building/failed, 1 on RPC error.")
+    p.set_defaults(func=cmd_envs)
+
+    p = sub.add_parser("run", parents=[conn], help="run a task, stream its output, exit with its code",
+                       description="Run TASK (path under tasks/) in ENV. Exits with the task's exit code, "
+                                   "128+N if killed by signal N, 124 on timeout, 1 if the executor refused.")
+    p.add_argument("env", help="env name, e.g. ingestion")
+    p.add_argument("task", help="script relative to tasks/, e.g. ingestion/extract.py")
+    p.add_argument("args", nargs="*", help="arguments for the script (put them after --)")
+    p.add_argument("-e", "--env-var", action="append", default=[], metavar="NAME=VALUE", help="extra env var (repeatable)")
+    p.add_argument("--timeout", type=float, default=0.0, help="kill the task after this many seconds (default 0 = none)")
+    p.add_argument("--run-id", default="", help="run id (default: generated)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cancel", parents=[client], help="cancel a running or queued run",
+                       description="Exit 0 when the run was found and is being stopped, 1 otherwise.")
+    p.add_argument("run_id")
+    p.set_defaults(func=cmd_cancel)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and any("=" not in item for item in args.env_var):
+        build_parser().error("-e/--env-var takes NAME=VALUE")
+    return args.func(config_from(args), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
