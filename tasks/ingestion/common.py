@@ -1,0 +1,127 @@
+"""What the three ingestion steps share: the run folder and its files, logging, progress, failure."""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+HOURLY_VARIABLES = (
+    "temperature_2m", "relative_humidity_2m", "precipitation", "rain",
+    "soil_temperature_0_to_7cm", "soil_temperature_7_to_28cm",
+    "soil_temperature_28_to_100cm", "soil_temperature_100_to_255cm",
+    "soil_moisture_0_to_7cm", "soil_moisture_7_to_28cm",
+    "soil_moisture_28_to_100cm", "soil_moisture_100_to_255cm",
+)
+# Files in the run folder; the CSV headers are the staging tables' columns (minus run_id).
+EVENTS = "events.csv"
+WINDOWS = "windows.csv"
+REJECTS = "rejects.jsonl"
+HOURLY = "hourly.csv"
+FAILED_WINDOWS = "failed_windows.csv"
+CRAWL_SUMMARY = "crawl_summary.json"
+EVENT_COLUMNS = ("source", "row_number", "event_id", "event_date", "event_time", "time_text", "country", "near",
+                 "continent_code", "hazard_type", "landslide_type", "landslide_size", "latitude", "longitude",
+                 "elevation")
+WINDOW_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "window_date")
+HOURLY_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
+                  *HOURLY_VARIABLES)
+FAILED_COLUMNS = (*WINDOW_COLUMNS, "reason")
+
+REPO = Path(__file__).resolve().parents[2]
+log = logging.getLogger("ingestion")
+
+
+class StepFailed(Exception):
+    """A failure with a one-line reason that tells the user what to do next."""
+
+    def __init__(self, reason: str, exit_code: int = 1) -> None:
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+def buffer_dir() -> Path:
+    if os.environ.get("VPE_BUFFER"):
+        return Path(os.environ["VPE_BUFFER"])
+    return Path(os.environ.get("VPE_HOME") or REPO / ".vpe") / "buffer"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=os.environ.get("VPE_RUN_DIR") or None,
+                        help="the run's folder (default: $VPE_RUN_DIR; by hand: extract makes "
+                             "<buffer>/manual-<timestamp>, the later steps take the newest one)")
+    parser.add_argument("--run-id", default=os.environ.get("VPE_RUN_ID") or None,
+                        help="run id (default: $VPE_RUN_ID, else the run folder's name)")
+
+
+def run_folder(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path, str]:
+    """The run folder and run id. By hand, extract starts a new folder and the later steps take the newest."""
+    folder = args.run_dir
+    if folder is None and create:
+        folder = buffer_dir() / f"manual-{datetime.now():%Y%m%d-%H%M%S}"
+    elif folder is None:
+        candidates = sorted(buffer_dir().glob(f"manual-*/{needs}"))
+        if not candidates:
+            raise StepFailed(f"no run folder with {needs} under {buffer_dir()}: run extract first or pass --run-dir")
+        folder = candidates[-1].parent
+    folder = Path(folder)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not (folder / needs).is_file():
+        raise StepFailed(f"{folder / needs} does not exist: run the previous step for this run folder first")
+    run_id = args.run_id or folder.name
+    log.info("run folder %s (run id %s)", folder, run_id)
+    return folder, run_id
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> int:
+    """Writes all rows or nothing: a half-written file never carries the final name."""
+    partial = path.with_name(path.name + ".partial")
+    count = 0
+    with partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(row)
+            count += 1
+    os.replace(partial, path)
+    return count
+
+
+class Progress:
+    """Logs 'label n/N (p%), rate/s, ETA' at most every `every` seconds and at the end."""
+
+    def __init__(self, label: str, total: int, every: float = 5.0) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.started = self.last = time.monotonic()
+        self.done = 0
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            log.info("%s %d/%d (%.0f%%), %.1f/s, ETA %.0fs", self.label, self.done, self.total,
+                     100 * self.done / max(self.total, 1), rate, eta)
+
+
+def run_step(name: str, main: Callable[[], int]) -> None:
+    """Runs a step's main: logs to stdout, turns StepFailed into one line on stderr and its exit code."""
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
+                        format=f"%(asctime)s {name}: %(message)s", datefmt="%H:%M:%S")
+    try:
+        code = main()
+    except StepFailed as failure:
+        print(f"{name}: error: {failure}", file=sys.stderr, flush=True)
+        code = failure.exit_code
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; rerun the same command to continue", file=sys.stderr, flush=True)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""crawl: hourly weather and soil for every window from the Open-Meteo historical archive API.
+
+Reads windows.csv from the run folder; writes hourly.csv (24 rows per window),
+failed_windows.csv (each with its reason) and crawl_summary.json.
+Windows go to the API in batches (comma lists of coordinates and dates, one
+answer per location). Every answer is cached on disk first, so a rerun or a
+resumed run asks only for windows it does not have. 429/5xx/timeouts are retried
+with backoff; a rate limit keeps weighted calls under the free tier's limits.
+
+Exit codes: 0 done; 1 failed (reason on stderr); 75 daily quota reached (rerun later to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+import requests
+
+from common import (CRAWL_SUMMARY, FAILED_COLUMNS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, HOURLY_VARIABLES,
+                    WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir, log, run_folder,
+                    run_step, write_csv)
+
+REAL_ARCHIVE_URL = "https://archive-api.open-meteo.com/v1/archive"
+EXIT_QUOTA = 75  # EX_TEMPFAIL: nothing is wrong, the rest has to wait for tomorrow's quota
+MAX_GET_QUERY = 2000  # longer coordinate lists go in a POST body
+HOURS_PER_WINDOW = 24
+MAX_FAILED_BATCHES_IN_A_ROW = 3
+
+
+@dataclass(frozen=True)
+class Window:
+    event_id: str
+    is_event: str
+    latitude: float
+    longitude: float
+    day: str
+
+    @property
+    def key(self) -> tuple[float, float, str]:
+        return self.latitude, self.longitude, self.day
+
+
+Key = tuple[float, float, str]
+
+
+class Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class Refused(Exception):
+    """HTTP 400: the API will not serve this request as asked."""
+
+
+class QuotaExhausted(Exception):
+    pass
+
+
+def call_weight(locations: int) -> float:
+    """Open-Meteo counts more than 10 variables as a fraction of an extra call, per location (one-day windows)."""
+    return locations * max(1.0, len(HOURLY_VARIABLES) / 10)
+
+
+class RateLimit:
+    """Sliding-window limits on weighted calls, remembered on disk so that reruns on the same day count too."""
+
+    def __init__(self, limits: list[tuple[float, float]], ledger: Path) -> None:
+        self.limits = sorted((span, limit) for span, limit in limits if limit > 0)
+        self.ledger = ledger
+        self.calls: deque[tuple[float, float]] = deque()
+        if self.limits and ledger.is_file():
+            horizon = time.time() - self.limits[-1][0]
+            for line in ledger.read_text().splitlines():
+                moment, weight = map(float, line.split())
+                if moment > horizon:
+                    self.calls.append((moment, weight))
+            ledger.write_text("".join(f"{moment:.3f} {weight}\n" for moment, weight in self.calls))
+
+    def largest_batch(self, wanted: int) -> int:
+        """Batch size capped so that one call's weight fits the tightest limit."""
+        tightest = min((limit for _, limit in self.limits), default=None)
+        return wanted if tightest is None else max(1, min(wanted, int(tightest // call_weight(1))))
+
+    def acquire(self, weight: float) -> None:
+        """Waits until `weight` fits every limit; raises QuotaExhausted if the daily one does not."""
+        while self.limits:
+            now = time.time()
+            wake = self.wake_time(now, weight)
+            if wake is None:
+                break
+            if wake - now > 3600:
+                resume = datetime.fromtimestamp(wake, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                raise QuotaExhausted(f"the local rate limit's daily budget is used up until {resume}")
+            log.info("rate limit: waiting %.1fs", wake - now)
+            time.sleep(wake - now)
+        self.calls.append((time.time(), weight))
+        if self.limits:
+            with self.ledger.open("a") as handle:
+                handle.write(f"{self.calls[-1][0]:.3f} {weight}\n")
+
+    def wake_time(self, now: float, weight: float) -> float | None:
+        """When enough old calls will have left every window for this one to fit; None if it fits now."""
+        wake = None
+        for span, limit in self.limits:
+            inside = [(moment, used) for moment, used in self.calls if moment > now - span]
+            excess = sum(used for _, used in inside) + weight - limit
+            for moment, used in inside:
+                if excess <= 0:
+                    break
+                excess -= used
+                wake = max(wake or 0.0, moment + span)
+        return wake
+
+
+class Archive:
+    """One HTTP call for a batch of windows; answers in request order."""
+
+    def __init__(self, url: str, zone: str, timeout: float) -> None:
+        self.url, self.zone, self.timeout = url, zone, timeout
+        self.session = requests.Session()
+        self.calls = 0
+        self.synthetic = False
+
+    def fetch(self, keys: list[Key]) -> list[dict]:
+        params = {
+            "latitude": ",".join(repr(lat) for lat, _, _ in keys),
+            "longitude": ",".join(repr(lon) for _, lon, _ in keys),
+            "start_date": ",".join(day for _, _, day in keys),
+            "end_date": ",".join(day for _, _, day in keys),
+            "hourly": ",".join(HOURLY_VARIABLES),
+            "timezone": self.zone,
+        }
+        self.calls += 1
+        try:
+            if len(urlencode(params)) > MAX_GET_QUERY:
+                response = self.session.post(self.url, data=params, timeout=self.timeout)
+            else:
+                response = self.session.get(self.url, params=params, timeout=self.timeout)
+        except requests.RequestException as error:
+            raise Retryable(f"no answer from {self.url}: {type(error).__name__}: {error}") from None
+        if response.headers.get("X-Synthetic-Data") == "true" and not self.synthetic:
+            self.synthetic = True
+            log.warning("*** %s serves SYNTHETIC weather data (invented values, not observations) ***", self.url)
+        return self.answers(response, len(keys))
+
+    def answers(self, response: requests.Response, count: int) -> list[dict]:
+        status = response.status_code
+        if status == 429:
+            reason = error_reason(response)
+            if "daily" in reason.lower():
+                raise QuotaExhausted(f"the API says: {reason}")
+            raise Retryable(f"HTTP 429: {reason}", retry_after=retry_after(response))
+        if status >= 500:
+            raise Retryable(f"HTTP {status}: {error_reason(response)}")
+        if status == 400:
+            raise Refused(error_reason(response))
+        if status != 200:
+            raise StepFailed(f"{self.url} answered HTTP {status} ({error_reason(response)}): "
+                             f"check OPEN_METEO_ARCHIVE_URL / --url")
+        try:
+            body = response.json()
+        except ValueError:
+            raise Retryable(f"invalid JSON from the API: {response.text[:60]!r}") from None
+        body = [body] if isinstance(body, dict) and count == 1 else body
+        if not isinstance(body, list) or len(body) != count:
+            raise Retryable(f"the API answered {len(body) if isinstance(body, list) else 'one object'} "
+                            f"location(s) for {count} requested")
+        return body
+
+
+def error_reason(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("reason") or response.text[:120])
+    except (ValueError, AttributeError):
+        return re.sub(r"\s+", " ", response.text[:120])
+
+
+def retry_after(response: requests.Response) -> float | None:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def hourly_rows(answer: dict) -> dict:
+    """What the cache keeps of one location's answer; raises ValueError if it is not 24 complete hours."""
+    hourly = answer.get("hourly") or {}
+    times = hourly.get("time") or []
+    if len(times) != HOURS_PER_WINDOW:
+        raise ValueError(f"expected {HOURS_PER_WINDOW} hours, got {len(times)}")
+    for variable in HOURLY_VARIABLES:
+        if len(hourly.get(variable) or []) != HOURS_PER_WINDOW:
+            raise ValueError(f"variable {variable} missing or not {HOURS_PER_WINDOW} values")
+    return {"elevation": answer.get("elevation"), "utc_offset_seconds": int(answer.get("utc_offset_seconds") or 0),
+            "hourly": {name: hourly[name] for name in ("time", *HOURLY_VARIABLES)}}
+
+
+class Cache:
+    """One JSON file per (place, day), under a folder per API URL and timezone: synthetic answers never stand in
+    for real ones."""
+
+    def __init__(self, root: Path, url: str, zone: str) -> None:
+        source = re.sub(r"[^A-Za-z0-9.-]+", "_", urlsplit(url).netloc + urlsplit(url).path).strip("_")
+        self.folder = root / source / f"tz-{zone.replace('/', '_')}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: Key) -> Path:
+        lat, lon, day = key
+        return self.folder / day / f"{lat:.6f}_{lon:.6f}.json"
+
+    def get(self, key: Key) -> dict | None:
+        try:
+            return json.loads(self.path(key).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put(self, key: Key, entry: dict) -> None:
+        path = self.path(key)
+        path.parent.mkdir(exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(entry))
+        partial.replace(path)
+
+
+@dataclass
+class Crawl:
+    archive: Archive
+    cache: Cache
+    limit: RateLimit
+    batch_size: int
+    retries: int
+    backoff: float
+
+    def run(self, keys: list[Key]) -> tuple[dict[Key, str], str | None]:
+        """Fetches and caches `keys`; returns failures by key and, if it stopped early, why."""
+        failed: dict[Key, str] = {}
+        queue = deque(keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size))
+        progress = Progress("windows fetched", len(keys))
+        failed_in_a_row = 0
+        while queue:
+            batch = queue.popleft()
+            try:
+                answers = self.call(batch)
+            except Refused as reason:
+                if len(batch) > 1:  # find the windows the API refuses by halving the batch
+                    queue.extendleft([batch[len(batch) // 2:], batch[:len(batch) // 2]])
+                    continue
+                failed[batch[0]] = f"API refused: {reason}"
+                progress.advance()
+                continue
+            except Retryable as reason:
+                failed.update((key, f"gave up after {self.retries + 1} attempts: {reason}") for key in batch)
+                progress.advance(len(batch))
+                failed_in_a_row += 1
+                if failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
+                    return failed, f"{failed_in_a_row} batches in a row failed, last: {reason}"
+                continue
+            except QuotaExhausted as reason:
+                return failed, f"daily quota reached ({reason})"
+            failed_in_a_row = 0
+            for key, answer in zip(batch, answers):
+                try:
+                    self.cache.put(key, {**hourly_rows(answer), "synthetic": self.archive.synthetic})
+                except ValueError as reason:
+                    failed[key] = f"incomplete answer: {reason}"
+            progress.advance(len(batch))
+        return failed, None
+
+    def call(self, batch: list[Key]) -> list[dict]:
+        for attempt in range(self.retries + 1):
+            self.limit.acquire(call_weight(len(batch)))
+            try:
+                return self.archive.fetch(batch)
+            except Retryable as reason:
+                if attempt == self.retries:
+                    raise
+                delay = reason.retry_after or self.backoff * 2**attempt * (0.5 + random.random())
+                log.warning("%s; retry %d/%d in %.1fs", reason, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def read_windows(path: Path) -> list[Window]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != WINDOW_COLUMNS:
+            raise StepFailed(f"{path} has columns {reader.fieldnames}, expected {list(WINDOW_COLUMNS)}: rerun extract")
+        try:
+            return [Window(r["event_id"], r["is_event"], float(r["latitude"]), float(r["longitude"]), r["window_date"])
+                    for r in reader]
+        except (TypeError, ValueError) as error:
+            raise StepFailed(f"{path} line {reader.line_num} is malformed ({error}): rerun extract") from None
+
+
+def observed_at(local: str, offset_seconds: int) -> str:
+    zone = timezone(timedelta(seconds=offset_seconds))
+    return datetime.fromisoformat(local).replace(tzinfo=zone).isoformat()
+
+
+def window_rows(window: Window, entry: dict):
+    hourly = entry["hourly"]
+    for hour, local in enumerate(hourly["time"]):
+        yield (window.event_id, window.is_event, window.latitude, window.longitude, entry["elevation"], window.day,
+               observed_at(local, entry["utc_offset_seconds"]), *(hourly[name][hour] for name in HOURLY_VARIABLES))
+
+
+def write_outputs(folder: Path, windows: list[Window], cache: Cache, failed: dict[Key, str],
+                  pending: str) -> tuple[int, int, bool]:
+    """hourly.csv and failed_windows.csv; returns (windows with data, failed windows, any synthetic)."""
+    entries = {key: cache.get(key) for key in {w.key for w in windows} if key not in failed}
+    done = [w for w in windows if entries.get(w.key)]
+    write_csv(folder / HOURLY, HOURLY_COLUMNS, (row for w in done for row in window_rows(w, entries[w.key])))
+    missing = [w for w in windows if not entries.get(w.key)]
+    write_csv(folder / FAILED_WINDOWS, FAILED_COLUMNS,
+              ((w.event_id, w.is_event, w.latitude, w.longitude, w.day, failed.get(w.key, pending)) for w in missing))
+    return len(done), len(missing), any(entries[w.key].get("synthetic") for w in done)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("OPEN_METEO_ARCHIVE_URL") or REAL_ARCHIVE_URL,
+                        help="archive endpoint (default: $OPEN_METEO_ARCHIVE_URL, else %s)" % REAL_ARCHIVE_URL)
+    parser.add_argument("--cache-dir", type=Path, help="answer cache (default: <buffer>/cache/open-meteo)")
+    parser.add_argument("--batch-size", type=int, default=100, help="windows per call, 1-1000 (default: %(default)s)")
+    parser.add_argument("--timezone", default="auto",
+                        help="'auto' = each place's local day (default), or GMT, or an IANA name")
+    parser.add_argument("--retries", type=int, default=5, help="retries per call on 429/5xx/timeouts (default: 5)")
+    parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubling (default: 2)")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds per HTTP call (default: 60)")
+    parser.add_argument("--calls-per-minute", type=float, default=600, help="weighted-call limit; 0 = none (default: 600)")
+    parser.add_argument("--calls-per-hour", type=float, default=5000, help="weighted-call limit; 0 = none (default: 5000)")
+    parser.add_argument("--calls-per-day", type=float, default=10000, help="weighted-call limit; 0 = none (default: 10000)")
+    parser.add_argument("--max-failed-ratio", type=float, default=0.05,
+                        help="fail the step if more than this share of windows could not be fetched (default: 0.05)")
+    add_run_arguments(parser)
+    args = parser.parse_args()
+    if not 1 <= args.batch_size <= 1000:
+        parser.error("--batch-size must be between 1 and 1000 (the API's limit per call)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    folder, _ = run_folder(args, create=False, needs=WINDOWS)
+    windows = read_windows(folder / WINDOWS)
+    archive = Archive(args.url, args.timezone, args.timeout)
+    cache_root = args.cache_dir or buffer_dir() / "cache" / "open-meteo"
+    cache = Cache(cache_root, args.url, args.timezone)
+    limit = RateLimit([(60, args.calls_per_minute), (3600, args.calls_per_hour), (86400, args.calls_per_day)],
+                      cache.folder.parent / "calls.log")
+    batch_size = limit.largest_batch(args.batch_size)
+    keys = sorted({w.key for w in windows})
+    missing = [key for key in keys if cache.get(key) is None]
+    log.info("%d windows (%d distinct place-days): %d cached, %d to fetch from %s in batches of %d",
+             len(windows), len(keys), len(keys) - len(missing), len(missing), args.url, batch_size)
+    started = time.monotonic()
+    failed, stopped = Crawl(archive, cache, limit, batch_size, args.retries, args.backoff).run(missing)
+    pending = f"not fetched: {stopped}" if stopped else "not fetched"
+    done, not_done, synthetic = write_outputs(folder, windows, cache, failed, pending)
+    summary = {"url": args.url, "synthetic": synthetic or archive.synthetic, "windows": len(windows),
+               "windows_with_data": done, "windows_failed": not_done, "api_calls": archive.calls,
+               "seconds": round(time.monotonic() - started, 2), "stopped": stopped}
+    (folder / CRAWL_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%d windows = %d with 24 hourly rows + %d failed (see %s); %d API calls in %.1fs",
+             len(windows), done, not_done, FAILED_WINDOWS, archive.calls, summary["seconds"])
+    if summary["synthetic"]:
+        log.warning("*** the weather values of this run are SYNTHETIC (from %s), not observations ***", args.url)
+    if stopped and stopped.startswith("daily quota"):
+        raise StepFailed(f"{stopped}: {done} of {len(windows)} windows are fetched and cached; rerun the same "
+                         f"command tomorrow to fetch the other {not_done} (cached windows make no new calls)",
+                         EXIT_QUOTA)
+    if stopped:
+        raise StepFailed(f"stopped: {stopped}; {not_done} of {len(windows)} windows missing; "
+                         f"rerun to resume (cached windows make no new calls)")
+    if windows and not_done / len(windows) > args.max_failed_ratio:
+        raise StepFailed(f"{not_done} of {len(windows)} windows failed ({not_done / len(windows):.1%} > "
+                         f"--max-failed-ratio {args.max_failed_ratio:.1%}); reasons in {folder / FAILED_WINDOWS}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_step("crawl", main)
