@@ -268,8 +268,9 @@ def split_rows(rows: Iterator[Row], archive_end: date, source: str) -> tuple[lis
             events.append(event)
         except Rejected as reason:
             raw = {key: value for key, value in row.values.items() if key != "__fields__"}
-            rejects.append({"source": source, "row_key": f"row {row.number}", "row_number": row.number,
-                            "raw": raw, "reason": str(reason)})
+            row_key = f"row {row.number}, id {row.values.get('id', '').strip()}"
+            rejects.append({"source": source, "row_key": row_key, "row_number": row.number, "raw": raw,
+                            "reason": str(reason)})
         if count % 5000 == 0:
             log.info("rows read: %d", count)
     return events, rejects
