@@ -118,7 +118,7 @@ def read_rows(path: Path, sheet: str | None, encoding: str) -> tuple[list[str], 
     if not data.strip():
         raise StepFailed(f"{path} is empty: expected the Global Landslide Catalog as CSV or XLSX")
     if data[:4] == b"PK\x03\x04":
-        return read_xlsx(path, sheet)
+        return read_xlsx(path, data, sheet)
     if sheet:
         raise StepFailed(f"--sheet given but {path} is not an XLSX workbook")
     return read_csv(path, data, encoding)
@@ -158,11 +158,11 @@ def record_row(number: int, header: list[str], record: list[str]) -> Row:
     return Row(number, values)
 
 
-def read_xlsx(path: Path, sheet: str | None) -> tuple[list[str], Iterator[Row]]:
+def read_xlsx(path: Path, data: bytes, sheet: str | None) -> tuple[list[str], Iterator[Row]]:
     import openpyxl
 
-    try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    try:  # from memory: openpyxl would refuse a downloaded file without an .xlsx name
+        book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as error:
         raise StepFailed(f"{path} looks like XLSX but cannot be opened ({error}): re-save it as .xlsx or CSV") from None
     names = [sheet] if sheet else [name for name in book.sheetnames if has_catalog_header(book[name])]

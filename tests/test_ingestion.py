@@ -1,0 +1,429 @@
+"""The ingestion steps (extract, crawl, load) as real subprocesses in the ingestion env, against the local
+Open-Meteo-compatible server and a real PostgreSQL warehouse; one run goes through a real executor."""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+
+from conftest import ROOT, SHARED_DATA, bootstrap, free_port
+
+TASKS = ROOT / "tasks" / "ingestion"
+SERVER = TASKS / "open_meteo_server.py"
+DEMO = TASKS / "demo_catalog.csv"
+DEMO_ROWS, DEMO_EVENTS, DEMO_REJECTS = 21, 15, 6
+# Built ingestion envs survive between sessions here (keyed by the yml's hash, like the executor's own).
+ENV_CACHE = ROOT / ".vpe" / "test-envs"
+QUICK_RETRIES = ["--retries", "2", "--backoff", "0.01"]
+
+
+@pytest.fixture(scope="session")
+def ingestion_python() -> str:
+    """The python of envs/ingestion.yml, built with the executor's own build commands."""
+    sys.path.insert(0, str(ROOT))
+    import executor
+
+    spec = executor.parse_env_yml(ROOT / "envs" / "ingestion.yml")
+    backend = executor.detect_backend("auto")
+    prefix = ENV_CACHE / f"ingestion-{spec.digest(backend)}"
+    if not (prefix / executor.READY_MARKER).exists():
+        shutil.rmtree(prefix, ignore_errors=True)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for command in executor.build_commands(backend, spec, prefix):
+            subprocess.run(command, check=True, env=executor.build_environment(), capture_output=True, timeout=900)
+        (prefix / executor.READY_MARKER).write_text(f"{spec.path}\n")
+    return str(prefix / "bin" / "python")
+
+
+@contextmanager
+def archive_server(*args: str, port: int = 0) -> Iterator[str]:
+    """The local Open-Meteo stand-in on loopback; yields its /v1/archive URL."""
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port), "--quiet", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        banner, address = proc.stdout.readline(), proc.stdout.readline()
+        assert "SYNTHETIC weather data" in banner, banner + address
+        yield re.search(r"http://\S+/v1/archive", address).group(0)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[str]:
+    with archive_server() as url:
+        yield url
+
+
+def api_calls(url: str) -> dict:
+    with urllib.request.urlopen(url.replace("/v1/archive", "/stats"), timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "run").mkdir()
+    return tmp_path
+
+
+def step(python: str, script: str, *args: str, workdir: Path, env: dict[str, str] | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    """Runs one step by hand, the way a user would, in its own buffer (cache) and run folder."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("VPE_RUN_DIR", "VPE_RUN_ID", "VPE_WAREHOUSE_DSN", "OPEN_METEO_ARCHIVE_URL")}
+    return subprocess.run(
+        [python, str(TASKS / script), *args],
+        env={**base, "VPE_BUFFER": str(workdir / "buffer"), "VPE_RUN_DIR": str(workdir / "run"), **(env or {})},
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    return result.stdout
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_rejects(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def load_counts(stdout: str) -> dict[str, tuple[int, int, int]]:
+    """load's table: target -> (inserted, already_present, rejected)."""
+    rows = re.findall(r"load: +(\w+) +(\d+) +(\d+) +(\d+)$", stdout, re.MULTILINE)
+    return {target: tuple(map(int, counts)) for target, *counts in rows}
+
+
+def query(dsn: str, sql: str, *params: object) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+# ------------------------------------------------------------------ end to end on the demo catalog
+
+def test_every_step_and_the_server_have_help(ingestion_python: str, workdir: Path) -> None:
+    for script in ("extract.py", "crawl.py", "load.py"):
+        assert "usage:" in ok(step(ingestion_python, script, "--help", workdir=workdir))
+    server_help = subprocess.run([sys.executable, str(SERVER), "--help"], capture_output=True, text=True, timeout=30)
+    assert server_help.returncode == 0 and "SYNTHETIC" in server_help.stdout
+
+
+def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, api: str, workdir: Path,
+                                                         empty_db: tuple[str, dict[str, str]]) -> None:
+    dsn, env = empty_db
+    bootstrap("migrate", env=env)
+    run = workdir / "run"
+    out = ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
+    assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in out
+    events, rejects = read_csv(run / "events.csv"), read_rejects(run / "rejects.jsonl")
+    assert len(events) + len(rejects) == DEMO_ROWS == len(read_csv(DEMO))
+    by_id = {e["event_id"]: e for e in events}
+    assert by_id["101"]["continent_code"] == "NA" and by_id["101"]["event_time"] == "10:37:00"
+    assert (by_id["103"]["time_text"], by_id["103"]["event_time"]) == ("Overnight", "")
+    assert by_id["103"]["near"] == "Kedārnāth" and by_id["101"]["landslide_size"] == "Very_large"
+    windows = read_csv(run / "windows.csv")
+    assert len(windows) == 2 * len(events)
+    assert {(w["is_event"], w["window_date"]) for w in windows if w["event_id"] == "106"} == {
+        ("true", "2012-02-29"), ("false", "2011-02-28")}
+
+    out = ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
+    assert "SYNTHETIC" in out
+    hourly = read_csv(run / "hourly.csv")
+    per_window = Counter((h["event_id"], h["is_event"]) for h in hourly)
+    assert len(per_window) == len(windows) and set(per_window.values()) == {24}
+    assert all(h[name] != "" for h in hourly for name in h), "every variable has a value"
+    assert read_csv(run / "failed_windows.csv") == []
+    calls = api_calls(api)["calls"]
+
+    counts = load_counts(ok(step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})))
+    assert sum(counts["landslide_event"]) == DEMO_EVENTS and counts["landslide_event"][0] == DEMO_EVENTS
+    assert query(dsn, "SELECT count(*) FROM weather_window")[0][0] == len(windows)
+    assert query(dsn, "SELECT every(last_hour - first_hour = interval '23 hours') FROM weather_window")[0][0]
+    assert query(dsn, "SELECT count(*) FROM weather_data")[0][0] == len(hourly)
+    assert query(dsn, "SELECT count(DISTINCT depth_top_cm), min(n), max(n) FROM soil "
+                      "JOIN (SELECT weather_id, count(*) AS n FROM soil GROUP BY weather_id) per USING (weather_id)"
+                 )[0] == (4, 4, 4)
+    assert query(dsn, "SELECT l.continent_code, e.time_text, e.event_time FROM landslide_event e "
+                      "JOIN location l USING (location_id) WHERE catalog_id IN ('101', '103') ORDER BY catalog_id"
+                 ) == [("NA", "10:37", datetime.time(10, 37)), ("AS", "Overnight", None)]
+    assert query(dsn, "SELECT count(*) FROM rejected_rows WHERE source = 'demo_catalog.csv'")[0][0] == DEMO_REJECTS
+    totals = query(dsn, "SELECT (SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_data), "
+                        "(SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)")
+
+    ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
+    ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
+    assert api_calls(api)["calls"] == calls, "the rerun is served from the cache"
+    counts = load_counts(ok(step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})))
+    assert counts and all(inserted == 0 for inserted, _, _ in counts.values()), counts
+    assert query(dsn, "SELECT (SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_data), "
+                      "(SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)") == totals
+
+
+def test_by_hand_the_later_steps_find_extracts_run_folder(ingestion_python: str, api: str, workdir: Path) -> None:
+    env = {"VPE_RUN_DIR": ""}
+    out = ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir, env=env))
+    folder = re.search(r"run folder (\S+)", out).group(1)
+    assert Path(folder).parent == workdir / "buffer" and Path(folder).name.startswith("manual-")
+    assert f"run folder {folder}" in ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir, env=env))
+
+
+# ------------------------------------------------------------------ the real sample
+
+@pytest.mark.parametrize("name", ["glc_sample.csv", "glc_sample.xlsx"])
+def test_real_sample_counts_add_up_and_values_survive(ingestion_python: str, workdir: Path, name: str) -> None:
+    sample = SHARED_DATA / name
+    if not sample.exists():
+        pytest.skip(f"{sample} is absent")
+    out = ok(step(ingestion_python, "extract.py", str(sample), workdir=workdir))
+    events, rejects = read_csv(workdir / "run" / "events.csv"), read_rejects(workdir / "run" / "rejects.jsonl")
+    total = int(re.search(r"read (\d+) rows", out).group(1))
+    assert len(events) + len(rejects) == total == {"glc_sample.csv": 956, "glc_sample.xlsx": 169}[name]
+    assert len(read_csv(workdir / "run" / "windows.csv")) == 2 * len(events)
+    assert all(r["reason"] and r["raw"] for r in rejects)
+    # Continent codes arrive exactly as written ("NA" stays "NA", blanks stay blank), free-text times are kept.
+    source = source_rows(ingestion_python, sample)
+    for event in events:
+        row = source[int(event["row_number"])]
+        assert event["continent_code"] == row["continentcode"].strip()
+        assert event["time_text"] == row["time"]
+        assert event["event_time"] == clock(row["time"])
+    free_text = [e for e in events if e["time_text"] and not e["event_time"]]
+    assert free_text and {"night", "morning"} & {e["time_text"] for e in free_text}
+
+
+def clock(text: str) -> str:
+    """HH:MM:SS for a clock time, '' for anything else."""
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", text.strip())
+    return f"{int(match[1]):02d}:{match[2]}:{match[3] or '00'}" if match else ""
+
+
+def source_rows(python: str, path: Path) -> dict[int, dict[str, str]]:
+    """The sample read independently of extract: CSV with the csv module, XLSX through the ingestion env."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return {n: row for n, row in enumerate(csv.DictReader(handle), start=2)}
+    script = ("import json, sys, openpyxl\n"
+              "rows = list(openpyxl.load_workbook(sys.argv[1], read_only=True).active.iter_rows(values_only=True))\n"
+              "print(json.dumps([dict(zip(rows[0], ['' if v is None else str(v) for v in r])) for r in rows[1:]]))")
+    rows = json.loads(subprocess.run([python, "-c", script, str(path)], capture_output=True, text=True,
+                                     check=True, timeout=120).stdout)
+    return {n: row for n, row in enumerate(rows, start=2)}
+
+
+# ------------------------------------------------------------------ bad catalogs
+
+BAD_CATALOGS = {
+    "empty.csv": (b"", "is empty"),
+    "header_only.csv": (DEMO.read_bytes().splitlines(keepends=True)[0], "no data rows"),
+    "wrong_columns.csv": (b"name,value\nfoo,1\nbar,2\n", "lacks catalog column(s) id, date"),
+    "garbage.csv": (bytes(range(256)) * 40, "is binary"),
+    "latin1.csv": (DEMO.read_text(encoding="utf-8").encode("latin-1", "replace").replace(b"?", b"\xe9"),
+                   "re-save it as UTF-8"),
+    "broken.xlsx": (b"PK\x03\x04" + b"\x00" * 300, "cannot be opened"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CATALOGS))
+def test_bad_catalog_fails_with_a_clear_reason_and_writes_nothing(ingestion_python: str, workdir: Path,
+                                                                  name: str) -> None:
+    data, reason = BAD_CATALOGS[name]
+    (workdir / name).write_bytes(data)
+    result = step(ingestion_python, "extract.py", str(workdir / name), workdir=workdir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert reason in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((workdir / "run").glob("*.csv")), "nothing half-written"
+
+
+def test_missing_input_file_is_a_clear_error(ingestion_python: str, workdir: Path) -> None:
+    result = step(ingestion_python, "extract.py", str(workdir / "nope.csv"), workdir=workdir)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def write_workbook(python: str, path: Path, sheets: list[str]) -> None:
+    """An XLSX with the demo catalog on every sheet named in `sheets` that starts with 'Catalog', notes elsewhere."""
+    script = ("import csv, sys, openpyxl\n"
+              "book = openpyxl.Workbook(); book.remove(book.active)\n"
+              "rows = list(csv.reader(open(sys.argv[2], encoding='utf-8', newline='')))\n"
+              "for name in sys.argv[3:]:\n"
+              "    sheet = book.create_sheet(name)\n"
+              "    for row in (rows if name.startswith('Catalog') else [['About'], ['demo export']]):\n"
+              "        sheet.append(row)\n"
+              "book.save(sys.argv[1])\n")
+    subprocess.run([python, "-c", script, str(path), str(DEMO), *sheets], check=True, timeout=120)
+
+
+def test_xlsx_with_an_extra_sheet_reads_the_catalog_sheet(ingestion_python: str, workdir: Path) -> None:
+    book = workdir / "catalog.xlsx"
+    write_workbook(ingestion_python, book, ["Notes", "Catalog"])
+    out = ok(step(ingestion_python, "extract.py", str(book), workdir=workdir))
+    assert "using sheet 'Catalog'" in out
+    assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in out
+
+
+def test_xlsx_with_two_catalog_sheets_asks_which(ingestion_python: str, workdir: Path) -> None:
+    book = workdir / "catalog.xlsx"
+    write_workbook(ingestion_python, book, ["Catalog 2014", "Catalog 2015"])
+    result = step(ingestion_python, "extract.py", str(book), workdir=workdir)
+    assert result.returncode == 1 and "pass --sheet NAME" in result.stderr
+    out = ok(step(ingestion_python, "extract.py", str(book), "--sheet", "Catalog 2015", workdir=workdir))
+    assert f"read {DEMO_ROWS} rows" in out
+
+
+# ------------------------------------------------------------------ an API that misbehaves
+
+def write_windows(workdir: Path, days: list[str]) -> None:
+    rows = [f"e{i},true,{10 + i * 0.5},{20 + i * 0.25},{day}" for i, day in enumerate(days)]
+    (workdir / "run" / "windows.csv").write_text("event_id,is_event,latitude,longitude,window_date\n"
+                                                  + "\n".join(rows) + "\n")
+
+
+def test_500_429_and_garbage_json_are_retried(ingestion_python: str, workdir: Path) -> None:
+    write_windows(workdir, [f"2019-05-{d:02d}" for d in range(1, 21)])
+    with archive_server("--fail-500-every", "2", "--fail-429-every", "3", "--garbage-every", "5") as url:
+        # Calls 24-28 all fail: six attempts get every batch through.
+        out = ok(step(ingestion_python, "crawl.py", "--url", url, "--batch-size", "4", "--retries", "5",
+                      "--backoff", "0.01", workdir=workdir))
+        stats = api_calls(url)
+    assert "20 windows = 20 with 24 hourly rows + 0 failed" in out
+    assert stats["by_status"]["500"] and stats["by_status"]["429"] and "retry" in out
+    assert len(read_csv(workdir / "run" / "hourly.csv")) == 20 * 24
+
+
+def test_garbage_json_every_time_fails_the_step_with_the_reason(ingestion_python: str, workdir: Path) -> None:
+    write_windows(workdir, ["2019-05-01", "2019-05-02"])
+    with archive_server("--garbage-every", "1") as url:
+        result = step(ingestion_python, "crawl.py", "--url", url, *QUICK_RETRIES, workdir=workdir)
+    assert result.returncode == 1 and "2 of 2 windows failed" in result.stderr
+    assert all("invalid JSON" in w["reason"] for w in read_csv(workdir / "run" / "failed_windows.csv"))
+    assert read_csv(workdir / "run" / "hourly.csv") == []
+
+
+def test_a_window_the_api_refuses_is_recorded_and_the_rest_fetched(ingestion_python: str, api: str,
+                                                                     workdir: Path) -> None:
+    write_windows(workdir, ["2019-05-01", "1939-06-01", "2019-05-03", "2019-05-04"])
+    result = step(ingestion_python, "crawl.py", "--url", api, workdir=workdir)
+    assert result.returncode == 1 and "1 of 4 windows failed" in result.stderr, result.stderr
+    [failed] = read_csv(workdir / "run" / "failed_windows.csv")
+    assert failed["window_date"] == "1939-06-01" and "out of allowed range" in failed["reason"]
+    assert len(read_csv(workdir / "run" / "hourly.csv")) == 3 * 24
+    ok(step(ingestion_python, "crawl.py", "--url", api, "--max-failed-ratio", "0.5", workdir=workdir))
+
+
+def test_daily_quota_stops_cleanly_and_a_rerun_resumes(ingestion_python: str, workdir: Path) -> None:
+    write_windows(workdir, [f"2019-05-{d:02d}" for d in range(1, 13)])
+    port = free_port()
+    with archive_server("--daily-quota", "5", port=port) as url:
+        result = step(ingestion_python, "crawl.py", "--url", url, "--batch-size", "5", workdir=workdir)
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "daily quota reached" in result.stderr and "rerun the same command" in result.stderr
+    assert len(read_csv(workdir / "run" / "hourly.csv")) == 5 * 24
+    with archive_server(port=port) as url:
+        out = ok(step(ingestion_python, "crawl.py", "--url", url, "--batch-size", "5", workdir=workdir))
+        assert api_calls(url)["locations"] == 7, "only the windows still missing are fetched"
+    assert "5 cached, 7 to fetch" in out and len(read_csv(workdir / "run" / "hourly.csv")) == 12 * 24
+
+
+def test_local_rate_limit_budget_is_kept_across_runs(ingestion_python: str, api: str, workdir: Path) -> None:
+    write_windows(workdir, [f"2019-06-{d:02d}" for d in range(1, 11)])
+    budget = ["--calls-per-day", "5", "--url", api]  # 12 variables weigh 1.2 calls per window
+    result = step(ingestion_python, "crawl.py", *budget, workdir=workdir)
+    assert result.returncode == 75 and "daily budget" in result.stderr, result.stderr
+    fetched = len(read_csv(workdir / "run" / "hourly.csv")) // 24
+    assert fetched == 4
+    calls = api_calls(api)["calls"]
+    assert step(ingestion_python, "crawl.py", *budget, workdir=workdir).returncode == 75
+    assert api_calls(api)["calls"] == calls, "the budget used by the first run still counts"
+
+
+def test_unreachable_api_stops_after_a_few_failed_batches(ingestion_python: str, workdir: Path) -> None:
+    write_windows(workdir, [f"2019-05-{d:02d}" for d in range(1, 11)])
+    url = f"http://127.0.0.1:{free_port()}/v1/archive"
+    result = step(ingestion_python, "crawl.py", "--url", url, "--batch-size", "1", *QUICK_RETRIES, workdir=workdir)
+    assert result.returncode == 1 and "batches in a row failed" in result.stderr and "no answer" in result.stderr
+    assert len(read_csv(workdir / "run" / "failed_windows.csv")) == 10
+
+
+# ------------------------------------------------------------------ load: all or nothing
+
+def test_load_of_a_corrupt_file_commits_nothing(ingestion_python: str, api: str, workdir: Path,
+                                                empty_db: tuple[str, dict[str, str]]) -> None:
+    dsn, env = empty_db
+    bootstrap("migrate", env=env)
+    ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
+    ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
+    hourly = workdir / "run" / "hourly.csv"
+    lines = hourly.read_text().splitlines()
+    lines[-1] = lines[-1].rsplit(",", 1)[0] + ",not-a-number"
+    hourly.write_text("\n".join(lines) + "\n")
+    result = step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})
+    assert result.returncode == 1 and "nothing committed" in result.stderr and "not-a-number" in result.stderr
+    assert query(dsn, "SELECT (SELECT count(*) FROM landslide_event), (SELECT count(*) FROM rejected_rows), "
+                      "(SELECT count(*) FROM staging.landslide_event), (SELECT count(*) FROM staging.weather_hourly)"
+                 ) == [(0, 0, 0, 0)]
+
+
+def test_load_without_a_warehouse_says_what_to_do(ingestion_python: str, api: str, workdir: Path) -> None:
+    ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
+    ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
+    result = step(ingestion_python, "load.py", workdir=workdir)
+    assert result.returncode == 1 and "VPE_WAREHOUSE_DSN" in result.stderr
+    closed = f"postgresql://postgres:x@127.0.0.1:{free_port()}/warehouse"
+    result = step(ingestion_python, "load.py", "--dsn", closed, workdir=workdir)
+    assert result.returncode == 1 and "cannot connect to the warehouse" in result.stderr
+
+
+# ------------------------------------------------------------------ through a real executor
+
+def test_the_three_steps_run_through_the_executor(ingestion_python: str, api: str, tmp_path: Path,
+                                                  empty_db: tuple[str, dict[str, str]]) -> None:
+    dsn, env = empty_db
+    bootstrap("migrate", env=env)
+    home, envs = tmp_path / "home", tmp_path / "envs"
+    home.mkdir()
+    envs.mkdir()
+    shutil.copy(ROOT / "envs" / "ingestion.yml", envs)  # only this env: no waiting for the others' builds
+    (home / "envs").symlink_to(ENV_CACHE)  # the env built for this session is the executor's cached build
+    port = str(free_port())
+    executor_env = {**os.environ, "VPE_HOME": str(home), "VPE_EXECUTOR_PORT": port, "VPE_EXECUTOR_TOKEN": "",
+                    "OPEN_METEO_ARCHIVE_URL": api, "VPE_WAREHOUSE_DSN": dsn}
+    server = subprocess.Popen([sys.executable, str(ROOT / "executor.py"), "serve", "--envs-dir", str(envs)],
+                              env=executor_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        def executor(command: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, str(ROOT / "executor.py"), command, "--port", port, *args],
+                                  env=executor_env, capture_output=True, text=True, timeout=300)
+
+        ok(executor("ping", "--wait", "30"))
+        deadline = time.monotonic() + 120
+        while executor("envs").returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = ok(executor("run", "--run-id", "demo-1", "ingestion", "ingestion/extract.py", "--", str(DEMO)))
+        assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events" in out
+        assert (home / "buffer" / "demo-1" / "events.csv").is_file()
+        ok(executor("run", "--run-id", "demo-1", "ingestion", "ingestion/crawl.py"))
+        counts = load_counts(ok(executor("run", "--run-id", "demo-1", "ingestion", "ingestion/load.py")))
+        assert counts["landslide_event"] == (DEMO_EVENTS, 0, 0)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
