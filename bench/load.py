@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Benchmark: set-based warehouse load vs. the seed's per-row trigger load.
+
+(a) COPY into staging + load_staging() (dml.sql), one transaction.
+(b) The seed's way: one INSERT per row into a staging table whose AFTER INSERT
+    trigger fans each row out to location, datetime, weather_data and soil.
+
+Both load the same generated data (hourly rows for an event day and its
+non-event day, four soil depths each) into fresh databases with ddl.sql and
+dml.sql applied, on the same PostgreSQL server, in the same run. (b) is too
+slow for the full set, so it loads the first --seed-rows rows and its rate is
+extrapolated; the table says so.
+
+Uses the server at VPE_WAREHOUSE_DSN (creates and drops two scratch databases
+there) or, without it, starts a throwaway cluster of its own.
+Not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+HOURS_PER_WINDOW = 24
+
+EVENT_COLUMNS = ("run_id source row_number event_id event_date event_time time_text country near "
+                 "continent_code hazard_type landslide_type landslide_size latitude longitude elevation").split()
+WEATHER_COLUMNS = ("run_id event_id is_event latitude longitude elevation window_date observed_at "
+                   "temperature_2m relative_humidity_2m precipitation rain "
+                   "soil_temperature_0_to_7cm soil_temperature_7_to_28cm soil_temperature_28_to_100cm "
+                   "soil_temperature_100_to_255cm soil_moisture_0_to_7cm soil_moisture_7_to_28cm "
+                   "soil_moisture_28_to_100cm soil_moisture_100_to_255cm").split()
+
+# The seed's loading style: every inserted row fans out at once, row by row.
+SEED_TRIGGER_SQL = """
+CREATE UNLOGGED TABLE seed_weather_hourly (LIKE staging.weather_hourly);
+
+CREATE FUNCTION seed_fan_out() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_location bigint;
+    v_datetime bigint;
+    v_weather bigint;
+BEGIN
+    INSERT INTO location (latitude, longitude, elevation)
+    VALUES (round(NEW.latitude::numeric, 6), round(NEW.longitude::numeric, 6), NEW.elevation)
+    ON CONFLICT (latitude, longitude) DO NOTHING;
+    SELECT location_id INTO v_location FROM location
+    WHERE latitude = round(NEW.latitude::numeric, 6) AND longitude = round(NEW.longitude::numeric, 6);
+
+    INSERT INTO datetime (instant) VALUES (NEW.observed_at) ON CONFLICT (instant) DO NOTHING;
+    SELECT datetime_id INTO v_datetime FROM datetime WHERE instant = NEW.observed_at;
+
+    INSERT INTO weather_data (location_id, datetime_id, temperature_2m, relative_humidity_2m, precipitation, rain)
+    VALUES (v_location, v_datetime, NEW.temperature_2m, NEW.relative_humidity_2m, NEW.precipitation, NEW.rain)
+    ON CONFLICT (location_id, datetime_id) DO NOTHING
+    RETURNING weather_id INTO v_weather;
+
+    IF v_weather IS NOT NULL THEN
+        INSERT INTO soil (weather_id, depth_top_cm, depth_bottom_cm, temperature, moisture) VALUES
+            (v_weather, 0, 7, NEW.soil_temperature_0_to_7cm, NEW.soil_moisture_0_to_7cm),
+            (v_weather, 7, 28, NEW.soil_temperature_7_to_28cm, NEW.soil_moisture_7_to_28cm),
+            (v_weather, 28, 100, NEW.soil_temperature_28_to_100cm, NEW.soil_moisture_28_to_100cm),
+            (v_weather, 100, 255, NEW.soil_temperature_100_to_255cm, NEW.soil_moisture_100_to_255cm);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER seed_fan_out AFTER INSERT ON seed_weather_hourly
+FOR EACH ROW EXECUTE FUNCTION seed_fan_out();
+"""
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def generate(rows: int, seed: int) -> tuple[list[tuple], list[tuple]]:
+    """Catalog rows and hourly weather rows: per event, its day and the same day a year earlier."""
+    rng = random.Random(seed)
+    events, weather = [], []
+    n_events = max(1, rows // (2 * HOURS_PER_WINDOW))
+    for n in range(n_events):
+        event_id = str(n + 1)
+        lat, lon = round(rng.uniform(-60, 70), 4), round(rng.uniform(-180, 180), 4)
+        day = dt.date(2001, 1, 1) + dt.timedelta(days=rng.randrange(20 * 365))
+        events.append(("bench", "bench.csv", n + 2, event_id, day, None, None, "Nowhere", "Somewhere", "AS",
+                       "landslide", "Landslide", "Medium", lat, lon, None))
+        for is_event, window in ((True, day), (False, day.replace(year=day.year - 1, day=min(day.day, 28)))):
+            start = dt.datetime.combine(window, dt.time(), dt.timezone.utc)
+            for hour in range(HOURS_PER_WINDOW):
+                temperature = round(rng.uniform(-10, 35), 1)
+                weather.append((
+                    "bench", event_id, is_event, lat, lon, 250.0, window, start + dt.timedelta(hours=hour),
+                    temperature, float(rng.randrange(20, 101)), round(rng.uniform(0, 5), 1),
+                    round(rng.uniform(0, 4), 1),
+                    *(round(temperature - depth, 1) for depth in (0.5, 1.0, 1.5, 2.0)),
+                    *(round(rng.uniform(0.1, 0.5), 3) for _ in range(4)),
+                ))
+    return events, weather[:rows]
+
+
+def copy_rows(conn: psycopg.Connection, table: str, columns: list[str], rows: list[tuple]) -> None:
+    with conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def load_set_based(dsn: str, events: list[tuple], weather: list[tuple]) -> float:
+    """(a): COPY both staging tables, merge, commit. Returns seconds."""
+    with psycopg.connect(dsn) as conn:
+        started = time.perf_counter()
+        copy_rows(conn, "staging.landslide_event", EVENT_COLUMNS, events)
+        copy_rows(conn, "staging.weather_hourly", WEATHER_COLUMNS, weather)
+        counts = conn.execute("SELECT * FROM load_staging('bench')").fetchall()
+        conn.commit()
+        elapsed = time.perf_counter() - started
+    log("set-based counts: " + ", ".join(f"{t} +{i} ={a} !{r}" for t, i, a, r in counts))
+    return elapsed
+
+
+def load_per_row(dsn: str, events: list[tuple], weather: list[tuple]) -> float:
+    """(b): one INSERT per weather row through the fan-out trigger. Returns seconds.
+
+    The events go in first through load_staging (not timed): the seed had no
+    event windows, so only the hourly rows are compared.
+    """
+    insert = (f"INSERT INTO seed_weather_hourly ({', '.join(WEATHER_COLUMNS)}) "
+              f"VALUES ({', '.join(['%s'] * len(WEATHER_COLUMNS))})")
+    with psycopg.connect(dsn) as conn:
+        conn.execute(SEED_TRIGGER_SQL)
+        copy_rows(conn, "staging.landslide_event", EVENT_COLUMNS, events)
+        conn.execute("SELECT * FROM load_staging('bench')")
+        conn.commit()
+        cur = conn.cursor()
+        started = time.perf_counter()
+        for row in weather:
+            cur.execute(insert, row)
+        conn.commit()
+        elapsed = time.perf_counter() - started
+        soil = conn.execute("SELECT count(*) FROM soil").fetchone()[0]
+    log(f"per-row load: {len(weather)} rows, {soil} soil rows")
+    return elapsed
+
+
+def apply_schema(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in ("ddl.sql", "dml.sql"):
+            conn.execute((ROOT / name).read_text())
+
+
+@contextlib.contextmanager
+def scratch_database(server_dsn: str) -> Iterator[str]:
+    name = f"vpe_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        dsn = make_conninfo(server_dsn, dbname=name)
+        apply_schema(dsn)
+        yield dsn
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def as_postgres(args: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[str]:
+    bindir = Path(os.environ.get("VPE_PG_BIN") or "/usr/lib/postgresql/15/bin")
+    workdir = Path(tempfile.mkdtemp(prefix="vpe-bench-"))
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres")
+    data, port = workdir / "data", free_port()
+    subprocess.run(as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                                "-E", "UTF8", "--no-sync"]), check=True, capture_output=True)
+    options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c max_wal_size=4GB"
+    subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "log"), "-w",
+                                "-o", options, "start"]), check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                       check=False, capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def server_dsn_from_env() -> str | None:
+    dsn = os.environ.get("VPE_WAREHOUSE_DSN")
+    return make_conninfo(dsn, dbname="postgres") if dsn else None
+
+
+def print_table(rows: int, seed_rows: int, seconds_a: float, seconds_b: float) -> None:
+    rate_a, rate_b = rows / seconds_a, seed_rows / seconds_b
+    print(f"{'method':<46} {'rows':>10} {'seconds':>9} {'rows/s':>10}")
+    print(f"{'(a) COPY + load_staging (set-based)':<46} {rows:>10,} {seconds_a:>9.1f} {rate_a:>10,.0f}")
+    print(f"{'(b) INSERT per row + fan-out trigger':<46} {seed_rows:>10,} {seconds_b:>9.1f} {rate_b:>10,.0f}")
+    if seed_rows < rows:
+        print(f"{'    (b) extrapolated to ' + format(rows, ',') + ' rows':<46} {rows:>10,} "
+              f"{rows / rate_b:>9.1f} {rate_b:>10,.0f}")
+    print(f"ratio (a)/(b): {rate_a / rate_b:.1f}x  (goal >= 30x)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="hourly rows for (a) (default 1,000,000)")
+    parser.add_argument("--seed-rows", type=int, default=50_000,
+                        help="hourly rows for (b), the per-row load; its rate is extrapolated (default 50,000)")
+    parser.add_argument("--random-seed", type=int, default=1)
+    args = parser.parse_args()
+
+    log(f"generating {args.rows:,} hourly rows")
+    events, weather = generate(args.rows, args.random_seed)
+    seed_rows = min(args.seed_rows, len(weather))
+    seed_events = {row[1] for row in weather[:seed_rows]}
+    with contextlib.ExitStack() as stack:
+        server = server_dsn_from_env() or stack.enter_context(throwaway_cluster())
+        log(f"server: {conninfo_to_dict(server).get('host')}:{conninfo_to_dict(server).get('port')}")
+        with scratch_database(server) as dsn:
+            log(f"(a) set-based load of {len(weather):,} rows")
+            seconds_a = load_set_based(dsn, events, weather)
+        with scratch_database(server) as dsn:
+            log(f"(b) per-row load of {seed_rows:,} rows")
+            seconds_b = load_per_row(dsn, [e for e in events if e[3] in seed_events], weather[:seed_rows])
+    print_table(len(weather), seed_rows, seconds_a, seconds_b)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
