@@ -253,9 +253,10 @@ BEGIN
       AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
                       WHERE r.staging_table = 'landslide_event' AND r.staging_ctid = c.staging_ctid);
 
+    -- Several events at one place: the first catalog row describes the place.
     INSERT INTO pg_temp.load_place
-    SELECT latitude, longitude, min(elevation), min(country), min(near), min(continent_code)
-    FROM pg_temp.load_event GROUP BY latitude, longitude;
+    SELECT DISTINCT ON (latitude, longitude) latitude, longitude, elevation, country, near, continent_code
+    FROM pg_temp.load_event ORDER BY latitude, longitude, row_number;
     PERFORM staging.merge_locations();
 
     INSERT INTO pg_temp.load_instant SELECT DISTINCT instant FROM pg_temp.load_event;
