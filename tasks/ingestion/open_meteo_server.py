@@ -238,6 +238,7 @@ class Faults:
 class ArchiveHandler(BaseHTTPRequestHandler):
     server_version = "vpe-open-meteo-synthetic/1"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes; no 40 ms delayed-ACK stalls
     faults: Faults
 
     def do_GET(self) -> None:
