@@ -173,13 +173,14 @@ running() {
   file=$(pidfile "$1")
   [ -f "$file" ] || return 1
   pid=$(cat "$file")
-  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2"
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -Eq -- "$2"
 }
 
 # Each process gets its own session, so `down` can stop it with all its children.
 spawn() {
   local name=$1 log=$2; shift 2
-  setsid "$@" >> "$log" 2>&1 < /dev/null &
+  # fd 9 is bootstrap's lock: a server that inherited it would hold it forever.
+  setsid "$@" >> "$log" 2>&1 < /dev/null 9>&- &
   say $! > "$(pidfile "$name")"
 }
 
@@ -244,7 +245,7 @@ start_postgres() {
     port_free "$VPE_PG_HOST" "$VPE_PG_PORT" || die "port $VPE_PG_PORT is taken by another program: set VPE_PG_PORT in .env or the environment."
     step "starting PostgreSQL on $VPE_PG_HOST:$VPE_PG_PORT"
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres/postgres.log" -w -t 60 \
-      -o "-p $VPE_PG_PORT -k $PG_SOCKET -c listen_addresses=$VPE_PG_HOST ${VPE_PG_OPTIONS:-}" start >/dev/null \
+      -o "-p $VPE_PG_PORT -k $PG_SOCKET -c listen_addresses=$VPE_PG_HOST ${VPE_PG_OPTIONS:-}" start >/dev/null 9>&- \
       || die "PostgreSQL did not start; see $LOGS/postgres/postgres.log"
   fi
   wait_for PostgreSQL 30 "$LOGS/postgres/postgres.log" postgres_healthy
@@ -340,22 +341,28 @@ airflow_part_healthy() {
 start_airflow() {
   local service missing=()
   for service in "${AIRFLOW_SERVICES[@]}"; do
-    running "airflow-$service" "airflow $service" || missing+=("$service")
+    running "airflow-$service" "airflow ${service/-/[-_]}" || missing+=("$service")
   done
   if [ ${#missing[@]} = 0 ]; then
     say "airflow    already running"
   else
-    running airflow-api-server "airflow api-server" || port_free "$VPE_AIRFLOW_HOST" "$VPE_AIRFLOW_PORT" \
+    running airflow-api-server "airflow api[-_]server" || port_free "$VPE_AIRFLOW_HOST" "$VPE_AIRFLOW_PORT" \
       || die "port $VPE_AIRFLOW_PORT is taken by another program: set VPE_AIRFLOW_PORT in .env or the environment."
     step "migrating Airflow's metadata database"
     "$VPE_VENV/bin/airflow" db migrate > "$LOGS/airflow/db-migrate.log" 2>&1 \
       || die "airflow db migrate failed; see $LOGS/airflow/db-migrate.log"
     for service in "${missing[@]}"; do
       step "starting airflow $service"
-      spawn "airflow-$service" "$LOGS/airflow/$service.log" "$VPE_VENV/bin/airflow" "$service"
+      spawn "airflow-$service" "$LOGS/airflow/$service.log" "$VPE_VENV/bin/airflow" "$service" $(airflow_flags "$service")
     done
   fi
   wait_for "Airflow's api-server" 120 "$LOGS/airflow/api-server.log" airflow_healthy
+}
+
+# Airflow's log servers bind every interface; workers here share the log folder
+# with the api-server, so they are not needed and nothing listens beyond loopback.
+airflow_flags() {
+  case "$1" in scheduler|triggerer) say --skip-serve-logs ;; esac
 }
 
 airflow_password() {
@@ -463,6 +470,172 @@ all_components() {
   done
 }
 
+# --- compose mode ------------------------------------------------------------
+# The same commands against the docker compose stack in docker-compose.yml. Compose reads the
+# committed defaults from .env and the secrets from $SECRETS (git-ignored, made once by ensure_secrets).
+
+AIRFLOW_COMPOSE_SERVICES=(airflow-api-server airflow-scheduler airflow-dag-processor airflow-triggerer)
+
+compose() {
+  docker compose --project-directory "$ROOT" -f "$ROOT/docker-compose.yml" \
+    --env-file "$ROOT/.env" --env-file "$SECRETS" "$@"
+}
+
+# The celery profile (Redis + workers) comes with Airflow's CeleryExecutor.
+celery_mode() { [ "${VPE_AIRFLOW_EXECUTOR:-LocalExecutor}" = CeleryExecutor ]; }
+
+compose_profiles() { celery_mode && say "--profile celery" || true; }
+
+# docker-compose.yml interpolates the secrets; AIRFLOW_UID owns what Airflow writes.
+compose_env() {
+  command -v docker >/dev/null 2>&1 || die "docker not found: install Docker Engine with the compose plugin, or run ./bootstrap.sh --local"
+  docker compose version >/dev/null 2>&1 || die "'docker compose' is missing: install the Docker Compose plugin (Debian: apt-get install docker-compose-plugin), or run ./bootstrap.sh --local"
+  mkdir -p "$VPE_HOME"
+  ensure_secrets
+  if ! grep -q '^AIRFLOW_UID=' "$SECRETS"; then
+    # Root's files would be root's: run Airflow as the image's own user instead.
+    local uid; uid=$(id -u); [ "$uid" != 0 ] || uid=50000
+    say "AIRFLOW_UID=$uid" >> "$SECRETS"
+  fi
+  [ -n "${AIRFLOW_UID:-}" ] || export "$(grep '^AIRFLOW_UID=' "$SECRETS")"
+}
+
+# COMPONENT (postgres, executor, airflow) -> its compose services.
+compose_services() {
+  case "$1" in
+    airflow) say airflow-init "${AIRFLOW_COMPOSE_SERVICES[@]}"; celery_mode && say airflow-worker || true ;;
+    *) say "$1" ;;
+  esac
+}
+
+# One line per container: service, name, state, health ("-" without a healthcheck), exit code.
+compose_containers() {
+  compose $(compose_profiles) ps --all --format json | python3 -c '
+import json, sys
+text = sys.stdin.read().strip()
+# One JSON object per line; compose before 2.21 printed one JSON array.
+rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+for row in rows:
+    print(row["Service"], row["Name"], row["State"], row.get("Health") or "-", row.get("ExitCode", 0), sep="\t")'
+}
+
+# Waits until every container is healthy (or running, without a healthcheck); one-shot airflow-init must exit 0.
+compose_wait() {
+  local deadline=$((SECONDS + ${VPE_COMPOSE_WAIT:-600})) next_report=$((SECONDS + 15)) service name state health code waiting
+  while :; do
+    waiting=()
+    while IFS=$'\t' read -r service name state health code; do
+      if [ "$state" = exited ] && [ "$code" != 0 ]; then
+        die "$service exited with code $code: ./bootstrap.sh logs, or docker compose logs $service"
+      fi
+      [ "$state" = exited ] && continue
+      [ "$health" = healthy ] || { [ "$health" = - ] && [ "$state" = running ]; } || waiting+=("$name:$health")
+    done < <(compose_containers)
+    [ ${#waiting[@]} = 0 ] && return
+    [ $SECONDS -lt $deadline ] || die "not healthy after ${VPE_COMPOSE_WAIT:-600}s: ${waiting[*]}; ./bootstrap.sh logs"
+    if [ $SECONDS -ge $next_report ]; then say "    waiting for: ${waiting[*]}"; next_report=$((SECONDS + 15)); fi
+    sleep 2
+  done
+}
+
+tty_flag() { [ -t 0 ] && [ -t 1 ] || say -T; }
+
+compose_up() {
+  local services=() component
+  for component in "$@"; do services+=($(compose_services "$component")); done
+  compose_env
+  step "building and starting the compose stack (the first build takes several minutes)"
+  compose $(compose_profiles) up --detach --build "${services[@]}" || die "docker compose up failed (see above); ./bootstrap.sh logs"
+  step "waiting until every container is healthy"
+  compose_wait
+  compose_apply_schema
+  say ""
+  compose_status || true
+}
+
+# A fresh volume got the schema from /docker-entrypoint-initdb.d; this brings older volumes up to date.
+compose_apply_schema() {
+  local file
+  for file in ddl.sql dml.sql; do
+    compose exec -T postgres psql -X -q -v ON_ERROR_STOP=1 -U "$VPE_PG_USER" -d "$VPE_WAREHOUSE_DB" -f - < "$ROOT/$file" \
+      || die "applying $file to $VPE_WAREHOUSE_DB failed (see above)"
+  done
+}
+
+compose_migrate() {
+  compose_env
+  compose_apply_schema
+  say "applied ddl.sql and dml.sql to $VPE_WAREHOUSE_DB"
+}
+
+compose_status() {
+  compose_env
+  local bad=0 service name state health code seen=" "
+  printf '%-22s %-30s %s\n' COMPONENT ADDRESS STATE
+  while IFS=$'\t' read -r service name state health code; do
+    seen+="$service "
+    [ "$service" = airflow-init ] && [ "$state" = exited ] && [ "$code" = 0 ] && continue
+    [ "$health" = - ] || state=$health
+    [ "$state" = healthy ] || [ "$state" = running ] || bad=1
+    printf '%-22s %-30s %s\n' "$name" "$(compose_address "$service")" "$state"
+  done < <(compose_containers)
+  for service in postgres executor "${AIRFLOW_COMPOSE_SERVICES[@]}"; do
+    [[ "$seen" == *" $service "* ]] || { printf '%-22s %-30s %s\n' "$service" "$(compose_address "$service")" "not running"; bad=1; }
+  done
+  say ""
+  compose exec -T executor python executor.py ping --host 127.0.0.1 2>/dev/null | sed 's/^/  /' || true
+  cat <<EOF
+
+Airflow UI     $(airflow_api)   (user admin, password $(compose_airflow_password))
+Warehouse      ./bootstrap.sh psql
+Trigger a DAG  ./bootstrap.sh airflow dags trigger ping_grpc
+Logs           ./bootstrap.sh logs [postgres|executor|airflow]
+Scale out      docker compose --env-file .env --env-file ${SECRETS#"$ROOT"/} up -d --scale executor=3
+Stop           ./bootstrap.sh down
+EOF
+  return $bad
+}
+
+compose_address() {
+  case "$1" in
+    postgres) say "$VPE_PG_HOST:$VPE_PG_PORT" ;;
+    executor) say "executor:$VPE_EXECUTOR_PORT (compose network)" ;;
+    airflow-api-server) airflow_api ;;
+    *) say "-" ;;
+  esac
+}
+
+compose_airflow_password() {
+  compose exec -T airflow-api-server cat /opt/airflow/auth/passwords.json 2>/dev/null \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["admin"])' 2>/dev/null || say "(not generated yet)"
+}
+
+compose_down() {
+  compose_env
+  # Every profile, so celery's containers stop too; volumes (the data) stay.
+  compose --profile celery down
+  say "stopped; data kept in the compose volumes (docker compose down --volumes deletes it)"
+}
+
+compose_psql() {
+  compose_env
+  compose exec $(tty_flag) postgres psql -U "$VPE_PG_USER" -d "$VPE_WAREHOUSE_DB" "$@"
+}
+
+compose_logs() {
+  local services=() component
+  for component in "$@"; do services+=($(compose_services "$component")); done
+  compose_env
+  compose $(compose_profiles) logs --tail 40 "${services[@]}"
+}
+
+compose_airflow() {
+  compose_env
+  compose exec $(tty_flag) airflow-scheduler airflow "$@"
+}
+
+# --- end of compose mode -----------------------------------------------------
+
 main() {
   MODE_FLAG=""
   while [ $# -gt 0 ]; do
@@ -486,7 +659,7 @@ main() {
     status|down|psql|migrate|airflow) ;;
     *) usage >&2; exit 2 ;;
   esac
-  [ "$MODE" = local ] || die "compose mode is not built yet: run ./bootstrap.sh --local $command"
+  [ "$MODE" = local ] || { "compose_$command" "$@"; return; }
   prepare_local
   "cmd_$command" "$@"
 }

@@ -4,6 +4,8 @@ run keeps the warehouse's data; `down` leaves nothing running."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +48,13 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def listening_addresses(pids: set[int]) -> list[str]:
+    """Local addresses of the TCP sockets these processes listen on."""
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return [line.split()[3] for line in lines
+            if any(int(pid) in pids for pid in re.findall(r"pid=(\d+)", line))]
+
+
 def test_up_brings_every_component_up_healthy(stack: dict[str, str]) -> None:
     out = bootstrap("up", env=stack).stdout
     status = bootstrap("status", env=stack).stdout
@@ -54,6 +63,13 @@ def test_up_brings_every_component_up_healthy(stack: dict[str, str]) -> None:
         assert f"{component} " in status
     assert "unhealthy" not in status, status
     assert "password" in out
+
+
+def test_nothing_listens_beyond_loopback(stack: dict[str, str]) -> None:
+    pids = {member for pid in recorded_pids(Path(stack["VPE_HOME"])) for member in group_members(pid)}
+    addresses = listening_addresses(pids)
+    assert any(addr.endswith(":" + stack["VPE_EXECUTOR_PORT"]) for addr in addresses)
+    assert [a for a in addresses if not a.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))] == []
 
 
 def test_airflow_reaches_the_executor_through_grpc_default(stack: dict[str, str]) -> None:
