@@ -143,8 +143,7 @@ def config_from(args: argparse.Namespace) -> Config:
         kill_grace=float(pick("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1.0")),
         shutdown_grace=float(pick("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10")),
         backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
-        passthrough=tuple(re.split(r"[\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH).strip()))
-        if _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH).strip() else (),
+        passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
     )
 
 
@@ -247,8 +246,8 @@ def build_commands(backend: str, spec: EnvSpec, prefix: Path) -> list[list[str]]
     """The commands that build `spec` into `prefix` (which must not exist yet)."""
     if backend in ("micromamba", "mamba", "conda"):
         tool = shutil.which(backend) or backend
-        verb = ["create"] if backend == "micromamba" else ["env", "create"]
-        return [[tool, *verb, "--yes", "-p", str(prefix), "-f", str(spec.path)]]
+        verb = ["create", "--yes"] if backend == "micromamba" else ["env", "create"]
+        return [[tool, *verb, "-p", str(prefix), "-f", str(spec.path)]]
     if spec.conda_only:
         raise EnvSpecError(
             f"{spec.path}: {', '.join(map(repr, spec.conda_only))} can only be installed by conda, and no "
@@ -534,7 +533,10 @@ class ActiveRun:
         self.events: queue.Queue = queue.Queue()
         self._cancel_reason = ""
         self._cancelled = threading.Event()
+        self.process_started = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.Lock()  # never write to the wake pipe after it is closed (fd reuse)
+        self._wake_closed = False
         self._thread = threading.Thread(target=self._supervise, name=f"run-{plan.run_id}", daemon=True)
 
     def start(self, position: int) -> None:
@@ -542,12 +544,19 @@ class ActiveRun:
         self._thread.start()
 
     def cancel(self, reason: str) -> None:
-        if not self._cancelled.is_set():
+        with self._wake_lock:
+            if self._cancelled.is_set() or self._wake_closed:
+                return
             self._cancel_reason = reason
             self._cancelled.set()
-            self._slots.wake()
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"c")
+            os.write(self._wake_w, b"c")
+        self._slots.wake()
+
+    def _close_wake_pipe(self) -> None:
+        with self._wake_lock:
+            self._wake_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _emit(self, **event) -> None:
         self.events.put(pb2.RunEvent(**event))
@@ -570,8 +579,7 @@ class ActiveRun:
             self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, exit_code=-1,
                                             duration_seconds=time.monotonic() - started, log_path=str(self.plan.log_path)))
         finally:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._close_wake_pipe()
 
     def _wait_for_slot(self) -> bool:
         self._emit(queued=pb2.Queued(
@@ -588,6 +596,7 @@ class ActiveRun:
             started = time.monotonic()
             proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            self.process_started.set()
             self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
                                            run_dir=str(plan.run_dir)))
             log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
@@ -930,6 +939,9 @@ def serve(cfg: Config) -> int:
 
 
 def shutdown(servicer: ExecutorServicer, cfg: Config) -> None:
+    for run in servicer.active_runs():
+        if not run.process_started.is_set():
+            run.cancel("executor shutdown before the run left the queue")
     deadline = time.monotonic() + cfg.shutdown_grace
     while servicer.active_runs() and time.monotonic() < deadline:
         time.sleep(0.1)
