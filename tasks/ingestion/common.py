@@ -51,12 +51,13 @@ def buffer_dir() -> Path:
     return Path(os.environ.get("VPE_HOME") or REPO / ".vpe") / "buffer"
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, with_run_id: bool = False) -> None:
     parser.add_argument("--run-dir", type=Path, default=os.environ.get("VPE_RUN_DIR") or None,
                         help="the run's folder (default: $VPE_RUN_DIR; by hand: extract makes "
                              "<buffer>/manual-<timestamp>, the later steps take the newest one)")
-    parser.add_argument("--run-id", default=os.environ.get("VPE_RUN_ID") or None,
-                        help="run id (default: $VPE_RUN_ID, else the run folder's name)")
+    if with_run_id:
+        parser.add_argument("--run-id", default=os.environ.get("VPE_RUN_ID") or None,
+                            help="run id (default: $VPE_RUN_ID, else the run folder's name)")
 
 
 def run_folder(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path, str]:
@@ -74,7 +75,7 @@ def run_folder(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path
         folder.mkdir(parents=True, exist_ok=True)
     elif not (folder / needs).is_file():
         raise StepFailed(f"{folder / needs} does not exist: run the previous step for this run folder first")
-    run_id = args.run_id or folder.name
+    run_id = getattr(args, "run_id", None) or folder.name
     log.info("run folder %s (run id %s)", folder, run_id)
     return folder, run_id
 

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -38,6 +39,9 @@ HOURS_PER_WINDOW = 24
 MAX_FAILED_BATCHES_IN_A_ROW = 3
 
 
+Key = tuple[float, float, str]  # latitude, longitude, day: what the API is asked and the cache is keyed by
+
+
 @dataclass(frozen=True)
 class Window:
     event_id: str
@@ -47,14 +51,13 @@ class Window:
     day: str
 
     @property
-    def key(self) -> tuple[float, float, str]:
+    def key(self) -> Key:
         return self.latitude, self.longitude, self.day
 
 
-Key = tuple[float, float, str]
-
-
 class Retryable(Exception):
+    """429 (not daily), 5xx, timeouts, garbage: worth another try after a pause."""
+
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
@@ -65,7 +68,7 @@ class Refused(Exception):
 
 
 class QuotaExhausted(Exception):
-    pass
+    """No more calls today: stop, keep what is cached, resume tomorrow."""
 
 
 def call_weight(locations: int) -> float:
@@ -83,7 +86,10 @@ class RateLimit:
         if self.limits and ledger.is_file():
             horizon = time.time() - self.limits[-1][0]
             for line in ledger.read_text().splitlines():
-                moment, weight = map(float, line.split())
+                try:
+                    moment, weight = map(float, line.split())
+                except ValueError:  # a line cut short by a crash
+                    continue
                 if moment > horizon:
                     self.calls.append((moment, weight))
             ledger.write_text("".join(f"{moment:.3f} {weight}\n" for moment, weight in self.calls))
@@ -97,6 +103,8 @@ class RateLimit:
         """Waits until `weight` fits every limit; raises QuotaExhausted if the daily one does not."""
         while self.limits:
             now = time.time()
+            while self.calls and self.calls[0][0] <= now - self.limits[-1][0]:
+                self.calls.popleft()
             wake = self.wake_time(now, weight)
             if wake is None:
                 break
@@ -194,7 +202,7 @@ def retry_after(response: requests.Response) -> float | None:
         return None
 
 
-def hourly_rows(answer: dict) -> dict:
+def cache_entry(answer: dict) -> dict:
     """What the cache keeps of one location's answer; raises ValueError if it is not 24 complete hours."""
     hourly = answer.get("hourly") or {}
     times = hourly.get("time") or []
@@ -272,14 +280,15 @@ class Crawl:
             failed_in_a_row = 0
             for key, answer in zip(batch, answers):
                 try:
-                    self.cache.put(key, {**hourly_rows(answer), "synthetic": self.archive.synthetic})
+                    self.cache.put(key, {**cache_entry(answer), "synthetic": self.archive.synthetic})
                 except ValueError as reason:
                     failed[key] = f"incomplete answer: {reason}"
             progress.advance(len(batch))
         return failed, None
 
     def call(self, batch: list[Key]) -> list[dict]:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             self.limit.acquire(call_weight(len(batch)))
             try:
                 return self.archive.fetch(batch)
@@ -287,9 +296,9 @@ class Crawl:
                 if attempt == self.retries:
                     raise
                 delay = reason.retry_after or self.backoff * 2**attempt * (0.5 + random.random())
-                log.warning("%s; retry %d/%d in %.1fs", reason, attempt + 1, self.retries, delay)
+                attempt += 1
+                log.warning("%s; retry %d/%d in %.1fs", reason, attempt, self.retries, delay)
                 time.sleep(delay)
-        raise AssertionError("unreachable")
 
 
 def read_windows(path: Path) -> list[Window]:
@@ -309,7 +318,7 @@ def observed_at(local: str, offset_seconds: int) -> str:
     return datetime.fromisoformat(local).replace(tzinfo=zone).isoformat()
 
 
-def window_rows(window: Window, entry: dict):
+def window_rows(window: Window, entry: dict) -> Iterator[tuple]:
     hourly = entry["hourly"]
     for hour, local in enumerate(hourly["time"]):
         yield (window.event_id, window.is_event, window.latitude, window.longitude, entry["elevation"], window.day,

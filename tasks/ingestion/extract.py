@@ -51,7 +51,7 @@ class Event:
 
     def record(self, source: str) -> tuple:
         v = self.row.values
-        return (source, self.row.number, self.event_id, self.day.isoformat(), self.clock and self.clock.isoformat(),
+        return (source, self.row.number, self.event_id, self.day.isoformat(), self.clock.isoformat() if self.clock else None,
                 blank_to_none(v["time"]), blank_to_none(v["country"]), blank_to_none(v["near"]),
                 blank_to_none(v["continentcode"]), blank_to_none(v["hazard_type"]),
                 blank_to_none(v["landslide_type"]), blank_to_none(v["landslide_size"]),

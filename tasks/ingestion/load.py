@@ -101,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dsn", default=os.environ.get("VPE_WAREHOUSE_DSN"),
                         help="warehouse connection string (default: $VPE_WAREHOUSE_DSN)")
-    add_run_arguments(parser)
+    add_run_arguments(parser, with_run_id=True)
     return parser.parse_args()
 
 
@@ -115,6 +115,9 @@ def main() -> int:
             raise StepFailed(f"{folder / name} does not exist: run extract and crawl for this run folder first")
     summary_path = folder / CRAWL_SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if summary.get("stopped"):
+        log.warning("crawl stopped early (%s): loading what it fetched; crawl and load again to add the rest",
+                    summary["stopped"])
     if summary.get("synthetic"):
         log.warning("*** loading SYNTHETIC weather values (from %s), not observations ***", summary.get("url"))
     failed = count_rows(folder / FAILED_WINDOWS) if (folder / FAILED_WINDOWS).is_file() else 0

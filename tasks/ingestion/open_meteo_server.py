@@ -310,10 +310,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     handler = type("Handler", (ArchiveHandler,), {"faults": Faults(options)})
-    server = ThreadingHTTPServer((options.host, options.port), handler)
+    try:
+        server = ThreadingHTTPServer((options.host, options.port), handler)
+    except OSError as error:
+        print(f"open_meteo_server: cannot listen on {options.host}:{options.port} ({error}); pick another --port",
+              file=sys.stderr)
+        return 1
     server.daemon_threads = True
     host, port = server.server_address[:2]
     print(f"*** {BANNER} ***", flush=True)
@@ -324,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         server.server_close()
+    return 0
 
 
 if __name__ == "__main__":
