@@ -154,7 +154,11 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     assert read_csv(run / "failed_windows.csv") == []
     calls = api_calls(api)["calls"]
 
-    counts = load_counts(ok(step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})))
+    result = step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})
+    assert result.returncode == 1 and "SYNTHETIC" in result.stderr and "--allow-synthetic" in result.stderr
+    assert query(dsn, "SELECT count(*) FROM landslide_event") == [(0,)]
+    counts = load_counts(ok(step(ingestion_python, "load.py", "--allow-synthetic", workdir=workdir,
+                                 env={"VPE_WAREHOUSE_DSN": dsn})))
     assert sum(counts["landslide_event"]) == DEMO_EVENTS and counts["landslide_event"][0] == DEMO_EVENTS
     assert query(dsn, "SELECT count(*) FROM weather_window")[0][0] == len(windows)
     assert query(dsn, "SELECT every(last_hour - first_hour = interval '23 hours') FROM weather_window")[0][0]
@@ -172,7 +176,8 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
     ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
     assert api_calls(api)["calls"] == calls, "the rerun is served from the cache"
-    counts = load_counts(ok(step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})))
+    counts = load_counts(ok(step(ingestion_python, "load.py", workdir=workdir,
+                                 env={"VPE_WAREHOUSE_DSN": dsn, "VPE_ALLOW_SYNTHETIC_WEATHER": "1"})))
     assert counts and all(inserted == 0 for inserted, _, _ in counts.values()), counts
     assert query(dsn, "SELECT (SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_data), "
                       "(SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)") == totals
@@ -375,7 +380,7 @@ def test_load_of_a_corrupt_file_commits_nothing(ingestion_python: str, api: str,
     lines = hourly.read_text().splitlines()
     lines[-1] = lines[-1].rsplit(",", 1)[0] + ",not-a-number"
     hourly.write_text("\n".join(lines) + "\n")
-    result = step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})
+    result = step(ingestion_python, "load.py", "--allow-synthetic", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn})
     assert result.returncode == 1 and "nothing committed" in result.stderr and "not-a-number" in result.stderr
     assert query(dsn, "SELECT (SELECT count(*) FROM landslide_event), (SELECT count(*) FROM rejected_rows), "
                       "(SELECT count(*) FROM staging.landslide_event), (SELECT count(*) FROM staging.weather_hourly)"
@@ -388,7 +393,7 @@ def test_load_without_a_warehouse_says_what_to_do(ingestion_python: str, api: st
     result = step(ingestion_python, "load.py", workdir=workdir)
     assert result.returncode == 1 and "VPE_WAREHOUSE_DSN" in result.stderr
     closed = f"postgresql://postgres:x@127.0.0.1:{free_port()}/warehouse"
-    result = step(ingestion_python, "load.py", "--dsn", closed, workdir=workdir)
+    result = step(ingestion_python, "load.py", "--dsn", closed, "--allow-synthetic", workdir=workdir)
     assert result.returncode == 1 and "cannot connect to the warehouse" in result.stderr
 
 
@@ -422,7 +427,8 @@ def test_the_three_steps_run_through_the_executor(ingestion_python: str, api: st
         assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events" in out
         assert (home / "buffer" / "demo-1" / "events.csv").is_file()
         ok(executor("run", "--run-id", "demo-1", "ingestion", "ingestion/crawl.py"))
-        counts = load_counts(ok(executor("run", "--run-id", "demo-1", "ingestion", "ingestion/load.py")))
+        counts = load_counts(ok(executor("run", "--run-id", "demo-1", "-e", "VPE_ALLOW_SYNTHETIC_WEATHER=1",
+                                             "ingestion", "ingestion/load.py")))
         assert counts["landslide_event"] == (DEMO_EVENTS, 0, 0)
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -101,6 +101,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dsn", default=os.environ.get("VPE_WAREHOUSE_DSN"),
                         help="warehouse connection string (default: $VPE_WAREHOUSE_DSN)")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        default=os.environ.get("VPE_ALLOW_SYNTHETIC_WEATHER") == "1",
+                        help="load weather that came from the local synthetic server (offline demos only; "
+                             "default: $VPE_ALLOW_SYNTHETIC_WEATHER=1)")
     add_run_arguments(parser, with_run_id=True)
     return parser.parse_args()
 
@@ -119,6 +123,10 @@ def main() -> int:
         log.warning("crawl stopped early (%s): loading what it fetched; crawl and load again to add the rest",
                     summary["stopped"])
     if summary.get("synthetic"):
+        if not args.allow_synthetic:
+            raise StepFailed(f"the weather of this run is SYNTHETIC (from {summary.get('url')}) and would stay in the "
+                             f"warehouse for good (an hour stored first is kept): crawl against the real API, or "
+                             f"for a demo pass --allow-synthetic (or set VPE_ALLOW_SYNTHETIC_WEATHER=1)")
         log.warning("*** loading SYNTHETIC weather values (from %s), not observations ***", summary.get("url"))
     failed = count_rows(folder / FAILED_WINDOWS) if (folder / FAILED_WINDOWS).is_file() else 0
     if failed:
