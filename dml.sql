@@ -282,6 +282,7 @@ CREATE OR REPLACE FUNCTION staging.merge_weather(p_run_id text) RETURNS void LAN
 DECLARE
     n_items bigint;
     n_new bigint;
+    n_new_soil bigint;
     n_rejected bigint;
 BEGIN
     PERFORM staging.reject_violations('weather_hourly', 'staging.weather_candidate',
@@ -366,57 +367,68 @@ BEGIN
     INSERT INTO pg_temp.load_instant SELECT DISTINCT instant FROM pg_temp.load_weather;
     PERFORM staging.merge_instants();
 
-    INSERT INTO weather_window (landslide_event_id, is_event, location_id, window_date, first_hour, last_hour)
-    SELECT w.landslide_event_id, w.is_event, l.location_id, w.window_date, min(w.instant), max(w.instant)
+    -- Each accepted hour with its keys, looked up once.
+    DROP TABLE IF EXISTS pg_temp.load_hour;
+    CREATE TEMP TABLE load_hour ON COMMIT DROP AS
+    SELECT l.location_id, d.datetime_id, w.*
     FROM pg_temp.load_weather w
     JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
-    GROUP BY w.landslide_event_id, w.is_event, l.location_id, w.window_date
+    JOIN datetime d ON d.instant = w.instant;
+    DROP TABLE pg_temp.load_weather;
+    ANALYZE pg_temp.load_hour;
+
+    INSERT INTO weather_window (landslide_event_id, is_event, location_id, window_date, first_hour, last_hour)
+    SELECT landslide_event_id, is_event, location_id, window_date, min(instant), max(instant)
+    FROM pg_temp.load_hour
+    GROUP BY landslide_event_id, is_event, location_id, window_date
     ON CONFLICT (landslide_event_id, is_event) DO NOTHING;
     GET DIAGNOSTICS n_new = ROW_COUNT;
-    SELECT count(*) INTO n_items FROM (SELECT DISTINCT landslide_event_id, is_event FROM pg_temp.load_weather) k;
+    SELECT count(*) INTO n_items FROM (SELECT DISTINCT landslide_event_id, is_event FROM pg_temp.load_hour) k;
     PERFORM staging.count_load('weather_window', n_items, n_new);
 
     -- Hours added to a known window widen it.
     UPDATE weather_window w
     SET first_hour = least(w.first_hour, b.first_hour), last_hour = greatest(w.last_hour, b.last_hour)
     FROM (SELECT landslide_event_id, is_event, min(instant) AS first_hour, max(instant) AS last_hour
-          FROM pg_temp.load_weather GROUP BY landslide_event_id, is_event) b
+          FROM pg_temp.load_hour GROUP BY landslide_event_id, is_event) b
     WHERE w.landslide_event_id = b.landslide_event_id AND w.is_event = b.is_event
       AND (b.first_hour < w.first_hour OR b.last_hour > w.last_hour);
 
-    -- The same hour at the same place can come twice in a batch (two events
-    -- on one day at one place); ON CONFLICT keeps the first.
-    INSERT INTO weather_data (location_id, datetime_id, temperature_2m, relative_humidity_2m, precipitation, rain)
-    SELECT l.location_id, d.datetime_id, w.temperature_2m, w.relative_humidity_2m, w.precipitation, w.rain
-    FROM pg_temp.load_weather w
-    JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
-    JOIN datetime d ON d.instant = w.instant
-    ON CONFLICT (location_id, datetime_id) DO NOTHING;
-    GET DIAGNOSTICS n_new = ROW_COUNT;
-    SELECT count(*) INTO n_items FROM pg_temp.load_weather;
+    -- A weather row and its soil rows are one measurement: an hour already
+    -- stored keeps what was stored first, so soil goes in with new hours only.
+    -- The same hour can come twice in a batch (two events on one day at one
+    -- place); ON CONFLICT keeps one.
+    WITH new_weather AS (
+        INSERT INTO weather_data (location_id, datetime_id, temperature_2m, relative_humidity_2m, precipitation, rain)
+        SELECT location_id, datetime_id, temperature_2m, relative_humidity_2m, precipitation, rain
+        FROM pg_temp.load_hour
+        ON CONFLICT (location_id, datetime_id) DO NOTHING
+        RETURNING weather_id, location_id, datetime_id
+    ), new_soil AS (
+        INSERT INTO soil (weather_id, depth_top_cm, depth_bottom_cm, temperature, moisture)
+        SELECT n.weather_id, s.depth_top_cm, s.depth_bottom_cm, s.temperature, s.moisture
+        FROM new_weather n
+        JOIN pg_temp.load_hour h ON h.location_id = n.location_id AND h.datetime_id = n.datetime_id
+        CROSS JOIN LATERAL staging.soil_depths(
+            h.soil_temperature_0_to_7cm, h.soil_temperature_7_to_28cm,
+            h.soil_temperature_28_to_100cm, h.soil_temperature_100_to_255cm,
+            h.soil_moisture_0_to_7cm, h.soil_moisture_7_to_28cm,
+            h.soil_moisture_28_to_100cm, h.soil_moisture_100_to_255cm) s
+        ON CONFLICT (weather_id, depth_top_cm) DO NOTHING
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM new_weather), (SELECT count(*) FROM new_soil) INTO n_new, n_new_soil;
+    SELECT count(*) INTO n_items FROM pg_temp.load_hour;
     PERFORM staging.count_load('weather_data', n_items + n_rejected, n_new, n_rejected);
 
-    INSERT INTO soil (weather_id, depth_top_cm, depth_bottom_cm, temperature, moisture)
-    SELECT wd.weather_id, s.depth_top_cm, s.depth_bottom_cm, s.temperature, s.moisture
-    FROM pg_temp.load_weather w
-    JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
-    JOIN datetime d ON d.instant = w.instant
-    JOIN weather_data wd ON wd.location_id = l.location_id AND wd.datetime_id = d.datetime_id
-    CROSS JOIN LATERAL staging.soil_depths(
-        w.soil_temperature_0_to_7cm, w.soil_temperature_7_to_28cm,
-        w.soil_temperature_28_to_100cm, w.soil_temperature_100_to_255cm,
-        w.soil_moisture_0_to_7cm, w.soil_moisture_7_to_28cm,
-        w.soil_moisture_28_to_100cm, w.soil_moisture_100_to_255cm) s
-    ON CONFLICT (weather_id, depth_top_cm) DO NOTHING;
-    GET DIAGNOSTICS n_new = ROW_COUNT;
     SELECT count(*) INTO n_items
-    FROM pg_temp.load_weather w
+    FROM pg_temp.load_hour h
     CROSS JOIN LATERAL staging.soil_depths(
-        w.soil_temperature_0_to_7cm, w.soil_temperature_7_to_28cm,
-        w.soil_temperature_28_to_100cm, w.soil_temperature_100_to_255cm,
-        w.soil_moisture_0_to_7cm, w.soil_moisture_7_to_28cm,
-        w.soil_moisture_28_to_100cm, w.soil_moisture_100_to_255cm) s;
-    PERFORM staging.count_load('soil', n_items, n_new);
+        h.soil_temperature_0_to_7cm, h.soil_temperature_7_to_28cm,
+        h.soil_temperature_28_to_100cm, h.soil_temperature_100_to_255cm,
+        h.soil_moisture_0_to_7cm, h.soil_moisture_7_to_28cm,
+        h.soil_moisture_28_to_100cm, h.soil_moisture_100_to_255cm) s;
+    PERFORM staging.count_load('soil', n_items, n_new_soil);
 
     DELETE FROM staging.weather_hourly WHERE run_id = p_run_id;
 END $$;
