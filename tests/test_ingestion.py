@@ -264,6 +264,30 @@ def test_missing_input_file_is_a_clear_error(ingestion_python: str, workdir: Pat
     assert result.returncode == 1 and "does not exist" in result.stderr
 
 
+def test_catalog_from_a_url_is_downloaded_into_the_run_folder(ingestion_python: str, workdir: Path) -> None:
+    shutil.copy(DEMO, workdir / "catalog.csv")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=workdir,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(base, timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        out = ok(step(ingestion_python, "extract.py", f"{base}/catalog.csv", workdir=workdir))
+        assert f"read {DEMO_ROWS} rows" in out and (workdir / "run" / "catalog.csv").is_file()
+        assert read_csv(workdir / "run" / "events.csv")[0]["source"] == "catalog.csv"
+        result = step(ingestion_python, "extract.py", f"{base}/missing.csv", workdir=workdir)
+        assert result.returncode == 1 and "cannot download" in result.stderr and "404" in result.stderr
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+
+
 def write_workbook(python: str, path: Path, sheets: list[str]) -> None:
     """An XLSX with the demo catalog on every sheet named in `sheets` that starts with 'Catalog', notes elsewhere."""
     script = ("import csv, sys, openpyxl\n"

@@ -30,7 +30,7 @@ REQUIRED_COLUMNS = ("id", "date", "time", "country", "near", "continentcode", "h
 ARCHIVE_START = date(1940, 1, 1)
 EXCEL_EPOCH = date(1899, 12, 30)
 US_DATE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:\s+\d{1,2}:\d{2}(?::\d{2})?(?:\s*[AP]M)?)?", re.IGNORECASE)
-ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T]00:00(?::00)?)?")
+ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[ T]\d{2}:\d{2}(?::\d{2})?)?")  # Excel date cells
 CLOCK_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
 
 
@@ -136,7 +136,7 @@ def read_csv(path: Path, data: bytes, encoding: str) -> tuple[list[str], Iterato
         raise StepFailed(f"unknown --encoding {encoding!r}") from None
     records = csv.reader(io.StringIO(text, newline=""))
     try:
-        header = [name.strip() for name in next(records)]
+        header = [name.strip().lower() for name in next(records)]
     except StopIteration:
         raise StepFailed(f"{path} is empty") from None
 
@@ -176,7 +176,7 @@ def read_xlsx(path: Path, data: bytes, sheet: str | None) -> tuple[list[str], It
     if len(book.sheetnames) > 1:
         log.info("using sheet %r of %s", names[0], ", ".join(book.sheetnames))
     cells = book[names[0]].iter_rows(values_only=True)
-    header = [cell_text(value).strip() for value in next(cells, ())]
+    header = [cell_text(value).strip().lower() for value in next(cells, ())]
 
     def rows() -> Iterator[Row]:
         for number, record in enumerate(cells, start=2):
