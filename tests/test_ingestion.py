@@ -326,6 +326,22 @@ def write_windows(workdir: Path, days: list[str]) -> None:
                                                   + "\n".join(rows) + "\n")
 
 
+def test_batched_answers_match_single_calls_window_by_window(ingestion_python: str, api: str, tmp_path: Path) -> None:
+    """Long coordinate lists go by POST and the answers are matched to windows by position."""
+    hourly = {}
+    for batch_size in ("1", "60"):
+        workdir = tmp_path / batch_size
+        (workdir / "run").mkdir(parents=True)
+        write_windows(workdir, [f"20{10 + i % 12}-0{1 + i % 9}-{1 + i % 28:02d}" for i in range(60)])
+        before = api_calls(api)["by_method"]
+        ok(step(ingestion_python, "crawl.py", "--url", api, "--batch-size", batch_size, workdir=workdir))
+        after = api_calls(api)["by_method"]
+        used = {m: after.get(m, 0) - before.get(m, 0) for m in after if after.get(m, 0) != before.get(m, 0)}
+        assert used == ({"GET": 60} if batch_size == "1" else {"POST": 1}), used
+        hourly[batch_size] = read_csv(workdir / "run" / "hourly.csv")
+    assert len(hourly["1"]) == 60 * 24 and hourly["1"] == hourly["60"]
+
+
 def test_500_429_and_garbage_json_are_retried(ingestion_python: str, workdir: Path) -> None:
     write_windows(workdir, [f"2019-05-{d:02d}" for d in range(1, 21)])
     with archive_server("--fail-500-every", "2", "--fail-429-every", "3", "--garbage-every", "5") as url:

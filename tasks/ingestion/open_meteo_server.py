@@ -204,9 +204,11 @@ class Faults:
         self.calls = 0
         self.locations = 0
         self.by_status: dict[str, int] = {}
+        self.by_method: dict[str, int] = {}
 
-    def next_call(self) -> int:
+    def next_call(self, method: str) -> int:
         with self.lock:
+            self.by_method[method] = self.by_method.get(method, 0) + 1
             self.calls += 1
             return self.calls
 
@@ -232,7 +234,8 @@ class Faults:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"calls": self.calls, "locations": self.locations, "by_status": dict(self.by_status), "synthetic": True}
+            return {"calls": self.calls, "locations": self.locations, "by_status": dict(self.by_status),
+                    "by_method": dict(self.by_method), "synthetic": True}
 
 
 class ArchiveHandler(BaseHTTPRequestHandler):
@@ -263,7 +266,7 @@ class ArchiveHandler(BaseHTTPRequestHandler):
         self.serve_archive(params)
 
     def serve_archive(self, params: dict[str, list[str]]) -> None:
-        call = self.faults.next_call()
+        call = self.faults.next_call(self.command)
         if self.faults.options.latency_ms:
             time.sleep(self.faults.options.latency_ms / 1000)
         injected = self.faults.injected(call)
