@@ -6,6 +6,13 @@ Server:  python executor.py serve
 Client:  python executor.py ping | envs | run ENV TASK [-- ARGS...] | cancel RUN_ID
 Library: ExecutorClient(channel, token=None) with .ping(), .list_envs(), .run(...), .cancel(run_id);
          open_channel(...) builds a channel from the same settings as the CLI.
+
+A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own process group, with working dir
+$VPE_HOME/buffer/<run_id>, and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin),
+HOME, LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID, VPE_RUN_DIR, VPE_BUFFER,
+the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default: VPE_WAREHOUSE_DSN
+OPEN_METEO_ARCHIVE_URL), then the request's env vars (names [A-Za-z_][A-Za-z0-9_]*, not PATH, PYTHON*, LD_*,
+DYLD_* or the VPE_* above).
 """
 from __future__ import annotations
 

@@ -72,9 +72,10 @@ class Server:
     """`executor.py serve` as a subprocess in its own process group."""
 
     def __init__(self, home: Path, envs_dir: Path, tasks_dir: Path, *flags: str, environ: dict[str, str] | None = None,
-                 token: str = "", tls: tuple[Path, Path] | None = None):
+                 token: str = "", tls: tuple[Path, Path] | None = None, channel_factory=None):
         self.home, self.envs_dir, self.tasks_dir = home, envs_dir, tasks_dir
         self.flags, self.token, self.tls = list(flags), token, tls
+        self.channel_factory = channel_factory
         self.environ = environ or clean_environ()
         self.port = free_port()
         self.log_path = home / f"server-{self.port}.log"
@@ -113,6 +114,8 @@ class Server:
             return False
 
     def channel(self) -> grpc.Channel:
+        if self.channel_factory:
+            return self.channel_factory(self.target)
         return executor.open_channel(self.target, tls_cert=str(self.tls[0]) if self.tls else "")
 
     def client(self, token: str | None = None) -> executor.ExecutorClient:
@@ -507,7 +510,8 @@ def test_token_auth_missing_wrong_and_right(server_factory):
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
 
 
-def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
+def make_cert(folder: Path, name: str, issuer: tuple | None = None) -> tuple[Path, Path, tuple]:
+    """A certificate for localhost/127.0.0.1, self-signed unless issuer=(cert, key) of a CA is given."""
     import ipaddress
 
     from cryptography import x509
@@ -516,24 +520,26 @@ def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"vpe-test-{name}")])
+    issuer_cert, issuer_key = issuer or (None, key)
     now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(issuer_cert.subject if issuer_cert else subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
+            .sign(issuer_key, hashes.SHA256()))
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    return cert_path, key_path
+    return cert_path, key_path, (cert, key)
 
 
 def test_tls_with_a_generated_certificate(server_factory, tmp_path):
-    cert, key = make_self_signed_cert(tmp_path)
+    cert, key, _ = make_cert(tmp_path, "server")
     srv = server_factory(tls=(cert, key), token="tls-token").start()
     client = srv.client("tls-token")
     assert client.ping().message == "pong"
@@ -642,3 +648,32 @@ def test_sigterm_stops_gracefully_and_kills_running_tasks(server_factory):
     assert "shutting down" in srv.log() and "stopped" in srv.log()
     with pytest.raises(grpc.RpcError):
         srv.client().ping(timeout=2)
+
+
+def test_documented_grpc_default_connection_carries_the_token(server_factory, monkeypatch):
+    """The README's AIRFLOW_CONN_GRPC_DEFAULT: token in `password`, channel from the grpc provider's hook."""
+    pytest.importorskip("airflow.providers.grpc.hooks.grpc")
+    from airflow.providers.grpc.hooks.grpc import GrpcHook
+
+    srv = server_factory(token="conn-token").start()
+    monkeypatch.setenv("AIRFLOW_CONN_GRPC_DEFAULT", json.dumps(
+        {"conn_type": "grpc", "host": "127.0.0.1", "port": srv.port, "password": "conn-token",
+         "extra": {"auth_type": "NO_AUTH"}}))
+    hook = GrpcHook(grpc_conn_id="grpc_default")
+    with hook.get_conn() as channel:
+        client = executor.ExecutorClient(channel, token=hook.conn.password or None)
+        assert client.ping().message == "pong"
+        assert collect(client.run("six_a", "t/exit_with.py", ["5"]))[1].exit_code == 5
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(server_factory, tmp_path):
+    ca_cert, _, ca = make_cert(tmp_path, "ca")
+    server_cert, server_key, _ = make_cert(tmp_path, "server", issuer=ca)
+    client_cert, client_key, _ = make_cert(tmp_path, "client", issuer=ca)
+    srv = server_factory("--tls-ca", str(ca_cert), tls=(server_cert, server_key), channel_factory=lambda target:
+                         executor.open_channel(target, str(ca_cert), str(client_cert), str(client_key))).start()
+    assert srv.client().ping().message == "pong"
+    without_client_cert = executor.ExecutorClient(executor.open_channel(srv.target, tls_ca=str(ca_cert)))
+    with pytest.raises(grpc.RpcError) as info:
+        without_client_cert.ping(timeout=3)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
