@@ -262,12 +262,12 @@ def test_line_printed_before_a_sleep_arrives_before_the_sleep_ends(client):
     received = []
     for event in call:
         if event.HasField("line"):
-            received.append((event.line.text, time.monotonic(), event.line.timestamp.ToDatetime()))
+            received.append((event.line.text, time.monotonic(), event.line.timestamp.ToDatetime(dt.timezone.utc)))
     assert [text for text, *_ in received] == ["before", "after"]
     (_, got_before, stamp_before), (_, got_after, stamp_after) = received
     assert got_after - got_before > 2.0, "'before' was held back until the task ended"
     assert (stamp_after - stamp_before).total_seconds() > 2.0
-    assert abs((stamp_before - dt.datetime.utcnow()).total_seconds()) < 60
+    assert abs((stamp_before - dt.datetime.now(dt.timezone.utc)).total_seconds()) < 60
 
 
 def test_stdout_and_stderr_keep_their_order_and_stream(client):
