@@ -3,12 +3,12 @@
 
 The wire contract is ping.proto (loaded at run time; nothing generated is committed).
 Server:  python executor.py serve
-Client:  python executor.py ping | envs | run ENV TASK [-- ARGS...] | cancel RUN_ID
+Client:  python executor.py ping | envs | run ENV TASK [--workspace W] [-- ARGS...] | cancel RUN_ID
 Library: ExecutorClient(channel, token=None) with .ping(), .list_envs(), .run(...), .cancel(run_id);
          open_channel(...) builds a channel from the same settings as the CLI.
 
 A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own process group, with working dir
-$VPE_HOME/buffer/<run_id>, and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin),
+$VPE_HOME/buffer/<workspace> (the request's workspace, default its run_id; runs of one pipeline run share it), and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin),
 HOME, LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID, VPE_RUN_DIR, VPE_BUFFER,
 the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default: VPE_WAREHOUSE_DSN
 OPEN_METEO_ARCHIVE_URL), then the request's env vars (names [A-Za-z_][A-Za-z0-9_]*, not PATH, PYTHON*, LD_*,
@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 HERE = Path(__file__).resolve().parent
 PROTO_FILE = "ping.proto"
@@ -81,7 +81,7 @@ MAX_STRING_BYTES = 64 * 1024
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 MAX_LINE_CHARS = 16 * 1024
 MAX_BUFFERED_EVENTS = 10_000
-RUN_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # run ids and workspaces: one safe path segment
 ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # Request env vars may not change which code runs or where the executor's own values point.
@@ -599,7 +599,7 @@ class ActiveRun:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         plan.log_path.parent.mkdir(parents=True, exist_ok=True)
         with plan.log_path.open("a", encoding="utf-8") as run_log:
-            run_log.write(f"# run {plan.run_id} env={plan.env_name} argv={plan.argv}\n")
+            run_log.write(f"# run {plan.run_id} env={plan.env_name} dir={plan.run_dir} argv={plan.argv}\n")
             started = time.monotonic()
             proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -759,8 +759,9 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         validate_args(request.args)
         extra = validate_env_vars(request.env_vars)
         timeout = validate_timeout(request.timeout_seconds)
-        run_id = validate_run_id(request.run_id) if request.run_id else new_run_id()
-        run_dir = self._cfg.buffer_dir / run_id
+        run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
+        workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
+        run_dir = self._cfg.buffer_dir / workspace
         env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
         return RunPlan(run_id, request.env, [str(prefix / "bin" / "python"), str(script), *request.args], env,
                        run_dir, self._cfg.logs_dir / f"{run_id}.log", timeout)
@@ -835,12 +836,14 @@ def validate_timeout(seconds: float) -> float:
     return seconds
 
 
-def validate_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.fullmatch(run_id):
+def validate_folder_name(field: str, value: str) -> str:
+    """run_id and workspace name a folder under the buffer: one path segment, never '.', '..' or absolute."""
+    if not FOLDER_NAME_RE.fullmatch(value):
+        default = "a generated one" if field == "run_id" else "the run_id"
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"run_id {run_id[:140]!r} is invalid; use 1-128 of A-Z a-z 0-9 _ . - (not starting with '.' or '-'), "
-                      f"or leave it empty for a generated one")
-    return run_id
+                      f"{field} {value[:140]!r} is invalid; use 1-128 of A-Z a-z 0-9 _ . - (not starting with '.' or '-'), "
+                      f"or leave it empty for {default}")
+    return value
 
 
 def new_run_id() -> str:
@@ -976,11 +979,11 @@ class ExecutorClient:
         return self._stub.ListEnvs(pb2.ListEnvsRequest(), timeout=timeout, metadata=self._metadata).envs
 
     def run(self, env: str, task: str, args: Sequence[str] = (), env_vars: dict[str, str] | None = None,
-            timeout_seconds: float = 0.0, run_id: str = "", rpc_timeout: float | None = None):
+            timeout_seconds: float = 0.0, run_id: str = "", rpc_timeout: float | None = None, workspace: str = ""):
         """Iterator of RunEvent (line / queued / started, then one status). Call .cancel() on it to stop
-        the run (the executor kills the task's process group)."""
+        the run (the executor kills the task's process group). Runs given the same workspace share a run dir."""
         request = pb2.RunRequest(env=env, task=task, args=list(args), env_vars=env_vars or {},
-                                 timeout_seconds=timeout_seconds, run_id=run_id)
+                                 timeout_seconds=timeout_seconds, run_id=run_id, workspace=workspace)
         return self._stub.Run(request, timeout=rpc_timeout, metadata=self._metadata)
 
     def cancel(self, run_id: str, timeout: float = 5.0):
@@ -1060,7 +1063,8 @@ def cmd_envs(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     env_vars = dict(item.split("=", 1) for item in args.env_var)
-    call = _client(cfg).run(args.env, args.task, args.args, env_vars, args.timeout, args.run_id)
+    call = _client(cfg).run(args.env, args.task, args.args, env_vars, args.timeout, args.run_id,
+                            workspace=args.workspace)
     try:
         for event in call:
             kind = event.WhichOneof("event")
@@ -1071,8 +1075,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
             elif kind == "queued":
                 print(f"[executor] {event.queued.message}", file=sys.stderr)
             elif kind == "started" and args.verbose:
-                print(f"[executor] run {event.started.run_id} pid {event.started.pid} log {event.started.log_path}",
-                      file=sys.stderr)
+                print(f"[executor] run {event.started.run_id} pid {event.started.pid} dir {event.started.run_dir} "
+                      f"log {event.started.log_path}", file=sys.stderr)
             elif kind == "status":
                 if args.verbose or event.status.timed_out or event.status.cancelled:
                     print(f"[executor] {'timed out; ' if event.status.timed_out else ''}"
@@ -1148,14 +1152,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_envs)
 
     p = sub.add_parser("run", parents=[conn], help="run a task, stream its output, exit with its code",
-                       description="Run TASK (path under tasks/) in ENV. Exits with the task's exit code, "
+                       description="Run TASK (path under tasks/) in ENV. Options may come before or after ENV TASK; "
+                                   "everything after -- goes to the task unchanged. Exits with the task's exit code, "
                                    "128+N if killed by signal N, 124 on timeout, 1 if the executor refused.")
     p.add_argument("env", help="env name, e.g. ingestion")
     p.add_argument("task", help="script relative to tasks/, e.g. ingestion/extract.py")
-    p.add_argument("args", nargs="*", help="arguments for the script (put them after --)")
+    p.add_argument("args", nargs="*", help="arguments for the script (after --, so options reach the script)")
     p.add_argument("-e", "--env-var", action="append", default=[], metavar="NAME=VALUE", help="extra env var (repeatable)")
     p.add_argument("--timeout", type=float, default=0.0, help="kill the task after this many seconds (default 0 = none)")
     p.add_argument("--run-id", default="", help="run id (default: generated)")
+    p.add_argument("--workspace", default="",
+                   help="run dir buffer/WORKSPACE, shared with other runs given the same one (default: the run id)")
     p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
     p.set_defaults(func=cmd_run)
 
@@ -1166,10 +1173,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but `run` takes its options before or after ENV TASK, and everything after the first
+    `--` is the task's, even strings that look like options (or another `--`)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task_args: list[str] = []
+    if argv[:1] == ["run"] and "--" in argv:
+        cut = argv.index("--")
+        argv, task_args = argv[:cut], argv[cut + 1:]
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        unknown = [item for item in extra if item.startswith("-")]
+        if unknown:
+            parser.error(f"run: unrecognized arguments: {' '.join(unknown)} (arguments for the task go after --)")
+        if any("=" not in item for item in args.env_var):
+            parser.error("-e/--env-var takes NAME=VALUE")
+        args.args = [*args.args, *extra, *task_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "run" and any("=" not in item for item in args.env_var):
-        build_parser().error("-e/--env-var takes NAME=VALUE")
+    args = parse_args(argv)
     return args.func(config_from(args), args)
 
 

@@ -223,6 +223,21 @@ def test_cli_ping_envs_and_run(server):
     assert refused.returncode == 1 and "NOT_FOUND" in refused.stderr
 
 
+def test_cli_run_takes_options_after_env_and_task_and_gives_everything_after_dashes_to_the_task(server):
+    result = run_cli(server, "run", "six_a", "t/echo.py", "first", "--run-id", "cli-order", "--workspace", "cli-ws",
+                     "second", "--", "file.csv", "--name", "x", "--", "-v")
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["args"] == ["first", "second", "file.csv", "--name", "x", "--", "-v"]
+    assert seen["env"]["VPE_RUN_ID"] == "cli-order" and seen["cwd"] == str(server.home / "buffer" / "cli-ws")
+    before = run_cli(server, "run", "--run-id", "cli-before", "six_a", "t/echo.py", "--", "--name", "y")
+    assert json.loads(before.stdout)["args"] == ["--name", "y"] and json.loads(before.stdout)["env"]["VPE_RUN_ID"] == "cli-before"
+    stray = run_cli(server, "run", "six_a", "t/echo.py", "--name", "y")
+    assert stray.returncode == 2 and "--name" in stray.stderr and "after --" in stray.stderr
+    bad = run_cli(server, "run", "six_a", "t/echo.py", "--workspace", "..")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "workspace" in bad.stderr
+
+
 def test_cli_ping_fails_fast_with_a_reason_when_nothing_listens():
     env = clean_environ(VPE_EXECUTOR_PORT=str(free_port()))
     started = time.monotonic()
@@ -311,6 +326,33 @@ def test_task_environment_is_minimal_and_explicit(client, server):
     assert "NOT_PASSED" not in env
     assert set(env) <= {"PATH", "HOME", "LANG", "TZ", "PYTHONUNBUFFERED", "VPE_ENV", "VPE_RUN_ID", "VPE_RUN_DIR",
                         "VPE_BUFFER", "VPE_WAREHOUSE_DSN", "OPEN_METEO_ARCHIVE_URL", "MY_SETTING"}
+
+
+def test_runs_given_one_workspace_share_its_folder_and_keep_their_own_logs(client, server):
+    workspace = "dag-run-2024-01-01"
+    assert not (server.home / "buffer" / workspace).exists()
+    results: dict[str, tuple[list, object]] = {}
+
+    def run(run_id: str) -> None:
+        results[run_id] = collect(client.run("six_a", "t/append.py", ["0.5"], run_id=run_id, workspace=workspace))
+
+    threads = [threading.Thread(target=run, args=(run_id,)) for run_id in ("extract-csv", "extract-xlsx")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    events, status = collect(client.run("six_a", "t/append.py", run_id="crawl", workspace=workspace))
+    results["crawl"] = events, status
+
+    run_dir = server.home / "buffer" / workspace
+    for run_id, (events, status) in results.items():
+        assert status.exit_code == 0, lines_of(events)
+        assert events[0].started.run_dir == str(run_dir)
+        assert json.loads(lines_of(events, pb2.STDOUT)[0])["cwd"] == str(run_dir)
+        assert status.log_path == str(server.home / "logs" / "executor" / f"{run_id}.log")
+    assert sorted((run_dir / "shared.txt").read_text().split()) == ["crawl", "extract-csv", "extract-xlsx"]
+    assert json.loads(lines_of(results["crawl"][0])[0])["lines"][-1] == "crawl"
+    assert not (server.home / "buffer" / "crawl").exists(), "a run with a workspace makes no folder of its own"
 
 
 def test_timeout_kills_the_task_and_says_so(client):
@@ -449,6 +491,14 @@ HOSTILE_RUNS = [
     ("run_id with slash", run_request(run_id="a/b"), grpc.StatusCode.INVALID_ARGUMENT),
     ("run_id dot-dot", run_request(run_id=".."), grpc.StatusCode.INVALID_ARGUMENT),
     ("run_id too long", run_request(run_id="r" * 200), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace dot-dot", run_request(workspace=".."), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace dot", run_request(workspace="."), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace absolute", run_request(workspace="/abs"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace nested", run_request(workspace="a/../b"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace starting with dash", run_request(workspace="-rf"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace with space", run_request(workspace="dag run"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace with NUL", run_request(workspace="a\0b"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("workspace too long", run_request(workspace="w" * 129), grpc.StatusCode.INVALID_ARGUMENT),
     ("message over 4 MiB", run_request(args=[HUGE]), grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
@@ -465,6 +515,7 @@ def test_hostile_requests_get_clean_status_codes_and_ping_still_works(server):
     wrong = {name: got for name, got in outcomes.items() if got[0] != got[1]}
     assert not wrong, wrong
     assert all(len(details) > 20 for _, _, details in outcomes.values()), "every refusal says what to do"
+    assert all("workspace" in details for name, (_, _, details) in outcomes.items() if name.startswith("workspace"))
 
     garbage = channel.unary_stream("/vpe.Executor/Run", request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as info:
