@@ -21,14 +21,9 @@ from airflow.sdk import dag, task
 def ping_grpc() -> None:
     @task
     def ping() -> str:
-        from airflow.providers.grpc.hooks.grpc import GrpcHook
+        from executor_operator import executor_client
 
-        from executor import ExecutorClient
-
-        hook = GrpcHook(grpc_conn_id="grpc_default")
-        token = hook.get_connection("grpc_default").extra_dejson.get("token") or None
-        with hook.get_conn() as channel:
-            reply = ExecutorClient(channel, token=token).ping()
+        reply = executor_client("grpc_default").ping()
         print(f"executor {reply.version} answered {reply.message!r}")
         for env in reply.envs:
             print(f"  env {env.name}: {env.detail or env.state}")

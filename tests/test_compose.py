@@ -177,7 +177,8 @@ def test_airflow_reaches_every_executor_replica_through_dns(model: dict[str, Any
         conn = json.loads(model["services"][name]["environment"]["AIRFLOW_CONN_GRPC_DEFAULT"])
         assert conn["host"] == "dns:///executor"
         assert str(conn["port"]) == env_file(ROOT / ".env")["VPE_EXECUTOR_PORT"]
-        assert conn["extra"] == {"auth_type": "NO_AUTH", "token": fake_secrets()["VPE_EXECUTOR_TOKEN"]}
+        assert conn["extra"] == {"auth_type": "NO_AUTH"}
+        assert conn["password"] == fake_secrets()["VPE_EXECUTOR_TOKEN"]
     executor = model["services"]["executor"]
     assert executor["environment"]["VPE_EXECUTOR_TOKEN"] == fake_secrets()["VPE_EXECUTOR_TOKEN"]
     assert "container_name" not in executor, "a fixed container name would forbid --scale executor=N"
@@ -327,14 +328,10 @@ def test_compose_grpc_connection_reaches_an_executor_through_airflows_hook(
     conn["host"] = conn["host"].replace("dns:///executor", "dns:///localhost")
     conn["port"] = int(executor_with_token["VPE_EXECUTOR_PORT"])
     probe = textwrap.dedent("""
-        from airflow.providers.grpc.hooks.grpc import GrpcHook
-        from executor import ExecutorClient
-        hook = GrpcHook(grpc_conn_id="grpc_default")
-        token = hook.get_connection("grpc_default").extra_dejson.get("token") or None
-        with hook.get_conn() as channel:
-            print(ExecutorClient(channel, token=token).ping().message)
+        from executor_operator import executor_client
+        print(executor_client("grpc_default").ping().message)
     """)
-    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn), "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn), "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}",
            "AIRFLOW_HOME": str(Path(executor_with_token["VPE_HOME"]) / "airflow")}
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
