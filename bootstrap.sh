@@ -12,7 +12,7 @@ AIRFLOW_SERVICES=(api-server scheduler dag-processor triggerer)
 
 usage() {
   cat <<EOF
-Usage: ./bootstrap.sh [--local|--docker] [COMMAND] [ARGS...]
+Usage: ./bootstrap.sh [--local|--docker] [--offline-demo] [COMMAND] [ARGS...]
 
 Commands:
   up [COMPONENT...]  start what is down (default command); components: ${COMPONENTS[*]}
@@ -28,6 +28,8 @@ Commands:
 Options:
   --local            run every component as a local process (default without a Docker engine)
   --docker           run the stack with docker compose (default when a Docker engine answers)
+  --offline-demo     no internet: crawl SYNTHETIC weather from a local Open-Meteo stand-in,
+                     into the database VPE_DEMO_WAREHOUSE_DB (local mode)
   -h, --help         this help
 
 Configuration: .env (every port, name and path); environment variables override it.
@@ -52,7 +54,10 @@ load_config() {
 
   VPE_HOME=$(absolute "$VPE_HOME")
   VPE_VENV=$(absolute "$VPE_VENV")
-  export VPE_HOME VPE_VENV
+  VPE_DAGS_DIR=$(absolute "$VPE_DAGS_DIR")
+  VPE_TASKS_DIR=$(absolute "$VPE_TASKS_DIR")
+  export VPE_HOME VPE_VENV VPE_DAGS_DIR VPE_TASKS_DIR
+  export VPE_EXECUTOR_TASKS_DIR=$VPE_TASKS_DIR
   PG_DATA=$VPE_HOME/pg/data
   PG_SOCKET=$VPE_HOME/pg/run
   LOGS=$VPE_HOME/logs
@@ -139,6 +144,9 @@ ensure_secrets() {
     key=${line%%=*}
     [ -n "${!key+x}" ] || export "$line"
   done < "$SECRETS"
+}
+
+export_warehouse_dsn() {
   export VPE_WAREHOUSE_DSN="postgresql://$VPE_PG_USER:$VPE_PG_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
 }
 
@@ -301,7 +309,7 @@ start_executor() {
 
 airflow_env() {
   local api="http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"
-  export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
+  export AIRFLOW__CORE__DAGS_FOLDER=$VPE_DAGS_DIR
   export AIRFLOW__CORE__LOAD_EXAMPLES=False
   export AIRFLOW__CORE__EXECUTOR=LocalExecutor
   export AIRFLOW__CORE__PARALLELISM=$VPE_AIRFLOW_PARALLELISM
@@ -317,15 +325,16 @@ airflow_env() {
   export AIRFLOW__LOGGING__BASE_LOG_FOLDER=$LOGS/airflow
   # New DAG files show up within 30 s instead of Airflow's default 5 minutes.
   export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=30
-  # DAGs import the executor's client code (executor.py) from the repo root.
-  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  # The operator (plugins/) imports the executor's client code (executor.py) from the repo root.
+  export AIRFLOW__CORE__PLUGINS_FOLDER=$ROOT/plugins
+  export PYTHONPATH=$ROOT:$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}
   export AIRFLOW_CONN_GRPC_DEFAULT
   AIRFLOW_CONN_GRPC_DEFAULT=$(grpc_connection_json)
 }
 
-# The connection Airflow uses to reach the executor; the token travels in its extras.
+# The connection Airflow uses to reach the executor; its password is the executor's token.
 grpc_connection_json() {
-  printf '{"conn_type": "grpc", "host": "%s", "port": %s, "extra": {"auth_type": "NO_AUTH", "token": "%s"}}' \
+  printf '{"conn_type": "grpc", "host": "%s", "port": %s, "password": "%s", "extra": {"auth_type": "NO_AUTH"}}' \
     "$VPE_EXECUTOR_HOST" "$VPE_EXECUTOR_PORT" "$VPE_EXECUTOR_TOKEN"
 }
 
@@ -370,17 +379,53 @@ airflow_password() {
   [ -f "$file" ] && python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["admin"])' "$file" || say "(not generated yet)"
 }
 
+# --- offline demo --------------------------------------------------------------
+
+# Synthetic weather from the local Open-Meteo stand-in, loaded into a database of
+# its own, so demo values never mix with real ones in the warehouse. The demo
+# lasts while its server runs: ./bootstrap.sh down ends it.
+enter_offline_demo() {
+  OFFLINE_DEMO=1
+  export VPE_WAREHOUSE_DB=$VPE_DEMO_WAREHOUSE_DB
+  export OPEN_METEO_ARCHIVE_URL=http://127.0.0.1:$VPE_OPEN_METEO_PORT/v1/archive
+  export VPE_ALLOW_SYNTHETIC_WEATHER=1
+  export VPE_TASK_ENV_PASSTHROUGH="VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL VPE_ALLOW_SYNTHETIC_WEATHER"
+}
+
+open_meteo_running() { running open-meteo "open_meteo_server.py"; }
+
+open_meteo_healthy() { curl -fsS --max-time 3 "http://127.0.0.1:$VPE_OPEN_METEO_PORT/stats"; }
+
+start_open_meteo() {
+  if open_meteo_running; then
+    say "open-meteo already running (SYNTHETIC weather)"
+  else
+    port_free 127.0.0.1 "$VPE_OPEN_METEO_PORT" || die "port $VPE_OPEN_METEO_PORT is taken by another program: set VPE_OPEN_METEO_PORT in .env or the environment."
+    step "starting the local Open-Meteo stand-in on 127.0.0.1:$VPE_OPEN_METEO_PORT (SYNTHETIC weather)"
+    spawn open-meteo "$LOGS/executor/open-meteo.log" "$VPE_VENV/bin/python" \
+      "$ROOT/tasks/ingestion/open_meteo_server.py" --host 127.0.0.1 --port "$VPE_OPEN_METEO_PORT" --quiet
+  fi
+  wait_for "the Open-Meteo stand-in" 30 "$LOGS/executor/open-meteo.log" open_meteo_healthy
+}
+
 # --- commands ----------------------------------------------------------------
 
 prepare_local() {
   make_state_dirs
   ensure_secrets
+  if [ "$OFFLINE_DEMO" = 1 ] || open_meteo_running; then enter_offline_demo; fi
+  export_warehouse_dsn
   airflow_env
 }
 
 cmd_up() {
   local wanted=("$@") component
   [ ${#wanted[@]} -gt 0 ] || wanted=("${COMPONENTS[@]}")
+  if [ "$OFFLINE_DEMO" = 1 ]; then
+    open_meteo_running || ! running executor "executor.py serve" \
+      || die "the executor runs against the real weather API; to switch to the offline demo: ./bootstrap.sh down && ./bootstrap.sh --offline-demo"
+    wanted=(open-meteo "${wanted[@]}")
+  fi
   exec 9> "$PIDS/bootstrap.lock"
   flock -n 9 || die "another ./bootstrap.sh is working on $VPE_HOME; wait for it to finish."
   ensure_venv
@@ -396,6 +441,7 @@ cmd_status() {
   printf '%-22s %-30s %s\n' COMPONENT ADDRESS STATE
   status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
   status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
+  [ "$OFFLINE_DEMO" = 1 ] && { status_line "open-meteo (SYNTHETIC)" "127.0.0.1:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1; }
   status_line airflow-api "$(airflow_api)" airflow_healthy || bad=1
   local part
   for part in scheduler dag_processor triggerer; do
@@ -403,6 +449,9 @@ cmd_status() {
   done
   say ""
   executor_cli ping 2>/dev/null | sed 's/^/  /' || true
+  [ "$OFFLINE_DEMO" = 0 ] || say "
+OFFLINE DEMO: the weather is SYNTHETIC (local stand-in), loaded into the database $VPE_WAREHOUSE_DB.
+To use the real archive API: ./bootstrap.sh down && ./bootstrap.sh"
   cat <<EOF
 
 Airflow UI     $(airflow_api)   (user admin, password $(airflow_password))
@@ -426,6 +475,7 @@ cmd_down() {
   local service
   for service in "${AIRFLOW_SERVICES[@]}"; do stop_group "airflow-$service"; done
   stop_group executor
+  stop_group open-meteo
   stop_postgres
   say "stopped; data kept in $VPE_HOME"
 }
@@ -637,11 +687,12 @@ compose_airflow() {
 # --- end of compose mode -----------------------------------------------------
 
 main() {
-  MODE_FLAG=""
+  MODE_FLAG="" OFFLINE_DEMO=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --local) MODE_FLAG=local ;;
       --docker) MODE_FLAG=docker ;;
+      --offline-demo) OFFLINE_DEMO=1 ;;
       -h|--help|help) usage; exit 0 ;;
       -*) usage >&2; exit 2 ;;
       *) break ;;
@@ -659,7 +710,11 @@ main() {
     status|down|psql|migrate|airflow) ;;
     *) usage >&2; exit 2 ;;
   esac
-  [ "$MODE" = local ] || { "compose_$command" "$@"; return; }
+  if [ "$MODE" = docker ]; then
+    [ "$OFFLINE_DEMO" = 0 ] || die "--offline-demo runs in local mode only: ./bootstrap.sh --local --offline-demo"
+    "compose_$command" "$@"
+    return
+  fi
   prepare_local
   "cmd_$command" "$@"
 }

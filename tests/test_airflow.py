@@ -1,0 +1,197 @@
+"""The Airflow side: DAG files import cleanly, and the real scheduler runs the
+ingestion DAG through the executor (offline demo: local Open-Meteo stand-in)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+
+from conftest import ROOT, AirflowAPI, bootstrap, free_port, stack_config, warehouse_dsn
+
+DEMO_EVENTS = 15  # tasks/ingestion/demo_catalog.csv: 21 rows, 6 of them rejected
+SOIL_DEPTHS = 4
+
+TEST_DAGS = '''
+"""DAGs the tests need next to the real ones: a failing task and a long one."""
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag
+from executor_operator import ExecutorOperator
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+
+@dag(schedule=None, start_date=START, catchup=False)
+def vpe_test_fail():
+    ExecutorOperator(task_id="fail", env="ingestion", script="vpe_test/fail.py", retries=0)
+
+
+@dag(schedule=None, start_date=START, catchup=False)
+def vpe_test_sleep():
+    ExecutorOperator(task_id="sleep", env="ingestion", script="vpe_test/sleep.py", retries=0,
+                     execution_timeout=timedelta(minutes=10))
+
+
+vpe_test_fail()
+vpe_test_sleep()
+'''
+
+FAIL_TASK = '''
+import sys
+print("starting the doomed step")
+print("ValueError: the catalog has no rows", file=sys.stderr)
+sys.exit(3)
+'''
+
+# Writes its own and a grandchild's PID where the test can find them, then waits.
+SLEEP_TASK = '''
+import os, subprocess, time
+child = subprocess.Popen(["sleep", "600"])
+with open(os.path.join(os.environ["VPE_RUN_DIR"], "pids"), "w") as f:
+    f.write(f"{os.getpid()} {child.pid}")
+print("sleeping", flush=True)
+time.sleep(600)
+'''
+
+
+def dag_structure(dags_dir: Path) -> dict:
+    """Parses the folder like the dag-processor (no database), in a process of its own."""
+    probe = textwrap.dedent(f"""
+        import json
+        from airflow.dag_processing.dagbag import BundleDagBag
+        bag = BundleDagBag(dag_folder={str(dags_dir)!r}, bundle_path={str(dags_dir)!r})
+        print(json.dumps({{
+            "errors": {{k: str(v) for k, v in bag.import_errors.items()}},
+            "dags": {{dag_id: {{t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}}
+                     for dag_id, dag in bag.dags.items()}},
+        }}))
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}", "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_every_dag_imports_with_the_expected_tasks() -> None:
+    parsed = dag_structure(ROOT / "dags")
+    assert parsed["errors"] == {}
+    assert parsed["dags"]["ping_grpc"] == {"ping": []}
+    assert parsed["dags"]["ingestion"] == {
+        "extract_csv": ["crawl"], "extract_xlsx": ["crawl"], "crawl": ["load"], "load": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_stack(stack_home: Path) -> Iterator[dict[str, str]]:
+    """The whole platform in offline-demo mode, with the test DAGs and task scripts beside the real ones."""
+    env = stack_config(stack_home / "airflow-stack")
+    dags, tasks = stack_home / "airflow-dags", stack_home / "airflow-tasks"
+    shutil.copytree(ROOT / "dags", dags)
+    shutil.copytree(ROOT / "tasks", tasks)
+    (dags / "vpe_test.py").write_text(TEST_DAGS)
+    (tasks / "vpe_test").mkdir()
+    (tasks / "vpe_test" / "fail.py").write_text(FAIL_TASK)
+    (tasks / "vpe_test" / "sleep.py").write_text(SLEEP_TASK)
+    env.update(VPE_DAGS_DIR=str(dags), VPE_TASKS_DIR=str(tasks), VPE_OPEN_METEO_PORT=str(free_port()))
+    bootstrap("--offline-demo", "up", env=env)
+    wait_for_envs(env)
+    yield env
+    bootstrap("down", env=env, check=False)
+
+
+def wait_for_envs(env: dict[str, str], timeout: float = 600) -> None:
+    """The executor builds the pipelines' envs in the background after start-up."""
+    secrets = (Path(env["VPE_HOME"]) / "secrets.env").read_text().splitlines()
+    token = dict(line.split("=", 1) for line in secrets)["VPE_EXECUTOR_TOKEN"]
+    cli_env = {**os.environ, **env, "VPE_EXECUTOR_TOKEN": token}
+    deadline = time.monotonic() + timeout
+    while True:
+        envs = subprocess.run([sys.executable, str(ROOT / "executor.py"), "envs"], env=cli_env,
+                              capture_output=True, text=True, timeout=30)
+        if envs.returncode == 0:
+            return
+        assert time.monotonic() < deadline and "failed" not in envs.stdout, envs.stdout + envs.stderr
+        time.sleep(2)
+
+
+def warehouse_counts(env: dict[str, str]) -> dict[str, int]:
+    with psycopg.connect(warehouse_dsn(env, "warehouse_demo")) as conn:
+        return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("landslide_event", "weather_window", "weather_data", "soil", "location")}
+
+
+def test_ingestion_dag_loads_the_demo_catalog(demo_stack: dict[str, str]) -> None:
+    airflow = AirflowAPI(demo_stack)
+    run_id = airflow.trigger("ingestion")
+    assert airflow.wait_for_run("ingestion", run_id) == "success"
+
+    counts = warehouse_counts(demo_stack)
+    assert counts["landslide_event"] == DEMO_EVENTS
+    assert counts["weather_window"] == 2 * DEMO_EVENTS  # event day + the same day a year earlier
+    assert counts["weather_data"] == 24 * counts["weather_window"]
+    assert counts["soil"] == SOIL_DEPTHS * counts["weather_data"]
+    assert "21 rows" in airflow.task_log("ingestion", run_id, "extract_csv")
+    assert "SYNTHETIC" in airflow.task_log("ingestion", run_id, "crawl")
+
+
+def test_second_ingestion_run_adds_no_rows(demo_stack: dict[str, str]) -> None:
+    before = warehouse_counts(demo_stack)
+    airflow = AirflowAPI(demo_stack)
+    run_id = airflow.trigger("ingestion")
+    assert airflow.wait_for_run("ingestion", run_id) == "success"
+    assert warehouse_counts(demo_stack) == before
+
+
+def test_failing_script_fails_the_task_with_its_stderr(demo_stack: dict[str, str]) -> None:
+    airflow = AirflowAPI(demo_stack)
+    run_id = airflow.trigger("vpe_test_fail")
+    assert airflow.wait_for_run("vpe_test_fail", run_id) == "failed"
+    assert airflow.task_state("vpe_test_fail", run_id, "fail") == "failed"
+    log = airflow.task_log("vpe_test_fail", run_id, "fail")
+    assert "starting the doomed step" in log
+    assert "exited with 3" in log
+    assert "ValueError: the catalog has no rows" in log
+
+
+def test_marking_a_running_task_failed_kills_the_remote_processes(demo_stack: dict[str, str]) -> None:
+    airflow = AirflowAPI(demo_stack)
+    run_id = airflow.trigger("vpe_test_sleep")
+    pids_file = wait_for_file(Path(demo_stack["VPE_HOME"]) / "buffer", "vpe_test_sleep*/pids")
+    pids = [int(pid) for pid in pids_file.read_text().split()]
+    assert all(process_alive(pid) for pid in pids)
+
+    airflow.request("PATCH", f"/api/v2/dags/vpe_test_sleep/dagRuns/{run_id}/taskInstances/sleep",
+                    {"new_state": "failed"})
+    marked = time.monotonic()
+
+    while any(process_alive(pid) for pid in pids) and time.monotonic() - marked < 5:
+        time.sleep(0.1)
+    assert [pid for pid in pids if process_alive(pid)] == []
+
+
+def wait_for_file(folder: Path, pattern: str, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [path for path in folder.glob(pattern) if path.stat().st_size]
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no {pattern} under {folder} after {timeout}s")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
