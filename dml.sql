@@ -422,12 +422,10 @@ BEGIN
     PERFORM staging.count_load('weather_data', n_items + n_rejected, n_new, n_rejected);
 
     SELECT count(*) INTO n_items
-    FROM pg_temp.load_hour h
-    CROSS JOIN LATERAL staging.soil_depths(
-        h.soil_temperature_0_to_7cm, h.soil_temperature_7_to_28cm,
-        h.soil_temperature_28_to_100cm, h.soil_temperature_100_to_255cm,
-        h.soil_moisture_0_to_7cm, h.soil_moisture_7_to_28cm,
-        h.soil_moisture_28_to_100cm, h.soil_moisture_100_to_255cm) s;
+    FROM staging.soil_candidate c
+    WHERE c.run_id = p_run_id
+      AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
+                      WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid);
     PERFORM staging.count_load('soil', n_items, n_new_soil);
 
     DELETE FROM staging.weather_hourly WHERE run_id = p_run_id;
