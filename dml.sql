@@ -296,7 +296,7 @@ BEGIN
     FROM (SELECT c.staging_ctid,
                  CASE WHEN c.event_id IS NULL THEN 'event_id is missing'
                       WHEN e.landslide_event_id IS NULL
-                          THEN format('event_id %s is not in landslide_event: load its catalog row first', c.event_id)
+                          THEN format('event_id %s is not in landslide_event (its catalog row is missing or was rejected)', c.event_id)
                       WHEN c.is_event AND c.window_date <> e.event_date
                           THEN format('event window_date %s is not the date of event %s (%s)',
                                       c.window_date, c.event_id, e.event_date)

@@ -211,7 +211,8 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_loaded(warehouse) ->
         f"event_id 1 event {stamp(2)}": "soil 7-28 cm: violates soil_moisture_range (moisture=1.7)",
         "event_id 1 event ?": "instant is missing (datetime.instant is NOT NULL)",
         f"event_id 1 event {stamp(4)}": "violates location_latitude_range (latitude=NaN)",
-        "event_id 404 event 2019-05-05T00:00Z": "event_id 404 is not in landslide_event: load its catalog row first",
+        "event_id 404 event 2019-05-05T00:00Z":
+            "event_id 404 is not in landslide_event (its catalog row is missing or was rejected)",
         "event_id 1 non-event 2018-03-10T00:00Z":
             "non-event window_date 2019-03-13 is not before the date of event 1 (2019-03-10)",
         "event_id 1 non-event 2018-03-10T01:00Z":
