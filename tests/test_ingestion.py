@@ -1,5 +1,6 @@
 """The ingestion steps (extract, crawl, load) as real subprocesses in the ingestion env, against the local
-Open-Meteo-compatible server and a real PostgreSQL warehouse; one run goes through a real executor."""
+Open-Meteo-compatible server and a real PostgreSQL warehouse; a DAG-shaped run (two extracts at once into one
+workspace, then crawl, then load) goes through a real executor."""
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -26,6 +28,7 @@ from conftest import ROOT, SHARED_DATA, bootstrap, free_port
 TASKS = ROOT / "tasks" / "ingestion"
 SERVER = TASKS / "open_meteo_server.py"
 DEMO = TASKS / "demo_catalog.csv"
+DEMO_XLSX = TASKS / "demo_catalog.xlsx"  # the same rows, with the real export's cell types (dates as date cells)
 DEMO_ROWS, DEMO_EVENTS, DEMO_REJECTS = 21, 15, 6
 # Built ingestion envs survive between sessions here (keyed by the yml's hash, like the executor's own).
 ENV_CACHE = ROOT / ".vpe" / "test-envs"
@@ -83,14 +86,14 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def step(python: str, script: str, *args: str, workdir: Path, env: dict[str, str] | None = None,
-         ) -> subprocess.CompletedProcess[str]:
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Runs one step by hand, the way a user would, in its own buffer (cache) and run folder."""
     base = {k: v for k, v in os.environ.items()
             if k not in ("VPE_RUN_DIR", "VPE_RUN_ID", "VPE_WAREHOUSE_DSN", "OPEN_METEO_ARCHIVE_URL")}
     return subprocess.run(
         [python, str(TASKS / script), *args],
         env={**base, "VPE_BUFFER": str(workdir / "buffer"), "VPE_RUN_DIR": str(workdir / "run"), **(env or {})},
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -134,13 +137,13 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     run = workdir / "run"
     out = ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
     assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in out
-    events, rejects = read_csv(run / "events.csv"), read_rejects(run / "rejects.jsonl")
+    events, rejects = read_csv(run / "events-catalog.csv"), read_rejects(run / "rejects-catalog.jsonl")
     assert len(events) + len(rejects) == DEMO_ROWS == len(read_csv(DEMO))
     by_id = {e["event_id"]: e for e in events}
     assert by_id["101"]["continent_code"] == "NA" and by_id["101"]["event_time"] == "10:37:00"
     assert (by_id["103"]["time_text"], by_id["103"]["event_time"]) == ("Overnight", "")
     assert by_id["103"]["near"] == "Kedārnāth" and by_id["101"]["landslide_size"] == "Very_large"
-    windows = read_csv(run / "windows.csv")
+    windows = read_csv(run / "windows-catalog.csv")
     assert len(windows) == 2 * len(events)
     assert {(w["is_event"], w["window_date"]) for w in windows if w["event_id"] == "106"} == {
         ("true", "2012-02-29"), ("false", "2011-02-28")}
@@ -191,6 +194,67 @@ def test_by_hand_the_later_steps_find_extracts_run_folder(ingestion_python: str,
     assert f"run folder {folder}" in ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir, env=env))
 
 
+def test_demo_csv_and_xlsx_give_identical_events_and_relative_paths_fall_back_to_the_repo(
+        ingestion_python: str, workdir: Path) -> None:
+    elsewhere = workdir / "cwd"
+    elsewhere.mkdir()
+    for name, catalog in (("csv", DEMO), ("xlsx", DEMO_XLSX)):
+        out = ok(step(ingestion_python, "extract.py", "--name", name, str(catalog.relative_to(ROOT)), workdir=workdir,
+                      cwd=elsewhere))
+        assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in out
+    run = workdir / "run"
+    assert sorted(path.name for path in run.iterdir()) == [
+        "events-csv.csv", "events-xlsx.csv", "rejects-csv.jsonl", "rejects-xlsx.jsonl", "windows-csv.csv",
+        "windows-xlsx.csv"]
+    csv_events, xlsx_events = read_csv(run / "events-csv.csv"), read_csv(run / "events-xlsx.csv")
+    assert {e["source"] for e in csv_events} == {"demo_catalog.csv"}
+    assert {e["source"] for e in xlsx_events} == {"demo_catalog.xlsx"}
+    assert [{**e, "source": ""} for e in csv_events] == [{**e, "source": ""} for e in xlsx_events]
+    assert read_csv(run / "windows-csv.csv") == read_csv(run / "windows-xlsx.csv")
+    assert [(r["row_key"], r["reason"]) for r in read_rejects(run / "rejects-csv.jsonl")] == \
+        [(r["row_key"], r["reason"]) for r in read_rejects(run / "rejects-xlsx.jsonl")]
+
+
+def test_demo_xlsx_keeps_the_real_exports_cell_types(ingestion_python: str) -> None:
+    script = ("import json, sys, openpyxl\n"
+              "rows = list(openpyxl.load_workbook(sys.argv[1]).active.iter_rows(values_only=True))\n"
+              "print(json.dumps([[type(v).__name__ for v in rows[0]]] + [[type(v).__name__ for v in r] "
+              "for r in rows[1:]]))")
+    types = {}
+    for path in (DEMO_XLSX, SHARED_DATA / "glc_sample.xlsx"):
+        if path.exists():
+            rows = json.loads(subprocess.run([ingestion_python, "-c", script, str(path)], capture_output=True,
+                                             text=True, check=True, timeout=120).stdout)
+            types[path.name] = rows
+    header = read_csv(DEMO)[0].keys()
+    demo = dict(zip(header, zip(*types["demo_catalog.xlsx"][1:])))
+    assert len(types["demo_catalog.xlsx"]) - 1 == DEMO_ROWS
+    assert Counter(demo["date"]) == {"datetime": DEMO_ROWS - 1, "str": 1}  # 31/12/2019 is no date: text, as exported
+    assert set(demo["id"]) == {"int"} and set(demo["latitude"]) <= {"float", "int", "NoneType"}
+    assert set(demo["time"]) == {"str", "NoneType"}
+    if "glc_sample.xlsx" in types:
+        real = dict(zip(header, zip(*types["glc_sample.xlsx"][1:])))
+        assert set(real["date"]) == {"datetime"} and set(real["id"]) == {"int"}
+
+
+def test_extract_names_must_be_safe_file_name_parts(ingestion_python: str, workdir: Path) -> None:
+    for bad in ("a/b", "..", "", "x y"):
+        result = step(ingestion_python, "extract.py", "--name", bad, str(DEMO), workdir=workdir)
+        assert result.returncode == 2 and "--name" in result.stderr, (bad, result.stderr)
+    assert not list((workdir / "run").iterdir())
+
+
+def test_load_refuses_a_run_folder_with_an_unfinished_extract(ingestion_python: str, workdir: Path) -> None:
+    run = workdir / "run"
+    ok(step(ingestion_python, "extract.py", "--name", "csv", str(DEMO), workdir=workdir))
+    ok(step(ingestion_python, "extract.py", "--name", "xlsx", str(DEMO_XLSX), workdir=workdir))
+    (run / "rejects-xlsx.jsonl").unlink()
+    (run / "hourly.csv").write_text("")
+    closed = f"postgresql://postgres:x@127.0.0.1:{free_port()}/warehouse"
+    result = step(ingestion_python, "load.py", "--dsn", closed, workdir=workdir)
+    assert result.returncode == 1 and "extract --name xlsx did not finish" in result.stderr, result.stderr
+
+
 # ------------------------------------------------------------------ the real sample
 
 @pytest.mark.parametrize("name", ["glc_sample.csv", "glc_sample.xlsx"])
@@ -199,10 +263,11 @@ def test_real_sample_counts_add_up_and_values_survive(ingestion_python: str, wor
     if not sample.exists():
         pytest.skip(f"{sample} is absent")
     out = ok(step(ingestion_python, "extract.py", str(sample), workdir=workdir))
-    events, rejects = read_csv(workdir / "run" / "events.csv"), read_rejects(workdir / "run" / "rejects.jsonl")
+    run = workdir / "run"
+    events, rejects = read_csv(run / "events-catalog.csv"), read_rejects(run / "rejects-catalog.jsonl")
     total = int(re.search(r"read (\d+) rows", out).group(1))
     assert len(events) + len(rejects) == total == {"glc_sample.csv": 956, "glc_sample.xlsx": 169}[name]
-    assert len(read_csv(workdir / "run" / "windows.csv")) == 2 * len(events)
+    assert len(read_csv(run / "windows-catalog.csv")) == 2 * len(events)
     assert all(r["reason"] and r["raw"] for r in rejects)
     # Continent codes arrive exactly as written ("NA" stays "NA", blanks stay blank), free-text times are kept.
     source = source_rows(ingestion_python, sample)
@@ -279,8 +344,8 @@ def test_catalog_from_a_url_is_downloaded_into_the_run_folder(ingestion_python: 
             except OSError:
                 time.sleep(0.1)
         out = ok(step(ingestion_python, "extract.py", f"{base}/catalog.csv", workdir=workdir))
-        assert f"read {DEMO_ROWS} rows" in out and (workdir / "run" / "catalog.csv").is_file()
-        assert read_csv(workdir / "run" / "events.csv")[0]["source"] == "catalog.csv"
+        assert f"read {DEMO_ROWS} rows" in out and (workdir / "run" / "download-catalog-catalog.csv").is_file()
+        assert read_csv(workdir / "run" / "events-catalog.csv")[0]["source"] == "catalog.csv"
         result = step(ingestion_python, "extract.py", f"{base}/missing.csv", workdir=workdir)
         assert result.returncode == 1 and "cannot download" in result.stderr and "404" in result.stderr
     finally:
@@ -322,7 +387,7 @@ def test_xlsx_with_two_catalog_sheets_asks_which(ingestion_python: str, workdir:
 
 def write_windows(workdir: Path, days: list[str]) -> None:
     rows = [f"e{i},true,{10 + i * 0.5},{20 + i * 0.25},{day}" for i, day in enumerate(days)]
-    (workdir / "run" / "windows.csv").write_text("event_id,is_event,latitude,longitude,window_date\n"
+    (workdir / "run" / "windows-catalog.csv").write_text("event_id,is_event,latitude,longitude,window_date\n"
                                                   + "\n".join(rows) + "\n")
 
 
@@ -439,8 +504,10 @@ def test_load_without_a_warehouse_says_what_to_do(ingestion_python: str, api: st
 
 # ------------------------------------------------------------------ through a real executor
 
-def test_the_three_steps_run_through_the_executor(ingestion_python: str, api: str, tmp_path: Path,
-                                                  empty_db: tuple[str, dict[str, str]]) -> None:
+def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_then_load(
+        ingestion_python: str, api: str, tmp_path: Path, empty_db: tuple[str, dict[str, str]]) -> None:
+    """What dags/ingestion.py does per DAG run: extract_csv and extract_xlsx in parallel, crawl, load, all in one
+    workspace, the catalogs named by repo-relative paths; a second DAG run adds nothing."""
     dsn, env = empty_db
     bootstrap("migrate", env=env)
     home, envs = tmp_path / "home", tmp_path / "envs"
@@ -459,17 +526,56 @@ def test_the_three_steps_run_through_the_executor(ingestion_python: str, api: st
             return subprocess.run([sys.executable, str(ROOT / "executor.py"), command, "--port", port, *args],
                                   env=executor_env, capture_output=True, text=True, timeout=300)
 
+        def task(dag_run: str, task_id: str, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return executor("run", "ingestion", f"ingestion/{script}", "--run-id", f"{dag_run}-{task_id}",
+                            "--workspace", dag_run, "-e", "VPE_ALLOW_SYNTHETIC_WEATHER=1", "--", *args)
+
+        def dag_run(name: str) -> dict[str, str]:
+            extracts: dict[str, subprocess.CompletedProcess[str]] = {}
+            threads = [threading.Thread(target=lambda kind=kind, catalog=catalog: extracts.__setitem__(
+                kind, task(name, f"extract_{kind}", "extract.py", "--name", kind, str(catalog.relative_to(ROOT)))))
+                for kind, catalog in (("csv", DEMO), ("xlsx", DEMO_XLSX))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(300)
+            return {**{f"extract_{kind}": ok(result) for kind, result in extracts.items()},
+                    "crawl": ok(task(name, "crawl", "crawl.py")), "load": ok(task(name, "load", "load.py"))}
+
         ok(executor("ping", "--wait", "30"))
         deadline = time.monotonic() + 120
         while executor("envs").returncode != 0 and time.monotonic() < deadline:
             time.sleep(0.5)
-        out = ok(executor("run", "--run-id", "demo-1", "ingestion", "ingestion/extract.py", "--", str(DEMO)))
-        assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events" in out
-        assert (home / "buffer" / "demo-1" / "events.csv").is_file()
-        ok(executor("run", "--run-id", "demo-1", "ingestion", "ingestion/crawl.py"))
-        counts = load_counts(ok(executor("run", "--run-id", "demo-1", "-e", "VPE_ALLOW_SYNTHETIC_WEATHER=1",
-                                             "ingestion", "ingestion/load.py")))
-        assert counts["landslide_event"] == (DEMO_EVENTS, 0, 0)
+
+        first = dag_run("dag-1")
+        workspace = home / "buffer" / "dag-1"
+        for kind in ("csv", "xlsx"):
+            assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in first[f"extract_{kind}"]
+            assert f"run folder {workspace} (run id dag-1-extract_{kind})" in first[f"extract_{kind}"]
+        assert not (home / "buffer" / "dag-1-crawl").exists()
+        windows = 2 * DEMO_EVENTS
+        assert f"{windows} windows in windows-csv.csv, windows-xlsx.csv; {windows} listed again" in first["crawl"]
+        hourly = read_csv(workspace / "hourly.csv")
+        assert len(hourly) == windows * 24 and len({(h["event_id"], h["is_event"], h["observed_at"]) for h in hourly}) \
+            == len(hourly), "each window's hours once"
+        assert load_counts(first["load"])["landslide_event"] == (DEMO_EVENTS, 0, 0)
+        assert (f"event rows: {2 * DEMO_EVENTS} in events-csv.csv, events-xlsx.csv = {DEMO_EVENTS} copies of an "
+                f"earlier file's row") in first["load"]
+        assert f"+ {DEMO_EVENTS} inserted + 0 already present + 0 rejected: the counts add up" in first["load"]
+        counts = "(SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_window), " \
+                 "(SELECT count(*) FROM weather_data), (SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)"
+        assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
+                                                   2 * DEMO_REJECTS)]
+        assert query(dsn, "SELECT source, count(*) FROM rejected_rows GROUP BY source ORDER BY source") == [
+            ("demo_catalog.csv", DEMO_REJECTS), ("demo_catalog.xlsx", DEMO_REJECTS)]
+        assert query(dsn, "SELECT DISTINCT source FROM landslide_event") == [("demo_catalog.csv",)]
+
+        second = dag_run("dag-2")
+        assert load_counts(second["load"])["landslide_event"] == (0, DEMO_EVENTS, 0)
+        assert all(inserted == 0 for inserted, _, _ in load_counts(second["load"]).values())
+        assert f"+ 0 inserted + {DEMO_EVENTS} already present + 0 rejected: the counts add up" in second["load"]
+        assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
+                                                   2 * DEMO_REJECTS)]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

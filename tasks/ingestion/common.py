@@ -5,6 +5,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 import sys
 import time
 from datetime import datetime
@@ -19,9 +20,11 @@ HOURLY_VARIABLES = (
     "soil_moisture_28_to_100cm", "soil_moisture_100_to_255cm",
 )
 # Files in the run folder; the CSV headers are the staging tables' columns (minus run_id).
-EVENTS = "events.csv"
-WINDOWS = "windows.csv"
-REJECTS = "rejects.jsonl"
+# Each extract writes its own three, named by its --name, so extracts of several catalogs can share one run folder.
+EVENTS = "events-{name}.csv"
+WINDOWS = "windows-{name}.csv"
+REJECTS = "rejects-{name}.jsonl"
+EXTRACT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 HOURLY = "hourly.csv"
 FAILED_WINDOWS = "failed_windows.csv"
 CRAWL_SUMMARY = "crawl_summary.json"
@@ -60,8 +63,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_run_id: bool = False
                             help="run id (default: $VPE_RUN_ID, else the run folder's name)")
 
 
+def extract_files(folder: Path, template: str) -> dict[str, Path]:
+    """Every extract's file of one kind (EVENTS, WINDOWS or REJECTS) in the run folder, by extract name, sorted."""
+    prefix, suffix = template.split("{name}")
+    return {path.name[len(prefix):-len(suffix)]: path for path in sorted(folder.glob(f"{prefix}*{suffix}"))}
+
+
 def run_folder(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path, str]:
-    """The run folder and run id. By hand, extract starts a new folder and the later steps take the newest."""
+    """The run folder and run id; `needs` is a glob pattern some file of the folder must match.
+    By hand, extract starts a new folder and the later steps take the newest."""
     folder = args.run_dir
     if folder is None and create:
         folder = buffer_dir() / f"manual-{datetime.now():%Y%m%d-%H%M%S}"
@@ -73,9 +83,9 @@ def run_folder(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path
     folder = Path(folder)
     if create:
         folder.mkdir(parents=True, exist_ok=True)
-    elif not (folder / needs).is_file():
-        raise StepFailed(f"{folder / needs} does not exist: run the previous step for this run folder first")
-    run_id = getattr(args, "run_id", None) or folder.name
+    elif not any(folder.glob(needs)):
+        raise StepFailed(f"{folder} has no {needs}: run the previous step for this run folder first")
+    run_id = getattr(args, "run_id", None) or os.environ.get("VPE_RUN_ID") or folder.name
     log.info("run folder %s (run id %s)", folder, run_id)
     return folder, run_id
 

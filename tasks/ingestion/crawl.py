@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """crawl: hourly weather and soil for every window from the Open-Meteo historical archive API.
 
-Reads windows.csv from the run folder; writes hourly.csv (24 rows per window),
-failed_windows.csv (each with its reason) and crawl_summary.json.
+Reads every extract's windows-*.csv in the run folder (a window that several
+extracts list, e.g. the same catalog as CSV and XLSX, counts once); writes
+hourly.csv (24 rows per window), failed_windows.csv (each with its reason) and
+crawl_summary.json.
 Windows go to the API in batches (comma lists of coordinates and dates, one
 answer per location). Every answer is cached on disk first, so a rerun or a
 resumed run asks only for windows it does not have. 429/5xx/timeouts are retried
@@ -29,8 +31,8 @@ from urllib.parse import urlencode, urlsplit
 import requests
 
 from common import (CRAWL_SUMMARY, FAILED_COLUMNS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, HOURLY_VARIABLES,
-                    WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir, log, run_folder,
-                    run_step, write_csv)
+                    WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir, extract_files, log,
+                    run_folder, run_step, write_csv)
 
 REAL_ARCHIVE_URL = "https://archive-api.open-meteo.com/v1/archive"
 EXIT_QUOTA = 75  # EX_TEMPFAIL: nothing is wrong, the rest has to wait for tomorrow's quota
@@ -313,6 +315,15 @@ def read_windows(path: Path) -> list[Window]:
             raise StepFailed(f"{path} line {reader.line_num} is malformed ({error}): rerun extract") from None
 
 
+def distinct_windows(paths: list[Path]) -> list[Window]:
+    """The windows of all files in file order, each once."""
+    listed = [window for path in paths for window in read_windows(path)]
+    windows = list(dict.fromkeys(listed))
+    log.info("%d windows in %s; %d listed again by another file or line, counted once",
+             len(windows), ", ".join(path.name for path in paths), len(listed) - len(windows))
+    return windows
+
+
 def observed_at(local: str, offset_seconds: int) -> str:
     zone = timezone(timedelta(seconds=offset_seconds))
     return datetime.fromisoformat(local).replace(tzinfo=zone).isoformat()
@@ -362,8 +373,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    folder, _ = run_folder(args, create=False, needs=WINDOWS)
-    windows = read_windows(folder / WINDOWS)
+    folder, _ = run_folder(args, create=False, needs=WINDOWS.format(name="*"))
+    windows = distinct_windows(list(extract_files(folder, WINDOWS).values()))
     archive = Archive(args.url, args.timezone, args.timeout)
     cache_root = args.cache_dir or buffer_dir() / "cache" / "open-meteo"
     cache = Cache(cache_root, args.url, args.timezone)

@@ -4,7 +4,9 @@
 Every data row becomes an event or a rejected row with its reason; the counts are
 printed and add up. Each event gets two one-day windows at its location: the event
 day, and the same calendar day one year earlier (the non-event sample).
-Writes events.csv, windows.csv and rejects.jsonl into the run folder.
+Writes events-NAME.csv, windows-NAME.csv and rejects-NAME.jsonl into the run folder
+(NAME from --name), so extracts of several catalogs (say the CSV and the XLSX export)
+can run at the same time into one run folder; crawl and load read all of them.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from common import (EVENT_COLUMNS, EVENTS, REJECTS, WINDOW_COLUMNS, WINDOWS, StepFailed, add_run_arguments,
-                    log, run_folder, run_step, write_csv)
+from common import (EVENT_COLUMNS, EVENTS, EXTRACT_NAME, REJECTS, REPO, WINDOW_COLUMNS, WINDOWS, StepFailed,
+                    add_run_arguments, log, run_folder, run_step, write_csv)
 
 REQUIRED_COLUMNS = ("id", "date", "time", "country", "near", "continentcode", "hazard_type", "landslide_type",
                     "landslide_size", "latitude", "longitude")
@@ -91,26 +93,37 @@ def cell_text(value: object) -> str:
     return str(value)
 
 
-def fetch(source: str, folder: Path) -> Path:
+def fetch(source: str, folder: Path, name: str) -> Path:
     """A local path as is; an http(s) URL downloaded into the run folder."""
     if urlsplit(source).scheme not in ("http", "https"):
-        path = Path(source)
-        if not path.is_file():
-            raise StepFailed(f"input file {source} does not exist")
-        return path
+        return local_path(source)
     import requests
 
-    target = folder / (Path(urlsplit(source).path).name or "catalog")
+    target = folder / f"download-{name}-{Path(urlsplit(source).path).name or 'catalog'}"
+    partial = target.with_name(target.name + ".partial")
     log.info("downloading %s", source)
     try:
         with requests.get(source, timeout=60, stream=True) as response:
             response.raise_for_status()
-            with target.open("wb") as handle:
+            with partial.open("wb") as handle:
                 for chunk in response.iter_content(1 << 20):
                     handle.write(chunk)
     except requests.RequestException as error:
         raise StepFailed(f"cannot download {source}: {error}") from None
+    partial.replace(target)
     return target
+
+
+def local_path(source: str) -> Path:
+    """Relative paths that are not under the working dir are taken from the repo: a task run by the executor
+    works in its run folder, yet `tasks/ingestion/demo_catalog.csv` should still name the demo."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and (REPO / path).is_file():
+        return REPO / path
+    where = "" if path.is_absolute() else f" (looked in {Path.cwd()} and in the repo {REPO})"
+    raise StepFailed(f"input file {source} does not exist{where}")
 
 
 def read_rows(path: Path, sheet: str | None, encoding: str) -> tuple[list[str], Iterator[Row]]:
@@ -276,21 +289,34 @@ def split_rows(rows: Iterator[Row], archive_end: date, source: str) -> tuple[lis
     return events, rejects
 
 
-def write_outputs(folder: Path, source: str, events: list[Event], rejects: list[dict]) -> int:
-    write_csv(folder / EVENTS, EVENT_COLUMNS, (event.record(source) for event in events))
-    windows = write_csv(folder / WINDOWS, WINDOW_COLUMNS,
+def write_outputs(folder: Path, name: str, source: str, events: list[Event], rejects: list[dict]) -> int:
+    write_csv(folder / EVENTS.format(name=name), EVENT_COLUMNS, (event.record(source) for event in events))
+    windows = write_csv(folder / WINDOWS.format(name=name), WINDOW_COLUMNS,
                         (window for event in events for window in event.windows()))
-    partial = folder / (REJECTS + ".partial")
+    target = folder / REJECTS.format(name=name)
+    partial = target.with_name(target.name + ".partial")
     with partial.open("w", encoding="utf-8") as handle:
         for reject in rejects:
             handle.write(json.dumps(reject, ensure_ascii=False) + "\n")
-    partial.replace(folder / REJECTS)
+    partial.replace(target)
     return windows
+
+
+def extract_name(text: str) -> str:
+    if not EXTRACT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, _ and - only")
+    return text
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="the catalog: a .csv or .xlsx path, or an http(s) URL")
+    parser.add_argument("source", help="the catalog: a .csv or .xlsx path, or an http(s) URL; a relative path "
+                                       "not found under the working dir is taken relative to the repo (so "
+                                       "tasks/ingestion/demo_catalog.csv works from any run folder)")
+    parser.add_argument("--name", default="catalog", type=extract_name,
+                        help="names this extract's files (events-NAME.csv, windows-NAME.csv, rejects-NAME.jsonl); "
+                             "give each extract into one run folder its own (letters, digits, _ and -; "
+                             "default: %(default)s)")
     parser.add_argument("--sheet", help="XLSX sheet to read (default: the one sheet with the catalog columns)")
     parser.add_argument("--encoding", default="utf-8-sig", help="CSV text encoding (default: %(default)s)")
     parser.add_argument("--archive-delay-days", type=int, default=7,
@@ -302,8 +328,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    folder, _ = run_folder(args, create=True, needs=EVENTS)
-    path = fetch(args.source, folder)
+    folder, _ = run_folder(args, create=True, needs=EVENTS.format(name="*"))
+    path = fetch(args.source, folder, args.name)
     source = Path(urlsplit(args.source).path).name or path.name
     header, rows = read_rows(path, args.sheet, args.encoding)
     check_columns(path, header)
@@ -312,12 +338,13 @@ def main() -> int:
     total = len(events) + len(rejects)
     if total == 0:
         raise StepFailed(f"{path} has a header but no data rows")
-    windows = write_outputs(folder, source, events, rejects)
+    windows = write_outputs(folder, args.name, source, events, rejects)
     log.info("read %d rows = %d events + %d rejected; %d windows (event day + one year earlier)",
              total, len(events), len(rejects), windows)
     for kind, count in Counter(reject["reason"].split(":")[0] for reject in rejects).most_common():
         log.info("  rejected, %s: %d", kind, count)
-    log.info("wrote %s, %s, %s in %s", EVENTS, WINDOWS, REJECTS, folder)
+    log.info("wrote %s in %s", ", ".join(template.format(name=args.name) for template in (EVENTS, WINDOWS, REJECTS)),
+             folder)
     return 0
 
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """load: the run's events, hourly weather and rejects into the warehouse, in one transaction.
 
-COPYs events.csv and hourly.csv into staging, records extract's rejects in
-rejected_rows, then calls the warehouse's set-based merge load_staging(run_id)
-and prints what it inserted, found already present, and rejected. All or
-nothing: any error rolls everything back. Loading the same run again adds nothing.
+COPYs every extract's events-*.csv and crawl's hourly.csv into staging, records
+the extracts' rejects-*.jsonl in rejected_rows, then calls the warehouse's
+set-based merge load_staging(run_id) and prints what it inserted, found already
+present, and rejected. An event row identical to one of an earlier extract's file
+(the same catalog as CSV and XLSX) is staged once; the printed summary shows that
+every event row is accounted for. All or nothing: any error rolls everything back.
+Loading the same run again adds nothing.
 """
 from __future__ import annotations
 
@@ -13,13 +16,16 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from common import (CRAWL_SUMMARY, EVENT_COLUMNS, EVENTS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, REJECTS, Progress,
-                    StepFailed, add_run_arguments, log, run_folder, run_step)
+                    StepFailed, add_run_arguments, extract_files, log, run_folder, run_step)
+
+# What makes two extracts' rows the same event: everything but where it was read from.
+EVENT_CONTENT = [i for i, name in enumerate(EVENT_COLUMNS) if name not in ("source", "row_number")]
 
 
 def csv_rows(path: Path, columns: Sequence[str]) -> Iterator[list[str | None]]:
@@ -38,32 +44,48 @@ def count_rows(path: Path) -> int:
         return max(0, sum(1 for _ in csv.reader(handle)) - 1)
 
 
-def copy_into(cursor: psycopg.Cursor, table: str, path: Path, columns: Sequence[str], run_id: str) -> int:
-    progress = Progress(f"{table} rows staged", count_rows(path))
+def distinct_events(paths: list[Path]) -> tuple[list[list[str | None]], int]:
+    """The rows of all events files; a row identical to an earlier file's row is left out.
+    Returns (rows to stage, rows left out)."""
+    rows: list[list[str | None]] = []
+    seen: set[tuple] = set()
+    for path in paths:
+        for row in csv_rows(path, EVENT_COLUMNS):
+            content = tuple(row[i] for i in EVENT_CONTENT)
+            if content not in seen:
+                seen.add(content)
+                rows.append(row)
+    return rows, sum(map(count_rows, paths)) - len(rows)
+
+
+def copy_into(cursor: psycopg.Cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[str | None]],
+              total: int, run_id: str) -> int:
+    progress = Progress(f"{table} rows staged", total)
     names = ", ".join(("run_id", *columns))
     with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-        for row in csv_rows(path, columns):
+        for row in rows:
             copy.write_row((run_id, *row))
             progress.advance()
     return progress.done
 
 
-def record_rejects(cursor: psycopg.Cursor, path: Path, run_id: str) -> tuple[int, int]:
-    """Extract's rejects into rejected_rows; returns (rejects in the file, newly recorded)."""
+def record_rejects(cursor: psycopg.Cursor, paths: list[Path], run_id: str) -> tuple[int, int]:
+    """The extracts' rejects into rejected_rows; returns (rejects in the files, newly recorded)."""
     total = new = 0
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            reject = json.loads(line)
-            cursor.execute(
-                "INSERT INTO rejected_rows (source, row_key, raw, reason, run_id) VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
-                (reject["source"], reject["row_key"], Jsonb(reject["raw"]), reject["reason"], run_id))
-            total += 1
-            new += cursor.rowcount
+    for path in paths:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                reject = json.loads(line)
+                cursor.execute(
+                    "INSERT INTO rejected_rows (source, row_key, raw, reason, run_id) VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (reject["source"], reject["row_key"], Jsonb(reject["raw"]), reject["reason"], run_id))
+                total += 1
+                new += cursor.rowcount
     return total, new
 
 
-def load(dsn: str, folder: Path, run_id: str) -> list[tuple]:
+def load(dsn: str, folder: Path, run_id: str) -> list[Sequence]:
     try:
         connection = psycopg.connect(dsn, connect_timeout=10)
     except psycopg.OperationalError as error:
@@ -81,14 +103,40 @@ def stage_and_merge(cursor: psycopg.Cursor, folder: Path, run_id: str) -> list[S
     # A leftover of this run (a crash between COPY and merge) must not be merged twice.
     cursor.execute("DELETE FROM staging.landslide_event WHERE run_id = %s", (run_id,))
     cursor.execute("DELETE FROM staging.weather_hourly WHERE run_id = %s", (run_id,))
-    events = copy_into(cursor, "staging.landslide_event", folder / EVENTS, EVENT_COLUMNS, run_id)
-    hourly = copy_into(cursor, "staging.weather_hourly", folder / HOURLY, HOURLY_COLUMNS, run_id)
-    rejects, new_rejects = record_rejects(cursor, folder / REJECTS, run_id)
-    log.info("staged %d events and %d hourly rows (%d windows); extract's %d rejects: %d newly recorded",
+    event_files = list(extract_files(folder, EVENTS).values())
+    event_rows, copies = distinct_events(event_files)
+    events = copy_into(cursor, "staging.landslide_event", EVENT_COLUMNS, event_rows, len(event_rows), run_id)
+    hourly = copy_into(cursor, "staging.weather_hourly", HOURLY_COLUMNS, csv_rows(folder / HOURLY, HOURLY_COLUMNS),
+                       count_rows(folder / HOURLY), run_id)
+    rejects, new_rejects = record_rejects(cursor, list(extract_files(folder, REJECTS).values()), run_id)
+    log.info("staged %d events and %d hourly rows (%d windows); the extracts' %d rejects: %d newly recorded",
              events, hourly, hourly // 24, rejects, new_rejects)
     cursor.execute("SELECT * FROM load_staging(%s)", (run_id,))
     columns = [column.name for column in cursor.description]
-    return [columns, *cursor.fetchall()]
+    table = [columns, *cursor.fetchall()]
+    log_event_accounting(event_files, events, copies, table)
+    return table
+
+
+def log_event_accounting(files: list[Path], staged: int, copies: int, table: list[Sequence]) -> None:
+    """Every event row of every extract is a copy left out, inserted, already present or rejected."""
+    _, inserted, present, rejected = next(row for row in table if row[0] == "landslide_event")
+    total = staged + copies
+    verdict = "add up" if copies + inserted + present + rejected == total else "DO NOT ADD UP (a bug: report it)"
+    log.info("event rows: %d in %s = %d copies of an earlier file's row (the same event from another source, "
+             "staged once) + %d inserted + %d already present + %d rejected: the counts %s",
+             total, ", ".join(path.name for path in files), copies, inserted, present, rejected, verdict)
+
+
+def check_extracts_complete(folder: Path) -> None:
+    """Each extract writes its events file first and its rejects file last: both or it did not finish."""
+    names = {kind: set(extract_files(folder, kind)) for kind in (EVENTS, REJECTS)}
+    if not names[EVENTS]:
+        raise StepFailed(f"{folder} has no {EVENTS.format(name='*')}: run extract and crawl for this run folder first")
+    unfinished = names[EVENTS] ^ names[REJECTS]
+    if unfinished:
+        raise StepFailed(f"extract --name {', '.join(sorted(unfinished))} did not finish in {folder} (its events and "
+                         f"rejects files must both be there): run that extract again, then crawl, then load")
 
 
 def print_table(rows: list[Sequence]) -> None:
@@ -114,9 +162,7 @@ def main() -> int:
     if not args.dsn:
         raise StepFailed("no warehouse DSN: set VPE_WAREHOUSE_DSN (./bootstrap.sh exports it) or pass --dsn")
     folder, run_id = run_folder(args, create=False, needs=HOURLY)
-    for name in (EVENTS, REJECTS):
-        if not (folder / name).is_file():
-            raise StepFailed(f"{folder / name} does not exist: run extract and crawl for this run folder first")
+    check_extracts_complete(folder)
     summary_path = folder / CRAWL_SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if summary.get("stopped"):
