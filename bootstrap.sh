@@ -429,7 +429,7 @@ cmd_up() {
   exec 9> "$PIDS/bootstrap.lock"
   flock -n 9 || die "another ./bootstrap.sh is working on $VPE_HOME; wait for it to finish."
   ensure_venv
-  for component in "${wanted[@]}"; do "start_$component"; done
+  for component in "${wanted[@]}"; do "start_${component//-/_}"; done
   say ""
   # Whatever was asked for is healthy by now (start_* waits or dies); others may be down on purpose.
   cmd_status || true
