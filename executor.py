@@ -38,7 +38,7 @@ import uuid
 from collections import deque
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp

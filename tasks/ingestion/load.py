@@ -49,13 +49,16 @@ def distinct_events(paths: list[Path]) -> tuple[list[list[str | None]], int]:
     Returns (rows to stage, rows left out)."""
     rows: list[list[str | None]] = []
     seen: set[tuple] = set()
+    copies = 0
     for path in paths:
         for row in csv_rows(path, EVENT_COLUMNS):
             content = tuple(row[i] for i in EVENT_CONTENT)
-            if content not in seen:
+            if content in seen:
+                copies += 1
+            else:
                 seen.add(content)
                 rows.append(row)
-    return rows, sum(map(count_rows, paths)) - len(rows)
+    return rows, copies
 
 
 def copy_into(cursor: psycopg.Cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[str | None]],
