@@ -44,7 +44,7 @@ def write_windows(folder: Path, count: int) -> None:
         lines.append(f"b{event},true,{lat},{lon},{year}-{month:02d}-{day:02d}")
         lines.append(f"b{event},false,{lat},{lon},{year - 1}-{month:02d}-{day:02d}")
     folder.mkdir(parents=True)
-    (folder / "windows.csv").write_text("\n".join(lines) + "\n")
+    (folder / "windows-bench.csv").write_text("\n".join(lines) + "\n")
 
 
 def stats(url: str) -> dict:
