@@ -4,6 +4,8 @@
 (a) COPY into staging + load_staging() (dml.sql), one transaction.
 (b) The seed's way: one INSERT per row into a staging table whose AFTER INSERT
     trigger fans each row out to location, datetime, weather_data and soil.
+    Built as kindly as the approach allows: the same keyed tables, so its
+    lookups are index probes, and prepared statements.
 
 Both load the same generated data (hourly rows for an event day and its
 non-event day, four soil depths each) into fresh databases with ddl.sql and
