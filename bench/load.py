@@ -14,7 +14,7 @@ twice: all rows in one transaction (the kindest case for it) and with a commit
 per row (what a naive loader does). (b) is too slow for the full set, so it
 loads the first rows only and its rate is extrapolated; the table says so.
 
-Uses the server at VPE_WAREHOUSE_DSN (creates and drops two scratch databases
+Uses the server at VPE_WAREHOUSE_DSN (creates and drops its own scratch databases
 there) or, without it, starts a throwaway cluster of its own.
 Not part of the test suite.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 HOURS_PER_WINDOW = 24
@@ -261,7 +261,7 @@ def main() -> int:
                         help="hourly rows for (b) in one transaction; rate extrapolated (default 200,000)")
     parser.add_argument("--autocommit-rows", type=int, default=20_000,
                         help="hourly rows for (b) committing each row; rate extrapolated (default 20,000)")
-    parser.add_argument("--random-seed", type=int, default=1)
+    parser.add_argument("--random-seed", type=int, default=1, help="seed of the generated data (default 1)")
     args = parser.parse_args()
 
     log(f"generating {args.rows:,} hourly rows")
