@@ -319,8 +319,9 @@ BEGIN
                       WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid);
     ANALYZE pg_temp.load_weather;
 
-    -- All hours of a window share its place and day (the stored window, if
-    -- any, else the batch's); a row claiming otherwise is rejected.
+    -- All hours of a window share its place and day: those of the stored
+    -- window, if any, else the batch's earliest day and lowest coordinates.
+    -- A row claiming otherwise is rejected.
     WITH batch AS (
         SELECT landslide_event_id, is_event, min(latitude) AS latitude, min(longitude) AS longitude,
                min(window_date) AS window_date
