@@ -154,6 +154,16 @@ class AirflowAPI:
             time.sleep(1)
         raise AssertionError(f"{dag_id} run {run_id} still {state} after {timeout}s")
 
+    def explain(self, dag_id: str, run_id: str) -> str:
+        """Each task's state and the end of each unsuccessful task's log, for failure messages."""
+        tis = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        lines = []
+        for ti in tis:
+            lines.append(f"{ti['task_id']}: {ti['state']} (try {ti['try_number']})")
+            if ti["state"] not in ("success", None) and ti["try_number"]:
+                lines.append(self.task_log(dag_id, run_id, ti["task_id"], ti["try_number"])[-3000:])
+        return "\n".join(lines)
+
     def task_state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
         return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["state"]
 

@@ -95,7 +95,8 @@ def test_every_dag_imports_with_the_expected_tasks() -> None:
 def demo_stack(stack_home: Path) -> Iterator[dict[str, str]]:
     """The whole platform in offline-demo mode, with the test DAGs and task scripts beside the real ones."""
     env = stack_config(stack_home / "airflow-stack")
-    dags, tasks = stack_home / "airflow-dags", stack_home / "airflow-tasks"
+    # A repo-shaped copy: the DAG's default catalog path is relative to the folder holding tasks/.
+    dags, tasks = stack_home / "airflow-repo" / "dags", stack_home / "airflow-repo" / "tasks"
     shutil.copytree(ROOT / "dags", dags)
     shutil.copytree(ROOT / "tasks", tasks)
     (dags / "vpe_test.py").write_text(TEST_DAGS)
@@ -133,7 +134,7 @@ def warehouse_counts(env: dict[str, str]) -> dict[str, int]:
 def test_ingestion_dag_loads_the_demo_catalog(demo_stack: dict[str, str]) -> None:
     airflow = AirflowAPI(demo_stack)
     run_id = airflow.trigger("ingestion")
-    assert airflow.wait_for_run("ingestion", run_id) == "success"
+    assert airflow.wait_for_run("ingestion", run_id) == "success", airflow.explain("ingestion", run_id)
 
     counts = warehouse_counts(demo_stack)
     assert counts["landslide_event"] == DEMO_EVENTS
@@ -148,7 +149,7 @@ def test_second_ingestion_run_adds_no_rows(demo_stack: dict[str, str]) -> None:
     before = warehouse_counts(demo_stack)
     airflow = AirflowAPI(demo_stack)
     run_id = airflow.trigger("ingestion")
-    assert airflow.wait_for_run("ingestion", run_id) == "success"
+    assert airflow.wait_for_run("ingestion", run_id) == "success", airflow.explain("ingestion", run_id)
     assert warehouse_counts(demo_stack) == before
 
 
