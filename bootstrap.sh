@@ -22,6 +22,7 @@ Commands:
   logs [COMPONENT...] last lines of the components' logs (all without one)
   migrate            apply ddl.sql and dml.sql to the warehouse (up does this too)
   airflow [ARGS...]  the airflow CLI, configured for this stack (e.g. airflow dags list)
+  executor [ARGS...] the executor's CLI, configured for this stack (e.g. executor envs)
   test [ARGS...]     install the test tools and run the test suite (ARGS go to pytest)
   config             print the resolved configuration and mode
 
@@ -210,6 +211,11 @@ stop_group() {
 
 pgroup_alive() { ps -o pid= -g "$1" >/dev/null 2>&1; }
 
+# Prints the body of a 2xx answer, fails otherwise (python3 is a prerequisite anyway; curl is not).
+http_get() {
+  python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())' "$1" 2>/dev/null
+}
+
 wait_for() {
   local what=$1 seconds=$2 log=$3; shift 3
   local deadline=$((SECONDS + seconds))
@@ -340,7 +346,7 @@ grpc_connection_json() {
 
 airflow_api() { say "http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"; }
 
-airflow_healthy() { curl -fsS --max-time 3 "$(airflow_api)/api/v2/monitor/health"; }
+airflow_healthy() { http_get "$(airflow_api)/api/v2/monitor/health"; }
 
 # One of the parts the api-server's health endpoint reports on: scheduler, triggerer, dag_processor.
 airflow_part_healthy() {
@@ -394,7 +400,7 @@ enter_offline_demo() {
 
 open_meteo_running() { running open-meteo "open_meteo_server.py"; }
 
-open_meteo_healthy() { curl -fsS --max-time 3 "http://127.0.0.1:$VPE_OPEN_METEO_PORT/stats"; }
+open_meteo_healthy() { http_get "http://127.0.0.1:$VPE_OPEN_METEO_PORT/stats"; }
 
 start_open_meteo() {
   if open_meteo_running; then
@@ -506,6 +512,8 @@ cmd_migrate() {
 }
 
 cmd_airflow() { exec "$VPE_VENV/bin/airflow" "$@"; }
+
+cmd_executor() { exec "$VPE_VENV/bin/python" "$ROOT/executor.py" "$@"; }
 
 cmd_test() {
   ensure_venv "$ROOT/requirements-test.txt"
@@ -684,6 +692,11 @@ compose_airflow() {
   compose exec $(tty_flag) airflow-scheduler airflow "$@"
 }
 
+compose_executor() {
+  compose_env
+  compose exec $(tty_flag) executor python executor.py "$@"
+}
+
 # --- end of compose mode -----------------------------------------------------
 
 main() {
@@ -707,7 +720,7 @@ main() {
     config) print_config; return ;;
     test) cmd_test "$@"; return ;;
     up|logs) all_components "$@" || { usage >&2; exit 2; } ;;
-    status|down|psql|migrate|airflow) ;;
+    status|down|psql|migrate|airflow|executor) ;;
     *) usage >&2; exit 2 ;;
   esac
   if [ "$MODE" = docker ]; then
