@@ -541,9 +541,10 @@ class ActiveRun:
         self._cancel_reason = ""
         self._cancelled = threading.Event()
         self.process_started = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        self._wake_lock = threading.Lock()  # never write to the wake pipe after it is closed (fd reuse)
-        self._wake_closed = False
+        # Wakes _pump on cancel. It exists only while _pump runs, so a refused or queued run holds no fds;
+        # the lock keeps cancel from writing to it after it is closed (fd reuse).
+        self._wake_lock = threading.Lock()
+        self._wake_w: int | None = None
         self._thread = threading.Thread(target=self._supervise, name=f"run-{plan.run_id}", daemon=True)
 
     def start(self, position: int) -> None:
@@ -552,18 +553,13 @@ class ActiveRun:
 
     def cancel(self, reason: str) -> None:
         with self._wake_lock:
-            if self._cancelled.is_set() or self._wake_closed:
+            if self._cancelled.is_set():
                 return
             self._cancel_reason = reason
             self._cancelled.set()
-            os.write(self._wake_w, b"c")
+            if self._wake_w is not None:
+                os.write(self._wake_w, b"c")
         self._slots.wake()
-
-    def _close_wake_pipe(self) -> None:
-        with self._wake_lock:
-            self._wake_closed = True
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _emit(self, **event) -> None:
         self.events.put(pb2.RunEvent(**event))
@@ -585,8 +581,6 @@ class ActiveRun:
             self._emit(line=pb2.OutputLine(stream=pb2.STDERR, text=f"executor error: {exc}", timestamp=_now_timestamp()))
             self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, exit_code=-1,
                                             duration_seconds=time.monotonic() - started, log_path=str(self.plan.log_path)))
-        finally:
-            self._close_wake_pipe()
 
     def _wait_for_slot(self) -> bool:
         self._emit(queued=pb2.Queued(
@@ -604,10 +598,15 @@ class ActiveRun:
             proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             self.process_started.set()
-            self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
-                                           run_dir=str(plan.run_dir)))
-            log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
-            timed_out = self._pump(proc, run_log, started)
+            try:
+                self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
+                                               run_dir=str(plan.run_dir)))
+                log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
+                timed_out = self._pump(proc, run_log, started)
+            except BaseException:  # e.g. the run log's disk is full: no task may outlive its supervisor
+                kill_group(proc.pid, signal.SIGKILL)  # not reaped yet, so the group id is still this task's
+                proc.wait()
+                raise
             rc = proc.wait()
             duration = time.monotonic() - started
             status = pb2.RunStatus(run_id=plan.run_id, timed_out=timed_out, cancelled=self._cancelled.is_set(),
@@ -630,11 +629,14 @@ class ActiveRun:
         exited_at = math.inf
         partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
         pidfd = os.pidfd_open(proc.pid)
+        wake_r, wake_w = os.pipe()
+        with self._wake_lock:
+            self._wake_w = wake_w
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ, pb2.STDOUT)
         sel.register(proc.stderr, selectors.EVENT_READ, pb2.STDERR)
         sel.register(pidfd, selectors.EVENT_READ, "exit")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
         open_pipes = 2
         try:
             while open_pipes or not exited:
@@ -651,8 +653,13 @@ class ActiveRun:
                 if now >= kill_at:
                     kill_group(proc.pid, signal.SIGKILL)
                     kill_at = -math.inf
-                wait_until = min(deadline, kill_at if kill_at > 0 else math.inf, exited_at + 0.05 if exited else math.inf)
-                if self.events.qsize() > MAX_BUFFERED_EVENTS:  # slow client: stop reading, the task blocks on write
+                if kill_at == math.inf:  # not stopping yet
+                    wait_until = min(deadline, exited_at + 0.05)
+                else:  # stopping: only the SIGKILL is still due (never wake for a moment already past)
+                    wait_until = kill_at if kill_at > 0 else math.inf
+                # A slow client: stop reading, so the task blocks on write. Not once cancelled: the client may be
+                # gone, and the task's output must be drained for it to die and be reaped.
+                if self.events.qsize() > MAX_BUFFERED_EVENTS and not self._cancelled.is_set():
                     time.sleep(0.05)
                     continue
                 for key, _ in sel.select(None if wait_until == math.inf else max(0.0, wait_until - now)):
@@ -660,7 +667,7 @@ class ActiveRun:
                         sel.unregister(pidfd)
                         exited, exited_at = True, time.monotonic()
                     elif key.data == "wake":
-                        os.read(self._wake_r, 64)
+                        os.read(wake_r, 64)
                     else:
                         chunk = os.read(key.fd, 65536)
                         if not chunk:
@@ -669,7 +676,11 @@ class ActiveRun:
                             chunk = b"\n" if partial[key.data] else b""
                         self._forward(key.data, partial, chunk, run_log)
         finally:
+            with self._wake_lock:
+                self._wake_w = None
             sel.close()
+            os.close(wake_r)
+            os.close(wake_w)
             os.close(pidfd)
             proc.stdout.close()
             proc.stderr.close()

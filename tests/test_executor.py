@@ -728,3 +728,51 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(server_factory, tm
     with pytest.raises(grpc.RpcError) as info:
         without_client_cert.ping(timeout=3)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------- resources
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_refused_runs_leak_no_file_descriptors(client, server):
+    call, child, grandchild = start_family(client, "fd-holder")
+    refused = []
+
+    def refuse_duplicates(count: int) -> None:
+        for _ in range(count):
+            with pytest.raises(grpc.RpcError) as info:
+                list(client.run("six_a", "t/noop.py", run_id="fd-holder"))
+            refused.append(info.value.code())
+
+    refuse_duplicates(3)  # the channel and any lazily opened server fds exist after this
+    before = open_fds(server.proc.pid)
+    refuse_duplicates(50)
+    after = open_fds(server.proc.pid)
+    client.cancel("fd-holder")
+    assert list(call)[-1].status.cancelled
+    assert set(refused) == {grpc.StatusCode.ALREADY_EXISTS}
+    assert after - before < 10, f"{after - before} fds more after 50 refused runs"
+
+
+def test_a_flooding_task_whose_client_went_away_is_stopped_and_frees_its_slot(server_factory, tasks_dir):
+    """The executor stops reading a task's pipes while its client is slow; once the client is gone that pause
+    must end, or the killed task is never reaped and its slot is never freed."""
+    (tasks_dir / "t" / "flood.py").write_text("line = 'x' * 1000\nwhile True:\n    print(line)\n")
+    srv = server_factory("--max-concurrent", "1", "--max-queue", "1").start()
+    client = srv.client()
+    call = client.run("six_a", "t/flood.py", run_id="flood")
+    assert next(call).HasField("started")
+    run_log = srv.home / "logs" / "executor" / "flood.log"
+    sizes: list[int] = []
+
+    def output_paused() -> bool:  # the executor stopped reading: the queue for this client is full
+        sizes.append(run_log.stat().st_size if run_log.exists() else 0)
+        return len(sizes) > 5 and sizes[-1] == sizes[-6] > 0
+
+    assert wait_until(output_paused, 60, 0.2), "the executor never paused reading a flooding task"
+    call.cancel()
+    events, status = collect(client.run("six_a", "t/exit_with.py", ["0"], run_id="after-flood", rpc_timeout=20))
+    assert status.exit_code == 0
+    assert wait_until(lambda: "run flood: signal 15 (cancelled: client went away)" in srv.log(), 5), srv.log()[-2000:]
