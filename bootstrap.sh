@@ -124,8 +124,6 @@ pg_os_user() {
 
 make_state_dirs() {
   mkdir -p "$VPE_HOME" "$PIDS" "$VPE_BUFFER" "$AIRFLOW_HOME" "$LOGS"/{postgres,executor,airflow} "$VPE_HOME/pg"
-  # Tasks, Airflow workers and PostgreSQL all write here; no manual chmod afterwards.
-  chmod 0777 "$LOGS"/* "$VPE_BUFFER"
 }
 
 # Secrets are generated once and kept: the warehouse password must survive re-runs.
@@ -237,7 +235,7 @@ init_cluster() {
   [ -s "$PG_DATA/PG_VERSION" ] && return
   step "creating the PostgreSQL cluster in $PG_DATA"
   mkdir -p "$PG_DATA" "$PG_SOCKET"
-  chown "$PG_OS_USER" "$VPE_HOME/pg" "$PG_DATA" "$PG_SOCKET" "$LOGS/postgres"
+  chown "$PG_OS_USER" "$VPE_HOME/pg" "$PG_DATA" "$PG_SOCKET"
   chmod 0700 "$PG_DATA" "$PG_SOCKET"
   local pwfile=$VPE_HOME/pg/.pwfile
   ( umask 077; say "$VPE_PG_PASSWORD" > "$pwfile" )
@@ -252,6 +250,8 @@ init_cluster() {
 start_postgres() {
   find_pg_bin
   pg_os_user
+  # Everything else runs as the caller; only PostgreSQL's log folder belongs to its account.
+  chown "$PG_OS_USER" "$LOGS/postgres"
   init_cluster
   if as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
     say "postgres   already running"
