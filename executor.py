@@ -396,6 +396,8 @@ class EnvManager:
                                 env=build_environment(), cwd=prefix.parent, start_new_session=True)
         with self._lock:
             self._build_procs.add(proc)
+        if self._stopping.is_set():  # stop() may have collected the build processes just before the add
+            kill_group(proc.pid, signal.SIGKILL)
         try:
             code = proc.wait()
         finally:
@@ -1021,6 +1023,13 @@ def status_exit_code(status) -> int:
     return status.exit_code if status.WhichOneof("outcome") == "exit_code" else 1
 
 
+def describe_status(status) -> str:
+    outcome = status.WhichOneof("outcome")
+    ended = f"{outcome}={getattr(status, outcome)}" if outcome else "never started"
+    flags = ("timed out; " if status.timed_out else "") + ("cancelled; " if status.cancelled else "")
+    return f"{flags}{ended} after {status.duration_seconds:.2f}s; log {status.log_path}"
+
+
 ENV_STATE_NAMES = {pb2.ENV_READY: "ready", pb2.ENV_BUILDING: "building", pb2.ENV_FAILED: "failed"}
 
 
@@ -1090,10 +1099,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
                       f"log {event.started.log_path}", file=sys.stderr)
             elif kind == "status":
                 if args.verbose or event.status.timed_out or event.status.cancelled:
-                    print(f"[executor] {'timed out; ' if event.status.timed_out else ''}"
-                          f"{'cancelled; ' if event.status.cancelled else ''}"
-                          f"{event.status.WhichOneof('outcome')}={getattr(event.status, event.status.WhichOneof('outcome') or 'exit_code')} "
-                          f"after {event.status.duration_seconds:.2f}s; log {event.status.log_path}", file=sys.stderr)
+                    print(f"[executor] {describe_status(event.status)}", file=sys.stderr)
                 return status_exit_code(event.status)
     except grpc.RpcError as exc:
         print(_rpc_error(exc, cfg), file=sys.stderr)
@@ -1179,7 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", parents=[client], help="cancel a running or queued run",
                        description="Exit 0 when the run was found and is being stopped, 1 otherwise.")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help="the run's id (given with run --run-id, or printed by run -v)")
     p.set_defaults(func=cmd_cancel)
     return parser
 

@@ -776,3 +776,21 @@ def test_a_flooding_task_whose_client_went_away_is_stopped_and_frees_its_slot(se
     events, status = collect(client.run("six_a", "t/exit_with.py", ["0"], run_id="after-flood", rpc_timeout=20))
     assert status.exit_code == 0
     assert wait_until(lambda: "run flood: signal 15 (cancelled: client went away)" in srv.log(), 5), srv.log()[-2000:]
+
+
+def test_cli_run_cancelled_in_the_queue_says_it_never_started(client, server):
+    holders = [start_family(client, f"queue-holder-{i}")[0] for i in range(2)]  # the shared server's 2 slots
+    env = clean_environ(VPE_EXECUTOR_PORT=str(server.port))
+    cli = subprocess.Popen([sys.executable, str(ROOT / "executor.py"), "run", "six_a", "t/noop.py", "--run-id",
+                            "queued-cli"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "queued at position 1" in cli.stderr.readline()
+        assert client.cancel("queued-cli").found
+        assert cli.wait(30) == 1
+        message = cli.stderr.read()
+    finally:
+        cli.kill()
+        for i, call in enumerate(holders):
+            client.cancel(f"queue-holder-{i}")
+            list(call)
+    assert "cancelled; never started" in message and "None" not in message, message
