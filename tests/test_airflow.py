@@ -15,7 +15,7 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from conftest import ROOT, AirflowAPI, bootstrap, free_port, stack_config, warehouse_dsn
+from conftest import ROOT, AirflowAPI, bootstrap, free_port, read_secrets, stack_config, warehouse_dsn
 
 DEMO_EVENTS = 15  # tasks/ingestion/demo_catalog.csv: 21 rows, 6 of them rejected
 SOIL_DEPTHS = 4
@@ -112,8 +112,7 @@ def demo_stack(stack_home: Path) -> Iterator[dict[str, str]]:
 
 def wait_for_envs(env: dict[str, str], timeout: float = 600) -> None:
     """The executor builds the pipelines' envs in the background after start-up."""
-    secrets = (Path(env["VPE_HOME"]) / "secrets.env").read_text().splitlines()
-    token = dict(line.split("=", 1) for line in secrets)["VPE_EXECUTOR_TOKEN"]
+    token = read_secrets(Path(env["VPE_HOME"]))["VPE_EXECUTOR_TOKEN"]
     cli_env = {**os.environ, **env, "VPE_EXECUTOR_TOKEN": token}
     deadline = time.monotonic() + timeout
     while True:
@@ -196,3 +195,42 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+OPERATOR_PROBE = '''
+from types import SimpleNamespace
+from airflow.exceptions import AirflowException, AirflowFailException
+from executor_operator import ExecutorOperator
+
+operator = ExecutorOperator(task_id="step", env={env!r}, script="vpe_test/fail.py")
+ti = SimpleNamespace(dag_id="probe", run_id="manual__2026-01-01T00:00:00+00:00", task_id="step", try_number=1)
+try:
+    operator.execute({{"ti": ti}})
+except AirflowFailException as err:
+    print("final:", err)
+except AirflowException as err:
+    print("retryable:", err)
+'''
+
+
+def run_operator(env_name: str, port: str, token: str = "") -> str:
+    """ExecutorOperator.execute outside a DAG run, against whatever listens on `port`."""
+    conn = {"conn_type": "grpc", "host": "127.0.0.1", "port": int(port), "password": token,
+            "extra": {"auth_type": "NO_AUTH"}}
+    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn),
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
+    result = subprocess.run([sys.executable, "-c", OPERATOR_PROBE.format(env=env_name)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_unreachable_executor_is_a_retryable_error() -> None:
+    outcome = run_operator("ingestion", str(free_port()))
+    assert outcome.startswith("retryable: executor unreachable through connection 'grpc_default'")
+
+
+def test_refused_request_fails_without_retry(demo_stack: dict[str, str]) -> None:
+    token = read_secrets(Path(demo_stack["VPE_HOME"]))["VPE_EXECUTOR_TOKEN"]
+    outcome = run_operator("no_such_env", demo_stack["VPE_EXECUTOR_PORT"], token)
+    assert outcome.startswith("final: the executor refused vpe_test/fail.py in env 'no_such_env': NOT_FOUND")
