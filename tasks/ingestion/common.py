@@ -8,9 +8,10 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 HOURLY_VARIABLES = (
     "temperature_2m", "relative_humidity_2m", "precipitation", "rain",
@@ -90,17 +91,27 @@ def run_folder(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path
     return folder, run_id
 
 
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> int:
-    """Writes all rows or nothing: a half-written file never carries the final name."""
+@contextmanager
+def atomic_write(path: Path, binary: bool = False) -> Iterator[IO]:
+    """All or nothing: a half-written file never carries the final name, and a failed write leaves none."""
     partial = path.with_name(path.name + ".partial")
+    try:
+        with (partial.open("wb") if binary else partial.open("w", newline="", encoding="utf-8")) as handle:
+            yield handle
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> int:
     count = 0
-    with partial.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
             writer.writerow(row)
             count += 1
-    os.replace(partial, path)
     return count
 
 

@@ -113,7 +113,8 @@ class RateLimit:
             if wake - now > 3600:
                 resume = datetime.fromtimestamp(wake, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 raise QuotaExhausted(f"the local rate limit's daily budget is used up until {resume}")
-            log.info("rate limit: waiting %.1fs", wake - now)
+            if wake - now >= 1:
+                log.info("rate limit: waiting %.1fs", wake - now)
             time.sleep(wake - now)
         self.calls.append((time.time(), weight))
         if self.limits:
@@ -253,7 +254,7 @@ class Crawl:
     retries: int
     backoff: float
 
-    def run(self, keys: list[Key]) -> tuple[dict[Key, str], str | None]:
+    def run(self, keys: list[Key]) -> tuple[dict[Key, str], QuotaExhausted | Retryable | None]:
         """Fetches and caches `keys`; returns failures by key and, if it stopped early, why."""
         failed: dict[Key, str] = {}
         queue = deque(keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size))
@@ -275,10 +276,10 @@ class Crawl:
                 progress.advance(len(batch))
                 failed_in_a_row += 1
                 if failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
-                    return failed, f"{failed_in_a_row} batches in a row failed, last: {reason}"
+                    return failed, Retryable(f"{failed_in_a_row} batches in a row failed, last: {reason}")
                 continue
             except QuotaExhausted as reason:
-                return failed, f"daily quota reached ({reason})"
+                return failed, reason
             failed_in_a_row = 0
             for key, answer in zip(batch, answers):
                 try:
@@ -391,14 +392,14 @@ def main() -> int:
     done, not_done, synthetic = write_outputs(folder, windows, cache, failed, pending)
     summary = {"url": args.url, "synthetic": synthetic or archive.synthetic, "windows": len(windows),
                "windows_with_data": done, "windows_failed": not_done, "api_calls": archive.calls,
-               "seconds": round(time.monotonic() - started, 2), "stopped": stopped}
+               "seconds": round(time.monotonic() - started, 2), "stopped": str(stopped) if stopped else None}
     (folder / CRAWL_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%d windows = %d with 24 hourly rows + %d failed (see %s); %d API calls in %.1fs",
              len(windows), done, not_done, FAILED_WINDOWS, archive.calls, summary["seconds"])
     if summary["synthetic"]:
         log.warning("*** the weather values of this run are SYNTHETIC (from %s), not observations ***", args.url)
-    if stopped and stopped.startswith("daily quota"):
-        raise StepFailed(f"{stopped}: {done} of {len(windows)} windows are fetched and cached; rerun the same "
+    if isinstance(stopped, QuotaExhausted):
+        raise StepFailed(f"daily quota reached ({stopped}): {done} of {len(windows)} windows are fetched and cached; rerun the same "
                          f"command tomorrow to fetch the other {not_done} (cached windows make no new calls)",
                          EXIT_QUOTA)
     if stopped:

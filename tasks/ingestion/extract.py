@@ -25,7 +25,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from common import (EVENT_COLUMNS, EVENTS, EXTRACT_NAME, REJECTS, REPO, WINDOW_COLUMNS, WINDOWS, StepFailed,
-                    add_run_arguments, log, run_folder, run_step, write_csv)
+                    add_run_arguments, atomic_write, log, run_folder, run_step, write_csv)
 
 REQUIRED_COLUMNS = ("id", "date", "time", "country", "near", "continentcode", "hazard_type", "landslide_type",
                     "landslide_size", "latitude", "longitude")
@@ -100,17 +100,15 @@ def fetch(source: str, folder: Path, name: str) -> Path:
     import requests
 
     target = folder / f"download-{name}-{Path(urlsplit(source).path).name or 'catalog'}"
-    partial = target.with_name(target.name + ".partial")
     log.info("downloading %s", source)
     try:
         with requests.get(source, timeout=60, stream=True) as response:
             response.raise_for_status()
-            with partial.open("wb") as handle:
+            with atomic_write(target, binary=True) as handle:
                 for chunk in response.iter_content(1 << 20):
                     handle.write(chunk)
     except requests.RequestException as error:
         raise StepFailed(f"cannot download {source}: {error}") from None
-    partial.replace(target)
     return target
 
 
@@ -293,12 +291,9 @@ def write_outputs(folder: Path, name: str, source: str, events: list[Event], rej
     write_csv(folder / EVENTS.format(name=name), EVENT_COLUMNS, (event.record(source) for event in events))
     windows = write_csv(folder / WINDOWS.format(name=name), WINDOW_COLUMNS,
                         (window for event in events for window in event.windows()))
-    target = folder / REJECTS.format(name=name)
-    partial = target.with_name(target.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
+    with atomic_write(folder / REJECTS.format(name=name)) as handle:
         for reject in rejects:
             handle.write(json.dumps(reject, ensure_ascii=False) + "\n")
-    partial.replace(target)
     return windows
 
 
