@@ -38,7 +38,7 @@ import uuid
 from collections import deque
 from concurrent import futures
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -134,10 +134,21 @@ def config_from(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         return str(value) if value is not None else _env(var, default)
 
+    def number(flag: str, var: str, default: str, kind: type[int] | type[float], minimum: float) -> Any:
+        text = pick(flag, var, default)
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value < math.inf:
+            raise SystemExit(f"executor.py: {var} (--{flag.replace('_', '-')}) must be "
+                             f"{'a whole number' if kind is int else 'a number'} >= {minimum}, not {text!r}")
+        return value
+
     home = Path(pick("home", "VPE_HOME", str(HERE / ".vpe"))).resolve()
     return Config(
         host=pick("host", "VPE_EXECUTOR_HOST", "127.0.0.1"),
-        port=int(pick("port", "VPE_EXECUTOR_PORT", "3170")),
+        port=number("port", "VPE_EXECUTOR_PORT", "3170", int, 1),
         token=pick("token", "VPE_EXECUTOR_TOKEN", ""),
         tls_cert=pick("tls_cert", "VPE_EXECUTOR_TLS_CERT", ""),
         tls_key=pick("tls_key", "VPE_EXECUTOR_TLS_KEY", ""),
@@ -145,10 +156,10 @@ def config_from(args: argparse.Namespace) -> Config:
         home=home,
         envs_dir=Path(pick("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"))).resolve(),
         tasks_dir=Path(pick("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"))).resolve(),
-        max_concurrent=int(pick("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1))),
-        max_queue=int(pick("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32")),
-        kill_grace=float(pick("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1.0")),
-        shutdown_grace=float(pick("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10")),
+        max_concurrent=number("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1), int, 1),
+        max_queue=number("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32", int, 0),
+        kill_grace=number("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1.0", float, 0),
+        shutdown_grace=number("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0),
         backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
         passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
     )
@@ -940,6 +951,10 @@ def serve(cfg: Config) -> int:
     except RuntimeError as exc:
         log.error("cannot listen on %s (%s); is another executor running? pick another VPE_EXECUTOR_PORT", cfg.target, exc)
         return 1
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.token and credentials):
+        log.warning("listening on %s without %s: anyone who can reach it can run the task scripts; "
+                    "set VPE_EXECUTOR_TOKEN and VPE_EXECUTOR_TLS_CERT/KEY", cfg.target,
+                    "a token or TLS" if not (cfg.token or credentials) else "a token" if not cfg.token else "TLS")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -248,6 +248,15 @@ def test_cli_ping_fails_fast_with_a_reason_when_nothing_listens():
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize("variable, value", [("VPE_EXECUTOR_PORT", "abc"), ("VPE_EXECUTOR_MAX_CONCURRENT", "0"),
+                                             ("VPE_EXECUTOR_KILL_GRACE", "-1"), ("VPE_EXECUTOR_MAX_QUEUE", "nan")])
+def test_bad_numeric_setting_is_a_one_line_error_naming_it(variable, value):
+    result = subprocess.run([sys.executable, str(ROOT / "executor.py"), "ping"], capture_output=True, text=True,
+                            env=clean_environ(**{variable: value}), timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and variable in result.stderr
+
+
 @pytest.mark.parametrize("command", [[], ["serve"], ["ping"], ["envs"], ["run"], ["cancel"]])
 def test_cli_help(command):
     result = subprocess.run([sys.executable, str(ROOT / "executor.py"), *command, "--help"], capture_output=True,
