@@ -191,23 +191,28 @@ spawn() {
   say $! > "$(pidfile "$name")"
 }
 
-stop_group() {
-  local name=$1 file pid i
-  file=$(pidfile "$name")
-  [ -f "$file" ] || return 0
-  pid=$(cat "$file")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for i in $(seq 1 150); do
-      pgroup_alive "$pid" || break
-      sleep 0.1
-    done
-    pgroup_alive "$pid" && kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
+# TERM to every named process group at once, KILL to whatever is left after 15 s.
+stop_groups() {
+  local name file pids=() pid i
+  for name in "$@"; do
+    file=$(pidfile "$name")
+    [ -f "$file" ] || continue
+    pid=$(cat "$file")
+    kill -TERM -- "-$pid" 2>/dev/null && pids+=("$pid")
+    rm -f "$file"
+  done
+  for i in $(seq 1 150); do
+    any_group_alive "${pids[@]}" || return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
 }
 
-pgroup_alive() { ps -o pid= -g "$1" >/dev/null 2>&1; }
+any_group_alive() {
+  local pid
+  for pid in "$@"; do ps -o pid= -g "$pid" >/dev/null 2>&1 && return 0; done
+  return 1
+}
 
 # Prints the body of a 2xx answer, fails otherwise (python3 is a prerequisite anyway; curl is not).
 http_get() {
@@ -481,10 +486,11 @@ status_line() {
 }
 
 cmd_down() {
-  local service
-  for service in "${AIRFLOW_SERVICES[@]}"; do stop_group "airflow-$service"; done
-  stop_group executor
-  stop_group open-meteo
+  local service airflow=()
+  for service in "${AIRFLOW_SERVICES[@]}"; do airflow+=("airflow-$service"); done
+  # Airflow first: its running tasks are cancelled while the executor can still hear it.
+  stop_groups "${airflow[@]}"
+  stop_groups executor open-meteo
   stop_postgres
   say "stopped; data kept in $VPE_HOME"
 }
