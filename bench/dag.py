@@ -21,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import AirflowAPI, bootstrap, free_port, stack_config  # noqa: E402
-from test_airflow import wait_for_envs  # noqa: E402
+from conftest import AirflowAPI, bootstrap, free_port, stack_config, stack_parent, wait_for_envs  # noqa: E402
 
 
 def seconds(start: str, end: str) -> float:
@@ -56,9 +55,7 @@ def main() -> int:
     catalog = Path(args.catalog).resolve()
     conf = {"csv_source": f"{catalog}.csv", "xlsx_source": f"{catalog}.xlsx"}
 
-    import tempfile
-    home = Path(tempfile.mkdtemp(prefix="vpe-bench-"))
-    home.chmod(0o755)
+    home = stack_parent("vpe-bench-")
     env = stack_config(home / "vpe")
     env["VPE_OPEN_METEO_PORT"] = str(free_port())
     print(f"bringing up an offline-demo stack in {home}", flush=True)

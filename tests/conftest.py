@@ -33,6 +33,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pid_alive(pid: int) -> bool:
+    """Zombies count as dead: they run nothing, and PID 1 here may not reap them."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def bootstrap(*args: str, env: dict[str, str] | None = None, check: bool = True,
               timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Runs ./bootstrap.sh; on an unexpected exit the failure shows its output."""
@@ -48,12 +57,17 @@ def bootstrap(*args: str, env: dict[str, str] | None = None, check: bool = True,
     return result
 
 
+def stack_parent(prefix: str) -> Path:
+    """A world-traversable folder for stacks' state: PostgreSQL runs as another
+    account when bootstrap runs as root, and pytest's own tmp dirs are private."""
+    parent = Path(tempfile.mkdtemp(prefix=prefix))
+    parent.chmod(0o755)
+    return parent
+
+
 @pytest.fixture(scope="session")
 def stack_home() -> Iterator[Path]:
-    """A world-traversable parent for stacks' state: PostgreSQL runs as another
-    account when the tests run as root, and pytest's own tmp dirs are private."""
-    parent = Path(tempfile.mkdtemp(prefix="vpe-tests-"))
-    parent.chmod(0o755)
+    parent = stack_parent("vpe-tests-")
     yield parent
     shutil.rmtree(parent, ignore_errors=True)
 
@@ -81,6 +95,20 @@ def warehouse_dsn(env: dict[str, str], database: str | None = None) -> str:
     password = read_secrets(Path(env["VPE_HOME"]))["VPE_PG_PASSWORD"]
     database = database or env.get("VPE_WAREHOUSE_DB", "warehouse")
     return f"postgresql://postgres:{password}@127.0.0.1:{env['VPE_PG_PORT']}/{database}"
+
+
+def wait_for_envs(env: dict[str, str], timeout: float = 600) -> None:
+    """The executor builds the pipelines' envs in the background after start-up."""
+    token = read_secrets(Path(env["VPE_HOME"]))["VPE_EXECUTOR_TOKEN"]
+    cli_env = {**os.environ, **env, "VPE_EXECUTOR_TOKEN": token}
+    deadline = time.monotonic() + timeout
+    while True:
+        envs = subprocess.run([sys.executable, str(ROOT / "executor.py"), "envs"], env=cli_env,
+                              capture_output=True, text=True, timeout=30)
+        if envs.returncode == 0:
+            return
+        assert time.monotonic() < deadline and "failed" not in envs.stdout, envs.stdout + envs.stderr
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from conftest import ROOT, AirflowAPI, bootstrap, free_port, read_secrets, stack_config, warehouse_dsn
+from conftest import (ROOT, AirflowAPI, bootstrap, free_port, pid_alive, read_secrets, stack_config,
+                      wait_for_envs, warehouse_dsn)
 
 DEMO_EVENTS = 15  # tasks/ingestion/demo_catalog.csv: 21 rows, 6 of them rejected
 SOIL_DEPTHS = 4
@@ -110,20 +111,6 @@ def demo_stack(stack_home: Path) -> Iterator[dict[str, str]]:
     bootstrap("down", env=env, check=False)
 
 
-def wait_for_envs(env: dict[str, str], timeout: float = 600) -> None:
-    """The executor builds the pipelines' envs in the background after start-up."""
-    token = read_secrets(Path(env["VPE_HOME"]))["VPE_EXECUTOR_TOKEN"]
-    cli_env = {**os.environ, **env, "VPE_EXECUTOR_TOKEN": token}
-    deadline = time.monotonic() + timeout
-    while True:
-        envs = subprocess.run([sys.executable, str(ROOT / "executor.py"), "envs"], env=cli_env,
-                              capture_output=True, text=True, timeout=30)
-        if envs.returncode == 0:
-            return
-        assert time.monotonic() < deadline and "failed" not in envs.stdout, envs.stdout + envs.stderr
-        time.sleep(2)
-
-
 def warehouse_counts(env: dict[str, str]) -> dict[str, int]:
     with psycopg.connect(warehouse_dsn(env, "warehouse_demo")) as conn:
         return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -168,15 +155,15 @@ def test_marking_a_running_task_failed_kills_the_remote_processes(demo_stack: di
     run_id = airflow.trigger("vpe_test_sleep")
     pids_file = wait_for_file(Path(demo_stack["VPE_HOME"]) / "buffer", "vpe_test_sleep*/pids")
     pids = [int(pid) for pid in pids_file.read_text().split()]
-    assert all(process_alive(pid) for pid in pids)
+    assert all(pid_alive(pid) for pid in pids)
 
     airflow.request("PATCH", f"/api/v2/dags/vpe_test_sleep/dagRuns/{run_id}/taskInstances/sleep",
                     {"new_state": "failed"})
     marked = time.monotonic()
 
-    while any(process_alive(pid) for pid in pids) and time.monotonic() - marked < 5:
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() - marked < 5:
         time.sleep(0.1)
-    assert [pid for pid in pids if process_alive(pid)] == []
+    assert [pid for pid in pids if pid_alive(pid)] == []
 
 
 def wait_for_file(folder: Path, pattern: str, timeout: float = 120) -> Path:
@@ -187,14 +174,6 @@ def wait_for_file(folder: Path, pattern: str, timeout: float = 120) -> Path:
             return found[0]
         time.sleep(0.5)
     raise AssertionError(f"no {pattern} under {folder} after {timeout}s")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 OPERATOR_PROBE = '''

@@ -3,7 +3,6 @@ executor and Airflow as local processes; Airflow reaches the executor; a second
 run keeps the warehouse's data; `down` leaves nothing running."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from conftest import AirflowAPI, bootstrap, stack_config, warehouse_dsn
+from conftest import AirflowAPI, bootstrap, pid_alive, stack_config, warehouse_dsn
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +25,6 @@ def recorded_pids(home: Path) -> list[int]:
     pids = [int(f.read_text()) for f in (home / "run").glob("*.pid")]
     postmaster = home / "pg" / "data" / "postmaster.pid"
     return pids + [int(postmaster.read_text().split()[0])]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def group_members(pgid: int) -> list[int]:
@@ -97,12 +88,12 @@ def test_second_up_starts_nothing_and_keeps_warehouse_rows(stack: dict[str, str]
 def test_down_stops_every_started_process(stack: dict[str, str]) -> None:
     pids = recorded_pids(Path(stack["VPE_HOME"]))
     groups = {pid: group_members(pid) for pid in pids}
-    assert all(alive(pid) for pid in pids)
+    assert all(pid_alive(pid) for pid in pids)
 
     bootstrap("down", env=stack)
 
     started = set(pids).union(*groups.values())
-    survivors = [pid for pid in started if alive(pid)]
+    survivors = [pid for pid in started if pid_alive(pid)]
     assert survivors == []
     status = bootstrap("status", env=stack, check=False)
     assert status.returncode == 1

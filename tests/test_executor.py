@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,24 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(ROOT))
 import executor  # noqa: E402
+from conftest import free_port, pid_alive  # noqa: E402
 
 pb2 = executor.pb2
 READY_TIMEOUT = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    """Zombies count as dead: they run nothing, and PID 1 here may not reap them."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
