@@ -388,9 +388,11 @@ airflow_flags() {
   case "$1" in scheduler|triggerer) say --skip-serve-logs ;; esac
 }
 
-airflow_password() {
-  local file=$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated
-  [ -f "$file" ] && python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["admin"])' "$file" || say "(not generated yet)"
+airflow_password() { cat "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" 2>/dev/null | admin_password; }
+
+# The admin password from Airflow's generated passwords file (JSON on stdin), in both modes.
+admin_password() {
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["admin"])' 2>/dev/null || say "(not generated yet)"
 }
 
 # --- offline demo --------------------------------------------------------------
@@ -452,7 +454,7 @@ cmd_up() {
 cmd_status() {
   local bad=0
   find_pg_bin
-  printf '%-22s %-30s %s\n' COMPONENT ADDRESS STATE
+  status_row COMPONENT ADDRESS STATE
   status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
   status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
   [ "$OFFLINE_DEMO" = 1 ] && { status_line "open-meteo (SYNTHETIC)" "127.0.0.1:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1; }
@@ -466,22 +468,29 @@ cmd_status() {
   [ "$OFFLINE_DEMO" = 0 ] || say "
 OFFLINE DEMO: the weather is SYNTHETIC (local stand-in), loaded into the database $VPE_WAREHOUSE_DB.
 To use the real archive API: ./bootstrap.sh down && ./bootstrap.sh"
+  next_steps "$(airflow_password)"
+  return $bad
+}
+
+# What to do next, under both modes' status tables.
+next_steps() {
   cat <<EOF
 
-Airflow UI     $(airflow_api)   (user admin, password $(airflow_password))
+Airflow UI     $(airflow_api)   (user admin, password $1)
 Warehouse      ./bootstrap.sh psql
 Trigger a DAG  ./bootstrap.sh airflow dags trigger ping_grpc
 Logs           ./bootstrap.sh logs [postgres|executor|airflow]
 Stop           ./bootstrap.sh down
 EOF
-  return $bad
 }
+
+status_row() { printf '%-22s %-30s %s\n' "$@"; }
 
 status_line() {
   local name=$1 address=$2 state=healthy
   shift 2
   "$@" >/dev/null 2>&1 || state=unhealthy
-  printf '%-22s %-30s %s\n' "$name" "$address" "$state"
+  status_row "$name" "$address" "$state"
   [ "$state" = healthy ]
 }
 
@@ -638,28 +647,21 @@ compose_migrate() {
 compose_status() {
   compose_env
   local bad=0 service name state health code seen=" "
-  printf '%-22s %-30s %s\n' COMPONENT ADDRESS STATE
+  status_row COMPONENT ADDRESS STATE
   while IFS=$'\t' read -r service name state health code; do
     seen+="$service "
     [ "$service" = airflow-init ] && [ "$state" = exited ] && [ "$code" = 0 ] && continue
     [ "$health" = - ] || state=$health
     [ "$state" = healthy ] || [ "$state" = running ] || bad=1
-    printf '%-22s %-30s %s\n' "$name" "$(compose_address "$service")" "$state"
+    status_row "$name" "$(compose_address "$service")" "$state"
   done < <(compose_containers)
   for service in postgres executor "${AIRFLOW_COMPOSE_SERVICES[@]}"; do
-    [[ "$seen" == *" $service "* ]] || { printf '%-22s %-30s %s\n' "$service" "$(compose_address "$service")" "not running"; bad=1; }
+    [[ "$seen" == *" $service "* ]] || { status_row "$service" "$(compose_address "$service")" "not running"; bad=1; }
   done
   say ""
   compose exec -T executor python executor.py ping --host 127.0.0.1 2>/dev/null | sed 's/^/  /' || true
-  cat <<EOF
-
-Airflow UI     $(airflow_api)   (user admin, password $(compose_airflow_password))
-Warehouse      ./bootstrap.sh psql
-Trigger a DAG  ./bootstrap.sh airflow dags trigger ping_grpc
-Logs           ./bootstrap.sh logs [postgres|executor|airflow]
-Scale out      docker compose --env-file .env --env-file ${SECRETS#"$ROOT"/} up -d --scale executor=3
-Stop           ./bootstrap.sh down
-EOF
+  next_steps "$(compose exec -T airflow-api-server cat /opt/airflow/auth/passwords.json 2>/dev/null | admin_password)"
+  say "Scale out      docker compose --env-file .env --env-file ${SECRETS#"$ROOT"/} up -d --scale executor=3"
   return $bad
 }
 
@@ -670,11 +672,6 @@ compose_address() {
     airflow-api-server) airflow_api ;;
     *) say "-" ;;
   esac
-}
-
-compose_airflow_password() {
-  compose exec -T airflow-api-server cat /opt/airflow/auth/passwords.json 2>/dev/null \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["admin"])' 2>/dev/null || say "(not generated yet)"
 }
 
 compose_down() {
