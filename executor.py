@@ -486,7 +486,8 @@ def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str
                             timeout=900, env=env, stdin=subprocess.DEVNULL)
     log(f"$ uv python install {request}\n{result.stdout}{result.stderr}".rstrip())
     if result.returncode != 0:
-        return "uv could not download it: " + ((result.stderr.strip().splitlines() or ["?"])[-1])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")] or ["error: ?"]
+        return "uv could not download it: " + errors[0].removeprefix("error: ")
     for path, source in python_candidates(request, uv):
         if source == "uv's managed Pythons":
             version, real = probe_python(path)
