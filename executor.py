@@ -263,8 +263,7 @@ def parse_match_spec(text: str, yml: Path) -> CondaDep:
         raise EnvSpecError(f"{yml}: {text!r} is not a conda package spec; write name, name=version or name=version=build")
     rest, build, fuzzy = m["rest"].strip(), "", False
     if m["brackets"]:
-        fields = {key: next(v for v in values if v) if any(values) else ""
-                  for key, *values in BRACKET_FIELD_RE.findall(m["brackets"])}
+        fields = {key: single or double or bare for key, single, double, bare in BRACKET_FIELD_RE.findall(m["brackets"])}
         rest, build = rest or fields.get("version", ""), fields.get("build", "")
     if rest.startswith("=") and not rest.startswith("=="):
         rest, _, build = rest[1:].partition("=")
@@ -302,10 +301,14 @@ def load_env_doc(path: Path) -> dict:
     return doc
 
 
-def declared_env_name(path: Path) -> str:
+def env_name_of(doc: dict, path: Path) -> str:
     """conda's rule: the yml's `name:`, else (our addition) the file name. `prefix:` is ignored."""
+    return str(doc.get("name") or path.stem)
+
+
+def declared_env_name(path: Path) -> str:
     try:
-        return str(load_env_doc(path).get("name") or path.stem)
+        return env_name_of(load_env_doc(path), path)
     except (EnvSpecError, OSError):
         return path.stem  # the build reports what is wrong with the file
 
@@ -322,7 +325,7 @@ def parse_python_request(dep: CondaDep, yml: Path) -> str | None:
 def parse_env_yml(path: Path) -> EnvSpec:
     content = path.read_bytes()
     doc = load_env_doc(path)
-    name = str(doc.get("name") or path.stem)
+    name = env_name_of(doc, path)
     if not ENV_NAME_RE.fullmatch(name):
         raise EnvSpecError(f"{path}: env name {name[:130]!r} must be 1-128 of A-Z a-z 0-9 _ . - (not starting "
                            f"with . or -); change name:")
@@ -348,14 +351,16 @@ def parse_env_yml(path: Path) -> EnvSpec:
 
 
 def pypi_name(requirement: str) -> str:
-    """PEP 503 normalized project name of a requirement."""
-    return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement + " ")[1]).lower()
+    """PEP 503 normalized project name of a requirement (a path or URL stays as it is)."""
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", m[1]).lower() if m else requirement
 
 
 @dataclasses.dataclass(frozen=True)
 class TranslatedDep:
     outcome: str   # INSTALLED, SKIPPED or REFUSED
     spec: str      # the conda line
+    name: str      # its conda package name
     target: str    # INSTALLED: the pip requirement; otherwise why
 
 
@@ -371,7 +376,7 @@ class Translation:
 
     @property
     def seed_pip(self) -> bool:
-        return any(parse_match_spec(r.spec, Path()).name == "pip" for r in self.rows)
+        return any(r.name == "pip" for r in self.rows)
 
     def of(self, outcome: str) -> list[TranslatedDep]:
         return [r for r in self.rows if r.outcome == outcome]
@@ -385,11 +390,11 @@ class Translation:
         lines = []
         if self.of(INSTALLED):
             lines.append("conda packages installed from PyPI as: " + ", ".join(
-                r.target + ("" if pypi_name(r.target) == pypi_name(r.spec.split("::")[-1]) else f" ({r.spec.split('=')[0]})")
+                r.target + ("" if pypi_name(r.target) == pypi_name(r.name) else f" ({r.name})")
                 for r in self.of(INSTALLED)))
         by_reason: dict[str, list[str]] = {}
         for r in self.of(SKIPPED):
-            by_reason.setdefault(r.target, []).append(parse_match_spec(r.spec, Path()).name)
+            by_reason.setdefault(r.target, []).append(r.name)
         lines += [f"skipped, {why}: {', '.join(names)}" for why, names in by_reason.items()]
         lines += [f"refused: {r.spec} ({r.target})" for r in self.of(REFUSED)]
         lines.append(f"pip: {', '.join(self.pip_packages) or '(none)'}")
@@ -424,7 +429,7 @@ def translate(spec: EnvSpec) -> Translation:
             outcome, target = SKIPPED, "the pip: list pins it"
         elif outcome == INSTALLED:
             target += dep.pip_specifier(spec.path)
-        rows.append(TranslatedDep(outcome, dep.spec, target))
+        rows.append(TranslatedDep(outcome, dep.spec, dep.name, target))
     return Translation(tuple(rows), spec.pip_packages)
 
 
@@ -468,11 +473,14 @@ def python_candidates(minor: str, uv: str | None) -> Iterator[tuple[str, str]]:
     installed = [v for v in versions.glob(f"{minor}.*") if re.fullmatch(r"\d+\.\d+\.\d+", v.name)]
     for folder in sorted(installed, key=lambda v: version_key(v.name), reverse=True):
         yield str(folder / "bin" / f"python{minor}"), "pyenv"
-    if uv:
-        found = subprocess.run([uv, "python", "find", "--no-config", "--python-preference", "only-managed", minor],
-                               capture_output=True, text=True, timeout=60, env=build_environment())
-        if found.returncode == 0 and found.stdout.strip():
-            yield found.stdout.strip(), "uv's managed Pythons"
+    if uv and (managed := uv_managed_python(uv, minor)):
+        yield managed, "uv's managed Pythons"
+
+
+def uv_managed_python(uv: str, version: str) -> str | None:
+    found = subprocess.run([uv, "python", "find", "--no-config", "--python-preference", "only-managed", version],
+                           capture_output=True, text=True, timeout=60, env=build_environment())
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
 
 
 def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str:
@@ -488,11 +496,11 @@ def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str
     if result.returncode != 0:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")] or ["error: ?"]
         return "uv could not download it: " + errors[0].removeprefix("error: ")
-    for path, source in python_candidates(request, uv):
-        if source == "uv's managed Pythons":
-            version, real = probe_python(path)
-            return Interpreter(real, version, "downloaded by uv")
-    return "uv installed it but cannot find it"
+    managed = uv_managed_python(uv, request)
+    if managed is None:
+        return "uv installed it but cannot find it"
+    version, real = probe_python(managed)
+    return Interpreter(real, version, "uv's managed Pythons (downloaded now)")
 
 
 def find_python(version: str | None, yml: Path, uv: str | None = None, log: Any = lambda line: None) -> Interpreter:
@@ -729,11 +737,12 @@ class EnvManager:
         for yml in sorted(cfg.envs_dir.glob("*.yml")):
             claims.setdefault(declared_env_name(yml), []).append(yml)
         for name, ymls in claims.items():
-            self._records[name] = EnvRecord(name, ymls[0])
-            if len(ymls) > 1:
-                self._records[name].refusal = (
-                    f"{' and '.join(map(str, ymls))} all declare name: {name}; an env name must be unique, "
-                    f"so none of them is built: change name: in all but one")
+            if not ENV_NAME_RE.fullmatch(name):  # unsafe as a folder name: known by its file name, the build says why
+                self._records.update({yml.stem: EnvRecord(yml.stem, yml) for yml in ymls})
+                continue
+            duplicated = (f"{' and '.join(map(str, ymls))} all declare name: {name}; an env name must be unique, so "
+                          f"none of them is built: change name: in all but one") if len(ymls) > 1 else ""
+            self._records[name] = EnvRecord(name, ymls[0], refusal=duplicated)
 
     def build_log(self, name: str) -> Path:
         return self._cfg.logs_dir / f"env-{name}.log"
@@ -809,6 +818,9 @@ class EnvManager:
                 self._build_logged(record, out)
         except (EnvSpecError, EnvBuildError, OSError, subprocess.SubprocessError) as exc:
             self._fail(record, previous, str(exc))
+        except Exception as exc:  # a bug must not leave the env "building" forever: say so and keep going
+            log.exception("env %s: build crashed", record.name)
+            self._fail(record, previous, f"internal error {exc!r}; see the executor log")
 
     def _build_logged(self, record: EnvRecord, out) -> None:
         def note(line: str) -> None:

@@ -224,10 +224,12 @@ def test_what_no_venv_can_have_fails_naming_exactly_it(servers, tmp_path, tasks_
                                        "  - vpe-no-such-project-4242=1.0=py311_0\n  - six=1.16.0=pyhd3eb1b0_1\n")
     write_yml(envs_dir, "first.yml", "name: twin\ndependencies:\n  - python=3.11\n")
     write_yml(envs_dir, "second.yml", "name: twin\ndependencies:\n  - python=3.11\n")
+    write_yml(envs_dir, "escape.yml", "name: ../../escape\ndependencies:\n  - python=3.11\n")
     server = servers(tmp_path / "home", envs_dir, tasks_dir)
     envs = server.envs()
     assert {n: e.state for n, e in envs.items()} == {"cuda": pb2.ENV_FAILED, "unknown": pb2.ENV_FAILED,
-                                                     "twin": pb2.ENV_FAILED}
+                                                     "twin": pb2.ENV_FAILED, "escape": pb2.ENV_FAILED}
+    assert "'../../escape'" in envs["escape"].detail and "change name:" in envs["escape"].detail
     assert "cudatoolkit=11.8.0=h6a678d5_0" in envs["cuda"].detail
     assert "six" not in envs["cuda"].detail and "openssl" not in envs["cuda"].detail
     assert "vpe-no-such-project-4242=1.0=py311_0" in envs["unknown"].detail and "six" not in envs["unknown"].detail
