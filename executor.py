@@ -211,8 +211,10 @@ CONDA_SKIPPED = {
         "gcc", "gxx", "gfortran", "gcc_linux-64", "gxx_linux-64", "gfortran_linux-64", "c-compiler",
         "cxx-compiler", "fortran-compiler", "compilers", "binutils", "make"),
 }
-CUDA_WHY = "conda-only CUDA; PyPI wheels that use CUDA (torch, jax, cupy-cuda12x) bundle their own: list those under pip:"
-GDAL_WHY = "PyPI has only GDAL's source, which needs the system's libgdal: install libgdal-dev, list GDAL==<version> under pip:"
+CUDA_WHY = ("conda-only CUDA; PyPI wheels that use CUDA (torch, jax, cupy-cuda12x) bundle their own: "
+            "list those under pip:")
+GDAL_WHY = ("PyPI has only GDAL's source, which needs the system's libgdal: install libgdal-dev, "
+            "list GDAL==<version> under pip:")
 # Conda packages with no PyPI counterpart a venv could use: a venv build that meets one fails, naming it.
 CONDA_REFUSED = {
     "cudatoolkit": CUDA_WHY, "cudnn": CUDA_WHY, "nccl": CUDA_WHY,
@@ -260,10 +262,12 @@ def parse_match_spec(text: str, yml: Path) -> CondaDep:
     channel::pkg, pkg[version='>=1.2', build=py*]."""
     m = MATCH_SPEC_RE.fullmatch(text.strip())
     if not m:
-        raise EnvSpecError(f"{yml}: {text!r} is not a conda package spec; write name, name=version or name=version=build")
+        raise EnvSpecError(f"{yml}: {text!r} is not a conda package spec; "
+                           f"write name, name=version or name=version=build")
     rest, build, fuzzy = m["rest"].strip(), "", False
     if m["brackets"]:
-        fields = {key: single or double or bare for key, single, double, bare in BRACKET_FIELD_RE.findall(m["brackets"])}
+        fields = {key: single or double or bare
+                  for key, single, double, bare in BRACKET_FIELD_RE.findall(m["brackets"])}
         rest, build = rest or fields.get("version", ""), fields.get("build", "")
     if rest.startswith("=") and not rest.startswith("=="):
         rest, _, build = rest[1:].partition("=")
@@ -611,8 +615,8 @@ def build_commands(backend: str, spec: EnvSpec, prefix: Path, plan: VenvPlan | N
             commands.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
                              *requirements])
     # Every module compiled now, so no task run writes bytecode into the sealed env (see seal_env).
-    commands.append([env_python, "-c", "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2)",
-                     str(prefix / "lib")])
+    compile_all = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)"
+    commands.append([env_python, "-c", compile_all, str(prefix / "lib")])
     return commands
 
 
@@ -646,9 +650,9 @@ def file_table(root: Path, describe: Any) -> dict[str, Any]:
         for name in dirs + files:
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, root)
-            if rel != MANIFEST:
-                st = os.lstat(path)
-                table[rel] = describe(st, path)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: then it counts as removed
+                if rel != MANIFEST:
+                    table[rel] = describe(os.lstat(path), path)
     return table
 
 
@@ -803,7 +807,8 @@ class EnvManager:
             record.state, record.prefix, record.snapshot, record.stale = pb2.ENV_BUILDING, None, None, False
             record.detail = (f"rebuilding: its files changed after the build ({changes}); a task wrote into "
                              f"{prefix}, and nothing may")
-        log.warning("env %s: files changed after the build (%s); removing %s and rebuilding", record.name, changes, prefix)
+        log.warning("env %s: files changed after the build (%s); removing %s and rebuilding",
+                    record.name, changes, prefix)
         remove_tree(prefix)
         self._pool.submit(self._build, record)
 

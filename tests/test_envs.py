@@ -193,6 +193,8 @@ def test_a_full_export_runs_its_pinned_versions_and_nothing_of_the_executors(exp
     assert (found["pandas"], found["numpy"], found["pymysql"], found["openpyxl"]) == ("2.1.4", "1.26.4", "1.0.2", "3.0.10")
     assert found["psycopg2"].startswith("2.9.9")
     assert found["grpc"] == found["google.protobuf"] == found["psycopg"] == "missing"
+    assert versions(export_server, "landslide_export", "pandas") == {k: found[k] for k in ("python", "prefix", "pandas")}, \
+        "running a task wrote nothing into the sealed env, so the next run finds it unchanged"
 
 
 def test_a_from_history_export_runs_its_pinned_versions(export_server):
