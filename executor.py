@@ -614,10 +614,13 @@ def build_commands(backend: str, spec: EnvSpec, prefix: Path, plan: VenvPlan | N
         if requirements:
             commands.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
                              *requirements])
-    # Every module compiled now, so no task run writes bytecode into the sealed env (see seal_env).
-    compile_all = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)"
-    commands.append([env_python, "-c", compile_all, str(prefix / "lib")])
     return commands
+
+
+def compile_command(prefix: Path) -> list[str]:
+    """Every module compiled at build time, so that no task run writes bytecode into the sealed env."""
+    compile_all = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)"
+    return [str(prefix / "bin" / "python"), "-c", compile_all, str(prefix / "lib")]
 
 
 NOT_ON_PYPI_RES = (re.compile(r"Because ([A-Za-z0-9._-]+) was not found in the package registry"),
@@ -861,6 +864,8 @@ class EnvManager:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         for command in build_commands(self.backend, spec, prefix, plan):
             self._run_build_step(command, out, spec, plan, prefix)
+        if (prefix / "bin" / "python").exists():  # a conda env may have no Python
+            self._run_build_step(compile_command(prefix), out, spec, plan, prefix)
         (prefix / READY_MARKER).write_text(f"{spec.path}\n")
         seal_env(prefix)
 
