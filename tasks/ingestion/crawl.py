@@ -443,10 +443,10 @@ def main() -> int:
     keys = sorted({w.key for w in windows})
     uncached = [key for key in keys if cache.get(key) is None]
     missing = [key for key in uncached if key[2] <= last_day]
-    log.info("%d windows (%d distinct place-days): %d cached, %d pending (after %s, the archive's last day with "
-             "--archive-lag-days %d), %d to fetch from %s%s in batches of %d", len(windows), len(keys),
-             len(keys) - len(uncached), len(uncached) - len(missing), last_day, args.archive_lag_days, len(missing),
-             args.url, " with the API key" if args.api_key else "", batch_size)
+    log.info("%d windows (%d distinct place-days): %d cached, %d to fetch from %s%s in batches of %d; %d pending "
+             "(after %s, the archive's last day with --archive-lag-days %d)", len(windows), len(keys),
+             len(keys) - len(uncached), len(missing), args.url, " with the API key" if args.api_key else "",
+             batch_size, len(uncached) - len(missing), last_day, args.archive_lag_days)
     started = time.monotonic()
     failed, stopped = Crawl(archive, cache, limit, batch_size, args.retries, args.backoff).run(missing)
     not_fetched = f"not fetched: {stopped}" if stopped else "not fetched"
