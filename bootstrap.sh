@@ -30,7 +30,8 @@ Options:
   --local            run every component as a local process (default without a Docker engine)
   --docker           run the stack with docker compose (default when a Docker engine answers)
   --offline-demo     no internet: crawl SYNTHETIC weather from a local Open-Meteo stand-in,
-                     into the database VPE_DEMO_WAREHOUSE_DB (local mode)
+                     into the database VPE_DEMO_WAREHOUSE_DB (local mode); `live` catalog reads
+                     go to a local stand-in of NASA's ArcGIS layer
   -h, --help         this help
 
 Configuration: .env (every port, name and path); environment variables override it.
@@ -404,6 +405,7 @@ enter_offline_demo() {
   OFFLINE_DEMO=1
   export VPE_WAREHOUSE_DB=$VPE_DEMO_WAREHOUSE_DB
   export OPEN_METEO_ARCHIVE_URL=http://127.0.0.1:$VPE_OPEN_METEO_PORT/v1/archive
+  export VPE_GLC_LAYER_URL=http://127.0.0.1:$VPE_ARCGIS_PORT/arcgis/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0
   export VPE_ALLOW_SYNTHETIC_WEATHER=1
   export VPE_TASK_ENV_PASSTHROUGH="VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL VPE_ALLOW_SYNTHETIC_WEATHER"
 }
@@ -424,6 +426,22 @@ start_open_meteo() {
   wait_for "the Open-Meteo stand-in" 30 "$LOGS/executor/open-meteo.log" open_meteo_healthy
 }
 
+arcgis_running() { running arcgis "arcgis_server.py"; }
+
+arcgis_healthy() { http_get "http://127.0.0.1:$VPE_ARCGIS_PORT/stats"; }
+
+start_arcgis() {
+  if arcgis_running; then
+    say "arcgis already running (demo landslide reports)"
+  else
+    port_free 127.0.0.1 "$VPE_ARCGIS_PORT" || die "port $VPE_ARCGIS_PORT is taken by another program: set VPE_ARCGIS_PORT in .env or the environment."
+    step "starting the local ArcGIS layer stand-in on 127.0.0.1:$VPE_ARCGIS_PORT (demo landslide reports)"
+    spawn arcgis "$LOGS/executor/arcgis.log" "$VPE_VENV/bin/python" "$ROOT/tasks/ingestion/arcgis_server.py" \
+      --catalog "$ROOT/tasks/ingestion/demo_live_catalog.csv" --host 127.0.0.1 --port "$VPE_ARCGIS_PORT" --quiet
+  fi
+  wait_for "the ArcGIS stand-in" 30 "$LOGS/executor/arcgis.log" arcgis_healthy
+}
+
 # --- commands ----------------------------------------------------------------
 
 prepare_local() {
@@ -440,7 +458,7 @@ cmd_up() {
   if [ "$OFFLINE_DEMO" = 1 ]; then
     open_meteo_running || ! running executor "executor.py serve" \
       || die "the executor runs against the real weather API; to switch to the offline demo: ./bootstrap.sh down && ./bootstrap.sh --offline-demo"
-    wanted=(open-meteo "${wanted[@]}")
+    wanted=(open-meteo arcgis "${wanted[@]}")
   fi
   exec 9> "$PIDS/bootstrap.lock"
   flock -n 9 || die "another ./bootstrap.sh is working on $VPE_HOME; wait for it to finish."
@@ -458,6 +476,7 @@ cmd_status() {
   status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
   status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
   [ "$OFFLINE_DEMO" = 1 ] && { status_line "open-meteo (SYNTHETIC)" "127.0.0.1:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1; }
+  [ "$OFFLINE_DEMO" = 1 ] && { status_line "arcgis (demo layer)" "127.0.0.1:$VPE_ARCGIS_PORT" arcgis_healthy || bad=1; }
   status_line airflow-api "$(airflow_api)" airflow_healthy || bad=1
   local part
   for part in scheduler dag_processor triggerer; do
@@ -499,7 +518,7 @@ cmd_down() {
   for service in "${AIRFLOW_SERVICES[@]}"; do airflow+=("airflow-$service"); done
   # Airflow first: its running tasks are cancelled while the executor can still hear it.
   stop_groups "${airflow[@]}"
-  stop_groups executor open-meteo
+  stop_groups executor open-meteo arcgis
   stop_postgres
   say "stopped; data kept in $VPE_HOME"
 }

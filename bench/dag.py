@@ -63,6 +63,7 @@ def main() -> int:
     home = stack_parent("vpe-bench-")
     env = stack_config(home / "vpe")
     env["VPE_OPEN_METEO_PORT"] = str(free_port())
+    env["VPE_ARCGIS_PORT"] = str(free_port())
     print(f"bringing up an offline-demo stack in {home}", flush=True)
     bootstrap("--offline-demo", "up", env=env)
     try:

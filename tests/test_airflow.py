@@ -104,7 +104,8 @@ def demo_stack(stack_home: Path) -> Iterator[dict[str, str]]:
     (tasks / "vpe_test").mkdir()
     (tasks / "vpe_test" / "fail.py").write_text(FAIL_TASK)
     (tasks / "vpe_test" / "sleep.py").write_text(SLEEP_TASK)
-    env.update(VPE_DAGS_DIR=str(dags), VPE_TASKS_DIR=str(tasks), VPE_OPEN_METEO_PORT=str(free_port()))
+    env.update(VPE_DAGS_DIR=str(dags), VPE_TASKS_DIR=str(tasks), VPE_OPEN_METEO_PORT=str(free_port()),
+               VPE_ARCGIS_PORT=str(free_port()))
     bootstrap("--offline-demo", "up", env=env)
     wait_for_envs(env)
     yield env
