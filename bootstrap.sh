@@ -399,8 +399,9 @@ admin_password() {
 # --- offline demo --------------------------------------------------------------
 
 # Synthetic weather from the local Open-Meteo stand-in, loaded into a database of
-# its own, so demo values never mix with real ones in the warehouse. The demo
-# lasts while its server runs: ./bootstrap.sh down ends it.
+# its own, so demo values never mix with real ones in the warehouse; `live` catalog
+# reads go to the ArcGIS stand-in. The demo lasts while its servers run:
+# ./bootstrap.sh down ends it.
 enter_offline_demo() {
   OFFLINE_DEMO=1
   export VPE_WAREHOUSE_DB=$VPE_DEMO_WAREHOUSE_DB
@@ -415,31 +416,29 @@ open_meteo_running() { running open-meteo "open_meteo_server.py"; }
 open_meteo_healthy() { http_get "http://127.0.0.1:$VPE_OPEN_METEO_PORT/stats"; }
 
 start_open_meteo() {
-  if open_meteo_running; then
-    say "open-meteo already running (SYNTHETIC weather)"
-  else
-    port_free 127.0.0.1 "$VPE_OPEN_METEO_PORT" || die "port $VPE_OPEN_METEO_PORT is taken by another program: set VPE_OPEN_METEO_PORT in .env or the environment."
-    step "starting the local Open-Meteo stand-in on 127.0.0.1:$VPE_OPEN_METEO_PORT (SYNTHETIC weather)"
-    spawn open-meteo "$LOGS/executor/open-meteo.log" "$VPE_VENV/bin/python" \
-      "$ROOT/tasks/ingestion/open_meteo_server.py" --host 127.0.0.1 --port "$VPE_OPEN_METEO_PORT" --quiet
-  fi
-  wait_for "the Open-Meteo stand-in" 30 "$LOGS/executor/open-meteo.log" open_meteo_healthy
+  start_standin open-meteo "SYNTHETIC weather" VPE_OPEN_METEO_PORT open_meteo_server.py "the Open-Meteo stand-in"
 }
-
-arcgis_running() { running arcgis "arcgis_server.py"; }
 
 arcgis_healthy() { http_get "http://127.0.0.1:$VPE_ARCGIS_PORT/stats"; }
 
 start_arcgis() {
-  if arcgis_running; then
-    say "arcgis already running (demo landslide reports)"
+  start_standin arcgis "demo landslide reports" VPE_ARCGIS_PORT arcgis_server.py "the ArcGIS layer stand-in" \
+    --catalog "$ROOT/tasks/ingestion/demo_live_catalog.csv"
+}
+
+# A local stand-in of a web API (tasks/ingestion/SCRIPT, extra args after TITLE), healthy once /stats answers.
+start_standin() {
+  local name=$1 what=$2 port_var=$3 script=$4 title=$5; shift 5
+  local port=${!port_var}
+  if running "$name" "$script"; then
+    say "$name already running ($what)"
   else
-    port_free 127.0.0.1 "$VPE_ARCGIS_PORT" || die "port $VPE_ARCGIS_PORT is taken by another program: set VPE_ARCGIS_PORT in .env or the environment."
-    step "starting the local ArcGIS layer stand-in on 127.0.0.1:$VPE_ARCGIS_PORT (demo landslide reports)"
-    spawn arcgis "$LOGS/executor/arcgis.log" "$VPE_VENV/bin/python" "$ROOT/tasks/ingestion/arcgis_server.py" \
-      --catalog "$ROOT/tasks/ingestion/demo_live_catalog.csv" --host 127.0.0.1 --port "$VPE_ARCGIS_PORT" --quiet
+    port_free 127.0.0.1 "$port" || die "port $port is taken by another program: set $port_var in .env or the environment."
+    step "starting $title on 127.0.0.1:$port ($what)"
+    spawn "$name" "$LOGS/executor/$name.log" "$VPE_VENV/bin/python" "$ROOT/tasks/ingestion/$script" "$@" \
+      --host 127.0.0.1 --port "$port" --quiet
   fi
-  wait_for "the ArcGIS stand-in" 30 "$LOGS/executor/arcgis.log" arcgis_healthy
+  wait_for "$title" 30 "$LOGS/executor/$name.log" http_get "http://127.0.0.1:$port/stats"
 }
 
 # --- commands ----------------------------------------------------------------

@@ -17,7 +17,7 @@ rewriting it (objectid: the file's objectid column, else the row's position).
 Faults can be injected: every Nth call an HTTP 500, or a 200-with-error.
 GET /stats tells the calls, statuses and where clauses seen.
 
-Standard library only, so it runs with any python3.
+Standard library only (and open_meteo_server.py beside it), so it runs with any python3.
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ import re
 import sys
 import threading
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from open_meteo_server import StandinHandler, add_listen_arguments, serve
 
 LAYER_PATH = "/arcgis/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0"
 DATE_FIELDS = ("event_date", "submitted_date", "created_date", "last_edited_date")
@@ -221,10 +222,8 @@ class Faults:
             return {"calls": self.calls, "by_status": dict(self.by_status), "wheres": list(self.wheres)}
 
 
-class LayerHandler(BaseHTTPRequestHandler):
+class LayerHandler(StandinHandler):
     server_version = "vpe-arcgis-standin/1"
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
     faults: Faults
     catalog: Catalog
     max_records: int
@@ -261,17 +260,10 @@ class LayerHandler(BaseHTTPRequestHandler):
         self.answer(200, body)
 
     def answer(self, status: int, body: dict | str) -> None:
-        data = (body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8" if not isinstance(body, str)
-                         else "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: object) -> None:
-        if not self.faults.options.quiet:
-            super().log_message(format, *args)
+        if isinstance(body, str):
+            self.send_body(status, body, "text/html; charset=utf-8")
+        else:
+            self.send_body(status, json.dumps(body, separators=(",", ":")))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -280,15 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"file. Endpoints: GET {LAYER_PATH}[/query], GET /stats.")
     parser.add_argument("--catalog", type=Path, required=True,
                         help="the reports to serve: a CSV in the current COOLR export format (re-read when it changes)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8766, help="port; 0 picks a free one (default: %(default)s)")
+    add_listen_arguments(parser, 8766)
     parser.add_argument("--max-record-count", type=int, default=2000,
                         help="most reports per page, like the layer's maxRecordCount (default: %(default)s)")
     parser.add_argument("--fail-500-every", type=int, default=0, metavar="N", help="answer every Nth call with HTTP 500")
     parser.add_argument("--error-every", type=int, default=0, metavar="N",
                         help="answer every Nth call with HTTP 200 and an ArcGIS error body")
     parser.add_argument("--error-code", type=int, default=400, help="the injected error's code (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     return parser.parse_args(argv)
 
 
@@ -299,24 +289,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     handler = type("Handler", (LayerHandler,), {"faults": Faults(options), "catalog": Catalog(options.catalog),
-                                                "max_records": options.max_record_count})
-    try:
-        server = ThreadingHTTPServer((options.host, options.port), handler)
-    except OSError as error:
-        print(f"arcgis_server: cannot listen on {options.host}:{options.port} ({error}); pick another --port",
-              file=sys.stderr)
-        return 1
-    server.daemon_threads = True
-    host, port = server.server_address[:2]
-    print(f"serving {options.catalog} as an ArcGIS layer", flush=True)
-    print(f"listening on http://{host}:{port}{LAYER_PATH} (stats: http://{host}:{port}/stats)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+                                                "max_records": options.max_record_count, "quiet": options.quiet})
+    return serve("arcgis_server", handler, options.host, options.port,
+                 f"serving {options.catalog} as an ArcGIS layer", LAYER_PATH)
 
 
 if __name__ == "__main__":
