@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import ROOT
-from test_ingestion import (DEMO, TASKS, api, api_calls, archive_server, ingestion_python, ok, read_csv,  # noqa: F401
+from test_ingestion import (DEMO, TASKS, api_calls, archive_server, ingestion_python, ok, read_csv,  # noqa: F401
                             read_rejects, step, workdir, write_windows)
 
 CURRENT = ROOT / "tests" / "fixtures" / "catalogs" / "coolr_export.csv"
