@@ -133,6 +133,10 @@ def test_since_on_a_current_export_file_skips_older_reports(ingestion_python: st
     out = ok(step(ingestion_python, "extract.py", str(CURRENT), "--since", "2023-01-01", workdir=workdir))
     assert counts_line(2, 2, 0) in out and "10 more not created or edited since 2023-01-01" in out
     assert sorted(events_by_id(workdir / "run" / "events-catalog.csv")) == ["9544", "9545"]
+    # An edit in the watermark's own second is read again, not lost: the file's times have whole seconds.
+    out = ok(step(ingestion_python, "extract.py", str(CURRENT), "--since", "2023-02-04T10:00:00+00:00",
+                  workdir=workdir))
+    assert counts_line(1, 1, 0) in out and sorted(events_by_id(workdir / "run" / "events-catalog.csv")) == ["9545"]
 
 
 # ------------------------------------------------------------------ the live layer, against its stand-in

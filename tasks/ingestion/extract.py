@@ -138,9 +138,14 @@ def catalog_id(text: str) -> str:
     return re.sub(r"\.0+$", "", text.strip())
 
 
+def stripped(values: dict[str, str], name: str) -> str:
+    """A column's text without surrounding blanks; '' if the file has no such column."""
+    return values.get(name, "").strip()
+
+
 def legacy_shared(v: dict[str, str]) -> dict[str, str]:
     """The legacy 2007-2016 export's names for the shared columns (CONTRACTS C1)."""
-    get = lambda name: v.get(name, "").strip()  # noqa: E731
+    get = functools.partial(stripped, v)
     return {
         "event_id": catalog_id(v["id"]), "title": get("nearest_places"),
         "country": get("countryname") or get("country"), "country_code": get("countrycode").upper(),
@@ -157,7 +162,7 @@ def legacy_shared(v: dict[str, str]) -> dict[str, str]:
 
 def current_shared(v: dict[str, str]) -> dict[str, str]:
     """The current COOLR export's (and the ArcGIS layer's) names for the shared columns (CONTRACTS C1)."""
-    get = lambda name: v.get(name, "").strip()  # noqa: E731
+    get = functools.partial(stripped, v)
     country_code = get("country_code").upper()
     return {
         "event_id": catalog_id(v["event_id"]), "title": get("event_title"), "country": get("country_name"),
@@ -524,15 +529,16 @@ def since_where(since: datetime | None) -> str:
 
 
 def changed_since(values: dict[str, str], since: datetime | None) -> bool:
-    """Whether a current-format row was created or last edited after `since`; a row whose dates cannot be
-    read is kept, to be rejected (or not) on its own merits."""
+    """Whether a current-format file's row was created or last edited at or after `since`: the file's times
+    have whole seconds, so an edit later in the watermark's own second is read again rather than lost. A row
+    whose dates cannot be read is kept, to be rejected (or not) on its own merits."""
     if since is None:
         return True
     try:
         stamps = [utc_timestamp(values.get(name, ""), name) for name in ("last_edited_date", "created_date")]
     except Rejected:
         return True
-    return any(datetime.fromisoformat(stamp) > since for stamp in stamps if stamp)
+    return any(datetime.fromisoformat(stamp) >= since for stamp in stamps if stamp)
 
 
 # ------------------------------------------------------------------ rows -> events
@@ -677,13 +683,15 @@ def main() -> int:
         raise StepFailed(f"--since cannot apply to {shown}: the {LEGACY.name} has no edit dates; "
                          f"read it whole (without --since)")
     log.info("%s: the %s", shown, catalog.name)
-    split = split_rows(rows, catalog, source, args.since)
+    # A layer's answer is already filtered, on its millisecond times; a file is filtered here.
+    file_since = None if is_layer(args.source) else args.since
+    split = split_rows(rows, catalog, source, file_since)
     total = len(split.events) + len(split.rejects)
     if total + split.skipped == 0 and not args.since:  # with --since, nothing new is an answer
         raise StepFailed(f"{shown} has a header but no data rows")
     windows = write_outputs(folder, args.name, source, split)
-    skipped = f"; {split.skipped} more not created or edited since {args.since.isoformat()}, skipped" \
-        if args.since else ""
+    skipped = f"; {split.skipped} more not created or edited since {file_since.isoformat()}, skipped" \
+        if file_since else ""
     log.info("read %d rows = %d events + %d rejected%s; %d windows (event day + one year earlier)",
              total, len(split.events), len(split.rejects), skipped, windows)
     for kind, count in Counter(reject["reason"].split(":")[0] for reject in split.rejects).most_common():
