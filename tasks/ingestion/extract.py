@@ -638,8 +638,8 @@ def parse_args() -> argparse.Namespace:
                              "give each extract into one run folder its own (letters, digits, _ and -; "
                              "default: %(default)s)")
     parser.add_argument("--since", type=parse_since, metavar="TIMESTAMP",
-                        help="only reports created or edited after this UTC date/timestamp (current format and "
-                             "the ArcGIS layer; the legacy export has no edit dates)")
+                        help="only reports created or edited after this ISO date/timestamp, UTC unless it has an "
+                             "offset (current format and the ArcGIS layer; the legacy export has no edit dates)")
     parser.add_argument("--sheet", help="XLSX sheet to read (default: the one sheet with the catalog columns)")
     parser.add_argument("--encoding", default="utf-8-sig", help="CSV text encoding (default: %(default)s)")
     parser.add_argument("--page-size", type=int, default=2000,
