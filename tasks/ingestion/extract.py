@@ -512,7 +512,11 @@ class Layer:
                 yield Row(int(attributes.get("objectid") or 0), values)
             offset += len(page["features"])
             progress.advance(len(page["features"]))
-            if not page.get("exceededTransferLimit"):
+            # A server without the flag (before ArcGIS 10.3.1) has more while it sends full pages.
+            if not page.get("exceededTransferLimit", len(page["features"]) >= self.page_size):
+                if offset < total:
+                    log.warning("read %d reports of the %d the layer counted: reports were deleted during the "
+                                "read, or the layer stopped paging early; rerun to compare", offset, total)
                 return
             if not page["features"]:
                 raise StepFailed(f"the ArcGIS layer {self.url} says there is more but sent no reports at "
