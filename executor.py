@@ -11,7 +11,7 @@ A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own process group,
 $VPE_HOME/buffer/<workspace> (the request's workspace, default its run_id; runs of one pipeline run share it), and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin),
 HOME, LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID, VPE_RUN_DIR, VPE_BUFFER,
 the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default: VPE_WAREHOUSE_DSN
-OPEN_METEO_ARCHIVE_URL), then the request's env vars (names [A-Za-z_][A-Za-z0-9_]*, not PATH, PYTHON*, LD_*,
+OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL), then the request's env vars (names [A-Za-z_][A-Za-z0-9_]*, not PATH, PYTHON*, LD_*,
 DYLD_* or the VPE_* above).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ pb2, pb2_grpc = _load_proto()
 
 # ---------------------------------------------------------------- configuration
 
-DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL"
+DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 256

@@ -142,7 +142,7 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     by_id = {e["event_id"]: e for e in events}
     assert by_id["101"]["continent_code"] == "NA" and by_id["101"]["event_time"] == "10:37:00"
     assert (by_id["103"]["time_text"], by_id["103"]["event_time"]) == ("Overnight", "")
-    assert by_id["103"]["near"] == "Kedārnāth" and by_id["101"]["landslide_size"] == "Very_large"
+    assert by_id["103"]["near"] == "Kedārnāth" and by_id["101"]["landslide_size"] == "very_large"
     windows = read_csv(run / "windows-catalog.csv")
     assert len(windows) == 2 * len(events)
     assert {(w["is_event"], w["window_date"]) for w in windows if w["event_id"] == "106"} == {
