@@ -3,8 +3,8 @@
 
 The wire contract is ping.proto (loaded at run time; nothing generated is committed).
 Server:  python executor.py serve
-Client:  python executor.py ping | envs | run ENV TASK [--workspace W] [-- ARGS...] | cancel RUN_ID
-Library: ExecutorClient(channel, token=None) with .ping(), .list_envs(), .run(...), .cancel(run_id);
+Client:  python executor.py ping | envs | run ENV TASK [--workspace W] [-- ARGS...] | attach RUN_ID | cancel RUN_ID
+Library: ExecutorClient(channel, token=None) with .ping(), .list_envs(), .run(...), .attach(run_id), .cancel(run_id);
          open_channel(...) builds a channel from the same settings as the CLI.
 
 A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own process group, with working dir
@@ -22,6 +22,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ import re
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -998,7 +1000,7 @@ class ExecutorClient:
 
     def __init__(self, channel: grpc.Channel, token: str | None = None):
         self._stub = pb2_grpc.ExecutorStub(channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata = auth_metadata(token)
 
     def ping(self, timeout: float = 5.0):
         return self._stub.Ping(pb2.PingRequest(), timeout=timeout, metadata=self._metadata)
@@ -1007,26 +1009,107 @@ class ExecutorClient:
         return self._stub.ListEnvs(pb2.ListEnvsRequest(), timeout=timeout, metadata=self._metadata).envs
 
     def run(self, env: str, task: str, args: Sequence[str] = (), env_vars: dict[str, str] | None = None,
-            timeout_seconds: float = 0.0, run_id: str = "", rpc_timeout: float | None = None, workspace: str = ""):
+            timeout_seconds: float = 0.0, run_id: str = "", rpc_timeout: float | None = None, workspace: str = "",
+            keep_alive_seconds: float = 0.0):
         """Iterator of RunEvent (line / queued / started, then one status). Call .cancel() on it to stop
-        the run (the executor kills the task's process group). Runs given the same workspace share a run dir."""
+        the run (the executor kills the task's process group), unless keep_alive_seconds > 0: then the run
+        goes on that long without a client, for an Attach to pick up. Runs given the same workspace share a run dir."""
         request = pb2.RunRequest(env=env, task=task, args=list(args), env_vars=env_vars or {},
-                                 timeout_seconds=timeout_seconds, run_id=run_id, workspace=workspace)
+                                 timeout_seconds=timeout_seconds, run_id=run_id, workspace=workspace,
+                                 keep_alive_seconds=keep_alive_seconds)
         return self._stub.Run(request, timeout=rpc_timeout, metadata=self._metadata)
+
+    def attach(self, run_id: str, from_seq: int = 0, running_only: bool = False, rpc_timeout: float | None = None):
+        """Iterator of the run's RunEvents from `from_seq` on (replayed, then followed live), ending with its
+        status. Cancelling this call leaves the run alone."""
+        request = pb2.AttachRequest(run_id=run_id, from_seq=from_seq, running_only=running_only)
+        return self._stub.Attach(request, timeout=rpc_timeout, metadata=self._metadata)
 
     def cancel(self, run_id: str, timeout: float = 5.0):
         return self._stub.Cancel(pb2.CancelRequest(run_id=run_id), timeout=timeout, metadata=self._metadata)
 
 
-def open_channel(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> grpc.Channel:
-    """Plaintext unless a CA (or the server's self-signed cert) is given; cert+key also given = mutual TLS."""
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that carries the executor's token."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def open_channel(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
+                 server_name: str = "", aio: bool = False):
+    """Plaintext unless a CA (or the server's self-signed cert) is given; cert+key also given = mutual TLS.
+    `server_name`: the name the TLS certificate carries when `target` is one replica's address.
+    `aio`: a grpc.aio channel, for asyncio code (e.g. an Airflow trigger)."""
+    channels = grpc.aio if aio else grpc
     root = _read(tls_ca) or _read(tls_cert)
     if root is None:
-        return grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        return channels.insecure_channel(target, options=GRPC_OPTIONS)
     client_pair = (_read(tls_key), _read(tls_cert)) if tls_ca and tls_cert and tls_key else (None, None)
     credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=client_pair[0],
                                                certificate_chain=client_pair[1])
-    return grpc.secure_channel(target, credentials, options=GRPC_OPTIONS)
+    options = GRPC_OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+    return channels.secure_channel(target, credentials, options=options)
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """(host, port) of `host:port`, `[v6]:port` or `dns:///host:port`."""
+    address = re.sub(r"^dns:(//[^/]*/)?", "", target)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"executor address {target!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def replica_targets(target: str) -> list[str]:
+    """One address per executor replica behind `target`: every address its host name resolves to (with
+    `docker compose --scale executor=N`, the service name resolves to each replica), or `target` itself
+    when it does not resolve here (gRPC then reports the failure)."""
+    try:
+        host, port = split_target(target)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        return [target]
+    addresses = dict.fromkeys(info[4][0] for info in infos)
+    return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in addresses]
+
+
+def replica_channels(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
+                     aio: bool = False) -> list:
+    """A channel to each replica behind `target` (see replica_targets); TLS still checks the name in `target`."""
+    return [replica_channel(address, target, tls_ca, tls_cert, tls_key, aio) for address in replica_targets(target)]
+
+
+def replica_channel(address: str, target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
+                    aio: bool = False):
+    """A channel to one replica's `address`, found behind `target` (whose name its TLS certificate carries)."""
+    server_name = split_target(target)[0] if address != target else ""
+    return open_channel(address, tls_ca, tls_cert, tls_key, server_name=server_name, aio=aio)
+
+
+def attach_where_held(clients: Sequence[ExecutorClient], run_id: str, from_seq: int = 0,
+                      running_only: bool = False, rpc_timeout: float | None = None):
+    """Attach through the first client whose executor holds `run_id` (replicas know only their own live
+    runs). Returns (client, call, first event); raises the NOT_FOUND error when none holds it."""
+    not_found: grpc.RpcError | None = None
+    for client in clients:
+        call = client.attach(run_id, from_seq, running_only, rpc_timeout)
+        try:
+            return client, call, next(call)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            not_found = exc
+    assert not_found is not None, "attach_where_held needs at least one client"
+    raise not_found
+
+
+def cancel_where_held(clients: Sequence[ExecutorClient], run_id: str, timeout: float = 5.0):
+    """Cancel `run_id` on whichever replica holds it; the last CancelReply (found = False) when none does."""
+    reply = None
+    for client in clients:
+        reply = client.cancel(run_id, timeout=timeout)
+        if reply.found:
+            break
+    return reply
 
 
 def status_exit_code(status) -> int:
@@ -1060,6 +1143,11 @@ def describe_env(env) -> str:
 
 def _client(cfg: Config) -> ExecutorClient:
     return ExecutorClient(open_channel(cfg.target, cfg.tls_ca, cfg.tls_cert, cfg.tls_key), cfg.token or None)
+
+
+def _replica_clients(cfg: Config) -> list[ExecutorClient]:
+    return [ExecutorClient(channel, cfg.token or None)
+            for channel in replica_channels(cfg.target, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)]
 
 
 def _rpc_error(exc: grpc.RpcError, cfg: Config) -> str:
@@ -1099,9 +1187,24 @@ def cmd_envs(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     env_vars = dict(item.split("=", 1) for item in args.env_var)
     call = _client(cfg).run(args.env, args.task, args.args, env_vars, args.timeout, args.run_id,
-                            workspace=args.workspace)
+                            workspace=args.workspace, keep_alive_seconds=args.keep_alive)
+    return print_events(cfg, call, args.verbose)
+
+
+def cmd_attach(cfg: Config, args: argparse.Namespace) -> int:
     try:
-        for event in call:
+        _, call, first = attach_where_held(_replica_clients(cfg), args.run_id, args.from_seq)
+    except grpc.RpcError as exc:
+        print(_rpc_error(exc, cfg), file=sys.stderr)
+        return 1
+    return print_events(cfg, call, args.verbose, first)
+
+
+def print_events(cfg: Config, call, verbose: bool, first=None) -> int:
+    """Prints a Run or Attach stream like the task's own output; returns the shell exit code of its status."""
+    events = call if first is None else itertools.chain([first], call)
+    try:
+        for event in events:
             kind = event.WhichOneof("event")
             if kind == "line":
                 out = sys.stdout if event.line.stream == pb2.STDOUT else sys.stderr
@@ -1109,11 +1212,11 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
                 out.flush()
             elif kind == "queued":
                 print(f"[executor] {event.queued.message}", file=sys.stderr)
-            elif kind == "started" and args.verbose:
+            elif kind == "started" and verbose:
                 print(f"[executor] run {event.started.run_id} pid {event.started.pid} dir {event.started.run_dir} "
-                      f"log {event.started.log_path}", file=sys.stderr)
+                      f"log {event.started.log_path} on {event.started.replica}", file=sys.stderr)
             elif kind == "status":
-                if args.verbose or event.status.timed_out or event.status.cancelled:
+                if verbose or event.status.timed_out or event.status.cancelled:
                     print(f"[executor] {describe_status(event.status)}", file=sys.stderr)
                 return status_exit_code(event.status)
     except grpc.RpcError as exc:
@@ -1128,7 +1231,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
     try:
-        reply = _client(cfg).cancel(args.run_id, timeout=args.timeout)
+        reply = cancel_where_held(_replica_clients(cfg), args.run_id, timeout=args.timeout)
     except grpc.RpcError as exc:
         print(_rpc_error(exc, cfg), file=sys.stderr)
         return 1
@@ -1195,8 +1298,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default="", help="run id (default: generated)")
     p.add_argument("--workspace", default="",
                    help="run dir buffer/WORKSPACE, shared with other runs given the same one (default: the run id)")
+    p.add_argument("--keep-alive", type=float, default=0.0,
+                   help="keep the run going this many seconds after this client is lost, for `attach` (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("attach", parents=[conn], help="replay a run's output from a position, then follow it",
+                       description="Print RUN_ID's output from its event log (from --from on), then follow it live "
+                                   "until it ends; exit like `run`. Leaving (Ctrl-C) does not stop the run. With "
+                                   "replicas behind one name, asks each address it resolves to.")
+    p.add_argument("run_id", help="the run's id (given with run --run-id, or printed by run -v)")
+    p.add_argument("--from", dest="from_seq", type=int, default=0, help="first event to print (default: the start)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("cancel", parents=[client], help="cancel a running or queued run",
                        description="Exit 0 when the run was found and is being stopped, 1 otherwise.")
