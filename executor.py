@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import hmac
 import itertools
+import json
 import logging
 import math
 import os
@@ -40,9 +41,10 @@ import uuid
 from collections import deque
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 __version__ = "0.4.0"
@@ -112,6 +114,7 @@ class Config:
     shutdown_grace: float = 10.0
     backend: str = "auto"
     passthrough: tuple[str, ...] = tuple(DEFAULT_PASSTHROUGH.split())
+    run_log_max_bytes: int = 64 * 1024 * 1024
 
     @property
     def built_envs_dir(self) -> Path:
@@ -124,6 +127,10 @@ class Config:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs" / "executor"
+
+    @property
+    def run_logs_dir(self) -> Path:
+        return self.home / "logs" / "runs"
 
     @property
     def target(self) -> str:
@@ -164,6 +171,7 @@ def config_from(args: argparse.Namespace) -> Config:
         shutdown_grace=number("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0),
         backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
         passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
+        run_log_max_bytes=number("run_log_max_bytes", "VPE_EXECUTOR_RUN_LOG_MAX_BYTES", str(64 * 1024 * 1024), int, 4096),
     )
 
 
@@ -482,6 +490,84 @@ def _now_timestamp() -> Timestamp:
     return ts
 
 
+def run_log_path(cfg: Config, run_id: str) -> Path:
+    return cfg.run_logs_dir / f"{run_id}.jsonl"
+
+
+class RunLog:
+    """A run's events as JSON lines, in the order its Run stream carries them, e.g.
+        {"seq": 3, "time": "2026-11-27T16:00:00.1Z", "kind": "line",
+         "line": {"stream": "STDOUT", "text": "hello", "timestamp": "2026-11-27T16:00:00.1Z"}}
+    `kind` names the RunEvent field that is set (queued, started, line, status) and holds that message in proto
+    JSON. `seq` counts every event of the run from 0, lines kept out by the size cap too, so a reader can resume
+    from a position. Lines beyond max_bytes are not written; one last stderr line says how many were dropped."""
+
+    def __init__(self, path: Path, max_bytes: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("wb")
+        self._max_bytes = max_bytes
+        self._written = 0
+        self._next_seq = 0
+        self.dropped_lines = self.dropped_bytes = 0
+
+    def write(self, event, capped: bool = True) -> int:
+        """Appends `event`; returns its seq."""
+        kind = event.WhichOneof("event")
+        record = {"seq": self._next_seq, "time": _now_timestamp().ToJsonString(), "kind": kind,
+                  kind: json_format.MessageToDict(getattr(event, kind), preserving_proto_field_name=True)}
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        self._next_seq += 1
+        if capped and kind == "line" and self._written + len(data) > self._max_bytes:
+            self.dropped_lines += 1
+            self.dropped_bytes += len(event.line.text.encode()) + 1
+        else:
+            self._file.write(data)
+            self._written += len(data)
+        return record["seq"]
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
+                    follow: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any]]:
+    """(seq, RunEvent) pairs of run `run_id` from position `from_seq` on, as its run log holds them, ending with
+    its status. Without `follow` it stops at the end of what is written so far; with it, it waits for more while
+    follow() is true (e.g. context.is_active). Refuses at once (not at the first next()): INVALID_ARGUMENT for a
+    malformed run id, NOT_FOUND when no log exists (unknown run, or pruned by retention)."""
+    validate_folder_name("run_id", run_id)
+    try:
+        log_file = run_log_path(cfg, run_id).open("rb")
+    except FileNotFoundError:
+        raise Refused(grpc.StatusCode.NOT_FOUND,
+                      f"no run {run_id!r} is known: no log in {cfg.run_logs_dir} (never run here, or pruned)") from None
+    return _replay(log_file, from_seq, follow)
+
+
+def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Iterator[tuple[int, Any]]:
+    with log_file:
+        pending = b""
+        while True:
+            pending += log_file.readline()
+            if not pending.endswith(b"\n"):  # the end of what is written so far
+                if follow is None or not follow():
+                    return
+                time.sleep(0.1)
+                continue
+            record = json.loads(pending)
+            pending = b""
+            kind = record["kind"]
+            if record["seq"] >= from_seq:
+                event = json_format.ParseDict({kind: record[kind]}, pb2.RunEvent(), ignore_unknown_fields=True)
+                yield record["seq"], event
+            if kind == "status":
+                return
+
+
 class Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -548,10 +634,12 @@ class ActiveRun:
     """One task process: a supervisor thread waits for a slot, starts the process in its own group,
     reads both pipes, enforces timeout/cancel, writes the run log, and queues RunEvents for the RPC."""
 
-    def __init__(self, plan: RunPlan, slots: Slots, kill_grace: float):
+    def __init__(self, plan: RunPlan, slots: Slots, kill_grace: float, log_max_bytes: int):
         self.plan = plan
         self._slots = slots
         self._kill_grace = kill_grace
+        self._log_max_bytes = log_max_bytes
+        self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
         self.events: queue.Queue = queue.Queue()
         self._cancel_reason = ""
         self._cancelled = threading.Event()
@@ -576,12 +664,18 @@ class ActiveRun:
                 os.write(self._wake_w, b"c")
         self._slots.wake()
 
-    def _emit(self, **event) -> None:
-        self.events.put(pb2.RunEvent(**event))
+    def _emit(self, capped: bool = True, **fields) -> None:
+        event = pb2.RunEvent(**fields)
+        if self._run_log is not None:
+            self._run_log.write(event, capped)
+            if not event.HasField("line"):
+                self._run_log.flush()
+        self.events.put(event)
 
     def _supervise(self) -> None:
         started = time.monotonic()
         try:
+            self._run_log = RunLog(self.plan.log_path, self._log_max_bytes)
             if self._position and not self._wait_for_slot():
                 self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, cancelled=True,
                                                 duration_seconds=time.monotonic() - started,
@@ -596,6 +690,10 @@ class ActiveRun:
             self._emit(line=pb2.OutputLine(stream=pb2.STDERR, text=f"executor error: {exc}", timestamp=_now_timestamp()))
             self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, exit_code=-1,
                                             duration_seconds=time.monotonic() - started, log_path=str(self.plan.log_path)))
+        finally:
+            if self._run_log is not None:
+                with contextlib.suppress(OSError):
+                    self._run_log.close()
 
     def _wait_for_slot(self) -> bool:
         self._emit(queued=pb2.Queued(
@@ -606,37 +704,38 @@ class ActiveRun:
     def _run_process(self) -> None:
         plan = self.plan
         plan.run_dir.mkdir(parents=True, exist_ok=True)
-        plan.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with plan.log_path.open("a", encoding="utf-8") as run_log:
-            run_log.write(f"# run {plan.run_id} env={plan.env_name} dir={plan.run_dir} argv={plan.argv}\n")
-            started = time.monotonic()
-            proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-            self.process_started.set()
-            try:
-                self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
-                                               run_dir=str(plan.run_dir)))
-                log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
-                timed_out = self._pump(proc, run_log, started)
-            except BaseException:  # e.g. the run log's disk is full: no task may outlive its supervisor
-                kill_group(proc.pid, signal.SIGKILL)  # not reaped yet, so the group id is still this task's
-                proc.wait()
-                raise
-            rc = proc.wait()
-            duration = time.monotonic() - started
-            status = pb2.RunStatus(run_id=plan.run_id, timed_out=timed_out, cancelled=self._cancelled.is_set(),
-                                   duration_seconds=duration, log_path=str(plan.log_path))
-            if rc < 0:
-                status.signal = -rc
-            else:
-                status.exit_code = rc
-            outcome = f"signal {-rc}" if rc < 0 else f"exit {rc}"
-            extra = " (timed out)" if timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled else ""
-            run_log.write(f"# {outcome}{extra} after {duration:.3f}s\n")
+        started = time.monotonic()
+        proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.process_started.set()
+        try:
+            self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
+                                           run_dir=str(plan.run_dir)))
+            log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
+            timed_out = self._pump(proc, started)
+        except BaseException:  # e.g. the run log's disk is full: no task may outlive its supervisor
+            kill_group(proc.pid, signal.SIGKILL)  # not reaped yet, so the group id is still this task's
+            proc.wait()
+            raise
+        rc = proc.wait()
+        duration = time.monotonic() - started
+        status = pb2.RunStatus(run_id=plan.run_id, timed_out=timed_out, cancelled=self._cancelled.is_set(),
+                               duration_seconds=duration, log_path=str(plan.log_path))
+        if rc < 0:
+            status.signal = -rc
+        else:
+            status.exit_code = rc
+        outcome = f"signal {-rc}" if rc < 0 else f"exit {rc}"
+        extra = " (timed out)" if timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled else ""
+        if self._run_log.dropped_lines:
+            self._emit(capped=False, line=pb2.OutputLine(
+                stream=pb2.STDERR, timestamp=_now_timestamp(),
+                text=f"[executor] the run log keeps {self._log_max_bytes} bytes: {self._run_log.dropped_lines} later "
+                     f"lines ({self._run_log.dropped_bytes} bytes) were streamed but not logged"))
         log.info("run %s: %s%s after %.3fs", plan.run_id, outcome, extra, duration)
         self._emit(status=status)
 
-    def _pump(self, proc: subprocess.Popen, run_log, started: float) -> bool:
+    def _pump(self, proc: subprocess.Popen, started: float) -> bool:
         """Forwards output lines until the process has exited and both pipes are closed. Returns timed_out."""
         deadline = started + self.plan.timeout if self.plan.timeout else math.inf
         kill_at = math.inf
@@ -689,7 +788,7 @@ class ActiveRun:
                             sel.unregister(key.fileobj)
                             open_pipes -= 1
                             chunk = b"\n" if partial[key.data] else b""
-                        self._forward(key.data, partial, chunk, run_log)
+                        self._forward(key.data, partial, chunk)
         finally:
             with self._wake_lock:
                 self._wake_w = None
@@ -701,21 +800,18 @@ class ActiveRun:
             proc.stderr.close()
         return timed_out
 
-    def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes, run_log) -> None:
+    def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
         data = partial[stream] + chunk
         *lines, partial[stream] = data.split(b"\n")
         if len(partial[stream]) > MAX_LINE_CHARS:
             lines.append(partial[stream])
             partial[stream] = b""
         timestamp = _now_timestamp()
-        name = "stdout" if stream == pb2.STDOUT else "stderr"
         for raw in lines:
             text = raw.decode("utf-8", "replace")
             for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
-                piece = text[start:start + MAX_LINE_CHARS]
-                run_log.write(f"{timestamp.ToJsonString()} {name} {piece}\n")
-                self._emit(line=pb2.OutputLine(stream=stream, text=piece, timestamp=timestamp))
-        run_log.flush()
+                self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
+        self._run_log.flush()
 
 
 # ---------------------------------------------------------------- the service
@@ -769,7 +865,7 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         if self.shutting_down.is_set():
             raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
         plan = self._plan(request)
-        run = ActiveRun(plan, self._slots, self._cfg.kill_grace)
+        run = ActiveRun(plan, self._slots, self._cfg.kill_grace, self._cfg.run_log_max_bytes)
         with self._runs_lock:
             if plan.run_id in self._runs:
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS,
@@ -790,7 +886,7 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         run_dir = self._cfg.buffer_dir / workspace
         env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
         return RunPlan(run_id, request.env, [str(prefix / "bin" / "python"), str(script), *request.args], env,
-                       run_dir, self._cfg.logs_dir / f"{run_id}.log", timeout)
+                       run_dir, run_log_path(self._cfg, run_id), timeout)
 
     def _ready_env(self, name: str) -> Path:
         record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
@@ -931,7 +1027,7 @@ def serve(cfg: Config) -> int:
     from grpc_reflection.v1alpha import reflection
 
     backend = detect_backend(cfg.backend)
-    for folder in (cfg.built_envs_dir, cfg.buffer_dir, cfg.logs_dir):
+    for folder in (cfg.built_envs_dir, cfg.buffer_dir, cfg.logs_dir, cfg.run_logs_dir):
         folder.mkdir(parents=True, exist_ok=True)
     envs = EnvManager(cfg, backend)
     servicer = ExecutorServicer(cfg, envs)

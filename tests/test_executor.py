@@ -289,10 +289,10 @@ def test_stdout_and_stderr_keep_their_order_and_stream(client):
 def test_stream_starts_with_started_and_the_log_has_every_line(client, server):
     events, status = collect(client.run("six_a", "t/interleave.py", run_id="log-check"))
     assert events[0].HasField("started") and events[0].started.run_id == "log-check"
-    assert status.log_path == str(server.home / "logs" / "executor" / "log-check.log")
-    log_text = Path(status.log_path).read_text()
-    for i in range(6):
-        assert f"{'stdout' if i % 2 == 0 else 'stderr'} line {i}\n" in log_text
+    assert status.log_path == str(server.home / "logs" / "runs" / "log-check.jsonl")
+    logged = [json.loads(line) for line in Path(status.log_path).read_text().splitlines()]
+    assert [(r["line"]["stream"], r["line"]["text"]) for r in logged if r["kind"] == "line"] == \
+        [("STDOUT" if i % 2 == 0 else "STDERR", f"line {i}") for i in range(6)]
 
 
 @pytest.mark.parametrize("arg,outcome,value", [("0", "exit_code", 0), ("3", "exit_code", 3), ("kill", "signal", 9)])
@@ -343,7 +343,7 @@ def test_runs_given_one_workspace_share_its_folder_and_keep_their_own_logs(clien
         assert status.exit_code == 0, lines_of(events)
         assert events[0].started.run_dir == str(run_dir)
         assert json.loads(lines_of(events, pb2.STDOUT)[0])["cwd"] == str(run_dir)
-        assert status.log_path == str(server.home / "logs" / "executor" / f"{run_id}.log")
+        assert status.log_path == str(server.home / "logs" / "runs" / f"{run_id}.jsonl")
     assert sorted((run_dir / "shared.txt").read_text().split()) == ["crawl", "extract-csv", "extract-xlsx"]
     assert json.loads(lines_of(results["crawl"][0])[0])["lines"][-1] == "crawl"
     assert not (server.home / "buffer" / "crawl").exists(), "a run with a workspace makes no folder of its own"
@@ -758,7 +758,7 @@ def test_a_flooding_task_whose_client_went_away_is_stopped_and_frees_its_slot(se
     client = srv.client()
     call = client.run("six_a", "t/flood.py", run_id="flood")
     assert next(call).HasField("started")
-    run_log = srv.home / "logs" / "executor" / "flood.log"
+    run_log = srv.home / "logs" / "runs" / "flood.jsonl"
     sizes: list[int] = []
 
     def output_paused() -> bool:  # the executor stopped reading: the queue for this client is full
