@@ -105,6 +105,7 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    advertise: str = ""     # host:port clients reach this replica at (Started.replica); empty = derived
     home: Path = HERE / ".vpe"
     envs_dir: Path = HERE / "envs"
     tasks_dir: Path = HERE / "tasks"
@@ -162,6 +163,7 @@ def config_from(args: argparse.Namespace) -> Config:
         tls_cert=pick("tls_cert", "VPE_EXECUTOR_TLS_CERT", ""),
         tls_key=pick("tls_key", "VPE_EXECUTOR_TLS_KEY", ""),
         tls_ca=pick("tls_ca", "VPE_EXECUTOR_TLS_CA", ""),
+        advertise=pick("advertise", "VPE_EXECUTOR_ADVERTISE", ""),
         home=home,
         envs_dir=Path(pick("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"))).resolve(),
         tasks_dir=Path(pick("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"))).resolve(),
@@ -667,7 +669,7 @@ class ActiveRun:
     def _emit(self, capped: bool = True, **fields) -> None:
         event = pb2.RunEvent(**fields)
         if self._run_log is not None:
-            self._run_log.write(event, capped)
+            event.seq = self._run_log.write(event, capped)
             if not event.HasField("line"):
                 self._run_log.flush()
         self.events.put(event)
@@ -814,6 +816,109 @@ class ActiveRun:
         self._run_log.flush()
 
 
+# ---------------------------------------------------------------- runs that outlive their client
+
+@dataclasses.dataclass(eq=False)
+class KeptRun:
+    seconds: float
+    clients: int = 0
+    timer: threading.Timer | None = None
+    # Set at the run's first event: its run log is open. Before that, the log of an earlier run of the same id
+    # (an Airflow retry reuses it) may still be on disk.
+    logging: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class KeepAlive:
+    """Runs whose Run asked for keep_alive_seconds: their clients (the Run caller, Attach callers) read the run
+    log, while a keeper thread drains the run's event queue and releases the run once it has ended. When the
+    last client has gone, the run is cancelled after its keep-alive unless a client attaches again first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[ActiveRun, KeptRun] = {}
+
+    def keep(self, run: ActiveRun, seconds: float, on_end) -> None:
+        with self._lock:
+            self._runs[run] = KeptRun(seconds)
+        threading.Thread(target=self._drain, args=(run, on_end), name=f"keep-{run.plan.run_id}", daemon=True).start()
+
+    def join(self, run: ActiveRun) -> bool:
+        """Counts a client in; False if `run` is not kept alive (its Run client alone decides)."""
+        with self._lock:
+            kept = self._runs.get(run)
+            if kept is None:
+                return False
+            kept.clients += 1
+            timer, kept.timer = kept.timer, None
+        if timer:
+            timer.cancel()
+        return True
+
+    def leave(self, run: ActiveRun) -> None:
+        with self._lock:
+            kept = self._runs.get(run)
+            if kept is None:
+                return
+            kept.clients -= 1
+            if kept.clients:
+                return
+            kept.timer = threading.Timer(kept.seconds, self._expire, (run,))
+            kept.timer.daemon = True
+            kept.timer.start()
+
+    def _expire(self, run: ActiveRun) -> None:
+        with self._lock:
+            kept = self._runs.get(run)
+            # A client may have attached (and gone again, arming a newer timer) while this one fired.
+            if kept is None or kept.clients or kept.timer is not threading.current_thread():
+                return
+        log.info("run %s: no client for %.0fs (its keep_alive_seconds): cancelling it", run.plan.run_id, kept.seconds)
+        run.cancel(f"no client attached for {kept.seconds:g}s (keep_alive_seconds)")
+
+    def wait_until_logging(self, run: ActiveRun, waiting: Callable[[], bool]) -> None:
+        with self._lock:
+            kept = self._runs.get(run)
+        while kept and waiting() and not kept.logging.wait(0.5):
+            pass
+
+    def _drain(self, run: ActiveRun, on_end) -> None:
+        with self._lock:
+            logging_started = self._runs[run].logging
+        event = run.events.get()
+        logging_started.set()
+        while not event.HasField("status"):
+            event = run.events.get()
+        with self._lock:
+            kept = self._runs.pop(run)
+        if kept.timer:
+            kept.timer.cancel()
+        on_end(run)
+
+
+def final_status_logged(cfg: Config, run_id: str) -> bool:
+    """Whether the run log of `run_id` ends with its final status (the status is always its last record)."""
+    if not FOLDER_NAME_RE.fullmatch(run_id):
+        return False
+    try:
+        with run_log_path(cfg, run_id).open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    except OSError:
+        return False
+    with contextlib.suppress(ValueError):
+        return json.loads(last).get("kind") == "status"
+    return False
+
+
+def advertised_address(cfg: Config) -> str:
+    """This replica's address as others reach it: the bound host, or this host's address when bound to all."""
+    host = cfg.host
+    if host in ("0.0.0.0", "::", ""):
+        with contextlib.suppress(OSError):
+            host = socket.gethostbyname(socket.gethostname())
+    return f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
+
+
 # ---------------------------------------------------------------- the service
 
 class ExecutorServicer(pb2_grpc.ExecutorServicer):
@@ -823,6 +928,8 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
         self._runs: dict[str, ActiveRun] = {}
         self._runs_lock = threading.Lock()
+        self._kept = KeepAlive()
+        self.replica = cfg.advertise or advertised_address(cfg)
         self.shutting_down = threading.Event()
 
     def Ping(self, request, context):
@@ -833,15 +940,20 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
 
     def Run(self, request, context):
         try:
+            keep_alive = validate_timeout(request.keep_alive_seconds, "keep_alive_seconds")
             run = self._admit(request)
         except Refused as refused:
             context.abort(refused.code, str(refused))
+        if keep_alive:
+            self._kept.keep(run, keep_alive, on_end=self._release)
+            yield from self._follow(run.plan.run_id, 0, run, context)
+            return
         if not context.add_callback(lambda: run.cancel("client went away")):
             run.cancel("client went away")
         try:
             while True:
                 event = run.events.get()
-                yield event
+                yield self._stamped(event)
                 if event.HasField("status"):
                     return
         finally:
@@ -856,6 +968,72 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
             return pb2.CancelReply(found=False, message=f"no run {request.run_id!r} is running or queued")
         run.cancel("Cancel RPC")
         return pb2.CancelReply(found=True, message=f"run {request.run_id!r} is being stopped")
+
+    def Attach(self, request, context):
+        try:
+            run = self._attachable(request)
+        except Refused as refused:
+            context.abort(refused.code, str(refused))
+        yield from self._follow(request.run_id, request.from_seq, run, context)
+
+    def _attachable(self, request) -> ActiveRun | None:
+        """The live run Attach is after, or None for a finished one; refuses what cannot be attached to."""
+        run_id = validate_folder_name("run_id", request.run_id)
+        if request.from_seq < 0:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"from_seq={request.from_seq}; use 0 (the start) or the seq of the last event seen + 1")
+        with self._runs_lock:
+            run = self._runs.get(run_id)
+        if run is None and request.running_only:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no run {run_id!r} is running on this executor ({self.replica})")
+        if run is None and not final_status_logged(self._cfg, run_id):
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"run {run_id!r} is not held by this executor ({self.replica}) and no finished run of that id "
+                          "is logged here: it never ran here, runs on another replica (attach there: Started.replica), "
+                          "or the executor that ran it stopped before it ended")
+        return run
+
+    def _follow(self, run_id: str, from_seq: int, run: ActiveRun | None, context) -> Iterator[Any]:
+        """The run's events from its run log, from `from_seq` on: replayed, then followed while `run` is held
+        here, ending with its status. The client counts as attached to a keep-alive run while it reads."""
+        if run is not None and self._kept.join(run):
+            if not context.add_callback(lambda: self._kept.leave(run)):
+                self._kept.leave(run)
+            self._kept.wait_until_logging(run, context.is_active)
+
+        def live() -> bool:
+            return context.is_active() and self._holds(run)
+
+        next_seq = from_seq
+        # The second reading catches a status written between the follower's last read and the run's release.
+        for follow in (live if run is not None else None, None):
+            try:
+                for seq, event in read_run_events(self._cfg, run_id, next_seq, follow=follow):
+                    next_seq = seq + 1
+                    event.seq = seq
+                    yield self._stamped(event)
+                    if event.HasField("status"):
+                        return
+            except Refused as refused:
+                context.abort(refused.code, str(refused))
+        if context.is_active():
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"run {run_id!r} ended without a final status in its log; "
+                                                       f"see the executor's log on {self.replica}")
+
+    def _stamped(self, event):
+        """Names this replica in Started: where Attach and Cancel for the run must go."""
+        if event.HasField("started"):
+            event.started.replica = self.replica
+        return event
+
+    def _holds(self, run: ActiveRun) -> bool:
+        with self._runs_lock:
+            return self._runs.get(run.plan.run_id) is run
+
+    def _release(self, run: ActiveRun) -> None:
+        with self._runs_lock:
+            if self._runs.get(run.plan.run_id) is run:
+                del self._runs[run.plan.run_id]
 
     def active_runs(self) -> list[ActiveRun]:
         with self._runs_lock:
@@ -951,10 +1129,10 @@ def validate_env_vars(env_vars) -> dict[str, str]:
     return dict(env_vars)
 
 
-def validate_timeout(seconds: float) -> float:
+def validate_timeout(seconds: float, field: str = "timeout_seconds") -> float:
     if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMEOUT_SECONDS:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"timeout_seconds={seconds} is invalid; use 0 (none) or a number of seconds up to {MAX_TIMEOUT_SECONDS}")
+                      f"{field}={seconds} is invalid; use 0 (none) or a number of seconds up to {MAX_TIMEOUT_SECONDS}")
     return seconds
 
 
@@ -1361,6 +1539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[conn], help="run the gRPC server (logs to stdout)",
                        description="Serve Ping/ListEnvs/Run/Cancel + grpc.health.v1 + reflection. Envs build in the "
                                    "background at start-up; SIGTERM stops gracefully.")
+    p.add_argument("--advertise", help="host:port clients reach this replica at, named in Started.replica for "
+                                       "Attach and Cancel (env VPE_EXECUTOR_ADVERTISE; default: this host's "
+                                       "address and --port)")
     p.add_argument("--home", help="state dir (env VPE_HOME, default .vpe next to executor.py): envs/, buffer/, logs/executor/")
     p.add_argument("--envs-dir", help="folder of env ymls (env VPE_EXECUTOR_ENVS_DIR, default <repo>/envs)")
     p.add_argument("--tasks-dir", help="folder of task scripts (env VPE_EXECUTOR_TASKS_DIR, default <repo>/tasks)")
