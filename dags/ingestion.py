@@ -51,9 +51,10 @@ def ingestion() -> None:
                                    args=["--name", "csv", "{{ params.csv_source }}"])
     extract_xlsx = ExecutorOperator(task_id="extract_xlsx", env="ingestion", script="ingestion/extract.py",
                                     args=["--name", "xlsx", "{{ params.xlsx_source }}"])
-    # A large catalog under the free tier's 10,000 calls a day can take hours.
+    # A large catalog under the free tier's 10,000 calls a day can take hours: it waits in
+    # the triggerer (deferrable), not in a worker slot.
     crawl = ExecutorOperator(task_id="crawl", env="ingestion", script="ingestion/crawl.py",
-                             execution_timeout=timedelta(hours=12))
+                             execution_timeout=timedelta(hours=12), deferrable=True)
     load = ExecutorOperator(task_id="load", env="ingestion", script="ingestion/load.py")
 
     [extract_csv, extract_xlsx] >> crawl >> load

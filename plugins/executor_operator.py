@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import grpc
-from airflow.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.providers.grpc.hooks.grpc import GrpcHook
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
