@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -79,16 +80,24 @@ DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 256
-MAX_STRING_BYTES = 64 * 1024
+MAX_STRING_BYTES = 64 * 1024  # one arg or env var, UTF-8 (the kernel takes up to 128 KiB a string)
+MAX_EXEC_BYTES = 1024 * 1024  # argv + environment with separators, UTF-8 (Linux takes ~2 MiB with an 8 MiB stack)
+MAX_PATH_SEGMENT_BYTES = 255
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 MAX_LINE_CHARS = 16 * 1024
 MAX_BUFFERED_EVENTS = 10_000
 FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # run ids and workspaces: one safe path segment
 ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-# Request env vars may not change which code runs or where the executor's own values point.
-RESERVED_ENV_VARS = {"PATH", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV"}
-RESERVED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON")
+DEFAULT_ENV_ALLOW = "VPE_ALLOW_SYNTHETIC_WEATHER"
+# Never taken from a request, whatever VPE_TASK_ENV_ALLOW says: they change which code runs, where a task's
+# traffic goes or which certificates it trusts, or they are the executor's own values.
+RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV",
+                     "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH", "TMPDIR", "GCONV_PATH",
+                     "LOCPATH", "NODE_OPTIONS", "PERL5LIB", "PERL5OPT", "RUBYOPT", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                     "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
+RESERVED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "BASH_FUNC_", "PIP_", "UV_", "CONDA")
+RESERVED_ENV_SUFFIX = "_PROXY"  # any case: http_proxy, HTTPS_PROXY, no_proxy, ...
 
 
 def _env(name: str, default: str = "") -> str:
@@ -112,6 +121,7 @@ class Config:
     shutdown_grace: float = 10.0
     backend: str = "auto"
     passthrough: tuple[str, ...] = tuple(DEFAULT_PASSTHROUGH.split())
+    env_allow: tuple[str, ...] = tuple(DEFAULT_ENV_ALLOW.split())  # names (or fnmatch patterns) a request may set
     run_log_max_bytes: int = 64 * 1024 * 1024
 
     @property
@@ -169,6 +179,7 @@ def config_from(args: argparse.Namespace) -> Config:
         shutdown_grace=number("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0),
         backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
         passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
+        env_allow=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_ALLOW", DEFAULT_ENV_ALLOW))),
         run_log_max_bytes=number("run_log_max_bytes", "VPE_EXECUTOR_RUN_LOG_MAX_BYTES", str(64 * 1024 * 1024), int, 4096),
     )
 
@@ -468,7 +479,7 @@ def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_
     """Minimal and explicit: nothing else of the executor's environment reaches a task."""
     env = {
         "PATH": f"{prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": _env("HOME", str(run_dir)),
+        "HOME": str(task_home(run_dir, run_id)),
         "LANG": _env("LANG", "C.UTF-8"),
         "TZ": _env("TZ", "UTC"),
         "PYTHONUNBUFFERED": "1",
@@ -480,6 +491,11 @@ def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_
     env.update({name: os.environ[name] for name in cfg.passthrough if name in os.environ})
     env.update(extra)
     return env
+
+
+def task_home(run_dir: Path, run_id: str) -> Path:
+    """Each run's own HOME, inside its workspace: dotfiles and caches a task writes die with the workspace."""
+    return run_dir / ".home" / run_id
 
 
 def _now_timestamp() -> Timestamp:
@@ -701,7 +717,7 @@ class ActiveRun:
 
     def _run_process(self) -> None:
         plan = self.plan
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        task_home(plan.run_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -832,8 +848,8 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
     def Run(self, request, context):
         try:
             run = self._admit(request)
-        except Refused as refused:
-            context.abort(refused.code, str(refused))
+        except Exception as exc:
+            abort_with(context, exc, f"Run {request.run_id[:128]!r}")
         if not context.add_callback(lambda: run.cancel("client went away")):
             run.cancel("client went away")
         try:
@@ -848,6 +864,12 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
                 self._runs.pop(run.plan.run_id, None)
 
     def Cancel(self, request, context):
+        try:
+            return self._cancel(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Cancel {request.run_id[:128]!r}")
+
+    def _cancel(self, request):
         with self._runs_lock:
             run = self._runs.get(request.run_id)
         if run is None:
@@ -877,14 +899,15 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         prefix = self._ready_env(request.env)
         script = resolve_task(self._cfg.tasks_dir, request.task)
         validate_args(request.args)
-        extra = validate_env_vars(request.env_vars)
+        extra = validate_env_vars(request.env_vars, self._cfg)
         timeout = validate_timeout(request.timeout_seconds)
         run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
         workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
         run_dir = self._cfg.buffer_dir / workspace
         env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
-        return RunPlan(run_id, request.env, [str(prefix / "bin" / "python"), str(script), *request.args], env,
-                       run_dir, run_log_path(self._cfg, run_id), timeout)
+        argv = [str(prefix / "bin" / "python"), str(script), *request.args]
+        validate_exec_size(argv, env)
+        return RunPlan(run_id, request.env, argv, env, run_dir, run_log_path(self._cfg, run_id), timeout)
 
     def _ready_env(self, name: str) -> Path:
         record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
@@ -897,6 +920,15 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
                           f"env {name!r} is not ready: {record.detail}; "
                           f"check `executor.py envs` and {self._envs.build_log(name)}")
         return record.prefix
+
+
+def abort_with(context, exc: Exception, call: str):
+    """A refusal keeps its code; anything else is a bug: logged once with its traceback, answered INTERNAL."""
+    if isinstance(exc, Refused):
+        context.abort(exc.code, str(exc))
+    log.exception("%s: unexpected error", call)
+    context.abort(grpc.StatusCode.INTERNAL, f"executor error ({type(exc).__name__}: {str(exc)[:200]}); "
+                                            f"the executor log has the details")
 
 
 def resolve_task(tasks_dir: Path, task: str) -> Path:
@@ -914,12 +946,17 @@ def resolve_task(tasks_dir: Path, task: str) -> Path:
         raise refuse("contains '..'")
     if not task.endswith(".py"):
         raise refuse("is not a .py script")
+    if any(len(part.encode()) > MAX_PATH_SEGMENT_BYTES for part in task.split("/")):
+        raise refuse(f"has a path segment longer than {MAX_PATH_SEGMENT_BYTES} bytes")
     root = tasks_dir.resolve()
-    script = (root / task).resolve()
-    if not script.is_relative_to(root):
-        raise refuse("resolves outside the tasks dir (symlink)")
-    if not script.is_file():
-        raise refuse("does not exist")
+    try:
+        script = (root / task).resolve()
+        if not script.is_relative_to(root):
+            raise refuse("resolves outside the tasks dir (symlink)")
+        if not script.is_file():
+            raise refuse("does not exist")
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name the file system refuses
+        raise refuse(f"cannot be resolved ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     return script
 
 
@@ -927,26 +964,44 @@ def validate_args(args: Sequence[str]) -> None:
     if len(args) > MAX_ARGS:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(args)} args; at most {MAX_ARGS} are accepted")
     for i, arg in enumerate(args):
-        if "\0" in arg or len(arg) > MAX_STRING_BYTES:
+        if "\0" in arg or len(arg.encode()) > MAX_STRING_BYTES:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES}; pass data through a file in the run dir")
+                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8); "
+                          f"pass data through a file in the run dir")
 
 
-def validate_env_vars(env_vars) -> dict[str, str]:
+def validate_env_vars(env_vars, cfg: Config) -> dict[str, str]:
+    """Only names on the allowlist, never a reserved one or one the executor passes through itself."""
     if len(env_vars) > MAX_ENV_VARS:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(env_vars)} env vars; at most {MAX_ENV_VARS} are accepted")
     for name, value in env_vars.items():
         if not ENV_VAR_NAME_RE.fullmatch(name):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"env var name {name[:130]!r} is invalid; use letters, digits and _, not starting with a digit")
-        if name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES):
+        if (name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES)
+                or name.upper().endswith(RESERVED_ENV_SUFFIX) or name in cfg.passthrough):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r} is set by the executor and cannot be overridden "
-                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, {', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)})")
-        if "\0" in value or len(value) > MAX_STRING_BYTES:
+                          f"env var {name!r} is the executor's to set and cannot come from a request "
+                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, "
+                          f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, *{RESERVED_ENV_SUFFIX}, "
+                          f"and VPE_TASK_ENV_PASSTHROUGH: {' '.join(cfg.passthrough) or 'none'})")
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.env_allow):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES}")
+                          f"env var {name!r} is not on the executor's allowlist "
+                          f"(VPE_TASK_ENV_ALLOW: {' '.join(cfg.env_allow) or 'empty'}); add it there to pass it")
+        if "\0" in value or len(value.encode()) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8)")
     return dict(env_vars)
+
+
+def validate_exec_size(argv: Sequence[str], env: dict[str, str]) -> None:
+    """What execve would refuse with E2BIG is refused here, before the run takes a slot."""
+    size = sum(len(arg.encode()) + 1 for arg in argv) + sum(len(f"{k}={v}".encode()) + 1 for k, v in env.items())
+    if size > MAX_EXEC_BYTES:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"args and env vars take {size} bytes; at most {MAX_EXEC_BYTES} are accepted in all; "
+                      f"pass data through a file in the run dir")
 
 
 def validate_timeout(seconds: float) -> float:
@@ -1192,6 +1247,11 @@ def cmd_envs(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if all(e.state == pb2.ENV_READY for e in envs) else 3
 
 
+# `run` exits with this when the executor refused the run or could not be reached (like `docker run`'s 125),
+# so a task's own exit codes, including 1 and 2, keep their meaning.
+EXECUTOR_ERROR_EXIT = 125
+
+
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     env_vars = dict(item.split("=", 1) for item in args.env_var)
     call = _client(cfg).run(args.env, args.task, args.args, env_vars, args.timeout, args.run_id,
@@ -1214,12 +1274,12 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
                 return status_exit_code(event.status)
     except grpc.RpcError as exc:
         print(_rpc_error(exc, cfg), file=sys.stderr)
-        return 1
+        return EXECUTOR_ERROR_EXIT
     except KeyboardInterrupt:
         call.cancel()
         return 130
     print("executor: stream ended without a final status", file=sys.stderr)
-    return 1
+    return EXECUTOR_ERROR_EXIT
 
 
 def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
@@ -1282,7 +1342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[conn], help="run a task, stream its output, exit with its code",
                        description="Run TASK (path under tasks/) in ENV. Options may come before or after ENV TASK; "
                                    "everything after -- goes to the task unchanged. Exits with the task's exit code, "
-                                   "128+N if killed by signal N, 124 on timeout, 1 if the executor refused.")
+                                   "128+N if killed by signal N, 124 on timeout, 125 if the executor refused the run or "
+                                   "could not be reached.")
     p.add_argument("env", help="env name, e.g. ingestion")
     p.add_argument("task", help="script relative to tasks/, e.g. ingestion/extract.py")
     p.add_argument("args", nargs="*", help="arguments for the script (after --, so options reach the script)")
