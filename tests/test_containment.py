@@ -104,7 +104,7 @@ def test_reading_the_log_of_an_unknown_or_malformed_run_is_refused_with_a_code(s
 
 
 def test_a_run_log_is_capped_with_a_marker_and_the_stream_keeps_every_line(make_server):
-    srv = make_server(VPE_EXECUTOR_RUN_LOG_MAX_BYTES="8192").start()
+    srv = make_server(VPE_EXECUTOR_RUN_LOG_MAX="8K").start()
     events, status = collect(srv.client().run("six_a", "c/lines.py", ["2000"], run_id="capped"))
     assert lines_of(events, pb2.STDOUT) == [f"line {i}" for i in range(2000)]
     marker = lines_of(events, pb2.STDERR)[-1]
