@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import fnmatch
 import hashlib
 import hmac
 import itertools
@@ -81,16 +82,53 @@ DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 256
-MAX_STRING_BYTES = 64 * 1024
+MAX_STRING_BYTES = 64 * 1024  # one arg or env var, UTF-8 (the kernel takes up to 128 KiB a string)
+MAX_EXEC_BYTES = 1024 * 1024  # argv + environment with separators, UTF-8 (Linux takes ~2 MiB with an 8 MiB stack)
+MAX_PATH_SEGMENT_BYTES = 255
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 MAX_LINE_CHARS = 16 * 1024
 MAX_BUFFERED_EVENTS = 10_000
+CENSUS_INTERVAL = 0.2  # seconds between looks at which processes of a run are left
 FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # run ids and workspaces: one safe path segment
 ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-# Request env vars may not change which code runs or where the executor's own values point.
-RESERVED_ENV_VARS = {"PATH", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV"}
-RESERVED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON")
+DEFAULT_ENV_ALLOW = "VPE_ALLOW_SYNTHETIC_WEATHER"
+# Never taken from a request, whatever VPE_TASK_ENV_ALLOW says: they change which code runs, where a task's
+# traffic goes or which certificates it trusts, or they are the executor's own values.
+RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV",
+                     "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH", "TMPDIR", "GCONV_PATH",
+                     "LOCPATH", "NODE_OPTIONS", "PERL5LIB", "PERL5OPT", "RUBYOPT", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                     "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
+RESERVED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "BASH_FUNC_", "PIP_", "UV_", "CONDA")
+RESERVED_ENV_SUFFIX = "_PROXY"  # any case: http_proxy, HTTPS_PROXY, no_proxy, ...
+
+
+# Per-run resource limits (RunLimits fields): the setting's name after VPE_EXECUTOR_RUN_, its default, its cap.
+# A request may ask for any value up to the cap; 0 or unset takes the default.
+LIMIT_SETTINGS = {
+    "memory_bytes": ("MEMORY", "4G", "16G"),
+    "cpu_seconds": ("CPU_SECONDS", "21600", "604800"),
+    "processes": ("PROCESSES", "512", "4096"),
+    "open_files": ("OPEN_FILES", "4096", "65536"),
+    "output_bytes": ("OUTPUT", "1G", "16G"),
+}
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '64KiB' or a number of bytes."""
+    match = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise ValueError(text)
+    return int(match[1]) * SIZE_UNITS[match[2].upper()]
+
+
+def format_size(size: float) -> str:
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = SIZE_UNITS[unit[0]]
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} bytes"
 
 
 def _env(name: str, default: str = "") -> str:
@@ -115,7 +153,16 @@ class Config:
     shutdown_grace: float = 10.0
     backend: str = "auto"
     passthrough: tuple[str, ...] = tuple(DEFAULT_PASSTHROUGH.split())
+    env_allow: tuple[str, ...] = tuple(DEFAULT_ENV_ALLOW.split())  # names (or fnmatch patterns) a request may set
     run_log_max_bytes: int = 64 * 1024 * 1024
+    containment: str = "auto"
+    limit_defaults: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {name: float(parse_size(d)) for name, (_, d, _) in LIMIT_SETTINGS.items()})
+    limit_caps: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {name: float(parse_size(c)) for name, (_, _, c) in LIMIT_SETTINGS.items()})
+    keep_days: float = 14.0
+    keep_log_bytes: int = 2 * 1024 ** 3
+    keep_buffer_bytes: int = 20 * 1024 ** 3
 
     @property
     def built_envs_dir(self) -> Path:
@@ -137,6 +184,11 @@ class Config:
     def target(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def replica(self) -> str:
+        """This executor's address as others reach it (Started.replica): where Attach and Cancel must go."""
+        return self.advertise or advertised_address(self)
+
 
 def config_from(args: argparse.Namespace) -> Config:
     """Environment variables first, flags override."""
@@ -144,16 +196,27 @@ def config_from(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         return str(value) if value is not None else _env(var, default)
 
-    def number(flag: str, var: str, default: str, kind: type[int] | type[float], minimum: float) -> Any:
+    def number(flag: str, var: str, default: str, kind: Callable[[str], Any], minimum: float) -> Any:
         text = pick(flag, var, default)
         try:
             value = kind(text)
         except ValueError:
             value = None
         if value is None or not minimum <= value < math.inf:
-            raise SystemExit(f"executor.py: {var} (--{flag.replace('_', '-')}) must be "
-                             f"{'a whole number' if kind is int else 'a number'} >= {minimum}, not {text!r}")
+            what = {int: "a whole number", float: "a number", parse_size: "a size such as 512M or 4G"}[kind]
+            option = f" (--{flag.replace('_', '-')})" if flag else ""
+            raise SystemExit(f"executor.py: {var}{option} must be {what} >= {minimum}, not {text!r}")
         return value
+
+    limit_defaults, limit_caps = {}, {}
+    for name, (setting, default, cap) in LIMIT_SETTINGS.items():
+        kind = float if name == "cpu_seconds" else parse_size
+        var = f"VPE_EXECUTOR_RUN_{setting}"
+        limit_caps[name] = float(number("", f"{var}_CAP", cap, kind, 1))
+        limit_defaults[name] = float(number("", var, default, kind, 1))
+        if limit_defaults[name] > limit_caps[name]:
+            raise SystemExit(f"executor.py: {var}={limit_defaults[name]:g} is above {var}_CAP={limit_caps[name]:g}; "
+                             f"lower the default or raise the cap")
 
     home = Path(pick("home", "VPE_HOME", str(HERE / ".vpe"))).resolve()
     return Config(
@@ -173,7 +236,14 @@ def config_from(args: argparse.Namespace) -> Config:
         shutdown_grace=number("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0),
         backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
         passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
-        run_log_max_bytes=number("run_log_max_bytes", "VPE_EXECUTOR_RUN_LOG_MAX_BYTES", str(64 * 1024 * 1024), int, 4096),
+        env_allow=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_ALLOW", DEFAULT_ENV_ALLOW))),
+        run_log_max_bytes=number("", "VPE_EXECUTOR_RUN_LOG_MAX", "64M", parse_size, 4096),
+        containment=pick("containment", "VPE_EXECUTOR_CONTAINMENT", "auto"),
+        limit_defaults=limit_defaults,
+        limit_caps=limit_caps,
+        keep_days=number("", "VPE_EXECUTOR_KEEP_DAYS", "14", float, 0),
+        keep_log_bytes=number("", "VPE_EXECUTOR_KEEP_LOGS", "2G", parse_size, 0),
+        keep_buffer_bytes=number("", "VPE_EXECUTOR_KEEP_BUFFER", "20G", parse_size, 0),
     )
 
 
@@ -472,7 +542,7 @@ def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_
     """Minimal and explicit: nothing else of the executor's environment reaches a task."""
     env = {
         "PATH": f"{prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": _env("HOME", str(run_dir)),
+        "HOME": str(task_home(run_dir, run_id)),
         "LANG": _env("LANG", "C.UTF-8"),
         "TZ": _env("TZ", "UTC"),
         "PYTHONUNBUFFERED": "1",
@@ -484,6 +554,11 @@ def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_
     env.update({name: os.environ[name] for name in cfg.passthrough if name in os.environ})
     env.update(extra)
     return env
+
+
+def task_home(run_dir: Path, run_id: str) -> Path:
+    """Each run's own HOME, inside its workspace: dotfiles and caches a task writes die with the workspace."""
+    return run_dir / ".home" / run_id
 
 
 def _now_timestamp() -> Timestamp:
@@ -504,13 +579,13 @@ class RunLog:
     JSON. `seq` counts every event of the run from 0, lines kept out by the size cap too, so a reader can resume
     from a position. Lines beyond max_bytes are not written; one last stderr line says how many were dropped."""
 
-    def __init__(self, path: Path, max_bytes: int):
+    def __init__(self, path: Path, max_bytes: int, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("wb")
+        self._next_seq = last_seq(path) + 1 if append else 0
+        self._file = path.open("ab" if append else "wb")
         self._max_bytes = max_bytes
-        self._written = 0
-        self._next_seq = 0
+        self._written = self._file.tell()
         self.dropped_lines = self.dropped_bytes = 0
 
     def write(self, event, capped: bool = True) -> int:
@@ -533,6 +608,16 @@ class RunLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def last_seq(path: Path) -> int:
+    """The seq of a run log's last complete record; -1 if it has none."""
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_LINE_CHARS * 8))
+        for line in reversed(f.read().split(b"\n")):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return int(json.loads(line)["seq"])
+    return -1
 
 
 def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
@@ -564,7 +649,8 @@ def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Itera
             pending = b""
             kind = record["kind"]
             if record["seq"] >= from_seq:
-                event = json_format.ParseDict({kind: record[kind]}, pb2.RunEvent(), ignore_unknown_fields=True)
+                event = json_format.ParseDict({kind: record[kind], "seq": record["seq"]}, pb2.RunEvent(),
+                                              ignore_unknown_fields=True)
                 yield record["seq"], event
             if kind == "status":
                 return
@@ -630,19 +716,371 @@ class RunPlan:
     run_dir: Path
     log_path: Path
     timeout: float
+    limits: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    start: int  # clock ticks after boot: with the pid, it names one process even after its pid is reused
+    rss_bytes: int
+    zombie: bool
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return ProcInfo(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), int(fields[21]) * PAGE_SIZE,
+                    fields[0] in ("Z", "X"))
+
+
+def all_processes() -> list[ProcInfo]:
+    infos = (proc_info(int(name)) for name in os.listdir("/proc") if name.isdigit())
+    return [info for info in infos if info is not None]
+
+
+def environ_has(pid: int, entries: frozenset[bytes]) -> bool:
+    try:
+        return entries <= set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    except OSError:
+        return False
+
+
+def same_process(pid: int, start: int) -> bool:
+    info = proc_info(pid)
+    return info is not None and info.start == start and not info.zombie
+
+
+def _write(path: Path, value: object) -> None:
+    path.write_text(f"{value}\n")
+
+
+def _counter(path: Path, name: str) -> int:
+    """A 'name N' line of a cgroup file such as memory.oom_control or pids.events; 0 if absent."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name and value.strip().isdigit():
+                return int(value)
+    return 0
+
+
+# The task's first process runs this, then becomes the task: it joins the run's cgroups and sets its rlimits
+# before any code of the task runs (preexec_fn could do it, but may crash a child forked by a threaded server).
+CAGE_WRAPPER = """\
+import json, os, resource, sys
+spec = json.loads(sys.argv[1])
+for path in spec["procs"]:
+    with open(path, "w") as procs:
+        procs.write(str(os.getpid()))
+for name, pair in spec["rlimits"].items():
+    resource.setrlimit(getattr(resource, name), tuple(pair))
+try:
+    os.execv(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"[executor] cannot start {sys.argv[2]}: {exc}", file=sys.stderr)
+    os._exit(127)
+"""
+
+
+class Cage:
+    """Every process of one run. With cgroups: the run's cgroup in the pids, memory and freezer hierarchies, which
+    the task joins before it runs and no descendant can leave. Without: what /proc shows, i.e. the task's process
+    group and session, its descendants, and every process whose environment carries the run's marker (its
+    VPE_RUN_ID and VPE_BUFFER), which children inherit through setsid and double forks."""
+
+    def __init__(self, run_id: str, marker: frozenset[bytes], cgroups: dict[str, Path]):
+        self.run_id = run_id
+        self.marker = marker
+        self.cgroups = cgroups
+        self.leader: tuple[int, int] | None = None  # (pid, start)
+        self._seen: dict[int, int] = {}  # pid -> start of members found by tracking, so their zombies get reaped
+
+    def record(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "marker": sorted(m.decode() for m in self.marker),
+                "cgroups": {name: str(path) for name, path in self.cgroups.items()}, "leader": self.leader}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Cage":
+        cage = cls(record["run_id"], frozenset(m.encode() for m in record["marker"]),
+                   {name: Path(path) for name, path in record["cgroups"].items()})
+        cage.leader = tuple(record["leader"]) if record.get("leader") else None
+        return cage
+
+    def create(self, limits: dict[str, float]) -> None:
+        for folder in self.cgroups.values():
+            folder.mkdir(exist_ok=True)
+        if memory := self.cgroups.get("memory"):
+            _write(memory / "memory.limit_in_bytes", int(limits["memory_bytes"]))
+            if (memory / "memory.memsw.limit_in_bytes").exists():  # swap must not stretch the limit
+                _write(memory / "memory.memsw.limit_in_bytes", int(limits["memory_bytes"]))
+        if pids := self.cgroups.get("pids"):
+            _write(pids / "pids.max", int(limits["processes"]))
+
+    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
+        cpu, files = math.ceil(limits["cpu_seconds"]), int(limits["open_files"])
+        spec = {"procs": [str(folder / "cgroup.procs") for folder in self.cgroups.values()],
+                "rlimits": {"RLIMIT_CPU": [cpu, cpu + 5], "RLIMIT_NOFILE": [files, files]}}
+        return [sys.executable, "-I", "-S", "-c", CAGE_WRAPPER, json.dumps(spec), *argv]
+
+    def set_leader(self, pid: int) -> None:
+        info = proc_info(pid)
+        self.leader = (pid, info.start if info else 0)
+
+    def members(self) -> set[int]:
+        if self.cgroups:
+            return self._cgroup_members()
+        return {info.pid for info in self.tracked()}
+
+    def _cgroup_members(self) -> set[int]:
+        with contextlib.suppress(FileNotFoundError):
+            return {int(pid) for pid in (next(iter(self.cgroups.values())) / "cgroup.procs").read_text().split()}
+        return set()
+
+    def tracked(self) -> list[ProcInfo]:
+        """The run's live processes as /proc shows them; reaps the zombies among them that are the executor's
+        (as child subreaper it inherits orphans) and not the task's first process, which its Popen reaps."""
+        me = os.getpid()
+        leader_pid = self._leader_group()
+        procs = [p for p in all_processes() if p.pid != me]
+        children: dict[int, list[ProcInfo]] = {}
+        for p in procs:
+            children.setdefault(p.ppid, []).append(p)
+        found = {p.pid: p for p in procs if p.pgid == leader_pid or p.sid == leader_pid or p.pid == leader_pid
+                 or self._seen.get(p.pid) == p.start or (not p.zombie and environ_has(p.pid, self.marker))}
+        todo = list(found)
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child.pid not in found:
+                    found[child.pid] = child
+                    todo.append(child.pid)
+        live = []
+        for p in found.values():
+            if not p.zombie:
+                self._seen[p.pid] = p.start
+                live.append(p)
+            elif p.ppid == me and p.pid != leader_pid and self._seen.pop(p.pid, None) == p.start:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p.pid, os.WNOHANG)
+        return live
+
+    def _leader_group(self) -> int:
+        """The task's group and session id while its first process exists (a zombie too): only then can that id
+        not have been handed to an unrelated process. -1 otherwise."""
+        info = proc_info(self.leader[0]) if self.leader else None
+        return info.pid if info and info.start == self.leader[1] else -1
+
+    def signal(self, sig: int) -> None:
+        if (group := self._leader_group()) > 0:
+            kill_group(group, sig)  # reaches the task even before it has joined its cgroup
+        for pid in self.members():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL for every process; with a freezer they are frozen first, so none can fork a child that misses it."""
+        freezer = self.cgroups.get("freezer")
+        if freezer:
+            with contextlib.suppress(OSError):
+                _write(freezer / "freezer.state", "FROZEN")
+                deadline = time.monotonic() + 1
+                while (freezer / "freezer.state").read_text().strip() != "FROZEN" and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        self.signal(signal.SIGKILL)
+        if freezer:
+            with contextlib.suppress(OSError):
+                _write(freezer / "freezer.state", "THAWED")
+
+    def kill_all(self, within: float = 5.0) -> int:
+        """Kills until no process is left (or `within` seconds pass); returns how many there were at first."""
+        count = len(self.members() | {p.pid for p in self.tracked()})
+        deadline = time.monotonic() + within
+        while (self.members() or self.tracked()) and time.monotonic() < deadline:
+            self.kill()
+            time.sleep(0.05)
+        return count
+
+    def over_limit(self, limits: dict[str, float]) -> str:
+        """Without cgroups the executor enforces memory and process limits itself, from /proc."""
+        if self.cgroups:
+            return ""
+        live = self.tracked()
+        if sum(p.rss_bytes for p in live) > limits["memory_bytes"]:
+            return f"killed: memory limit {format_size(limits['memory_bytes'])}"
+        if len(live) > limits["processes"]:
+            return f"killed: process limit {limits['processes']:.0f}"
+        return ""
+
+    def verdict(self, limits: dict[str, float], returncode: int) -> str:
+        """Which limit ended the run, as the kernel saw it ('' for none)."""
+        if (memory := self.cgroups.get("memory")) and _counter(memory / "memory.oom_control", "oom_kill"):
+            return f"killed: memory limit {format_size(limits['memory_bytes'])}"
+        if returncode == -signal.SIGXCPU:
+            return f"killed: cpu time limit {limits['cpu_seconds']:g} s"
+        if (pids := self.cgroups.get("pids")) and returncode and _counter(pids / "pids.events", "max"):
+            return f"failed: process limit {limits['processes']:.0f} reached (a fork was refused)"
+        return ""
+
+    def remove(self) -> None:
+        for folder in self.cgroups.values():
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_CONTROLLERS = ("pids", "memory", "freezer")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Containment:
+    """Keeps each run's processes together, records live runs under $VPE_HOME/run/executor/<executor>/ and, at
+    start, kills what executors that died without stopping (kill -9, OOM killer, power loss) left running.
+
+    A cgroup per run where the executor may create them (v1 pids, memory and freezer hierarchies, e.g. as root),
+    else the executor becomes child subreaper and tracks descendants through /proc."""
+
+    def __init__(self, cfg: Config):
+        self._cfg = cfg
+        me = proc_info(os.getpid())
+        self.identity = f"{me.pid}-{me.start}"
+        self._records_root = cfg.home / "run" / "executor"
+        self._records = self._records_root / self.identity
+        self._bases = self._cgroup_bases() if cfg.containment in ("auto", "cgroup") else {}
+        if cfg.containment == "cgroup" and not self._bases:
+            raise SystemExit("executor.py: VPE_EXECUTOR_CONTAINMENT=cgroup, but no writable pids, memory and freezer "
+                             "cgroup (v1) hierarchies are mounted; run as root or use auto")
+        if self._bases:
+            self.mechanism = "cgroup: one per run in the pids, memory and freezer hierarchies"
+        else:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            self.mechanism = ("subreaper: no writable cgroups, descendants tracked through /proc "
+                              "(a process that clears its environment and leaves the run's session can escape)")
+        self._records.mkdir(parents=True, exist_ok=True)
+
+    def _home_cgroups(self, controller: str) -> Path | None:
+        """$controller/<the executor's own cgroup>/vpe-<hash of VPE_HOME>: where this home's executors keep runs."""
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                mount = CGROUP_ROOT / controller
+                if (mount / "cgroup.procs").exists():
+                    return mount / path.lstrip("/") / f"vpe-{hashlib.sha256(str(self._cfg.home).encode()).hexdigest()[:12]}"
+        return None
+
+    def _cgroup_bases(self) -> dict[str, Path]:
+        bases = {}
+        for controller in CGROUP_CONTROLLERS:
+            home = self._home_cgroups(controller)
+            try:
+                if home is None:
+                    raise OSError(f"no {controller} hierarchy")
+                (home / self.identity).mkdir(parents=True, exist_ok=True)
+                bases[controller] = home / self.identity
+            except OSError as exc:
+                log.info("no per-run cgroups (%s): tracking descendants through /proc instead", exc)
+                for base in bases.values():
+                    with contextlib.suppress(OSError):
+                        base.rmdir()
+                return {}
+        return bases
+
+    def cage(self, run_id: str, env: dict[str, str]) -> Cage:
+        marker = frozenset(f"{name}={env[name]}".encode() for name in ("VPE_RUN_ID", "VPE_BUFFER"))
+        return Cage(run_id, marker, {name: base / f"run-{run_id}" for name, base in self._bases.items()})
+
+    def remember(self, cage: Cage, log_path: Path) -> None:
+        record = self._records / f"{cage.run_id}.json"
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**cage.record(), "log_path": str(log_path)}))
+        os.replace(tmp, record)
+
+    def forget(self, cage: Cage) -> None:
+        (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""
+        with contextlib.suppress(OSError):
+            self._records.rmdir()
+        for base in self._bases.values():
+            with contextlib.suppress(OSError):
+                base.rmdir()
+
+    def recover(self) -> list[str]:
+        """Kills every process of the runs that dead executors of this VPE_HOME left behind, reports each such run
+        as lost in its run log, and removes their records and cgroups. Returns the lost runs' ids."""
+        lost = []
+        for records in self._records_root.glob("*-*"):
+            if records == self._records or self._executor_alive(records.name):
+                continue
+            for path in sorted(records.glob("*.json")):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    record = json.loads(path.read_text())
+                    cage = Cage.from_record(record)
+                    killed = cage.kill_all()
+                    cage.remove()
+                    report_lost(record, records.name.split("-")[0], killed)
+                    lost.append(record["run_id"])
+                path.unlink(missing_ok=True)
+            shutil.rmtree(records, ignore_errors=True)
+        self._remove_dead_cgroups()
+        return lost
+
+    def _remove_dead_cgroups(self) -> None:
+        """Cgroups of dead executors that no record names (it died between creating one and recording the run)."""
+        for base in self._bases.values():
+            for executor in base.parent.iterdir():
+                if not executor.is_dir() or executor == base or self._executor_alive(executor.name):
+                    continue
+                for run in [p for p in executor.iterdir() if p.is_dir()]:
+                    Cage(run.name, frozenset(), {base.name: run}).kill_all()
+                    with contextlib.suppress(OSError):
+                        run.rmdir()
+                with contextlib.suppress(OSError):
+                    executor.rmdir()
+
+    @staticmethod
+    def _executor_alive(identity: str) -> bool:
+        pid, _, start = identity.partition("-")
+        return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
+
+
+def report_lost(record: dict[str, Any], executor_pid: str, killed: int) -> None:
+    reason = (f"lost: the executor (pid {executor_pid}) stopped while the run went on; "
+              f"the next executor killed its {killed} remaining processes")
+    log.warning("run %s: %s", record["run_id"], reason)
+    log_path = Path(record["log_path"])
+    status = pb2.RunStatus(run_id=record["run_id"], log_path=str(log_path), ended_by=reason)
+    with contextlib.suppress(OSError):
+        run_log = RunLog(log_path, 0, append=True)
+        run_log.write(pb2.RunEvent(status=status), capped=False)
+        run_log.close()
 
 
 class ActiveRun:
-    """One task process: a supervisor thread waits for a slot, starts the process in its own group,
-    reads both pipes, enforces timeout/cancel, writes the run log, and queues RunEvents for the RPC."""
+    """One run: a supervisor thread waits for a slot, starts the task in its cage, reads both pipes, enforces
+    timeout, cancel and limits, logs every event and queues it for the RPC. The run, with its slot and its id,
+    lasts until the task's process has exited and no other process of its cage is left."""
 
-    def __init__(self, plan: RunPlan, slots: Slots, kill_grace: float, log_max_bytes: int):
+    def __init__(self, plan: RunPlan, slots: Slots, cfg: Config, containment: Containment,
+                 on_end: Callable[["ActiveRun"], None]):
         self.plan = plan
         self._slots = slots
-        self._kill_grace = kill_grace
-        self._log_max_bytes = log_max_bytes
+        self._cfg = cfg
+        self._containment = containment
+        self._on_end = on_end
         self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
         self.events: queue.Queue = queue.Queue()
+        self.dropped_events = 0
+        self._draining = False  # being stopped: output is read without back-pressure
         self._cancel_reason = ""
         self._cancelled = threading.Event()
         self.process_started = threading.Event()
@@ -656,11 +1094,16 @@ class ActiveRun:
         self._position = position
         self._thread.start()
 
+    def over(self) -> bool:
+        """The supervisor is done: the final status is in the run log (unless writing it failed)."""
+        return not self._thread.is_alive()
+
     def cancel(self, reason: str) -> None:
         with self._wake_lock:
             if self._cancelled.is_set():
                 return
             self._cancel_reason = reason
+            self._draining = True
             self._cancelled.set()
             if self._wake_w is not None:
                 os.write(self._wake_w, b"c")
@@ -672,30 +1115,45 @@ class ActiveRun:
             event.seq = self._run_log.write(event, capped)
             if not event.HasField("line"):
                 self._run_log.flush()
-        self.events.put(event)
+        # A run being stopped has its output drained without back-pressure, and its client may be gone:
+        # lines beyond the bound are only logged.
+        if event.HasField("line") and self._draining and self.events.qsize() >= MAX_BUFFERED_EVENTS:
+            self.dropped_events += 1
+        else:
+            self.events.put(event)
 
     def _supervise(self) -> None:
         started = time.monotonic()
+        status = pb2.RunStatus(run_id=self.plan.run_id, log_path=str(self.plan.log_path))
         try:
-            self._run_log = RunLog(self.plan.log_path, self._log_max_bytes)
+            self._run_log = RunLog(self.plan.log_path, self._cfg.run_log_max_bytes)
             if self._position and not self._wait_for_slot():
-                self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, cancelled=True,
-                                                duration_seconds=time.monotonic() - started,
-                                                log_path=str(self.plan.log_path)))
-                return
-            try:
-                self._run_process()
-            finally:
-                self._slots.release()
+                status.cancelled = True
+            else:
+                try:
+                    self._run_process(status)
+                finally:
+                    self._slots.release()
         except Exception as exc:  # the stream must still end with a status
             log.exception("run %s: supervisor failed", self.plan.run_id)
-            self._emit(line=pb2.OutputLine(stream=pb2.STDERR, text=f"executor error: {exc}", timestamp=_now_timestamp()))
-            self._emit(status=pb2.RunStatus(run_id=self.plan.run_id, exit_code=-1,
-                                            duration_seconds=time.monotonic() - started, log_path=str(self.plan.log_path)))
+            status.ended_by = f"executor error: {exc}"
         finally:
-            if self._run_log is not None:
-                with contextlib.suppress(OSError):
-                    self._run_log.close()
+            status.duration_seconds = time.monotonic() - started
+            self._on_end(self)  # the run id is free again before its client hears that the run is over
+            self._finish(status)
+
+    def _finish(self, status) -> None:
+        if self._run_log is not None and self._run_log.dropped_lines:
+            self._emit(capped=False, line=pb2.OutputLine(
+                stream=pb2.STDERR, timestamp=_now_timestamp(),
+                text=f"[executor] the run log keeps {format_size(self._cfg.run_log_max_bytes)}: "
+                     f"{self._run_log.dropped_lines} later lines ({format_size(self._run_log.dropped_bytes)}) "
+                     f"were streamed but not logged"))
+        with contextlib.suppress(OSError):
+            self._emit(status=status)
+        if self._run_log is not None:
+            with contextlib.suppress(OSError):
+                self._run_log.close()
 
     def _wait_for_slot(self) -> bool:
         self._emit(queued=pb2.Queued(
@@ -703,46 +1161,53 @@ class ActiveRun:
             message=f"queued at position {self._position}: all run slots are busy; starts when one frees up"))
         return self._slots.wait_turn(self, self._cancelled)
 
-    def _run_process(self) -> None:
+    def _run_process(self, status) -> None:
         plan = self.plan
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        proc = subprocess.Popen(plan.argv, cwd=plan.run_dir, env=plan.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        self.process_started.set()
+        task_home(plan.run_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
+        cage = self._containment.cage(plan.run_id, plan.env)
         try:
-            self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
-                                           run_dir=str(plan.run_dir)))
-            log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
-            timed_out = self._pump(proc, started)
-        except BaseException:  # e.g. the run log's disk is full: no task may outlive its supervisor
-            kill_group(proc.pid, signal.SIGKILL)  # not reaped yet, so the group id is still this task's
-            proc.wait()
-            raise
-        rc = proc.wait()
-        duration = time.monotonic() - started
-        status = pb2.RunStatus(run_id=plan.run_id, timed_out=timed_out, cancelled=self._cancelled.is_set(),
-                               duration_seconds=duration, log_path=str(plan.log_path))
+            cage.create(plan.limits)
+            started = time.monotonic()
+            proc = subprocess.Popen(cage.command(plan.argv, plan.limits), cwd=plan.run_dir, env=plan.env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+            try:
+                cage.set_leader(proc.pid)
+                self._containment.remember(cage, plan.log_path)
+                self.process_started.set()
+                self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
+                                               run_dir=str(plan.run_dir), replica=self._cfg.replica))
+                log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
+                status.timed_out, status.ended_by = self._pump(proc, cage, started)
+            except BaseException:  # e.g. the run log's disk is full: no process may outlive its supervisor
+                cage.kill_all()
+                proc.wait()
+                raise
+            rc = proc.wait()
+        finally:
+            cage.remove()
+            self._containment.forget(cage)
+        status.cancelled = self._cancelled.is_set()
         if rc < 0:
             status.signal = -rc
         else:
             status.exit_code = rc
-        outcome = f"signal {-rc}" if rc < 0 else f"exit {rc}"
-        extra = " (timed out)" if timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled else ""
-        if self._run_log.dropped_lines:
-            self._emit(capped=False, line=pb2.OutputLine(
-                stream=pb2.STDERR, timestamp=_now_timestamp(),
-                text=f"[executor] the run log keeps {self._log_max_bytes} bytes: {self._run_log.dropped_lines} later "
-                     f"lines ({self._run_log.dropped_bytes} bytes) were streamed but not logged"))
-        log.info("run %s: %s%s after %.3fs", plan.run_id, outcome, extra, duration)
-        self._emit(status=status)
+        status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
+        extra = (" (timed out)" if status.timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled
+                 else f" ({status.ended_by})" if status.ended_by else "")
+        log.info("run %s: %s%s after %.3fs", plan.run_id, f"signal {-rc}" if rc < 0 else f"exit {rc}", extra,
+                 time.monotonic() - started)
 
-    def _pump(self, proc: subprocess.Popen, started: float) -> bool:
-        """Forwards output lines until the process has exited and both pipes are closed. Returns timed_out."""
+    def _pump(self, proc: subprocess.Popen, cage: Cage, started: float) -> tuple[bool, str]:
+        """Forwards output until the task's process has exited, both pipes are closed and no other process of
+        the run is left. Returns (timed_out, ended_by)."""
         deadline = started + self.plan.timeout if self.plan.timeout else math.inf
-        kill_at = math.inf
-        timed_out = exited = False
-        exited_at = math.inf
+        limits = self.plan.limits
+        timed_out, ended_by = False, ""
+        stopping, kill_at = False, math.inf
+        exited, exited_at = False, math.inf
+        others_left, census_at = True, 0.0
+        output_bytes = 0
         partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
         pidfd = os.pidfd_open(proc.pid)
         wake_r, wake_w = os.pipe()
@@ -755,30 +1220,37 @@ class ActiveRun:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         open_pipes = 2
         try:
-            while open_pipes or not exited:
+            while open_pipes or not exited or others_left:
                 now = time.monotonic()
-                stop_reason = ("timeout" if now >= deadline else
-                               "cancel" if self._cancelled.is_set() else
-                               "leftover" if exited and now >= exited_at + 0.05 else "")
-                if stop_reason and kill_at == math.inf:
-                    timed_out = stop_reason == "timeout"
+                if now >= census_at:
+                    census_at = now + CENSUS_INTERVAL
+                    others_left = bool(cage.members())
+                    ended_by = ended_by or cage.over_limit(limits)
+                    if exited and not others_left and open_pipes and now > exited_at + self._cfg.kill_grace + 1:
+                        log.warning("run %s: its pipes stay open with none of its processes left; closing them",
+                                    self.plan.run_id)
+                        break
+                timed_out = timed_out or now >= deadline
+                stop_reason = ("timeout" if timed_out else "cancel" if self._cancelled.is_set() else
+                               "limit" if ended_by else
+                               "leftover" if exited and others_left and now >= exited_at + 0.05 else "")
+                if stop_reason and not stopping:
                     if stop_reason == "leftover":
-                        log.info("run %s: leader exited, stopping processes left in its group", self.plan.run_id)
-                    kill_group(proc.pid, signal.SIGTERM)
-                    kill_at = now + self._kill_grace
+                        log.info("run %s: its task exited; stopping the processes it left", self.plan.run_id)
+                    stopping = self._draining = True
+                    cage.signal(signal.SIGTERM)
+                    kill_at = now + self._cfg.kill_grace
                 if now >= kill_at:
-                    kill_group(proc.pid, signal.SIGKILL)
-                    kill_at = -math.inf
-                if kill_at == math.inf:  # not stopping yet
-                    wait_until = min(deadline, exited_at + 0.05)
-                else:  # stopping: only the SIGKILL is still due (never wake for a moment already past)
-                    wait_until = kill_at if kill_at > 0 else math.inf
-                # A slow client: stop reading, so the task blocks on write. Not once cancelled: the client may be
-                # gone, and the task's output must be drained for it to die and be reaped.
-                if self.events.qsize() > MAX_BUFFERED_EVENTS and not self._cancelled.is_set():
+                    cage.kill()
+                    kill_at = now + CENSUS_INTERVAL  # again, until none is left
+                # A slow client: stop reading, so the task blocks on write. Not while stopping it: the client may be
+                # gone, and the pipes must be drained to see them close.
+                if self.events.qsize() > MAX_BUFFERED_EVENTS and not stopping and not self._cancelled.is_set():
                     time.sleep(0.05)
                     continue
-                for key, _ in sel.select(None if wait_until == math.inf else max(0.0, wait_until - now)):
+                due = min(census_at, kill_at, deadline if not timed_out else math.inf,
+                          exited_at + 0.05 if not stopping else math.inf)
+                for key, _ in sel.select(max(0.0, due - now)):
                     if key.data == "exit":
                         sel.unregister(pidfd)
                         exited, exited_at = True, time.monotonic()
@@ -790,6 +1262,9 @@ class ActiveRun:
                             sel.unregister(key.fileobj)
                             open_pipes -= 1
                             chunk = b"\n" if partial[key.data] else b""
+                        output_bytes += len(chunk)
+                        if output_bytes > limits["output_bytes"] and not ended_by:
+                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
                         self._forward(key.data, partial, chunk)
         finally:
             with self._wake_lock:
@@ -800,7 +1275,7 @@ class ActiveRun:
             os.close(pidfd)
             proc.stdout.close()
             proc.stderr.close()
-        return timed_out
+        return timed_out, ended_by
 
     def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
         data = partial[stream] + chunk
@@ -830,17 +1305,17 @@ class KeptRun:
 
 class KeepAlive:
     """Runs whose Run asked for keep_alive_seconds: their clients (the Run caller, Attach callers) read the run
-    log, while a keeper thread drains the run's event queue and releases the run once it has ended. When the
-    last client has gone, the run is cancelled after its keep-alive unless a client attaches again first."""
+    log, while a keeper thread drains the run's event queue (nobody else reads it, so a lost client never stalls
+    the task). When the last client has gone, the run is cancelled after its keep-alive unless one attaches first."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._runs: dict[ActiveRun, KeptRun] = {}
 
-    def keep(self, run: ActiveRun, seconds: float, on_end) -> None:
+    def keep(self, run: ActiveRun, seconds: float) -> None:
         with self._lock:
             self._runs[run] = KeptRun(seconds)
-        threading.Thread(target=self._drain, args=(run, on_end), name=f"keep-{run.plan.run_id}", daemon=True).start()
+        threading.Thread(target=self._drain, args=(run,), name=f"keep-{run.plan.run_id}", daemon=True).start()
 
     def join(self, run: ActiveRun) -> bool:
         """Counts a client in; False if `run` is not kept alive (its Run client alone decides)."""
@@ -881,7 +1356,7 @@ class KeepAlive:
         while kept and waiting() and not kept.logging.wait(0.5):
             pass
 
-    def _drain(self, run: ActiveRun, on_end) -> None:
+    def _drain(self, run: ActiveRun) -> None:
         with self._lock:
             logging_started = self._runs[run].logging
         event = run.events.get()
@@ -892,7 +1367,6 @@ class KeepAlive:
             kept = self._runs.pop(run)
         if kept.timer:
             kept.timer.cancel()
-        on_end(run)
 
 
 def final_status_logged(cfg: Config, run_id: str) -> bool:
@@ -922,18 +1396,19 @@ def advertised_address(cfg: Config) -> str:
 # ---------------------------------------------------------------- the service
 
 class ExecutorServicer(pb2_grpc.ExecutorServicer):
-    def __init__(self, cfg: Config, envs: EnvManager):
+    def __init__(self, cfg: Config, envs: EnvManager, containment: Containment):
         self._cfg = cfg
         self._envs = envs
+        self._containment = containment
         self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
         self._runs: dict[str, ActiveRun] = {}
         self._runs_lock = threading.Lock()
         self._kept = KeepAlive()
-        self.replica = cfg.advertise or advertised_address(cfg)
         self.shutting_down = threading.Event()
 
     def Ping(self, request, context):
-        return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses())
+        return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses(),
+                             containment=self._containment.mechanism)
 
     def ListEnvs(self, request, context):
         return pb2.ListEnvsReply(envs=self._envs.statuses())
@@ -942,26 +1417,35 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         try:
             keep_alive = validate_timeout(request.keep_alive_seconds, "keep_alive_seconds")
             run = self._admit(request)
-        except Refused as refused:
-            context.abort(refused.code, str(refused))
+        except Exception as exc:
+            abort_with(context, exc, f"Run {request.run_id[:128]!r}")
         if keep_alive:
-            self._kept.keep(run, keep_alive, on_end=self._release)
+            self._kept.keep(run, keep_alive)
             yield from self._follow(run.plan.run_id, 0, run, context)
             return
         if not context.add_callback(lambda: run.cancel("client went away")):
             run.cancel("client went away")
         try:
             while True:
-                event = run.events.get()
-                yield self._stamped(event)
+                try:
+                    event = run.events.get(timeout=1)
+                except queue.Empty:
+                    if context.is_active():
+                        continue
+                    return  # the call is over (client gone, server stopping): never block this thread for good
+                yield event
                 if event.HasField("status"):
                     return
         finally:
             run.cancel("RPC ended")
-            with self._runs_lock:
-                self._runs.pop(run.plan.run_id, None)
 
     def Cancel(self, request, context):
+        try:
+            return self._cancel(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Cancel {request.run_id[:128]!r}")
+
+    def _cancel(self, request):
         with self._runs_lock:
             run = self._runs.get(request.run_id)
         if run is None:
@@ -985,12 +1469,13 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         with self._runs_lock:
             run = self._runs.get(run_id)
         if run is None and request.running_only:
-            raise Refused(grpc.StatusCode.NOT_FOUND, f"no run {run_id!r} is running on this executor ({self.replica})")
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"no run {run_id!r} is running on this executor ({self._cfg.replica})")
         if run is None and not final_status_logged(self._cfg, run_id):
             raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"run {run_id!r} is not held by this executor ({self.replica}) and no finished run of that id "
-                          "is logged here: it never ran here, runs on another replica (attach there: Started.replica), "
-                          "or the executor that ran it stopped before it ended")
+                          f"run {run_id!r} is not held by this executor ({self._cfg.replica}) and no finished run of "
+                          "that id is logged here: it never ran here, runs on another replica (attach there: "
+                          "Started.replica), or the executor that ran it stopped before it ended")
         return run
 
     def _follow(self, run_id: str, from_seq: int, run: ActiveRun | None, context) -> Iterator[Any]:
@@ -1002,38 +1487,22 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
             self._kept.wait_until_logging(run, context.is_active)
 
         def live() -> bool:
-            return context.is_active() and self._holds(run)
+            return context.is_active() and not run.over()
 
         next_seq = from_seq
-        # The second reading catches a status written between the follower's last read and the run's release.
+        # The second reading catches a status written between the follower's last read and the run's end.
         for follow in (live if run is not None else None, None):
             try:
                 for seq, event in read_run_events(self._cfg, run_id, next_seq, follow=follow):
                     next_seq = seq + 1
-                    event.seq = seq
-                    yield self._stamped(event)
+                    yield event
                     if event.HasField("status"):
                         return
             except Refused as refused:
                 context.abort(refused.code, str(refused))
         if context.is_active():
             context.abort(grpc.StatusCode.UNAVAILABLE, f"run {run_id!r} ended without a final status in its log; "
-                                                       f"see the executor's log on {self.replica}")
-
-    def _stamped(self, event):
-        """Names this replica in Started: where Attach and Cancel for the run must go."""
-        if event.HasField("started"):
-            event.started.replica = self.replica
-        return event
-
-    def _holds(self, run: ActiveRun) -> bool:
-        with self._runs_lock:
-            return self._runs.get(run.plan.run_id) is run
-
-    def _release(self, run: ActiveRun) -> None:
-        with self._runs_lock:
-            if self._runs.get(run.plan.run_id) is run:
-                del self._runs[run.plan.run_id]
+                                                       f"see the executor's log on {self._cfg.replica}")
 
     def active_runs(self) -> list[ActiveRun]:
         with self._runs_lock:
@@ -1043,28 +1512,36 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         if self.shutting_down.is_set():
             raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
         plan = self._plan(request)
-        run = ActiveRun(plan, self._slots, self._cfg.kill_grace, self._cfg.run_log_max_bytes)
+        run = ActiveRun(plan, self._slots, self._cfg, self._containment, self._forget)
         with self._runs_lock:
             if plan.run_id in self._runs:
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS,
-                              f"run {plan.run_id!r} is already running; use another run_id or Cancel it first")
+                              f"run {plan.run_id!r} is still running (or some of its processes are); "
+                              f"use another run_id, or Cancel it and wait for its final status")
             position = self._slots.reserve(run)
             self._runs[plan.run_id] = run
         run.start(position)
         return run
 
+    def _forget(self, run: ActiveRun) -> None:
+        with self._runs_lock:
+            if self._runs.get(run.plan.run_id) is run:
+                del self._runs[run.plan.run_id]
+
     def _plan(self, request) -> RunPlan:
         prefix = self._ready_env(request.env)
         script = resolve_task(self._cfg.tasks_dir, request.task)
         validate_args(request.args)
-        extra = validate_env_vars(request.env_vars)
+        extra = validate_env_vars(request.env_vars, self._cfg)
         timeout = validate_timeout(request.timeout_seconds)
         run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
         workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
         run_dir = self._cfg.buffer_dir / workspace
         env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
-        return RunPlan(run_id, request.env, [str(prefix / "bin" / "python"), str(script), *request.args], env,
-                       run_dir, run_log_path(self._cfg, run_id), timeout)
+        argv = [str(prefix / "bin" / "python"), str(script), *request.args]
+        validate_exec_size(argv, env)
+        limits = validate_limits(request.limits, self._cfg)
+        return RunPlan(run_id, request.env, argv, env, run_dir, run_log_path(self._cfg, run_id), timeout, limits)
 
     def _ready_env(self, name: str) -> Path:
         record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
@@ -1077,6 +1554,15 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
                           f"env {name!r} is not ready: {record.detail}; "
                           f"check `executor.py envs` and {self._envs.build_log(name)}")
         return record.prefix
+
+
+def abort_with(context, exc: Exception, call: str):
+    """A refusal keeps its code; anything else is a bug: logged once with its traceback, answered INTERNAL."""
+    if isinstance(exc, Refused):
+        context.abort(exc.code, str(exc))
+    log.exception("%s: unexpected error", call)
+    context.abort(grpc.StatusCode.INTERNAL, f"executor error ({type(exc).__name__}: {str(exc)[:200]}); "
+                                            f"the executor log has the details")
 
 
 def resolve_task(tasks_dir: Path, task: str) -> Path:
@@ -1094,12 +1580,17 @@ def resolve_task(tasks_dir: Path, task: str) -> Path:
         raise refuse("contains '..'")
     if not task.endswith(".py"):
         raise refuse("is not a .py script")
+    if any(len(part.encode()) > MAX_PATH_SEGMENT_BYTES for part in task.split("/")):
+        raise refuse(f"has a path segment longer than {MAX_PATH_SEGMENT_BYTES} bytes")
     root = tasks_dir.resolve()
-    script = (root / task).resolve()
-    if not script.is_relative_to(root):
-        raise refuse("resolves outside the tasks dir (symlink)")
-    if not script.is_file():
-        raise refuse("does not exist")
+    try:
+        script = (root / task).resolve()
+        if not script.is_relative_to(root):
+            raise refuse("resolves outside the tasks dir (symlink)")
+        if not script.is_file():
+            raise refuse("does not exist")
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name the file system refuses
+        raise refuse(f"cannot be resolved ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     return script
 
 
@@ -1107,26 +1598,57 @@ def validate_args(args: Sequence[str]) -> None:
     if len(args) > MAX_ARGS:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(args)} args; at most {MAX_ARGS} are accepted")
     for i, arg in enumerate(args):
-        if "\0" in arg or len(arg) > MAX_STRING_BYTES:
+        if "\0" in arg or len(arg.encode()) > MAX_STRING_BYTES:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES}; pass data through a file in the run dir")
+                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8); "
+                          f"pass data through a file in the run dir")
 
 
-def validate_env_vars(env_vars) -> dict[str, str]:
+def validate_env_vars(env_vars, cfg: Config) -> dict[str, str]:
+    """Only names on the allowlist, never a reserved one or one the executor passes through itself."""
     if len(env_vars) > MAX_ENV_VARS:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(env_vars)} env vars; at most {MAX_ENV_VARS} are accepted")
     for name, value in env_vars.items():
         if not ENV_VAR_NAME_RE.fullmatch(name):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"env var name {name[:130]!r} is invalid; use letters, digits and _, not starting with a digit")
-        if name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES):
+        if (name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES)
+                or name.upper().endswith(RESERVED_ENV_SUFFIX) or name in cfg.passthrough):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r} is set by the executor and cannot be overridden "
-                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, {', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)})")
-        if "\0" in value or len(value) > MAX_STRING_BYTES:
+                          f"env var {name!r} is the executor's to set and cannot come from a request "
+                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, "
+                          f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, *{RESERVED_ENV_SUFFIX}, "
+                          f"and VPE_TASK_ENV_PASSTHROUGH: {' '.join(cfg.passthrough) or 'none'})")
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.env_allow):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES}")
+                          f"env var {name!r} is not on the executor's allowlist "
+                          f"(VPE_TASK_ENV_ALLOW: {' '.join(cfg.env_allow) or 'empty'}); add it there to pass it")
+        if "\0" in value or len(value.encode()) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8)")
     return dict(env_vars)
+
+
+def validate_exec_size(argv: Sequence[str], env: dict[str, str]) -> None:
+    """What execve would refuse with E2BIG is refused here, before the run takes a slot."""
+    size = sum(len(arg.encode()) + 1 for arg in argv) + sum(len(f"{k}={v}".encode()) + 1 for k, v in env.items())
+    if size > MAX_EXEC_BYTES:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"args and env vars take {size} bytes; at most {MAX_EXEC_BYTES} are accepted in all; "
+                      f"pass data through a file in the run dir")
+
+
+def validate_limits(requested, cfg: Config) -> dict[str, float]:
+    """The request's limits, its 0s replaced by the executor's defaults; above a cap is refused."""
+    limits = {}
+    for name, (setting, _, _) in LIMIT_SETTINGS.items():
+        value = getattr(requested, name)
+        if not math.isfinite(value) or value < 0 or value > cfg.limit_caps[name]:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"limits.{name}={value:g} is invalid: use 0 (the default, {cfg.limit_defaults[name]:g}) or up "
+                          f"to the executor's cap {cfg.limit_caps[name]:g} (VPE_EXECUTOR_RUN_{setting}_CAP)")
+        limits[name] = float(value) or cfg.limit_defaults[name]
+    return limits
 
 
 def validate_timeout(seconds: float, field: str = "timeout_seconds") -> float:
@@ -1207,8 +1729,10 @@ def serve(cfg: Config) -> int:
     backend = detect_backend(cfg.backend)
     for folder in (cfg.built_envs_dir, cfg.buffer_dir, cfg.logs_dir, cfg.run_logs_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    containment = Containment(cfg)
+    lost = containment.recover()
     envs = EnvManager(cfg, backend)
-    servicer = ExecutorServicer(cfg, envs)
+    servicer = ExecutorServicer(cfg, envs, containment)
     workers = cfg.max_concurrent + cfg.max_queue + 16  # every streaming Run holds a thread; keep spares for Ping/Cancel
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                          options=GRPC_OPTIONS, maximum_concurrent_rpcs=workers,
@@ -1226,6 +1750,7 @@ def serve(cfg: Config) -> int:
             server.add_insecure_port(cfg.target)
     except RuntimeError as exc:
         log.error("cannot listen on %s (%s); is another executor running? pick another VPE_EXECUTOR_PORT", cfg.target, exc)
+        containment.stop()
         return 1
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.token and credentials):
         log.warning("listening on %s without %s: anyone who can reach it can run the task scripts; "
@@ -1240,6 +1765,8 @@ def serve(cfg: Config) -> int:
     log.info("executor %s listening on %s (%s, %s); envs from %s (backend %s), tasks from %s, home %s",
              __version__, cfg.target, "TLS" if credentials else "plaintext", "token auth" if cfg.token else "no auth",
              cfg.envs_dir, backend, cfg.tasks_dir, cfg.home)
+    log.info("containment: %s%s", containment.mechanism,
+             f"; {len(lost)} runs left by a previous executor were killed and reported lost" if lost else "")
     envs.start_builds()
     stop.wait()
     log.info("shutting down: no new runs; running tasks get %.0fs to finish", cfg.shutdown_grace)
@@ -1248,6 +1775,7 @@ def serve(cfg: Config) -> int:
     shutdown(servicer, cfg)
     envs.stop()
     server.stop(grace=2).wait()
+    containment.stop()
     log.info("stopped")
     return 0
 
@@ -1260,11 +1788,13 @@ def shutdown(servicer: ExecutorServicer, cfg: Config) -> None:
     while servicer.active_runs() and time.monotonic() < deadline:
         time.sleep(0.1)
     for run in servicer.active_runs():
-        log.info("run %s: killing its process group (shutdown grace over)", run.plan.run_id)
+        log.info("run %s: killing its processes (shutdown grace over)", run.plan.run_id)
         run.cancel("executor shutdown")
     deadline = time.monotonic() + cfg.kill_grace + 2
     while servicer.active_runs() and time.monotonic() < deadline:
         time.sleep(0.05)
+    for run in servicer.active_runs():
+        log.warning("run %s: processes still left after the kill; the next executor start kills them", run.plan.run_id)
 
 
 # ---------------------------------------------------------------- the client
@@ -1398,7 +1928,8 @@ def status_exit_code(status) -> int:
 def describe_status(status) -> str:
     outcome = status.WhichOneof("outcome")
     ended = f"{outcome}={getattr(status, outcome)}" if outcome else "never started"
-    flags = ("timed out; " if status.timed_out else "") + ("cancelled; " if status.cancelled else "")
+    flags = (("timed out; " if status.timed_out else "") + ("cancelled; " if status.cancelled else "")
+             + (f"{status.ended_by}; " if status.ended_by else ""))
     return f"{flags}{ended} after {status.duration_seconds:.2f}s; log {status.log_path}"
 
 
@@ -1458,6 +1989,11 @@ def cmd_envs(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if all(e.state == pb2.ENV_READY for e in envs) else 3
 
 
+# `run` exits with this when the executor refused the run or could not be reached (like `docker run`'s 125),
+# so a task's own exit codes, including 1 and 2, keep their meaning.
+EXECUTOR_ERROR_EXIT = 125
+
+
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     env_vars = dict(item.split("=", 1) for item in args.env_var)
     call = _client(cfg).run(args.env, args.task, args.args, env_vars, args.timeout, args.run_id,
@@ -1490,17 +2026,17 @@ def print_events(cfg: Config, call, verbose: bool, first=None) -> int:
                 print(f"[executor] run {event.started.run_id} pid {event.started.pid} dir {event.started.run_dir} "
                       f"log {event.started.log_path} on {event.started.replica}", file=sys.stderr)
             elif kind == "status":
-                if verbose or event.status.timed_out or event.status.cancelled:
+                if verbose or event.status.timed_out or event.status.cancelled or event.status.ended_by:
                     print(f"[executor] {describe_status(event.status)}", file=sys.stderr)
                 return status_exit_code(event.status)
     except grpc.RpcError as exc:
         print(_rpc_error(exc, cfg), file=sys.stderr)
-        return 1
+        return EXECUTOR_ERROR_EXIT
     except KeyboardInterrupt:
         call.cancel()
         return 130
     print("executor: stream ended without a final status", file=sys.stderr)
-    return 1
+    return EXECUTOR_ERROR_EXIT
 
 
 def cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
@@ -1566,7 +2102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[conn], help="run a task, stream its output, exit with its code",
                        description="Run TASK (path under tasks/) in ENV. Options may come before or after ENV TASK; "
                                    "everything after -- goes to the task unchanged. Exits with the task's exit code, "
-                                   "128+N if killed by signal N, 124 on timeout, 1 if the executor refused.")
+                                   "128+N if killed by signal N, 124 on timeout, 125 if the executor refused the run or "
+                                   "could not be reached.")
     p.add_argument("env", help="env name, e.g. ingestion")
     p.add_argument("task", help="script relative to tasks/, e.g. ingestion/extract.py")
     p.add_argument("args", nargs="*", help="arguments for the script (after --, so options reach the script)")

@@ -157,7 +157,8 @@ def server_factory(shared_home, tasks_dir):
 def server(server_factory) -> Server:
     """The shared server: both test envs ready, 2 run slots."""
     srv = server_factory("--max-concurrent", "2", "--max-queue", "8",
-                         environ=clean_environ(VPE_WAREHOUSE_DSN="postgresql://x@127.0.0.1/w", NOT_PASSED="secret"))
+                         environ=clean_environ(VPE_WAREHOUSE_DSN="postgresql://x@127.0.0.1/w", NOT_PASSED="secret",
+                                               VPE_TASK_ENV_ALLOW="MY_SETTING"))
     srv.start()
     envs = srv.envs()
     assert {n: e.state for n, e in envs.items()} == {"six_a": pb2.ENV_READY, "six_b": pb2.ENV_READY}, srv.log()
@@ -205,7 +206,7 @@ def test_cli_ping_envs_and_run(server):
     run = run_cli(server, "run", "six_a", "t/exit_with.py", "--", "7")
     assert run.returncode == 7 and run.stdout == "exiting 7\n"
     refused = run_cli(server, "run", "nope", "t/noop.py")
-    assert refused.returncode == 1 and "NOT_FOUND" in refused.stderr
+    assert refused.returncode == executor.EXECUTOR_ERROR_EXIT and "NOT_FOUND" in refused.stderr
 
 
 def test_cli_run_takes_options_after_env_and_task_and_gives_everything_after_dashes_to_the_task(server):
@@ -220,7 +221,7 @@ def test_cli_run_takes_options_after_env_and_task_and_gives_everything_after_das
     stray = run_cli(server, "run", "six_a", "t/echo.py", "--name", "y")
     assert stray.returncode == 2 and "--name" in stray.stderr and "after --" in stray.stderr
     bad = run_cli(server, "run", "six_a", "t/echo.py", "--workspace", "..")
-    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "workspace" in bad.stderr
+    assert bad.returncode == executor.EXECUTOR_ERROR_EXIT and "INVALID_ARGUMENT" in bad.stderr and "workspace" in bad.stderr
 
 
 def test_cli_ping_fails_fast_with_a_reason_when_nothing_listens():
