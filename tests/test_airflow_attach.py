@@ -6,7 +6,6 @@ triggerer (state `deferred`) while its run goes on, and marking it failed there 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import ROOT, AirflowAPI, bootstrap, free_port, pid_alive, stack_config, wait_for_envs
+from conftest import AirflowAPI, offline_demo_stack, pid_alive
 from test_airflow import wait_for_file
 
 ATTACH_DAGS = '''
@@ -65,18 +64,8 @@ print("released", file=sys.stderr, flush=True)
 @pytest.fixture(scope="module")
 def attach_stack(stack_home: Path) -> Iterator[dict[str, str]]:
     """The platform in offline-demo mode, with the attach test DAGs and task beside the real ones."""
-    env = stack_config(stack_home / "attach-stack")
-    dags, tasks = stack_home / "attach-repo" / "dags", stack_home / "attach-repo" / "tasks"
-    shutil.copytree(ROOT / "dags", dags)
-    shutil.copytree(ROOT / "tasks", tasks)
-    (dags / "vpe_attach.py").write_text(ATTACH_DAGS)
-    (tasks / "vpe_attach").mkdir()
-    (tasks / "vpe_attach" / "until_released.py").write_text(UNTIL_RELEASED)
-    env.update(VPE_DAGS_DIR=str(dags), VPE_TASKS_DIR=str(tasks), VPE_OPEN_METEO_PORT=str(free_port()))
-    bootstrap("--offline-demo", "up", env=env)
-    wait_for_envs(env)
-    yield env
-    bootstrap("down", env=env, check=False)
+    yield from offline_demo_stack(stack_home, "attach", {"dags/vpe_attach.py": ATTACH_DAGS,
+                                                         "tasks/vpe_attach/until_released.py": UNTIL_RELEASED})
 
 
 def task_runner_pid(ti_id: str) -> int:
