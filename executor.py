@@ -1170,6 +1170,7 @@ class ActiveRun:
                 proc.wait()
                 raise
             rc = proc.wait()
+            status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
         finally:
             cage.remove()
             self._containment.forget(cage)
@@ -1178,7 +1179,6 @@ class ActiveRun:
             status.signal = -rc
         else:
             status.exit_code = rc
-        status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
         extra = (" (timed out)" if status.timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled
                  else f" ({status.ended_by})" if status.ended_by else "")
         log.info("run %s: %s%s after %.3fs", plan.run_id, f"signal {-rc}" if rc < 0 else f"exit {rc}", extra,
@@ -1713,6 +1713,7 @@ def cmd_ping(cfg: Config, args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.2)
     print(f"{reply.message} from executor {reply.version} at {cfg.target}")
+    print(f"  containment: {reply.containment}")
     for env in reply.envs:
         print("  " + describe_env(env))
     return 0
