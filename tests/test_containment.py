@@ -332,7 +332,11 @@ def run_limited(server: Server, task: str, args: list[str], **limits):
 def test_a_run_over_its_memory_limit_ends_with_a_status_naming_it(contained):
     events, status = run_limited(contained, "c/eat_memory.py", ["400"], memory_bytes=100 * 1024 * 1024)
     assert status.ended_by == "killed: memory limit 100 MiB", (status, lines_of(events))
-    assert "holding 400 MiB" not in lines_of(events) or status.WhichOneof("outcome") == "signal"
+    assert status.WhichOneof("outcome") == "signal"
+    cli = subprocess.run([sys.executable, str(ROOT / "executor.py"), "run", "--memory", "100M", "six_a",
+                          "c/eat_memory.py", "--", "400"], capture_output=True, text=True, timeout=60,
+                         env=clean_environ(VPE_EXECUTOR_PORT=str(contained.port)))
+    assert cli.returncode > 128 and "killed: memory limit 100 MiB" in cli.stderr
 
 
 def test_a_run_over_its_output_limit_is_stopped_and_says_so(contained):
@@ -356,3 +360,28 @@ def test_limits_above_the_executors_cap_are_refused(server):
         list(stub.Run(request(limits=pb2.RunLimits(memory_bytes=2 ** 60)), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "VPE_EXECUTOR_RUN_MEMORY_CAP" in info.value.details()
+
+
+# ---------------------------------------------------------------- retention
+
+def test_old_and_oversized_run_logs_and_workspaces_are_pruned_but_not_the_crawl_cache(make_server, tmp_path):
+    home = tmp_path / "retention-home"
+    month_ago, now = time.time() - 30 * 86400, time.time()
+
+    def make(path: Path, size: int, mtime: float) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+        for touched in (path, path.parent):
+            os.utime(touched, (mtime, mtime))
+        return path
+
+    logs, buffer = home / "logs" / "runs", home / "buffer"
+    old_log = make(logs / "old.jsonl", 100, month_ago)
+    recent_logs = [make(logs / f"recent-{i}.jsonl", 6000, now - 300 + i * 100) for i in range(3)]
+    old_workspace = make(buffer / "old-dag-run" / "windows.csv", 100, month_ago).parent
+    cache = make(buffer / "cache" / "open-meteo" / "answer.json", 100, month_ago)
+    today = make(buffer / "today" / "windows.csv", 100, now)
+    srv = make_server(home=home, VPE_EXECUTOR_KEEP_DAYS="7", VPE_EXECUTOR_KEEP_LOGS="13K").start()
+    assert wait_until(lambda: "retention: removed 2 run logs" in srv.log(), 30), srv.log()
+    assert not old_log.exists() and not recent_logs[0].exists() and all(p.exists() for p in recent_logs[1:])
+    assert not old_workspace.exists() and cache.exists() and today.exists()
