@@ -1184,6 +1184,7 @@ class ActiveRun:
                 proc.wait()
                 raise
             rc = proc.wait()
+            status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
         finally:
             cage.remove()
             self._containment.forget(cage)
@@ -1192,7 +1193,6 @@ class ActiveRun:
             status.signal = -rc
         else:
             status.exit_code = rc
-        status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
         extra = (" (timed out)" if status.timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled
                  else f" ({status.ended_by})" if status.ended_by else "")
         log.info("run %s: %s%s after %.3fs", plan.run_id, f"signal {-rc}" if rc < 0 else f"exit {rc}", extra,
@@ -1289,6 +1289,58 @@ class ActiveRun:
             for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
                 self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
         self._run_log.flush()
+
+
+CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
+RETENTION_INTERVAL = 3600.0
+
+
+def tree_usage(path: Path) -> tuple[int, float]:
+    """(bytes, newest mtime) of a file or folder tree."""
+    try:
+        top = path.lstat()
+    except OSError:
+        return 0, 0.0
+    size, newest = top.st_size, top.st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    info = os.lstat(os.path.join(folder, name))
+                    size += info.st_size
+                    newest = max(newest, info.st_mtime)
+    return size, newest
+
+
+def prune(paths: list[Path], keep_days: float, keep_bytes: int) -> tuple[int, int]:
+    """Deletes those of `paths` older than keep_days, then the oldest until the rest fit in keep_bytes.
+    Returns (how many, bytes) were deleted."""
+    usage = sorted(((tree_usage(p), p) for p in paths), key=lambda item: item[0][1])  # oldest first
+    total = sum(size for (size, _), _ in usage)
+    cutoff = time.time() - keep_days * 86400
+    count = freed = 0
+    for (size, newest), path in usage:
+        if newest >= cutoff and total <= keep_bytes:
+            break
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        total, count, freed = total - size, count + 1, freed + size
+    return count, freed
+
+
+def apply_retention(cfg: Config, busy: Callable[[], set[Path]]) -> None:
+    """Run logs and workspaces: by age and total size, never what a live run uses, never the crawl cache."""
+    in_use = busy()
+    logs = [p for p in cfg.run_logs_dir.glob("*.jsonl") if p not in in_use]
+    workspaces = [p for p in cfg.buffer_dir.iterdir() if p.is_dir() and p.name != CRAWL_CACHE and p not in in_use]
+    for what, paths, keep_bytes in (("run logs", logs, cfg.keep_log_bytes),
+                                     ("workspaces", workspaces, cfg.keep_buffer_bytes)):
+        count, freed = prune(paths, cfg.keep_days, keep_bytes)
+        if count:
+            log.info("retention: removed %d %s (%s): older than %g days or beyond %s", count, what,
+                     format_size(freed), cfg.keep_days, format_size(keep_bytes))
 
 
 # ---------------------------------------------------------------- runs that outlive their client
@@ -1507,6 +1559,9 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
     def active_runs(self) -> list[ActiveRun]:
         with self._runs_lock:
             return list(self._runs.values())
+
+    def paths_in_use(self) -> set[Path]:
+        return {path for run in self.active_runs() for path in (run.plan.log_path, run.plan.run_dir)}
 
     def _admit(self, request) -> ActiveRun:
         if self.shutting_down.is_set():
@@ -1768,6 +1823,7 @@ def serve(cfg: Config) -> int:
     log.info("containment: %s%s", containment.mechanism,
              f"; {len(lost)} runs left by a previous executor were killed and reported lost" if lost else "")
     envs.start_builds()
+    threading.Thread(target=keep_pruning, args=(cfg, servicer, stop), name="retention", daemon=True).start()
     stop.wait()
     log.info("shutting down: no new runs; running tasks get %.0fs to finish", cfg.shutdown_grace)
     health_servicer.enter_graceful_shutdown()
@@ -1778,6 +1834,16 @@ def serve(cfg: Config) -> int:
     containment.stop()
     log.info("stopped")
     return 0
+
+
+def keep_pruning(cfg: Config, servicer: ExecutorServicer, stop: threading.Event) -> None:
+    while True:
+        try:
+            apply_retention(cfg, servicer.paths_in_use)
+        except OSError as exc:
+            log.warning("retention: %s; retrying in %.0f s", exc, RETENTION_INTERVAL)
+        if stop.wait(RETENTION_INTERVAL):
+            return
 
 
 def shutdown(servicer: ExecutorServicer, cfg: Config) -> None:
@@ -1814,13 +1880,14 @@ class ExecutorClient:
 
     def run(self, env: str, task: str, args: Sequence[str] = (), env_vars: dict[str, str] | None = None,
             timeout_seconds: float = 0.0, run_id: str = "", rpc_timeout: float | None = None, workspace: str = "",
-            keep_alive_seconds: float = 0.0):
+            limits: dict[str, float] | None = None, keep_alive_seconds: float = 0.0):
         """Iterator of RunEvent (line / queued / started, then one status). Call .cancel() on it to stop
-        the run (the executor kills the task's process group), unless keep_alive_seconds > 0: then the run
-        goes on that long without a client, for an Attach to pick up. Runs given the same workspace share a run dir."""
+        the run (the executor kills all its processes), unless keep_alive_seconds > 0: then the run goes on
+        that long without a client, for an Attach to pick up. Runs given the same workspace share a run dir.
+        `limits` takes RunLimits fields (memory_bytes, cpu_seconds, processes, open_files, output_bytes)."""
         request = pb2.RunRequest(env=env, task=task, args=list(args), env_vars=env_vars or {},
                                  timeout_seconds=timeout_seconds, run_id=run_id, workspace=workspace,
-                                 keep_alive_seconds=keep_alive_seconds)
+                                 limits=pb2.RunLimits(**(limits or {})), keep_alive_seconds=keep_alive_seconds)
         return self._stub.Run(request, timeout=rpc_timeout, metadata=self._metadata)
 
     def attach(self, run_id: str, from_seq: int = 0, running_only: bool = False, rpc_timeout: float | None = None):
@@ -1972,6 +2039,7 @@ def cmd_ping(cfg: Config, args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.2)
     print(f"{reply.message} from executor {reply.version} at {cfg.target}")
+    print(f"  containment: {reply.containment}")
     for env in reply.envs:
         print("  " + describe_env(env))
     return 0
@@ -1996,8 +2064,9 @@ EXECUTOR_ERROR_EXIT = 125
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     env_vars = dict(item.split("=", 1) for item in args.env_var)
+    limits = {name: getattr(args, name) for name in LIMIT_SETTINGS if getattr(args, name) is not None}
     call = _client(cfg).run(args.env, args.task, args.args, env_vars, args.timeout, args.run_id,
-                            workspace=args.workspace, keep_alive_seconds=args.keep_alive)
+                            workspace=args.workspace, limits=limits, keep_alive_seconds=args.keep_alive)
     return print_events(cfg, call, args.verbose)
 
 
@@ -2086,6 +2155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (env VPE_EXECUTOR_KILL_GRACE, default 1)")
     p.add_argument("--shutdown-grace", type=float,
                    help="seconds running tasks get on SIGTERM (env VPE_EXECUTOR_SHUTDOWN_GRACE, default 10)")
+    p.add_argument("--containment", choices=["auto", "cgroup", "subreaper"],
+                   help="how runs are contained (env VPE_EXECUTOR_CONTAINMENT, default auto: a cgroup per run where "
+                        "the executor may create them, else subreaper + /proc tracking)")
     p.add_argument("--backend", choices=["auto", "conda", "venv"],
                    help="env backend (env VPE_EXECUTOR_ENV_BACKEND, default auto: conda-family if on PATH, else venv)")
     p.set_defaults(func=cmd_serve)
@@ -2114,6 +2186,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run dir buffer/WORKSPACE, shared with other runs given the same one (default: the run id)")
     p.add_argument("--keep-alive", type=float, default=0.0,
                    help="keep the run going this many seconds after this client is lost, for `attach` (default 0)")
+    p.add_argument("--memory", dest="memory_bytes", type=parse_size, metavar="SIZE",
+                   help="memory limit of the whole run, e.g. 2G (default and cap: the executor's)")
+    p.add_argument("--cpu-seconds", dest="cpu_seconds", type=float, metavar="S", help="CPU time limit of each process")
+    p.add_argument("--processes", type=int, metavar="N", help="limit on processes and threads at once")
+    p.add_argument("--open-files", dest="open_files", type=int, metavar="N", help="open files limit of each process")
+    p.add_argument("--output", dest="output_bytes", type=parse_size, metavar="SIZE",
+                   help="limit on the run's stdout + stderr, e.g. 1G")
     p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
     p.set_defaults(func=cmd_run)
 

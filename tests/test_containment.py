@@ -48,6 +48,7 @@ def make_server(env_home, tasks, tmp_path_factory):
 
     def make(*flags: str, home: Path | None = None, **environ: str) -> Server:
         home = home or tmp_path_factory.mktemp("home")
+        home.mkdir(parents=True, exist_ok=True)
         if not (home / "envs").exists():
             (home / "envs").symlink_to(env_home, target_is_directory=True)
         server = Server(home, FIXTURES / "envs", tasks, *flags, environ=clean_environ(**environ))
@@ -181,3 +182,206 @@ def test_cli_run_refused_exits_125_and_a_task_exit_2_stays_2(server):
     task = subprocess.run([*cli, "six_a", "t/exit_with.py", "--", "2"], capture_output=True, text=True, env=env,
                           timeout=60)
     assert task.returncode == 2
+
+
+# ---------------------------------------------------------------- nothing escapes a run
+
+def cgroups_writable() -> bool:
+    """What the executor needs for per-run cgroups: creating one in the pids, memory and freezer hierarchies."""
+    for controller in ("pids", "memory", "freezer"):
+        probe = Path("/sys/fs/cgroup") / controller / f"vpe-test-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module", params=["cgroup", "subreaper"])
+def mode(request) -> str:
+    if request.param == "cgroup" and not cgroups_writable():
+        pytest.skip("no writable cgroup v1 hierarchies here (not root?)")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def contained(make_server, mode) -> Server:
+    return make_server("--max-concurrent", "2", VPE_EXECUTOR_CONTAINMENT=mode).start()
+
+
+def pids_printed(call) -> list[int]:
+    """The PIDs on the first line the task prints with numbers."""
+    for event in call:
+        pids = [int(word) for word in event.line.text.split() if word.isdigit()]
+        if pids:
+            return pids
+    raise AssertionError("the task printed no PIDs")
+
+
+def final_status(call):
+    events = list(call)
+    assert events and events[-1].HasField("status"), events
+    return events[-1].status
+
+
+def unmanaged(home: Path) -> list[int]:
+    """Processes started for runs of the executors of `home` (they carry its VPE_BUFFER)."""
+    marker = f"VPE_BUFFER={home / 'buffer'}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") and pid_alive(int(pid)):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_ping_says_which_containment_is_in_force(contained, mode):
+    assert contained.client().ping().containment.startswith(f"{mode}:")
+    cli = subprocess.run([sys.executable, str(ROOT / "executor.py"), "ping"], capture_output=True, text=True,
+                         env=clean_environ(VPE_EXECUTOR_PORT=str(contained.port)), timeout=60)
+    assert f"containment: {mode}:" in cli.stdout
+
+
+def test_timeout_reaches_a_grandchild_that_left_the_session_and_is_recorded(contained):
+    call = contained.client().run("six_a", "c/escapes.py", timeout_seconds=1)
+    task, daemon = pids_printed(call)
+    status = final_status(call)
+    assert status.timed_out and status.signal == signal.SIGTERM
+    assert not pid_alive(task) and not pid_alive(daemon)
+
+
+def test_a_task_that_exits_leaving_a_setsid_daemon_ends_and_the_daemon_is_stopped(contained):
+    call = contained.client().run("six_a", "c/escapes.py", ["0"], timeout_seconds=30)
+    _, daemon = pids_printed(call)
+    status = final_status(call)
+    assert status.exit_code == 0 and not status.timed_out
+    assert not pid_alive(daemon)
+
+
+def test_cancel_reaches_a_double_forked_daemon(contained, mode):
+    client = contained.client()
+    call = client.run("six_a", "c/double_fork.py", run_id=f"double-fork-{mode}")
+    [daemon] = pids_printed(call)
+    assert client.cancel(f"double-fork-{mode}").found
+    status = final_status(call)
+    assert status.cancelled and not pid_alive(daemon)
+
+
+def test_client_loss_reaches_a_writing_daemon_and_frees_the_run(contained, mode):
+    client = contained.client()
+    call = client.run("six_a", "c/double_fork.py", run_id=f"client-loss-{mode}")
+    [daemon] = pids_printed(call)
+    call.cancel()
+    assert wait_until(lambda: not pid_alive(daemon), 30), "the daemon survived its run's client going away"
+    assert wait_until(lambda: not client.cancel(f"client-loss-{mode}").found, 30), "the run never ended"
+
+
+def test_a_run_id_stays_taken_until_its_last_process_is_gone(make_server):
+    srv = make_server("--kill-grace", "5").start()
+    client = srv.client()
+    call = client.run("six_a", "c/ignore_term_escape.py", run_id="reuse")
+    task, daemon = pids_printed(call)
+    assert client.cancel("reuse").found
+    call.cancel()  # the client goes away too; both processes ignore SIGTERM for the 5 s grace
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.run("six_a", "t/noop.py", run_id="reuse"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert client.cancel("reuse").found, "the old run can still be cancelled"
+    assert wait_until(lambda: not pid_alive(task) and not pid_alive(daemon), 30)
+    assert wait_until(lambda: not client.cancel("reuse").found, 30)
+    assert collect(client.run("six_a", "t/noop.py", run_id="reuse"))[1].exit_code == 0
+
+
+def test_sigterm_stops_the_executor_while_a_daemon_holds_a_runs_stdout(make_server, mode):
+    srv = make_server("--shutdown-grace", "1", VPE_EXECUTOR_CONTAINMENT=mode).start()
+    call = srv.client().run("six_a", "c/double_fork.py", run_id="holds-stdout")
+    [daemon] = pids_printed(call)
+    os.kill(srv.proc.pid, signal.SIGTERM)
+    assert srv.proc.wait(30) == 0, srv.log()[-3000:]
+    assert not pid_alive(daemon) and not unmanaged(srv.home)
+
+
+def test_executor_killed_mid_run_leaves_no_unmanaged_process_after_a_restart(make_server, mode, tmp_path):
+    home = tmp_path / "crash-home"
+    first = make_server(home=home, VPE_EXECUTOR_CONTAINMENT=mode).start()
+    call = first.client().run("six_a", "c/escapes.py", run_id="crash")
+    task, daemon = pids_printed(call)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    assert pid_alive(task) and pid_alive(daemon), "orphans of the killed executor"
+    second = make_server(home=home, VPE_EXECUTOR_CONTAINMENT=mode).start()
+    assert unmanaged(home) == []
+    assert not pid_alive(task) and not pid_alive(daemon)
+    *_, (_, last) = executor.read_run_events(executor.Config(home=home), "crash")
+    assert last.status.ended_by.startswith("lost:")
+    assert "reported lost" in second.log()
+    assert not list((home / "run" / "executor").glob(f"{first.proc.pid}-*"))
+
+
+# ---------------------------------------------------------------- limits
+
+def run_limited(server: Server, task: str, args: list[str], **limits):
+    stub = executor.pb2_grpc.ExecutorStub(server.channel())
+    request = pb2.RunRequest(env="six_a", task=task, args=args, limits=pb2.RunLimits(**limits))
+    return collect(stub.Run(request, timeout=60))
+
+
+def test_a_run_over_its_memory_limit_ends_with_a_status_naming_it(contained):
+    events, status = run_limited(contained, "c/eat_memory.py", ["400"], memory_bytes=100 * 1024 * 1024)
+    assert status.ended_by == "killed: memory limit 100 MiB", (status, lines_of(events))
+    assert status.WhichOneof("outcome") == "signal"
+    cli = subprocess.run([sys.executable, str(ROOT / "executor.py"), "run", "--memory", "100M", "six_a",
+                          "c/eat_memory.py", "--", "400"], capture_output=True, text=True, timeout=60,
+                         env=clean_environ(VPE_EXECUTOR_PORT=str(contained.port)))
+    assert cli.returncode > 128 and "killed: memory limit 100 MiB" in cli.stderr
+
+
+def test_a_run_over_its_output_limit_is_stopped_and_says_so(contained):
+    events, status = run_limited(contained, "c/lines.py", ["forever"], output_bytes=100_000)
+    assert status.ended_by == "killed: output limit 97.7 KiB" and status.WhichOneof("outcome") == "signal"
+
+
+def test_a_run_over_its_cpu_time_limit_ends_with_a_status_naming_it(contained):
+    events, status = run_limited(contained, "c/spin.py", [], cpu_seconds=1)
+    assert status.ended_by == "killed: cpu time limit 1 s" and status.signal == signal.SIGXCPU
+
+
+def test_a_run_over_its_process_limit_ends_with_a_status_naming_it(contained):
+    events, status = run_limited(contained, "c/fork_many.py", ["40"], processes=10)
+    assert "process limit 10" in status.ended_by, (status, lines_of(events))
+
+
+def test_limits_above_the_executors_cap_are_refused(server):
+    stub = executor.pb2_grpc.ExecutorStub(server.channel())
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Run(request(limits=pb2.RunLimits(memory_bytes=2 ** 60)), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "VPE_EXECUTOR_RUN_MEMORY_CAP" in info.value.details()
+
+
+# ---------------------------------------------------------------- retention
+
+def test_old_and_oversized_run_logs_and_workspaces_are_pruned_but_not_the_crawl_cache(make_server, tmp_path):
+    home = tmp_path / "retention-home"
+    month_ago, now = time.time() - 30 * 86400, time.time()
+
+    def make(path: Path, size: int, mtime: float) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+        for touched in (path, path.parent):
+            os.utime(touched, (mtime, mtime))
+        return path
+
+    logs, buffer = home / "logs" / "runs", home / "buffer"
+    old_log = make(logs / "old.jsonl", 100, month_ago)
+    recent_logs = [make(logs / f"recent-{i}.jsonl", 6000, now - 300 + i * 100) for i in range(3)]
+    old_workspace = make(buffer / "old-dag-run" / "windows.csv", 100, month_ago).parent
+    cache = make(buffer / "cache" / "open-meteo" / "answer.json", 100, month_ago)
+    today = make(buffer / "today" / "windows.csv", 100, now)
+    srv = make_server(home=home, VPE_EXECUTOR_KEEP_DAYS="7", VPE_EXECUTOR_KEEP_LOGS="13K").start()
+    assert wait_until(lambda: "retention: removed 2 run logs" in srv.log(), 30), srv.log()
+    assert not old_log.exists() and not recent_logs[0].exists() and all(p.exists() for p in recent_logs[1:])
+    assert not old_workspace.exists() and cache.exists() and today.exists()
