@@ -772,7 +772,9 @@ for path in spec["procs"]:
     with open(path, "w") as procs:
         procs.write(str(os.getpid()))
 for name, pair in spec["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), tuple(pair))
+    kind = getattr(resource, name)
+    ceiling = resource.getrlimit(kind)[1]  # an unprivileged process cannot raise its hard limit
+    resource.setrlimit(kind, tuple(v if ceiling == resource.RLIM_INFINITY else min(v, ceiling) for v in pair))
 try:
     os.execv(sys.argv[2], sys.argv[2:])
 except OSError as exc:
@@ -1135,6 +1137,9 @@ class ActiveRun:
                 text=f"[executor] the run log keeps {format_size(self._cfg.run_log_max_bytes)}: "
                      f"{self._run_log.dropped_lines} later lines ({format_size(self._run_log.dropped_bytes)}) "
                      f"were streamed but not logged"))
+        if self.dropped_events:
+            log.info("run %s: %d lines only logged, not queued for its client (the run was being stopped)",
+                     self.plan.run_id, self.dropped_events)
         with contextlib.suppress(OSError):
             self._emit(status=status)
         if self._run_log is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from test_executor import FIXTURES, ROOT, Server, clean_environ, collect, lines_of, wait_until
+from test_executor import ROOT, Server, clean_environ, collect, lines_of, wait_until
+from test_executor import server_factory, shared_home, tasks_dir  # noqa: F401 (the harness's fixtures)
 from conftest import pid_alive
 
 sys.path.insert(0, str(ROOT))
@@ -28,36 +28,21 @@ pb2 = executor.pb2
 
 
 @pytest.fixture(scope="module")
-def env_home(tmp_path_factory) -> Path:
-    """One built-env cache for this module's servers (the envs build once, on the first start)."""
-    return tmp_path_factory.mktemp("containment-envs")
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
-    """The fixture tasks plus a symlink loop (made here: no symlinks in git)."""
-    folder = tmp_path_factory.mktemp("tasks") / "tasks"
-    shutil.copytree(FIXTURES / "tasks", folder)
-    (folder / "c" / "loop.py").symlink_to("loop.py")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def make_server(env_home, tasks, tmp_path_factory):
-    servers: list[Server] = []
+def make_server(server_factory, shared_home, tasks_dir, tmp_path_factory):
+    """Servers with a VPE_HOME each, sharing the session's built envs; the tasks get a symlink loop."""
+    loop = tasks_dir / "c" / "loop.py"
+    if not loop.is_symlink():
+        loop.symlink_to("loop.py")
+    (shared_home / "envs").mkdir(exist_ok=True)
 
     def make(*flags: str, home: Path | None = None, **environ: str) -> Server:
         home = home or tmp_path_factory.mktemp("home")
         home.mkdir(parents=True, exist_ok=True)
         if not (home / "envs").exists():
-            (home / "envs").symlink_to(env_home, target_is_directory=True)
-        server = Server(home, FIXTURES / "envs", tasks, *flags, environ=clean_environ(**environ))
-        servers.append(server)
-        return server
+            (home / "envs").symlink_to(shared_home / "envs", target_is_directory=True)
+        return server_factory(*flags, home=home, environ=clean_environ(**environ))
 
-    yield make
-    for server in servers:
-        server.stop()
+    return make
 
 
 @pytest.fixture(scope="module")
