@@ -280,10 +280,10 @@ def test_a_run_id_stays_taken_until_its_last_process_is_gone(make_server):
     assert collect(client.run("six_a", "t/noop.py", run_id="reuse"))[1].exit_code == 0
 
 
-def test_sigterm_stops_the_executor_while_a_daemon_holds_a_runs_stdout(make_server, mode):
+def test_sigterm_stops_the_executor_while_a_silent_daemon_holds_a_runs_stdout(make_server, mode):
     srv = make_server("--shutdown-grace", "1", VPE_EXECUTOR_CONTAINMENT=mode).start()
-    call = srv.client().run("six_a", "c/double_fork.py", run_id="holds-stdout")
-    [daemon] = pids_printed(call)
+    call = srv.client().run("six_a", "c/escapes.py", run_id="holds-stdout")
+    _, daemon = pids_printed(call)
     os.kill(srv.proc.pid, signal.SIGTERM)
     assert srv.proc.wait(30) == 0, srv.log()[-3000:]
     assert not pid_alive(daemon) and not unmanaged(srv.home)
