@@ -7,12 +7,15 @@ Client:  python executor.py ping | envs | run ENV TASK [--workspace W] [-- ARGS.
 Library: ExecutorClient(channel, token=None) with .ping(), .list_envs(), .run(...), .attach(run_id), .cancel(run_id);
          open_channel(...) builds a channel from the same settings as the CLI.
 
-A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own process group, with working dir
-$VPE_HOME/buffer/<workspace> (the request's workspace, default its run_id; runs of one pipeline run share it), and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin),
-HOME, LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID, VPE_RUN_DIR, VPE_BUFFER,
-the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default: VPE_WAREHOUSE_DSN
-OPEN_METEO_ARCHIVE_URL), then the request's env vars (names [A-Za-z_][A-Za-z0-9_]*, not PATH, PYTHON*, LD_*,
-DYLD_* or the VPE_* above).
+A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own session and cage (a cgroup per run, or
+/proc tracking: every descendant is stopped with it), within its limits (RunLimits), with working dir
+$VPE_HOME/buffer/<workspace> (the request's workspace, default its run_id; runs of one pipeline run share it),
+and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin), HOME (its own,
+<workspace>/.home/<run_id>), LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID,
+VPE_RUN_DIR, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default:
+VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL), then the request's env vars whose names VPE_TASK_ENV_ALLOW allows
+(never a reserved name: PATH, HOME, BASH_ENV, PYTHON*, LD_*, proxies, CA bundles, the VPE_* above, ...).
+Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them).
 """
 from __future__ import annotations
 
@@ -782,7 +785,9 @@ for path in spec["procs"]:
     with open(path, "w") as procs:
         procs.write(str(os.getpid()))
 for name, pair in spec["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), tuple(pair))
+    kind = getattr(resource, name)
+    ceiling = resource.getrlimit(kind)[1]  # an unprivileged process cannot raise its hard limit
+    resource.setrlimit(kind, tuple(v if ceiling == resource.RLIM_INFINITY else min(v, ceiling) for v in pair))
 try:
     os.execv(sys.argv[2], sys.argv[2:])
 except OSError as exc:
@@ -1149,6 +1154,9 @@ class ActiveRun:
                 text=f"[executor] the run log keeps {format_size(self._cfg.run_log_max_bytes)}: "
                      f"{self._run_log.dropped_lines} later lines ({format_size(self._run_log.dropped_bytes)}) "
                      f"were streamed but not logged"))
+        if self.dropped_events:
+            log.info("run %s: %d lines only logged, not queued for its client (the run was being stopped)",
+                     self.plan.run_id, self.dropped_events)
         with contextlib.suppress(OSError):
             self._emit(status=status)
         if self._run_log is not None:
@@ -2142,12 +2150,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[conn], help="run the gRPC server (logs to stdout)",
-                       description="Serve Ping/ListEnvs/Run/Cancel + grpc.health.v1 + reflection. Envs build in the "
+                       description="Serve Ping/ListEnvs/Run/Cancel/Attach + grpc.health.v1 + reflection. Envs build in the "
                                    "background at start-up; SIGTERM stops gracefully.")
     p.add_argument("--advertise", help="host:port clients reach this replica at, named in Started.replica for "
                                        "Attach and Cancel (env VPE_EXECUTOR_ADVERTISE; default: this host's "
                                        "address and --port)")
-    p.add_argument("--home", help="state dir (env VPE_HOME, default .vpe next to executor.py): envs/, buffer/, logs/executor/")
+    p.add_argument("--home", help="state dir (env VPE_HOME, default .vpe next to executor.py): envs/, buffer/, "
+                                  "logs/executor/, logs/runs/, run/executor/")
     p.add_argument("--envs-dir", help="folder of env ymls (env VPE_EXECUTOR_ENVS_DIR, default <repo>/envs)")
     p.add_argument("--tasks-dir", help="folder of task scripts (env VPE_EXECUTOR_TASKS_DIR, default <repo>/tasks)")
     p.add_argument("--max-concurrent", type=int, help="runs at once (env VPE_EXECUTOR_MAX_CONCURRENT, default: cores)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from test_executor import FIXTURES, ROOT, Server, clean_environ, collect, lines_of, wait_until
+from test_executor import ROOT, Server, clean_environ, collect, lines_of, wait_until
+from test_executor import server_factory, shared_home, tasks_dir  # noqa: F401 (the harness's fixtures)
 from conftest import pid_alive
 
 sys.path.insert(0, str(ROOT))
@@ -28,36 +28,21 @@ pb2 = executor.pb2
 
 
 @pytest.fixture(scope="module")
-def env_home(tmp_path_factory) -> Path:
-    """One built-env cache for this module's servers (the envs build once, on the first start)."""
-    return tmp_path_factory.mktemp("containment-envs")
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
-    """The fixture tasks plus a symlink loop (made here: no symlinks in git)."""
-    folder = tmp_path_factory.mktemp("tasks") / "tasks"
-    shutil.copytree(FIXTURES / "tasks", folder)
-    (folder / "c" / "loop.py").symlink_to("loop.py")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def make_server(env_home, tasks, tmp_path_factory):
-    servers: list[Server] = []
+def make_server(server_factory, shared_home, tasks_dir, tmp_path_factory):
+    """Servers with a VPE_HOME each, sharing the session's built envs; the tasks get a symlink loop."""
+    loop = tasks_dir / "c" / "loop.py"
+    if not loop.is_symlink():
+        loop.symlink_to("loop.py")
+    (shared_home / "envs").mkdir(exist_ok=True)
 
     def make(*flags: str, home: Path | None = None, **environ: str) -> Server:
         home = home or tmp_path_factory.mktemp("home")
         home.mkdir(parents=True, exist_ok=True)
         if not (home / "envs").exists():
-            (home / "envs").symlink_to(env_home, target_is_directory=True)
-        server = Server(home, FIXTURES / "envs", tasks, *flags, environ=clean_environ(**environ))
-        servers.append(server)
-        return server
+            (home / "envs").symlink_to(shared_home / "envs", target_is_directory=True)
+        return server_factory(*flags, home=home, environ=clean_environ(**environ))
 
-    yield make
-    for server in servers:
-        server.stop()
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -295,10 +280,10 @@ def test_a_run_id_stays_taken_until_its_last_process_is_gone(make_server):
     assert collect(client.run("six_a", "t/noop.py", run_id="reuse"))[1].exit_code == 0
 
 
-def test_sigterm_stops_the_executor_while_a_daemon_holds_a_runs_stdout(make_server, mode):
+def test_sigterm_stops_the_executor_while_a_silent_daemon_holds_a_runs_stdout(make_server, mode):
     srv = make_server("--shutdown-grace", "1", VPE_EXECUTOR_CONTAINMENT=mode).start()
-    call = srv.client().run("six_a", "c/double_fork.py", run_id="holds-stdout")
-    [daemon] = pids_printed(call)
+    call = srv.client().run("six_a", "c/escapes.py", run_id="holds-stdout")
+    _, daemon = pids_printed(call)
     os.kill(srv.proc.pid, signal.SIGTERM)
     assert srv.proc.wait(30) == 0, srv.log()[-3000:]
     assert not pid_alive(daemon) and not unmanaged(srv.home)
