@@ -28,8 +28,8 @@ from airflow.providers.grpc.hooks.grpc import GrpcHook
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from executor import (ExecutorClient, attach_where_held, auth_metadata, cancel_where_held, open_channel, pb2,
-                      pb2_grpc, replica_channel, replica_channels, status_exit_code)
+from executor import (LIMIT_SETTINGS, ExecutorClient, attach_where_held, auth_metadata, cancel_where_held,
+                      open_channel, parse_size, pb2, pb2_grpc, replica_channel, replica_channels, status_exit_code)
 
 STDERR_TAIL_LINES = 20
 # How long a run goes on without its Airflow task: room for a lost worker's retry
@@ -81,6 +81,20 @@ def remote_run_id(ti: Any) -> str:
     return safe_id(ti.dag_id, ti.run_id, ti.task_id, *mapped)
 
 
+def run_limits(limits: dict[str, Any]) -> dict[str, float]:
+    """RunLimits fields from a DAG's `limits`; the byte sizes may be written like "2G"."""
+    unknown = sorted(set(limits) - set(LIMIT_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown limits {unknown}; ExecutorOperator(limits=...) takes {', '.join(LIMIT_SETTINGS)}")
+    fields = {}
+    for name, value in limits.items():
+        try:
+            fields[name] = parse_size(value) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"limits[{name!r}]={value!r} is not a number (sizes may be written like '2G')") from None
+    return fields
+
+
 def log_event(logger: Any, event: Any, stderr_tail: deque[str]) -> Any:
     """Writes one streamed event to the task log; returns the final status when it arrives."""
     kind = event.WhichOneof("event")
@@ -102,8 +116,8 @@ def log_event(logger: Any, event: Any, stderr_tail: deque[str]) -> Any:
 def run_summary(status: Any) -> dict[str, Any]:
     """A final RunStatus as plain data (XCom and trigger events carry JSON)."""
     return {"run_id": status.run_id, "exit_code": status_exit_code(status), "timed_out": status.timed_out,
-            "cancelled": status.cancelled, "duration_seconds": round(status.duration_seconds, 3),
-            "log_path": status.log_path}
+            "cancelled": status.cancelled, "ended_by": status.ended_by,
+            "duration_seconds": round(status.duration_seconds, 3), "log_path": status.log_path}
 
 
 class ExecutorOperator(BaseOperator):
@@ -114,8 +128,10 @@ class ExecutorOperator(BaseOperator):
     run is killed when `execution_timeout` passes, and `keep_alive` after the
     Airflow task is lost without being killed (a lost worker, a triggerer
     restart) unless a new try attaches first. `deferrable=True` waits in the
-    triggerer instead of a worker slot. Returns (to XCom) the run id, exit code,
-    duration and the executor-side log path.
+    triggerer instead of a worker slot. `limits` bounds the run (executor
+    RunLimits: memory_bytes, cpu_seconds, processes, open_files, output_bytes;
+    sizes like "2G"); unset ones take the executor's defaults. Returns (to XCom)
+    the run id, exit code, duration and the executor-side log path.
     """
 
     template_fields: Sequence[str] = ("script", "args", "env_vars")
@@ -123,7 +139,8 @@ class ExecutorOperator(BaseOperator):
 
     def __init__(self, *, env: str, script: str, args: Sequence[str] = (),
                  env_vars: dict[str, str] | None = None, grpc_conn_id: str = "grpc_default",
-                 deferrable: bool = False, keep_alive: timedelta = DEFAULT_KEEP_ALIVE, **kwargs: Any) -> None:
+                 deferrable: bool = False, keep_alive: timedelta = DEFAULT_KEEP_ALIVE,
+                 limits: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.env = env
         self.script = script
@@ -132,6 +149,7 @@ class ExecutorOperator(BaseOperator):
         self.grpc_conn_id = grpc_conn_id
         self.deferrable = deferrable
         self.keep_alive = keep_alive
+        self.limits = run_limits(limits or {})
         self._call: Any = None
         self._run_id = ""
         self._replica = ""
@@ -184,7 +202,8 @@ class ExecutorOperator(BaseOperator):
         timeout = self.execution_timeout.total_seconds() if self.execution_timeout else 0.0
         self._call = executor_client(self.grpc_conn_id).run(
             self.env, self.script, self.args, self.env_vars, timeout, self._run_id,
-            workspace=safe_id(ti.dag_id, ti.run_id), keep_alive_seconds=self.keep_alive.total_seconds())
+            workspace=safe_id(ti.dag_id, ti.run_id), limits=self.limits,
+            keep_alive_seconds=self.keep_alive.total_seconds())
         return self._call
 
     def _defer(self, started: Any, stderr_tail: deque[str]) -> None:
@@ -203,10 +222,10 @@ class ExecutorOperator(BaseOperator):
 
     def _outcome(self, result: dict[str, Any], stderr_tail: Sequence[str]) -> dict[str, Any]:
         self.log.info("[executor] %s", result)
-        if result["exit_code"] == 0:
+        if result["exit_code"] == 0 and not result["ended_by"]:
             return result
-        what = ("timed out" if result["timed_out"] else "was cancelled" if result["cancelled"]
-                else f"exited with {result['exit_code']}")
+        what = ("timed out" if result["timed_out"] else f"was stopped ({result['ended_by']})" if result["ended_by"]
+                else "was cancelled" if result["cancelled"] else f"exited with {result['exit_code']}")
         tail = "\n".join(stderr_tail) or "(nothing on stderr)"
         raise AirflowException(f"{self.script} {what} after {result['duration_seconds']:.1f}s "
                                f"(executor log {result['log_path']}). Last stderr lines:\n{tail}")

@@ -5,6 +5,9 @@ client until an attached client sees it end; several executors stand in for scal
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import pid_alive  # noqa: E402
-from test_executor import (client, collect, executor, lines_of, pb2, run_cli, server, server_factory,  # noqa: E402,F401
+from test_executor import (ROOT, client, collect, executor, lines_of, pb2, run_cli, server, server_factory,  # noqa: E402,F401
                            shared_home, tasks_dir, wait_until)
 
 TASK = "a/until_released.py"
@@ -157,3 +160,35 @@ def test_cli_attach_prints_the_output_and_exits_with_the_runs_code(client, serve
     missing = run_cli(server, "attach", "no-such-run")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
+
+
+OPERATOR_PROBE = '''
+from types import SimpleNamespace
+from executor_operator import ExecutorOperator
+
+try:
+    ExecutorOperator(task_id="bad", env="six_a", script="c/lines.py", limits={"memory": "1G"})
+except ValueError as err:
+    print("refused:", err)
+operator = ExecutorOperator(task_id="step", env="six_a", script="c/lines.py", args=["5000"],
+                            limits={"output_bytes": "4K"})
+ti = SimpleNamespace(dag_id="probe", run_id="limits", task_id="step", try_number=1, map_index=-1)
+try:
+    operator.execute({"ti": ti})
+except Exception as err:
+    print("failed:", str(err).splitlines()[0])
+'''
+
+
+def test_operator_limits_reach_the_run(server):
+    """ExecutorOperator.execute outside a DAG run (as tests/test_airflow.py's probe), against the test server."""
+    conn = {"conn_type": "grpc", "host": "127.0.0.1", "port": server.port, "extra": {"auth_type": "NO_AUTH"}}
+    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn), "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
+    result = subprocess.run([sys.executable, "-c", OPERATOR_PROBE], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = [line for line in result.stdout.splitlines() if line.startswith(("refused:", "failed:"))]
+    assert len(outcomes) == 2, result.stdout[-3000:]
+    refused, failed = outcomes
+    assert refused.startswith("refused: unknown limits ['memory']") and "memory_bytes" in refused
+    assert failed.startswith("failed: c/lines.py was stopped (killed: output limit 4 KiB)"), failed
