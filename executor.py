@@ -1947,8 +1947,10 @@ def replica_targets(target: str) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (ValueError, OSError):
         return [target]
-    addresses = dict.fromkeys(info[4][0] for info in infos)
-    return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in addresses]
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    # A dual-stack name (localhost) is one server on two addresses; replicas get IPv4 addresses (compose networks).
+    ipv4 = [ip for ip in addresses if ":" not in ip]
+    return [f"{ip}:{port}" for ip in ipv4] if ipv4 else [f"[{ip}]:{port}" for ip in addresses]
 
 
 def replica_channels(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",

@@ -142,6 +142,9 @@ class ExecutorOperator(BaseOperator):
                  deferrable: bool = False, keep_alive: timedelta = DEFAULT_KEEP_ALIVE,
                  limits: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if deferrable and keep_alive.total_seconds() <= 0:
+            raise ValueError("deferrable=True needs a keep_alive > 0: the run must outlive the worker until the "
+                             "triggerer attaches")
         self.env = env
         self.script = script
         self.args = list(args)
