@@ -1516,8 +1516,8 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
     def Attach(self, request, context):
         try:
             run = self._attachable(request)
-        except Refused as refused:
-            context.abort(refused.code, str(refused))
+        except Exception as exc:
+            abort_with(context, exc, f"Attach {request.run_id[:128]!r}")
         yield from self._follow(request.run_id, request.from_seq, run, context)
 
     def _attachable(self, request) -> ActiveRun | None:
@@ -1539,8 +1539,8 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         return run
 
     def _follow(self, run_id: str, from_seq: int, run: ActiveRun | None, context) -> Iterator[Any]:
-        """The run's events from its run log, from `from_seq` on: replayed, then followed while `run` is held
-        here, ending with its status. The client counts as attached to a keep-alive run while it reads."""
+        """The run's events from its run log, from `from_seq` on: replayed, then (for a live `run`) followed until
+        it ends, ending with its status. The client counts as attached to a keep-alive run while it reads."""
         if run is not None and self._kept.join(run):
             if not context.add_callback(lambda: self._kept.leave(run)):
                 self._kept.leave(run)
@@ -1558,8 +1558,8 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
                     yield event
                     if event.HasField("status"):
                         return
-            except Refused as refused:
-                context.abort(refused.code, str(refused))
+            except Exception as exc:
+                abort_with(context, exc, f"Attach {run_id[:128]!r}")
         if context.is_active():
             context.abort(grpc.StatusCode.UNAVAILABLE, f"run {run_id!r} ended without a final status in its log; "
                                                        f"see the executor's log on {self._cfg.replica}")

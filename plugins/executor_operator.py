@@ -15,6 +15,7 @@ left behind is still running attaches to it instead of starting it again
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import re
@@ -271,6 +272,7 @@ class ExecutorRunTrigger(BaseTrigger):
                 async for event in pb2_grpc.ExecutorStub(channel).Attach(request, metadata=auth_metadata(token)):
                     self.from_seq = event.seq + 1
                     status = log_event(self.log, event, self.stderr_tail)
+                    await asyncio.sleep(0)  # a replayed backlog must not hold up the triggerer's other triggers
                     if status is not None:
                         yield TriggerEvent({"summary": run_summary(status), "stderr_tail": list(self.stderr_tail)})
                         return

@@ -1,7 +1,8 @@
 """Runs that outlive their Airflow worker, through the real scheduler, triggerer and executor.
 
 A retried task attaches to the remote run its killed try left running; a deferrable task waits in the
-triggerer (state `deferred`) while its run goes on, and marking it failed there still kills the run.
+triggerer (state `deferred`) while its run goes on, a restarted triggerer attaches to it again, and
+marking it failed there still kills the run.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import AirflowAPI, offline_demo_stack, pid_alive
+from conftest import AirflowAPI, bootstrap, offline_demo_stack, pid_alive
 from test_airflow import wait_for_file
 
 ATTACH_DAGS = '''
@@ -37,18 +38,18 @@ def vpe_attach_retry():
 def vpe_attach_deferred():
     for name in ("released", "killed"):
         ExecutorOperator(task_id=name, env="ingestion", script="vpe_attach/until_released.py",
-                         deferrable=True, retries=0, env_vars={"TICK_FILE": name})
+                         deferrable=True, retries=0, args=[name])
 
 
 vpe_attach_retry()
 vpe_attach_deferred()
 '''
 
-# Appends its pid to <run dir>/<TICK_FILE>.pids (a restarted run would add a second line), then ticks until a
-# <TICK_FILE>.release file appears.
+# Appends its pid to <run dir>/<name>.pids (a restarted run would add a second line), then ticks until a
+# <name>.release file appears; <name> is argv[1], default "tick".
 UNTIL_RELEASED = '''
 import os, sys, time
-name = os.environ.get("TICK_FILE", "tick")
+name = sys.argv[1] if len(sys.argv) > 1 else "tick"
 with open(f"{name}.pids", "a") as f:
     f.write(f"{os.getpid()}\\n")
 print(f"remote pid {os.getpid()}", flush=True)
@@ -124,8 +125,12 @@ def test_a_deferrable_task_waits_in_the_triggerer_while_its_run_goes_on(attach_s
     remote_pids = {name: int(path.read_text()) for name, path in pids.items()}
     for name in pids:
         wait_for(lambda: airflow.task_state(dag_id, run_id, name) == "deferred", f"{name} to be deferred")
+    wait_for(lambda: triggers_following(airflow, dag_id, run_id) == 1, "the triggerer to follow the runs")
     assert all(pid_alive(pid) for pid in remote_pids.values())
 
+    restart_triggerer(attach_stack)
+    wait_for(lambda: triggers_following(airflow, dag_id, run_id) == 2, "the restarted triggerer to attach again")
+    assert all(pid_alive(pid) for pid in remote_pids.values())
     (pids["released"].parent / "released.release").touch()
     airflow.request("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/killed", {"new_state": "failed"})
     wait_for(lambda: not pid_alive(remote_pids["killed"]), "the killed task's remote run to stop")
@@ -136,3 +141,17 @@ def test_a_deferrable_task_waits_in_the_triggerer_while_its_run_goes_on(attach_s
     assert "freeing this worker slot" in log
     assert f"remote pid {remote_pids['released']}" in log
     assert "[stderr] released" in log.split("freeing this worker slot")[1]
+    assert pids["released"].read_text().split() == [str(remote_pids["released"])]
+
+
+def triggers_following(airflow: AirflowAPI, dag_id: str, run_id: str) -> int:
+    """How many triggers have attached to the remote runs of both tasks (the fewer of the two)."""
+    return min(airflow.task_log(dag_id, run_id, task).count("following run") for task in ("released", "killed"))
+
+
+def restart_triggerer(env: dict[str, str]) -> None:
+    """Stops the triggerer as a deploy would (TERM to its process group), then lets bootstrap start it again."""
+    pid = int((Path(env["VPE_HOME"]) / "run" / "airflow-triggerer.pid").read_text())
+    os.killpg(pid, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(pid), "the triggerer to stop")
+    bootstrap("--offline-demo", "up", env=env)
