@@ -89,6 +89,7 @@ MAX_PATH_SEGMENT_BYTES = 255
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 MAX_LINE_CHARS = 16 * 1024
 MAX_BUFFERED_EVENTS = 10_000
+MAX_BUFFERED_TEXT = 16 * 1024 * 1024  # characters of output lines waiting for a client
 CENSUS_INTERVAL = 0.2  # seconds between looks at which processes of a run are left
 FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # run ids and workspaces: one safe path segment
 ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -903,16 +904,17 @@ class Cage:
             time.sleep(0.05)
         return count
 
-    def over_limit(self, limits: dict[str, float]) -> str:
-        """Without cgroups the executor enforces memory and process limits itself, from /proc."""
+    def census(self, limits: dict[str, float]) -> tuple[bool, str]:
+        """(whether any process of the run is left, the limit it is over or ''). With cgroups the kernel
+        enforces the limits; without, the executor checks memory and process count from /proc."""
         if self.cgroups:
-            return ""
+            return bool(self._cgroup_members()), ""
         live = self.tracked()
         if sum(p.rss_bytes for p in live) > limits["memory_bytes"]:
-            return f"killed: memory limit {format_size(limits['memory_bytes'])}"
+            return True, f"killed: memory limit {format_size(limits['memory_bytes'])}"
         if len(live) > limits["processes"]:
-            return f"killed: process limit {limits['processes']:.0f}"
-        return ""
+            return True, f"killed: process limit {limits['processes']:.0f}"
+        return bool(live), ""
 
     def verdict(self, limits: dict[str, float], returncode: int) -> str:
         """Which limit ended the run, as the kernel saw it ('' for none)."""
@@ -1060,6 +1062,27 @@ def report_lost(record: dict[str, Any], executor_pid: str, killed: int) -> None:
         run_log.close()
 
 
+class EventQueue(queue.Queue):
+    """A run's events not yet sent to its client. put never blocks: its producer checks over_bound() and stops
+    reading the task (or, while the run is being stopped, only logs the lines)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.text_chars = 0
+
+    def _put(self, event) -> None:
+        self.text_chars += len(event.line.text)
+        super()._put(event)
+
+    def _get(self):
+        event = super()._get()
+        self.text_chars -= len(event.line.text)
+        return event
+
+    def over_bound(self) -> bool:
+        return self.qsize() >= MAX_BUFFERED_EVENTS or self.text_chars >= MAX_BUFFERED_TEXT
+
+
 class ActiveRun:
     """One run: a supervisor thread waits for a slot, starts the task in its cage, reads both pipes, enforces
     timeout, cancel and limits, logs every event and queues it for the RPC. The run, with its slot and its id,
@@ -1073,7 +1096,7 @@ class ActiveRun:
         self._containment = containment
         self._on_end = on_end
         self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
-        self.events: queue.Queue = queue.Queue()
+        self.events = EventQueue()
         self.dropped_events = 0
         self._draining = False  # being stopped: output is read without back-pressure
         self._cancel_reason = ""
@@ -1108,7 +1131,7 @@ class ActiveRun:
                 self._run_log.flush()
         # A run being stopped has its output drained without back-pressure, and its client may be gone:
         # lines beyond the bound are only logged.
-        if event.HasField("line") and self._draining and self.events.qsize() >= MAX_BUFFERED_EVENTS:
+        if event.HasField("line") and self._draining and self.events.over_bound():
             self.dropped_events += 1
         else:
             self.events.put(event)
@@ -1218,8 +1241,8 @@ class ActiveRun:
                 now = time.monotonic()
                 if now >= census_at:
                     census_at = now + CENSUS_INTERVAL
-                    others_left = bool(cage.members())
-                    ended_by = ended_by or cage.over_limit(limits)
+                    others_left, over = cage.census(limits)
+                    ended_by = ended_by or over
                     if exited and not others_left and open_pipes and now > exited_at + self._cfg.kill_grace + 1:
                         log.warning("run %s: its pipes stay open with none of its processes left; closing them",
                                     self.plan.run_id)
@@ -1239,7 +1262,7 @@ class ActiveRun:
                     kill_at = now + CENSUS_INTERVAL  # again, until none is left
                 # A slow client: stop reading, so the task blocks on write. Not while stopping it: the client may be
                 # gone, and the pipes must be drained to see them close.
-                if self.events.qsize() > MAX_BUFFERED_EVENTS and not stopping and not self._cancelled.is_set():
+                if self.events.over_bound() and not stopping and not self._cancelled.is_set():
                     time.sleep(0.05)
                     continue
                 due = min(census_at, kill_at, deadline if not timed_out else math.inf,
@@ -1534,9 +1557,10 @@ def validate_limits(requested, cfg: Config) -> dict[str, float]:
     for name, (setting, _, _) in LIMIT_SETTINGS.items():
         value = getattr(requested, name)
         if not math.isfinite(value) or value < 0 or value > cfg.limit_caps[name]:
+            show = format_size if name.endswith("_bytes") else "{:g}".format
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"limits.{name}={value:g} is invalid: use 0 (the default, {cfg.limit_defaults[name]:g}) or up "
-                          f"to the executor's cap {cfg.limit_caps[name]:g} (VPE_EXECUTOR_RUN_{setting}_CAP)")
+                          f"limits.{name}={value:g} is invalid: use 0 (the default, {show(cfg.limit_defaults[name])}) "
+                          f"or up to the executor's cap {show(cfg.limit_caps[name])} (VPE_EXECUTOR_RUN_{setting}_CAP)")
         limits[name] = float(value) or cfg.limit_defaults[name]
     return limits
 

@@ -370,3 +370,26 @@ def test_old_and_oversized_run_logs_and_workspaces_are_pruned_but_not_the_crawl_
     assert wait_until(lambda: "retention: removed 2 run logs" in srv.log(), 30), srv.log()
     assert not old_log.exists() and not recent_logs[0].exists() and all(p.exists() for p in recent_logs[1:])
     assert not old_workspace.exists() and cache.exists() and today.exists()
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+def test_output_waiting_for_a_client_that_does_not_read_is_bounded_in_bytes(make_server):
+    srv = make_server().start()
+    before = rss_bytes(srv.proc.pid)
+    call = srv.client().run("six_a", "c/wide_lines.py", run_id="unread", rpc_timeout=120)
+    assert next(call).HasField("started")  # and then read nothing
+    run_log = srv.home / "logs" / "runs" / "unread.jsonl"
+    sizes: list[int] = []
+
+    def output_paused() -> bool:
+        sizes.append(run_log.stat().st_size if run_log.exists() else 0)
+        return len(sizes) > 5 and sizes[-1] == sizes[-6] > 0
+
+    assert wait_until(output_paused, 60, 0.2), "the executor never stopped reading the task"
+    grown = rss_bytes(srv.proc.pid) - before
+    call.cancel()
+    assert grown < 64 * 1024 * 1024, f"the executor grew by {grown / 2**20:.0f} MiB for one unread run"
