@@ -742,6 +742,8 @@ def all_processes() -> list[ProcInfo]:
 
 
 def environ_has(pid: int, entries: frozenset[bytes]) -> bool:
+    if not entries:
+        return False
     try:
         return entries <= set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
     except OSError:
@@ -793,10 +795,11 @@ class Cage:
     group and session, its descendants, and every process whose environment carries the run's marker (its
     VPE_RUN_ID and VPE_BUFFER), which children inherit through setsid and double forks."""
 
-    def __init__(self, run_id: str, marker: frozenset[bytes], cgroups: dict[str, Path]):
+    def __init__(self, run_id: str, marker: frozenset[bytes], cgroups: dict[str, Path], thorough: bool = False):
         self.run_id = run_id
         self.marker = marker
         self.cgroups = cgroups
+        self.thorough = thorough  # cgroups and /proc both: for runs a dead executor left
         self.leader: tuple[int, int] | None = None  # (pid, start)
         self._seen: dict[int, int] = {}  # pid -> start of members found by tracking, so their zombies get reaped
 
@@ -807,7 +810,7 @@ class Cage:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Cage":
         cage = cls(record["run_id"], frozenset(m.encode() for m in record["marker"]),
-                   {name: Path(path) for name, path in record["cgroups"].items()})
+                   {name: Path(path) for name, path in record["cgroups"].items()}, thorough=True)
         cage.leader = tuple(record["leader"]) if record.get("leader") else None
         return cage
 
@@ -832,11 +835,14 @@ class Cage:
         self.leader = (pid, info.start if info else 0)
 
     def members(self) -> set[int]:
-        if self.cgroups:
-            return self._cgroup_members()
-        return {info.pid for info in self.tracked()}
+        found = self._cgroup_members() if self.cgroups else set()
+        if self.thorough or not self.cgroups:
+            found |= {info.pid for info in self.tracked()}
+        return found
 
     def _cgroup_members(self) -> set[int]:
+        if not self.cgroups:
+            return set()
         with contextlib.suppress(FileNotFoundError):
             return {int(pid) for pid in (next(iter(self.cgroups.values())) / "cgroup.procs").read_text().split()}
         return set()
@@ -846,7 +852,8 @@ class Cage:
         (as child subreaper it inherits orphans) and not the task's first process, which its Popen reaps."""
         me = os.getpid()
         leader_pid = self._leader_group()
-        procs = [p for p in all_processes() if p.pid != me]
+        born_after = self.leader[1] if self.leader else 0  # nothing older than the task can descend from it
+        procs = [p for p in all_processes() if p.pid != me and p.start >= born_after]
         children: dict[int, list[ProcInfo]] = {}
         for p in procs:
             children.setdefault(p.ppid, []).append(p)
@@ -897,9 +904,9 @@ class Cage:
 
     def kill_all(self, within: float = 5.0) -> int:
         """Kills until no process is left (or `within` seconds pass); returns how many there were at first."""
-        count = len(self.members() | {p.pid for p in self.tracked()})
+        count = len(self.members())
         deadline = time.monotonic() + within
-        while (self.members() or self.tracked()) and time.monotonic() < deadline:
+        while self.members() and time.monotonic() < deadline:
             self.kill()
             time.sleep(0.05)
         return count
@@ -963,20 +970,10 @@ class Containment:
                               "(a process that clears its environment and leaves the run's session can escape)")
         self._records.mkdir(parents=True, exist_ok=True)
 
-    def _home_cgroups(self, controller: str) -> Path | None:
-        """$controller/<the executor's own cgroup>/vpe-<hash of VPE_HOME>: where this home's executors keep runs."""
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controller in controllers.split(","):
-                mount = CGROUP_ROOT / controller
-                if (mount / "cgroup.procs").exists():
-                    return mount / path.lstrip("/") / f"vpe-{hashlib.sha256(str(self._cfg.home).encode()).hexdigest()[:12]}"
-        return None
-
     def _cgroup_bases(self) -> dict[str, Path]:
         bases = {}
         for controller in CGROUP_CONTROLLERS:
-            home = self._home_cgroups(controller)
+            home = home_cgroup(self._cfg.home, controller)
             try:
                 if home is None:
                     raise OSError(f"no {controller} hierarchy")
@@ -1019,9 +1016,12 @@ class Containment:
             if records == self._records or self._executor_alive(records.name):
                 continue
             for path in sorted(records.glob("*.json")):
-                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                try:
                     record = json.loads(path.read_text())
                     cage = Cage.from_record(record)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("%s: unreadable run record (%s); its cgroups, if any, are cleaned up below", path, exc)
+                else:
                     killed = cage.kill_all()
                     cage.remove()
                     report_lost(record, records.name.split("-")[0], killed)
@@ -1033,14 +1033,15 @@ class Containment:
 
     def _remove_dead_cgroups(self) -> None:
         """Cgroups of dead executors that no record names (it died between creating one and recording the run)."""
-        for base in self._bases.values():
-            for executor in base.parent.iterdir():
-                if not executor.is_dir() or executor == base or self._executor_alive(executor.name):
+        homes = {controller: base.parent for controller, base in self._bases.items()}
+        for home in homes.values():
+            for executor in [p for p in home.iterdir() if p.is_dir() and p.name != self.identity]:
+                if self._executor_alive(executor.name):
                     continue
                 for run in [p for p in executor.iterdir() if p.is_dir()]:
-                    Cage(run.name, frozenset(), {base.name: run}).kill_all()
-                    with contextlib.suppress(OSError):
-                        run.rmdir()
+                    cage = Cage(run.name, frozenset(), {c: h / executor.name / run.name for c, h in homes.items()})
+                    cage.kill_all()
+                    cage.remove()
                 with contextlib.suppress(OSError):
                     executor.rmdir()
 
@@ -1048,6 +1049,17 @@ class Containment:
     def _executor_alive(identity: str) -> bool:
         pid, _, start = identity.partition("-")
         return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
+
+
+def home_cgroup(home: Path, controller: str) -> Path | None:
+    """<controller mount>/<this process's cgroup>/vpe-<hash of VPE_HOME>: where the executors of `home` keep their
+    runs' cgroups, one folder per executor (<pid>-<start>)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        mount = CGROUP_ROOT / controller
+        if controller in controllers.split(",") and (mount / "cgroup.procs").exists():
+            return mount / path.lstrip("/") / f"vpe-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+    return None
 
 
 def report_lost(record: dict[str, Any], executor_pid: str, killed: int) -> None:
@@ -1125,16 +1137,28 @@ class ActiveRun:
 
     def _emit(self, capped: bool = True, **fields) -> None:
         event = pb2.RunEvent(**fields)
-        if self._run_log is not None:
-            self._run_log.write(event, capped)
-            if not event.HasField("line"):
-                self._run_log.flush()
+        self._log(lambda run_log: run_log.write(event, capped))
+        if not event.HasField("line"):
+            self._log(RunLog.flush)
         # A run being stopped has its output drained without back-pressure, and its client may be gone:
         # lines beyond the bound are only logged.
         if event.HasField("line") and self._draining and self.events.over_bound():
             self.dropped_events += 1
         else:
             self.events.put(event)
+
+    def _log(self, action: Callable[[RunLog], object]) -> None:
+        """A run log that cannot be written (a full disk) is given up; the stream goes on."""
+        if self._run_log is None:
+            return
+        try:
+            action(self._run_log)
+        except OSError as exc:
+            log.error("run %s: cannot write its log %s (%s); streaming on without it", self.plan.run_id,
+                      self.plan.log_path, exc)
+            with contextlib.suppress(OSError):
+                self._run_log.close()
+            self._run_log = None
 
     def _supervise(self) -> None:
         started = time.monotonic()
@@ -1166,11 +1190,8 @@ class ActiveRun:
         if self.dropped_events:
             log.info("run %s: %d lines only logged, not queued for its client (the run was being stopped)",
                      self.plan.run_id, self.dropped_events)
-        with contextlib.suppress(OSError):
-            self._emit(status=status)
-        if self._run_log is not None:
-            with contextlib.suppress(OSError):
-                self._run_log.close()
+        self._emit(status=status)
+        self._log(RunLog.close)
 
     def _wait_for_slot(self) -> bool:
         self._emit(queued=pb2.Queued(
@@ -1305,7 +1326,7 @@ class ActiveRun:
             text = raw.decode("utf-8", "replace")
             for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
                 self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
-        self._run_log.flush()
+        self._log(RunLog.flush)
 
 
 CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping

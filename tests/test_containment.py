@@ -393,3 +393,25 @@ def test_output_waiting_for_a_client_that_does_not_read_is_bounded_in_bytes(make
     grown = rss_bytes(srv.proc.pid) - before
     call.cancel()
     assert grown < 64 * 1024 * 1024, f"the executor grew by {grown / 2**20:.0f} MiB for one unread run"
+
+
+def test_a_cgroup_left_by_a_dead_executor_without_a_record_is_emptied_and_removed(make_server, tmp_path):
+    if not cgroups_writable():
+        pytest.skip("no writable cgroup v1 hierarchies here (not root?)")
+    home = tmp_path / "orphan-cgroup-home"
+    stray = subprocess.Popen(["sleep", "300"])
+    bystander = subprocess.Popen(["sleep", "300"])
+    dead_executor = "999999999-1"  # no such pid
+    folders = [executor.home_cgroup(home, c) / dead_executor / "run-x" for c in ("pids", "memory", "freezer")]
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True)
+            (folder / "cgroup.procs").write_text(str(stray.pid))
+        make_server(home=home, VPE_EXECUTOR_CONTAINMENT="cgroup").start()
+        assert stray.wait(10) == -signal.SIGKILL
+        assert bystander.poll() is None, "only the dead executor's run is killed"
+        assert not any(folder.parent.exists() for folder in folders)
+    finally:
+        for proc in (stray, bystander):
+            proc.kill()
+            proc.wait()
