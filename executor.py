@@ -782,6 +782,7 @@ done
 shift
 ulimit -t "$cpu_hard" && ulimit -S -t "$cpu" && ulimit -n "$files" || {
   echo "[executor] cannot set the run's limits" >&2; exit 126; }
+unset PWD
 exec "$@"
 """
 
