@@ -33,6 +33,7 @@ import math
 import os
 import queue
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -91,6 +92,7 @@ MAX_PATH_SEGMENT_BYTES = 255
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 MAX_LINE_CHARS = 16 * 1024
 MAX_BUFFERED_EVENTS = 10_000
+MAX_BUFFERED_TEXT = 16 * 1024 * 1024  # characters of output lines waiting for a client
 CENSUS_INTERVAL = 0.2  # seconds between looks at which processes of a run are left
 FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # run ids and workspaces: one safe path segment
 ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -751,6 +753,8 @@ def all_processes() -> list[ProcInfo]:
 
 
 def environ_has(pid: int, entries: frozenset[bytes]) -> bool:
+    if not entries:
+        return False
     try:
         return entries <= set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
     except OSError:
@@ -776,24 +780,27 @@ def _counter(path: Path, name: str) -> int:
     return 0
 
 
-# The task's first process runs this, then becomes the task: it joins the run's cgroups and sets its rlimits
-# before any code of the task runs (preexec_fn could do it, but may crash a child forked by a threaded server).
+# The task's first process runs this, then becomes the task (exec): it joins the run's cgroups and takes its
+# rlimits before any code of the task runs. Not preexec_fn, which may crash a child forked by a threaded
+# server; and a shell, not Python, because it costs a millisecond rather than an interpreter start.
 CAGE_WRAPPER = """\
-import json, os, resource, sys
-spec = json.loads(sys.argv[1])
-for path in spec["procs"]:
-    with open(path, "w") as procs:
-        procs.write(str(os.getpid()))
-for name, pair in spec["rlimits"].items():
-    kind = getattr(resource, name)
-    ceiling = resource.getrlimit(kind)[1]  # an unprivileged process cannot raise its hard limit
-    resource.setrlimit(kind, tuple(v if ceiling == resource.RLIM_INFINITY else min(v, ceiling) for v in pair))
-try:
-    os.execv(sys.argv[2], sys.argv[2:])
-except OSError as exc:
-    print(f"[executor] cannot start {sys.argv[2]}: {exc}", file=sys.stderr)
-    os._exit(127)
+cpu=$1 cpu_hard=$2 files=$3; shift 3
+while [ "$1" != -- ]; do
+  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
+  shift
+done
+shift
+ulimit -t "$cpu_hard" && ulimit -S -t "$cpu" && ulimit -n "$files" || {
+  echo "[executor] cannot set the run's limits" >&2; exit 126; }
+unset PWD
+exec "$@"
 """
+
+
+def within_hard_limit(kind: int, value: int) -> int:
+    """What a child may set: an unprivileged process cannot raise its hard limit (children inherit the executor's)."""
+    ceiling = resource.getrlimit(kind)[1]
+    return value if ceiling == resource.RLIM_INFINITY else min(value, ceiling)
 
 
 class Cage:
@@ -802,10 +809,11 @@ class Cage:
     group and session, its descendants, and every process whose environment carries the run's marker (its
     VPE_RUN_ID and VPE_BUFFER), which children inherit through setsid and double forks."""
 
-    def __init__(self, run_id: str, marker: frozenset[bytes], cgroups: dict[str, Path]):
+    def __init__(self, run_id: str, marker: frozenset[bytes], cgroups: dict[str, Path], thorough: bool = False):
         self.run_id = run_id
         self.marker = marker
         self.cgroups = cgroups
+        self.thorough = thorough  # cgroups and /proc both: for runs a dead executor left
         self.leader: tuple[int, int] | None = None  # (pid, start)
         self._seen: dict[int, int] = {}  # pid -> start of members found by tracking, so their zombies get reaped
 
@@ -816,7 +824,7 @@ class Cage:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Cage":
         cage = cls(record["run_id"], frozenset(m.encode() for m in record["marker"]),
-                   {name: Path(path) for name, path in record["cgroups"].items()})
+                   {name: Path(path) for name, path in record["cgroups"].items()}, thorough=True)
         cage.leader = tuple(record["leader"]) if record.get("leader") else None
         return cage
 
@@ -831,21 +839,27 @@ class Cage:
             _write(pids / "pids.max", int(limits["processes"]))
 
     def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
-        cpu, files = math.ceil(limits["cpu_seconds"]), int(limits["open_files"])
-        spec = {"procs": [str(folder / "cgroup.procs") for folder in self.cgroups.values()],
-                "rlimits": {"RLIMIT_CPU": [cpu, cpu + 5], "RLIMIT_NOFILE": [files, files]}}
-        return [sys.executable, "-I", "-S", "-c", CAGE_WRAPPER, json.dumps(spec), *argv]
+        """argv behind CAGE_WRAPPER. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named in the
+        status) comes before SIGKILL."""
+        cpu = math.ceil(limits["cpu_seconds"])
+        numbers = (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
+                   within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
+        procs = [str(folder / "cgroup.procs") for folder in self.cgroups.values()]
+        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, numbers), *procs, "--", *argv]
 
     def set_leader(self, pid: int) -> None:
         info = proc_info(pid)
         self.leader = (pid, info.start if info else 0)
 
     def members(self) -> set[int]:
-        if self.cgroups:
-            return self._cgroup_members()
-        return {info.pid for info in self.tracked()}
+        found = self._cgroup_members() if self.cgroups else set()
+        if self.thorough or not self.cgroups:
+            found |= {info.pid for info in self.tracked()}
+        return found
 
     def _cgroup_members(self) -> set[int]:
+        if not self.cgroups:
+            return set()
         with contextlib.suppress(FileNotFoundError):
             return {int(pid) for pid in (next(iter(self.cgroups.values())) / "cgroup.procs").read_text().split()}
         return set()
@@ -855,7 +869,8 @@ class Cage:
         (as child subreaper it inherits orphans) and not the task's first process, which its Popen reaps."""
         me = os.getpid()
         leader_pid = self._leader_group()
-        procs = [p for p in all_processes() if p.pid != me]
+        born_after = self.leader[1] if self.leader else 0  # nothing older than the task can descend from it
+        procs = [p for p in all_processes() if p.pid != me and p.start >= born_after]
         children: dict[int, list[ProcInfo]] = {}
         for p in procs:
             children.setdefault(p.ppid, []).append(p)
@@ -906,23 +921,24 @@ class Cage:
 
     def kill_all(self, within: float = 5.0) -> int:
         """Kills until no process is left (or `within` seconds pass); returns how many there were at first."""
-        count = len(self.members() | {p.pid for p in self.tracked()})
+        count = len(self.members())
         deadline = time.monotonic() + within
-        while (self.members() or self.tracked()) and time.monotonic() < deadline:
+        while self.members() and time.monotonic() < deadline:
             self.kill()
             time.sleep(0.05)
         return count
 
-    def over_limit(self, limits: dict[str, float]) -> str:
-        """Without cgroups the executor enforces memory and process limits itself, from /proc."""
+    def census(self, limits: dict[str, float]) -> tuple[bool, str]:
+        """(whether any process of the run is left, the limit it is over or ''). With cgroups the kernel
+        enforces the limits; without, the executor checks memory and process count from /proc."""
         if self.cgroups:
-            return ""
+            return bool(self._cgroup_members()), ""
         live = self.tracked()
         if sum(p.rss_bytes for p in live) > limits["memory_bytes"]:
-            return f"killed: memory limit {format_size(limits['memory_bytes'])}"
+            return True, f"killed: memory limit {format_size(limits['memory_bytes'])}"
         if len(live) > limits["processes"]:
-            return f"killed: process limit {limits['processes']:.0f}"
-        return ""
+            return True, f"killed: process limit {limits['processes']:.0f}"
+        return bool(live), ""
 
     def verdict(self, limits: dict[str, float], returncode: int) -> str:
         """Which limit ended the run, as the kernel saw it ('' for none)."""
@@ -971,20 +987,10 @@ class Containment:
                               "(a process that clears its environment and leaves the run's session can escape)")
         self._records.mkdir(parents=True, exist_ok=True)
 
-    def _home_cgroups(self, controller: str) -> Path | None:
-        """$controller/<the executor's own cgroup>/vpe-<hash of VPE_HOME>: where this home's executors keep runs."""
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controller in controllers.split(","):
-                mount = CGROUP_ROOT / controller
-                if (mount / "cgroup.procs").exists():
-                    return mount / path.lstrip("/") / f"vpe-{hashlib.sha256(str(self._cfg.home).encode()).hexdigest()[:12]}"
-        return None
-
     def _cgroup_bases(self) -> dict[str, Path]:
         bases = {}
         for controller in CGROUP_CONTROLLERS:
-            home = self._home_cgroups(controller)
+            home = home_cgroup(self._cfg.home, controller)
             try:
                 if home is None:
                     raise OSError(f"no {controller} hierarchy")
@@ -1027,9 +1033,12 @@ class Containment:
             if records == self._records or self._executor_alive(records.name):
                 continue
             for path in sorted(records.glob("*.json")):
-                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                try:
                     record = json.loads(path.read_text())
                     cage = Cage.from_record(record)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("%s: unreadable run record (%s); its cgroups, if any, are cleaned up below", path, exc)
+                else:
                     killed = cage.kill_all()
                     cage.remove()
                     report_lost(record, records.name.split("-")[0], killed)
@@ -1041,14 +1050,15 @@ class Containment:
 
     def _remove_dead_cgroups(self) -> None:
         """Cgroups of dead executors that no record names (it died between creating one and recording the run)."""
-        for base in self._bases.values():
-            for executor in base.parent.iterdir():
-                if not executor.is_dir() or executor == base or self._executor_alive(executor.name):
+        homes = {controller: base.parent for controller, base in self._bases.items()}
+        for home in homes.values():
+            for executor in [p for p in home.iterdir() if p.is_dir() and p.name != self.identity]:
+                if self._executor_alive(executor.name):
                     continue
                 for run in [p for p in executor.iterdir() if p.is_dir()]:
-                    Cage(run.name, frozenset(), {base.name: run}).kill_all()
-                    with contextlib.suppress(OSError):
-                        run.rmdir()
+                    cage = Cage(run.name, frozenset(), {c: h / executor.name / run.name for c, h in homes.items()})
+                    cage.kill_all()
+                    cage.remove()
                 with contextlib.suppress(OSError):
                     executor.rmdir()
 
@@ -1056,6 +1066,17 @@ class Containment:
     def _executor_alive(identity: str) -> bool:
         pid, _, start = identity.partition("-")
         return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
+
+
+def home_cgroup(home: Path, controller: str) -> Path | None:
+    """<controller mount>/<this process's cgroup>/vpe-<hash of VPE_HOME>: where the executors of `home` keep their
+    runs' cgroups, one folder per executor (<pid>-<start>)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        mount = CGROUP_ROOT / controller
+        if controller in controllers.split(",") and (mount / "cgroup.procs").exists():
+            return mount / path.lstrip("/") / f"vpe-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+    return None
 
 
 def report_lost(record: dict[str, Any], executor_pid: str, killed: int) -> None:
@@ -1068,6 +1089,27 @@ def report_lost(record: dict[str, Any], executor_pid: str, killed: int) -> None:
         run_log = RunLog(log_path, 0, append=True)
         run_log.write(pb2.RunEvent(status=status), capped=False)
         run_log.close()
+
+
+class EventQueue(queue.Queue):
+    """A run's events not yet sent to its client. put never blocks: its producer checks over_bound() and stops
+    reading the task (or, while the run is being stopped, only logs the lines)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.text_chars = 0
+
+    def _put(self, event) -> None:
+        self.text_chars += len(event.line.text)
+        super()._put(event)
+
+    def _get(self):
+        event = super()._get()
+        self.text_chars -= len(event.line.text)
+        return event
+
+    def over_bound(self) -> bool:
+        return self.qsize() >= MAX_BUFFERED_EVENTS or self.text_chars >= MAX_BUFFERED_TEXT
 
 
 class ActiveRun:
@@ -1083,7 +1125,7 @@ class ActiveRun:
         self._containment = containment
         self._on_end = on_end
         self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
-        self.events: queue.Queue = queue.Queue()
+        self.events = EventQueue()
         self.dropped_events = 0
         self._draining = False  # being stopped: output is read without back-pressure
         self._cancel_reason = ""
@@ -1116,16 +1158,31 @@ class ActiveRun:
 
     def _emit(self, capped: bool = True, **fields) -> None:
         event = pb2.RunEvent(**fields)
-        if self._run_log is not None:
-            event.seq = self._run_log.write(event, capped)
-            if not event.HasField("line"):
-                self._run_log.flush()
+        seq = self._log(lambda run_log: run_log.write(event, capped))
+        if seq is not None:
+            event.seq = seq
+        if not event.HasField("line"):
+            self._log(RunLog.flush)
         # A run being stopped has its output drained without back-pressure, and its client may be gone:
         # lines beyond the bound are only logged.
-        if event.HasField("line") and self._draining and self.events.qsize() >= MAX_BUFFERED_EVENTS:
+        if event.HasField("line") and self._draining and self.events.over_bound():
             self.dropped_events += 1
         else:
             self.events.put(event)
+
+    def _log(self, action: Callable[[RunLog], Any]) -> Any:
+        """`action`'s result on the run log, or None: a run log that cannot be written (a full disk) is given up;
+        the stream goes on."""
+        if self._run_log is None:
+            return None
+        try:
+            return action(self._run_log)
+        except OSError as exc:
+            log.error("run %s: cannot write its log %s (%s); streaming on without it", self.plan.run_id,
+                      self.plan.log_path, exc)
+            with contextlib.suppress(OSError):
+                self._run_log.close()
+            self._run_log = None
 
     def _supervise(self) -> None:
         started = time.monotonic()
@@ -1157,11 +1214,8 @@ class ActiveRun:
         if self.dropped_events:
             log.info("run %s: %d lines only logged, not queued for its client (the run was being stopped)",
                      self.plan.run_id, self.dropped_events)
-        with contextlib.suppress(OSError):
-            self._emit(status=status)
-        if self._run_log is not None:
-            with contextlib.suppress(OSError):
-                self._run_log.close()
+        self._emit(status=status)
+        self._log(RunLog.close)
 
     def _wait_for_slot(self) -> bool:
         self._emit(queued=pb2.Queued(
@@ -1228,12 +1282,14 @@ class ActiveRun:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         open_pipes = 2
         try:
-            while open_pipes or not exited or others_left:
+            while True:  # ends at a census that finds the task exited, its pipes closed and no process left
                 now = time.monotonic()
                 if now >= census_at:
                     census_at = now + CENSUS_INTERVAL
-                    others_left = bool(cage.members())
-                    ended_by = ended_by or cage.over_limit(limits)
+                    others_left, over = cage.census(limits)
+                    ended_by = ended_by or over
+                    if exited and not open_pipes and not others_left:
+                        break
                     if exited and not others_left and open_pipes and now > exited_at + self._cfg.kill_grace + 1:
                         log.warning("run %s: its pipes stay open with none of its processes left; closing them",
                                     self.plan.run_id)
@@ -1253,7 +1309,7 @@ class ActiveRun:
                     kill_at = now + CENSUS_INTERVAL  # again, until none is left
                 # A slow client: stop reading, so the task blocks on write. Not while stopping it: the client may be
                 # gone, and the pipes must be drained to see them close.
-                if self.events.qsize() > MAX_BUFFERED_EVENTS and not stopping and not self._cancelled.is_set():
+                if self.events.over_bound() and not stopping and not self._cancelled.is_set():
                     time.sleep(0.05)
                     continue
                 due = min(census_at, kill_at, deadline if not timed_out else math.inf,
@@ -1262,6 +1318,7 @@ class ActiveRun:
                     if key.data == "exit":
                         sel.unregister(pidfd)
                         exited, exited_at = True, time.monotonic()
+                        census_at = 0.0  # who is left decides whether the run is over: look now
                     elif key.data == "wake":
                         os.read(wake_r, 64)
                     else:
@@ -1269,6 +1326,7 @@ class ActiveRun:
                         if not chunk:
                             sel.unregister(key.fileobj)
                             open_pipes -= 1
+                            census_at = 0.0
                             chunk = b"\n" if partial[key.data] else b""
                         output_bytes += len(chunk)
                         if output_bytes > limits["output_bytes"] and not ended_by:
@@ -1296,7 +1354,7 @@ class ActiveRun:
             text = raw.decode("utf-8", "replace")
             for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
                 self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
-        self._run_log.flush()
+        self._log(RunLog.flush)
 
 
 CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
@@ -1616,6 +1674,10 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"env {name!r} is not ready: {record.detail}; "
                           f"check `executor.py envs` and {self._envs.build_log(name)}")
+        if not (record.prefix / "bin" / "python").exists():  # else the run would fail like a task, with 127
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"env {name!r} has no interpreter at {record.prefix / 'bin' / 'python'} (removed by hand?); "
+                          f"restart the executor to rebuild it")
         return record.prefix
 
 
@@ -1707,9 +1769,10 @@ def validate_limits(requested, cfg: Config) -> dict[str, float]:
     for name, (setting, _, _) in LIMIT_SETTINGS.items():
         value = getattr(requested, name)
         if not math.isfinite(value) or value < 0 or value > cfg.limit_caps[name]:
+            show = format_size if name.endswith("_bytes") else "{:g}".format
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"limits.{name}={value:g} is invalid: use 0 (the default, {cfg.limit_defaults[name]:g}) or up "
-                          f"to the executor's cap {cfg.limit_caps[name]:g} (VPE_EXECUTOR_RUN_{setting}_CAP)")
+                          f"limits.{name}={value:g} is invalid: use 0 (the default, {show(cfg.limit_defaults[name])}) "
+                          f"or up to the executor's cap {show(cfg.limit_caps[name])} (VPE_EXECUTOR_RUN_{setting}_CAP)")
         limits[name] = float(value) or cfg.limit_defaults[name]
     return limits
 

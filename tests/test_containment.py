@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,6 +247,13 @@ def test_a_task_that_exits_leaving_a_setsid_daemon_ends_and_the_daemon_is_stoppe
     assert not pid_alive(daemon)
 
 
+def test_a_daemon_with_its_stdio_closed_is_stopped_when_its_task_exits(contained):
+    call = contained.client().run("six_a", "c/true_daemon.py", timeout_seconds=30)
+    [daemon] = pids_printed(call)
+    status = final_status(call)
+    assert status.exit_code == 0 and not pid_alive(daemon)
+
+
 def test_cancel_reaches_a_double_forked_daemon(contained, mode):
     client = contained.client()
     call = client.run("six_a", "c/double_fork.py", run_id=f"double-fork-{mode}")
@@ -370,3 +378,58 @@ def test_old_and_oversized_run_logs_and_workspaces_are_pruned_but_not_the_crawl_
     assert wait_until(lambda: "retention: removed 2 run logs" in srv.log(), 30), srv.log()
     assert not old_log.exists() and not recent_logs[0].exists() and all(p.exists() for p in recent_logs[1:])
     assert not old_workspace.exists() and cache.exists() and today.exists()
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+def test_output_waiting_for_a_client_that_does_not_read_is_bounded_in_bytes(make_server):
+    srv = make_server().start()
+    before = rss_bytes(srv.proc.pid)
+    call = srv.client().run("six_a", "c/wide_lines.py", run_id="unread", rpc_timeout=120)
+    assert next(call).HasField("started")  # and then read nothing
+    run_log = srv.home / "logs" / "runs" / "unread.jsonl"
+    sizes: list[int] = []
+
+    def output_paused() -> bool:
+        sizes.append(run_log.stat().st_size if run_log.exists() else 0)
+        return len(sizes) > 5 and sizes[-1] == sizes[-6] > 0
+
+    assert wait_until(output_paused, 60, 0.2), "the executor never stopped reading the task"
+    grown = rss_bytes(srv.proc.pid) - before
+    call.cancel()
+    assert grown < 64 * 1024 * 1024, f"the executor grew by {grown / 2**20:.0f} MiB for one unread run"
+
+
+def test_a_cgroup_left_by_a_dead_executor_without_a_record_is_emptied_and_removed(make_server, tmp_path):
+    if not cgroups_writable():
+        pytest.skip("no writable cgroup v1 hierarchies here (not root?)")
+    home = tmp_path / "orphan-cgroup-home"
+    stray = subprocess.Popen(["sleep", "300"])
+    bystander = subprocess.Popen(["sleep", "300"])
+    dead_executor = "999999999-1"  # no such pid
+    folders = [executor.home_cgroup(home, c) / dead_executor / "run-x" for c in ("pids", "memory", "freezer")]
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True)
+            (folder / "cgroup.procs").write_text(str(stray.pid))
+        make_server(home=home, VPE_EXECUTOR_CONTAINMENT="cgroup").start()
+        assert stray.wait(10) == -signal.SIGKILL
+        assert bystander.poll() is None, "only the dead executor's run is killed"
+        assert not any(folder.parent.exists() for folder in folders)
+    finally:
+        for proc in (stray, bystander):
+            proc.kill()
+            proc.wait()
+
+
+def test_an_executor_failure_is_a_status_saying_so_not_a_task_failure(make_server):
+    srv = make_server().start()
+    runs_dir = srv.home / "logs" / "runs"
+    shutil.rmtree(runs_dir)
+    runs_dir.write_text("not a folder")  # the run log cannot be created
+    events, status = collect(srv.client().run("six_a", "t/noop.py"))
+    assert status.ended_by.startswith("executor error:") and status.WhichOneof("outcome") is None
+    assert srv.client().ping().message == "pong"
