@@ -159,6 +159,8 @@ def test_cli_attach_prints_the_output_and_exits_with_the_runs_code(client, serve
     assert later.returncode == 5 and later.stdout == ""
     missing = run_cli(server, "attach", "no-such-run")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    usage = run_cli(server, "attach", "--help")
+    assert usage.returncode == 0 and "--from" in usage.stdout
 
 
 
