@@ -32,6 +32,7 @@ import math
 import os
 import queue
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -769,24 +770,27 @@ def _counter(path: Path, name: str) -> int:
     return 0
 
 
-# The task's first process runs this, then becomes the task: it joins the run's cgroups and sets its rlimits
-# before any code of the task runs (preexec_fn could do it, but may crash a child forked by a threaded server).
+# The task's first process runs this, then becomes the task (exec): it joins the run's cgroups and takes its
+# rlimits before any code of the task runs. Not preexec_fn, which may crash a child forked by a threaded
+# server; and a shell, not Python, because it costs a millisecond rather than an interpreter start.
 CAGE_WRAPPER = """\
-import json, os, resource, sys
-spec = json.loads(sys.argv[1])
-for path in spec["procs"]:
-    with open(path, "w") as procs:
-        procs.write(str(os.getpid()))
-for name, pair in spec["rlimits"].items():
-    kind = getattr(resource, name)
-    ceiling = resource.getrlimit(kind)[1]  # an unprivileged process cannot raise its hard limit
-    resource.setrlimit(kind, tuple(v if ceiling == resource.RLIM_INFINITY else min(v, ceiling) for v in pair))
-try:
-    os.execv(sys.argv[2], sys.argv[2:])
-except OSError as exc:
-    print(f"[executor] cannot start {sys.argv[2]}: {exc}", file=sys.stderr)
-    os._exit(127)
+cpu=$1 cpu_hard=$2 files=$3; shift 3
+while [ "$1" != -- ]; do
+  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
+  shift
+done
+shift
+ulimit -t "$cpu_hard" && ulimit -S -t "$cpu" && ulimit -n "$files" || {
+  echo "[executor] cannot set the run's limits" >&2; exit 126; }
+unset PWD
+exec "$@"
 """
+
+
+def within_hard_limit(kind: int, value: int) -> int:
+    """What a child may set: an unprivileged process cannot raise its hard limit (children inherit the executor's)."""
+    ceiling = resource.getrlimit(kind)[1]
+    return value if ceiling == resource.RLIM_INFINITY else min(value, ceiling)
 
 
 class Cage:
@@ -825,10 +829,13 @@ class Cage:
             _write(pids / "pids.max", int(limits["processes"]))
 
     def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
-        cpu, files = math.ceil(limits["cpu_seconds"]), int(limits["open_files"])
-        spec = {"procs": [str(folder / "cgroup.procs") for folder in self.cgroups.values()],
-                "rlimits": {"RLIMIT_CPU": [cpu, cpu + 5], "RLIMIT_NOFILE": [files, files]}}
-        return [sys.executable, "-I", "-S", "-c", CAGE_WRAPPER, json.dumps(spec), *argv]
+        """argv behind CAGE_WRAPPER. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named in the
+        status) comes before SIGKILL."""
+        cpu = math.ceil(limits["cpu_seconds"])
+        numbers = (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
+                   within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
+        procs = [str(folder / "cgroup.procs") for folder in self.cgroups.values()]
+        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, numbers), *procs, "--", *argv]
 
     def set_leader(self, pid: int) -> None:
         info = proc_info(pid)
@@ -1258,12 +1265,14 @@ class ActiveRun:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         open_pipes = 2
         try:
-            while open_pipes or not exited or others_left:
+            while True:  # ends at a census that finds the task exited, its pipes closed and no process left
                 now = time.monotonic()
                 if now >= census_at:
                     census_at = now + CENSUS_INTERVAL
                     others_left, over = cage.census(limits)
                     ended_by = ended_by or over
+                    if exited and not open_pipes and not others_left:
+                        break
                     if exited and not others_left and open_pipes and now > exited_at + self._cfg.kill_grace + 1:
                         log.warning("run %s: its pipes stay open with none of its processes left; closing them",
                                     self.plan.run_id)
@@ -1292,6 +1301,7 @@ class ActiveRun:
                     if key.data == "exit":
                         sel.unregister(pidfd)
                         exited, exited_at = True, time.monotonic()
+                        census_at = 0.0  # who is left decides whether the run is over: look now
                     elif key.data == "wake":
                         os.read(wake_r, 64)
                     else:
@@ -1299,6 +1309,7 @@ class ActiveRun:
                         if not chunk:
                             sel.unregister(key.fileobj)
                             open_pipes -= 1
+                            census_at = 0.0
                             chunk = b"\n" if partial[key.data] else b""
                         output_bytes += len(chunk)
                         if output_bytes > limits["output_bytes"] and not ended_by:
@@ -1487,6 +1498,10 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"env {name!r} is not ready: {record.detail}; "
                           f"check `executor.py envs` and {self._envs.build_log(name)}")
+        if not (record.prefix / "bin" / "python").exists():  # else the run would fail like a task, with 127
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"env {name!r} has no interpreter at {record.prefix / 'bin' / 'python'} (removed by hand?); "
+                          f"restart the executor to rebuild it")
         return record.prefix
 
 
