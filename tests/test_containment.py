@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,6 +247,13 @@ def test_a_task_that_exits_leaving_a_setsid_daemon_ends_and_the_daemon_is_stoppe
     assert not pid_alive(daemon)
 
 
+def test_a_daemon_with_its_stdio_closed_is_stopped_when_its_task_exits(contained):
+    call = contained.client().run("six_a", "c/true_daemon.py", timeout_seconds=30)
+    [daemon] = pids_printed(call)
+    status = final_status(call)
+    assert status.exit_code == 0 and not pid_alive(daemon)
+
+
 def test_cancel_reaches_a_double_forked_daemon(contained, mode):
     client = contained.client()
     call = client.run("six_a", "c/double_fork.py", run_id=f"double-fork-{mode}")
@@ -415,3 +423,13 @@ def test_a_cgroup_left_by_a_dead_executor_without_a_record_is_emptied_and_remove
         for proc in (stray, bystander):
             proc.kill()
             proc.wait()
+
+
+def test_an_executor_failure_is_a_status_saying_so_not_a_task_failure(make_server):
+    srv = make_server().start()
+    runs_dir = srv.home / "logs" / "runs"
+    shutil.rmtree(runs_dir)
+    runs_dir.write_text("not a folder")  # the run log cannot be created
+    events, status = collect(srv.client().run("six_a", "t/noop.py"))
+    assert status.ended_by.startswith("executor error:") and status.WhichOneof("outcome") is None
+    assert srv.client().ping().message == "pong"
