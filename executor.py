@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import fnmatch
@@ -213,6 +214,12 @@ def config_from(args: argparse.Namespace) -> Config:
             raise SystemExit(f"executor.py: {var}{option} must be {what} >= {minimum}, not {text!r}")
         return value
 
+    def choice(flag: str, var: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = pick(flag, var, default)
+        if value not in allowed:
+            raise SystemExit(f"executor.py: {var} (--{flag}) must be one of {', '.join(allowed)}, not {value!r}")
+        return value
+
     limit_defaults, limit_caps = {}, {}
     for name, (setting, default, cap) in LIMIT_SETTINGS.items():
         kind = float if name == "cpu_seconds" else parse_size
@@ -243,7 +250,7 @@ def config_from(args: argparse.Namespace) -> Config:
         passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
         env_allow=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_ALLOW", DEFAULT_ENV_ALLOW))),
         run_log_max_bytes=number("", "VPE_EXECUTOR_RUN_LOG_MAX", "64M", parse_size, 4096),
-        containment=pick("containment", "VPE_EXECUTOR_CONTAINMENT", "auto"),
+        containment=choice("containment", "VPE_EXECUTOR_CONTAINMENT", "auto", ("auto", "cgroup", "subreaper")),
         limit_defaults=limit_defaults,
         limit_caps=limit_caps,
         keep_days=number("", "VPE_EXECUTOR_KEEP_DAYS", "14", float, 0),
@@ -981,7 +988,6 @@ class Containment:
         if self._bases:
             self.mechanism = "cgroup: one per run in the pids, memory and freezer hierarchies"
         else:
-            import ctypes
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             self.mechanism = ("subreaper: no writable cgroups, descendants tracked through /proc "
                               "(a process that clears its environment and leaves the run's session can escape)")

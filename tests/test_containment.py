@@ -99,7 +99,7 @@ def test_a_run_log_is_capped_with_a_marker_and_the_stream_keeps_every_line(make_
     log_path = Path(status.log_path)
     assert log_path.stat().st_size < 8192 + 2048
     replayed = [event for _, event in executor.read_run_events(config_of(srv), "capped")]
-    assert replayed[-1].status == status and lines_of(replayed[:-1])[-1] == marker
+    assert replayed[-1] == pb2.RunEvent(status=status) and lines_of(replayed[:-1])[-1] == marker
 
 
 def test_a_run_id_named_like_an_env_build_log_writes_only_its_own_log(client, server):
@@ -433,3 +433,12 @@ def test_an_executor_failure_is_a_status_saying_so_not_a_task_failure(make_serve
     events, status = collect(srv.client().run("six_a", "t/noop.py"))
     assert status.ended_by.startswith("executor error:") and status.WhichOneof("outcome") is None
     assert srv.client().ping().message == "pong"
+
+
+@pytest.mark.parametrize("variable, value", [("VPE_EXECUTOR_CONTAINMENT", "docker"), ("VPE_EXECUTOR_RUN_MEMORY", "lots"),
+                                             ("VPE_EXECUTOR_RUN_MEMORY", "32G"), ("VPE_EXECUTOR_KEEP_LOGS", "-1")])
+def test_a_bad_containment_limit_or_retention_setting_is_a_one_line_error_naming_it(variable, value):
+    result = subprocess.run([sys.executable, str(ROOT / "executor.py"), "ping"], capture_output=True, text=True,
+                            env=clean_environ(**{variable: value}), timeout=30)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and variable in result.stderr
