@@ -57,9 +57,10 @@ def ingestion() -> None:
 
     extract = ExecutorOperator.partial(task_id="extract", env="ingestion", script="ingestion/extract.py").expand(
         args=extract_args())
-    # A large catalog under the free tier's 10,000 calls a day can take hours.
+    # A large catalog under the free tier's 10,000 calls a day can take hours: it waits in
+    # the triggerer (deferrable), not in a worker slot.
     crawl = ExecutorOperator(task_id="crawl", env="ingestion", script="ingestion/crawl.py",
-                             execution_timeout=timedelta(hours=12))
+                             execution_timeout=timedelta(hours=12), deferrable=True)
     load = ExecutorOperator(task_id="load", env="ingestion", script="ingestion/load.py")
 
     extract >> crawl >> load

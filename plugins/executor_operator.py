@@ -4,23 +4,38 @@ The Airflow side of the executor (executor.py).
 `ExecutorOperator` sends one task script to the executor and mirrors the remote
 run in the Airflow task: each output line lands in the task log as it is
 printed, the exit status decides success, and killing the Airflow task (marked
-failed, run cancelled, execution_timeout) kills the remote process group.
+failed, cleared, execution_timeout) kills the remote process group.
+
+A task instance has one remote run id for all its tries, and its runs outlive
+the worker for `keep_alive`: a try that starts while the run an earlier try
+left behind is still running attaches to it instead of starting it again
+(like the KubernetesPodOperator's `reattach_on_restart`). With
+`deferrable=True` the worker slot is freed once the run has started and
+`ExecutorRunTrigger` follows it from the triggerer.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import re
 from collections import deque
-from typing import Any, Sequence
+from datetime import timedelta
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import grpc
-from airflow.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.providers.grpc.hooks.grpc import GrpcHook
 from airflow.sdk import BaseOperator
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from executor import ExecutorClient, open_channel, pb2, status_exit_code
+from executor import (LIMIT_SETTINGS, ExecutorClient, attach_where_held, auth_metadata, cancel_where_held,
+                      open_channel, parse_size, pb2, pb2_grpc, replica_channel, replica_channels, status_exit_code)
 
 STDERR_TAIL_LINES = 20
+# How long a run goes on without its Airflow task: room for a lost worker's retry
+# (retry_delay plus scheduling) or a triggerer restart to attach again.
+DEFAULT_KEEP_ALIVE = timedelta(minutes=10)
 # Refusals a retry cannot fix. Others (executor unreachable, env still building,
 # queue full) are raised as ordinary failures, so the task's `retries` apply.
 PERMANENT_REFUSALS = {
@@ -31,15 +46,25 @@ PERMANENT_REFUSALS = {
 }
 
 
-def executor_client(grpc_conn_id: str = "grpc_default") -> ExecutorClient:
-    """A client for the executor the connection names: host and port, the token as
-    its password, and for TLS the provider's `credential_pem_file` extra (the CA)."""
-    conn = GrpcHook.get_connection(grpc_conn_id)
+def connection_settings(conn: Any) -> tuple[str, str | None, str]:
+    """(address, token, TLS CA file) from a grpc connection: host and port, the token as its
+    password, and for TLS the provider's `credential_pem_file` extra."""
     target = f"{conn.host}:{conn.port}" if conn.port else conn.host
+    return target, conn.password or None, conn.extra_dejson.get("credential_pem_file", "")
+
+
+def executor_client(grpc_conn_id: str = "grpc_default") -> ExecutorClient:
+    """A client for the executor the connection names."""
+    target, token, tls_ca = connection_settings(GrpcHook.get_connection(grpc_conn_id))
     # The channel is built here rather than by GrpcHook.get_conn(): the hook's
     # channels take no options, so no round-robin over scaled-out executors.
-    channel = open_channel(target, tls_ca=conn.extra_dejson.get("credential_pem_file", ""))
-    return ExecutorClient(channel, token=conn.password or None)
+    return ExecutorClient(open_channel(target, tls_ca=tls_ca), token=token)
+
+
+def replica_clients(grpc_conn_id: str) -> list[ExecutorClient]:
+    """One client per executor replica behind the connection (every address its host resolves to)."""
+    target, token, tls_ca = connection_settings(GrpcHook.get_connection(grpc_conn_id))
+    return [ExecutorClient(channel, token=token) for channel in replica_channels(target, tls_ca=tls_ca)]
 
 
 def safe_id(*parts: str) -> str:
@@ -50,13 +75,64 @@ def safe_id(*parts: str) -> str:
     return text
 
 
+def remote_run_id(ti: Any) -> str:
+    """The remote run of a task instance: the same for every try, so a retry can find the run an
+    earlier try left running (what the KubernetesPodOperator does with its pod labels)."""
+    mapped = [f"map{ti.map_index}"] if getattr(ti, "map_index", -1) >= 0 else []
+    return safe_id(ti.dag_id, ti.run_id, ti.task_id, *mapped)
+
+
+def run_limits(limits: dict[str, Any]) -> dict[str, float]:
+    """RunLimits fields from a DAG's `limits`; the byte sizes may be written like "2G"."""
+    unknown = sorted(set(limits) - set(LIMIT_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown limits {unknown}; ExecutorOperator(limits=...) takes {', '.join(LIMIT_SETTINGS)}")
+    fields = {}
+    for name, value in limits.items():
+        try:
+            fields[name] = parse_size(value) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"limits[{name!r}]={value!r} is not a number (sizes may be written like '2G')") from None
+    return fields
+
+
+def log_event(logger: Any, event: Any, stderr_tail: deque[str]) -> Any:
+    """Writes one streamed event to the task log; returns the final status when it arrives."""
+    kind = event.WhichOneof("event")
+    if kind == "line" and event.line.stream == pb2.STDERR:
+        stderr_tail.append(event.line.text)
+        logger.warning("[stderr] %s", event.line.text)
+    elif kind == "line":
+        logger.info("%s", event.line.text)
+    elif kind == "queued":
+        logger.info("[executor] %s", event.queued.message)
+    elif kind == "started":
+        logger.info("[executor] run %s started: pid %s, folder %s, log %s, on executor %s", event.started.run_id,
+                    event.started.pid, event.started.run_dir, event.started.log_path, event.started.replica)
+    elif kind == "status":
+        return event.status
+    return None
+
+
+def run_summary(status: Any) -> dict[str, Any]:
+    """A final RunStatus as plain data (XCom and trigger events carry JSON)."""
+    return {"run_id": status.run_id, "exit_code": status_exit_code(status), "timed_out": status.timed_out,
+            "cancelled": status.cancelled, "ended_by": status.ended_by,
+            "duration_seconds": round(status.duration_seconds, 3), "log_path": status.log_path}
+
+
 class ExecutorOperator(BaseOperator):
     """Runs `script` (a path under tasks/) with `args` in the executor's `env` environment.
 
     All tasks of one DAG run share one working folder on the executor (their
     workspace), so a step finds the files the steps before it wrote. The remote
-    run is killed when `execution_timeout` passes. Returns (to XCom) the run id,
-    exit code, duration and the executor-side log path.
+    run is killed when `execution_timeout` passes, and `keep_alive` after the
+    Airflow task is lost without being killed (a lost worker, a triggerer
+    restart) unless a new try attaches first. `deferrable=True` waits in the
+    triggerer instead of a worker slot. `limits` bounds the run (executor
+    RunLimits: memory_bytes, cpu_seconds, processes, open_files, output_bytes;
+    sizes like "2G"); unset ones take the executor's defaults. Returns (to XCom)
+    the run id, exit code, duration and the executor-side log path.
     """
 
     template_fields: Sequence[str] = ("script", "args", "env_vars")
@@ -64,71 +140,99 @@ class ExecutorOperator(BaseOperator):
 
     def __init__(self, *, env: str, script: str, args: Sequence[str] = (),
                  env_vars: dict[str, str] | None = None, grpc_conn_id: str = "grpc_default",
-                 **kwargs: Any) -> None:
+                 deferrable: bool = False, keep_alive: timedelta = DEFAULT_KEEP_ALIVE,
+                 limits: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if deferrable and keep_alive.total_seconds() <= 0:
+            raise ValueError("deferrable=True needs a keep_alive > 0: the run must outlive the worker until the "
+                             "triggerer attaches")
         self.env = env
         self.script = script
         self.args = list(args)
         self.env_vars = env_vars or {}
         self.grpc_conn_id = grpc_conn_id
-        self._client: ExecutorClient | None = None
+        self.deferrable = deferrable
+        self.keep_alive = keep_alive
+        self.limits = run_limits(limits or {})
         self._call: Any = None
         self._run_id = ""
+        self._replica = ""
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        self._run_id = safe_id(ti.dag_id, ti.run_id, ti.task_id, f"try{ti.try_number}")
-        timeout = self.execution_timeout.total_seconds() if self.execution_timeout else 0.0
-        self._client = executor_client(self.grpc_conn_id)
-        self._call = self._client.run(self.env, self.script, self.args, self.env_vars, timeout,
-                                      self._run_id, workspace=safe_id(ti.dag_id, ti.run_id))
+        self._run_id = remote_run_id(ti)
         stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         try:
-            for event in self._call:
-                status = self._log_event(event, stderr_tail)
+            for event in self._attach_or_start(ti):
+                self._replica = event.started.replica or self._replica
+                status = log_event(self.log, event, stderr_tail)
                 if status is not None:
-                    return self._outcome(status, stderr_tail)
+                    return self._outcome(run_summary(status), stderr_tail)
+                if self.deferrable and event.HasField("started"):
+                    self._defer(event, stderr_tail)
         except grpc.RpcError as err:
             raise self._refusal(err) from None
         raise AirflowException(f"the executor ended run {self._run_id} without a final status; see the executor's log")
 
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """Resumes a deferred task with what ExecutorRunTrigger saw."""
+        if "error" in event:
+            raise AirflowException(f"lost track of executor run {event['run_id']}: {event['error']}. "
+                                   "A retry attaches to it again while it still runs.")
+        return self._outcome(event["summary"], event["stderr_tail"])
+
     def on_kill(self) -> None:
-        if self._client and self._run_id:
-            try:
-                self._client.cancel(self._run_id)
-            except grpc.RpcError as err:
-                self.log.warning("could not cancel executor run %s: %s", self._run_id, err.details())
+        if not self._run_id:
+            return
+        try:
+            cancel_where_held(self._clients_holding_run(), self._run_id)
+        except grpc.RpcError as err:
+            self.log.warning("could not cancel executor run %s: %s", self._run_id, err.details())
         if self._call is not None:
             self._call.cancel()
 
-    def _log_event(self, event: Any, stderr_tail: deque[str]) -> Any:
-        """Writes one streamed event to the task log; returns the final status when it arrives."""
-        kind = event.WhichOneof("event")
-        if kind == "line" and event.line.stream == pb2.STDERR:
-            stderr_tail.append(event.line.text)
-            self.log.warning("[stderr] %s", event.line.text)
-        elif kind == "line":
-            self.log.info("%s", event.line.text)
-        elif kind == "queued":
-            self.log.info("[executor] %s", event.queued.message)
-        elif kind == "started":
-            self.log.info("[executor] run %s started: pid %s, folder %s, log %s", event.started.run_id,
-                          event.started.pid, event.started.run_dir, event.started.log_path)
-        elif kind == "status":
-            return event.status
-        return None
+    def _attach_or_start(self, ti: Any) -> Iterator[Any]:
+        """The events of this task instance's remote run: attached to if an earlier try left it running,
+        else started (with the task's timeout and keep-alive)."""
+        try:
+            _, self._call, first = attach_where_held(replica_clients(self.grpc_conn_id), self._run_id,
+                                                     running_only=True)
+            self.log.info("[executor] run %s, started by an earlier try, is still running: attaching to it "
+                          "instead of starting it again", self._run_id)
+            return itertools.chain([first], self._call)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise self._refusal(err) from None
+        timeout = self.execution_timeout.total_seconds() if self.execution_timeout else 0.0
+        self._call = executor_client(self.grpc_conn_id).run(
+            self.env, self.script, self.args, self.env_vars, timeout, self._run_id,
+            workspace=safe_id(ti.dag_id, ti.run_id), limits=self.limits,
+            keep_alive_seconds=self.keep_alive.total_seconds())
+        return self._call
 
-    def _outcome(self, status: Any, stderr_tail: deque[str]) -> dict[str, Any]:
-        result = {"run_id": status.run_id, "exit_code": status_exit_code(status),
-                  "duration_seconds": round(status.duration_seconds, 3), "log_path": status.log_path}
+    def _defer(self, started: Any, stderr_tail: deque[str]) -> None:
+        """Hands the started run to the triggerer; the run outlives this process by its keep-alive."""
+        trigger = ExecutorRunTrigger(run_id=self._run_id, replica=started.started.replica, from_seq=started.seq + 1,
+                                     grpc_conn_id=self.grpc_conn_id, stderr_tail=list(stderr_tail))
+        self.log.info("[executor] freeing this worker slot: the triggerer follows run %s from here", self._run_id)
+        self._call.cancel()
+        self.defer(trigger=trigger, method_name="execute_complete")
+
+    def _clients_holding_run(self) -> list[ExecutorClient]:
+        if not self._replica:
+            return replica_clients(self.grpc_conn_id)
+        target, token, tls_ca = connection_settings(GrpcHook.get_connection(self.grpc_conn_id))
+        return [ExecutorClient(replica_channel(self._replica, target, tls_ca=tls_ca), token=token)]
+
+    def _outcome(self, result: dict[str, Any], stderr_tail: Sequence[str]) -> dict[str, Any]:
         self.log.info("[executor] %s", result)
-        if result["exit_code"] == 0:
+        if result["exit_code"] == 0 and not result["ended_by"]:
             return result
-        what = ("timed out" if status.timed_out else "was cancelled" if status.cancelled
-                else f"exited with {result['exit_code']}")
+        what = ("timed out" if result["timed_out"] else f"was stopped ({result['ended_by']})" if result["ended_by"]
+                else "was cancelled" if result["cancelled"] else f"exited with {result['exit_code']}")
         tail = "\n".join(stderr_tail) or "(nothing on stderr)"
-        raise AirflowException(f"{self.script} {what} after {status.duration_seconds:.1f}s "
-                               f"(executor log {status.log_path}). Last stderr lines:\n{tail}")
+        raise AirflowException(f"{self.script} {what} after {result['duration_seconds']:.1f}s "
+                               f"(executor log {result['log_path']}). Last stderr lines:\n{tail}")
 
     def _refusal(self, err: grpc.RpcError) -> AirflowException:
         code = err.code()
@@ -137,3 +241,50 @@ class ExecutorOperator(BaseOperator):
                                     "Is it running? ./bootstrap.sh status")
         error = AirflowFailException if code in PERMANENT_REFUSALS else AirflowException
         return error(f"the executor refused {self.script} in env {self.env!r}: {code.name}: {err.details()}")
+
+
+class ExecutorRunTrigger(BaseTrigger):
+    """Follows a started executor run from the triggerer (grpc.aio): writes every line to the task's log
+    and fires once with the run's final status. Its kwargs carry the run id, the replica holding it and
+    the first event not yet logged, so a restarted triggerer attaches again from there."""
+
+    def __init__(self, *, run_id: str, replica: str, from_seq: int, grpc_conn_id: str = "grpc_default",
+                 stderr_tail: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.replica = replica
+        self.from_seq = from_seq
+        self.grpc_conn_id = grpc_conn_id
+        self.stderr_tail: deque[str] = deque(stderr_tail, maxlen=STDERR_TAIL_LINES)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"run_id": self.run_id, "replica": self.replica, "from_seq": self.from_seq,
+                 "grpc_conn_id": self.grpc_conn_id, "stderr_tail": list(self.stderr_tail)})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        target, token, tls_ca = connection_settings(await GrpcHook.aget_connection(self.grpc_conn_id))
+        self.log.info("[executor] following run %s on executor %s from event %d",
+                      self.run_id, self.replica or target, self.from_seq)
+        async with replica_channel(self.replica or target, target, tls_ca=tls_ca, aio=True) as channel:
+            request = pb2.AttachRequest(run_id=self.run_id, from_seq=self.from_seq)
+            try:
+                async for event in pb2_grpc.ExecutorStub(channel).Attach(request, metadata=auth_metadata(token)):
+                    self.from_seq = event.seq + 1
+                    status = log_event(self.log, event, self.stderr_tail)
+                    await asyncio.sleep(0)  # a replayed backlog must not hold up the triggerer's other triggers
+                    if status is not None:
+                        yield TriggerEvent({"summary": run_summary(status), "stderr_tail": list(self.stderr_tail)})
+                        return
+            except grpc.aio.AioRpcError as err:
+                yield TriggerEvent({"run_id": self.run_id, "error": f"{err.code().name}: {err.details()}"})
+                return
+        yield TriggerEvent({"run_id": self.run_id, "error": "the executor ended the stream without a final status"})
+
+    async def on_kill(self) -> None:
+        """The task was marked failed or cleared while deferred: stop the remote run too."""
+        target, token, tls_ca = connection_settings(await GrpcHook.aget_connection(self.grpc_conn_id))
+        async with replica_channel(self.replica or target, target, tls_ca=tls_ca, aio=True) as channel:
+            reply = await pb2_grpc.ExecutorStub(channel).Cancel(pb2.CancelRequest(run_id=self.run_id), timeout=10,
+                                                                metadata=auth_metadata(token))
+        self.log.info("[executor] %s", reply.message)

@@ -111,6 +111,25 @@ def wait_for_envs(env: dict[str, str], timeout: float = 600) -> None:
         time.sleep(2)
 
 
+def offline_demo_stack(stack_home: Path, name: str, files: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The whole platform in offline-demo mode on a repo-shaped copy of dags/ and tasks/ plus `files` (paths in
+    that copy, e.g. "dags/x.py"), for a module-scoped fixture to `yield from`."""
+    env = stack_config(stack_home / f"{name}-stack")
+    # A repo-shaped copy: the DAG's default catalog path is relative to the folder holding tasks/.
+    repo = stack_home / f"{name}-repo"
+    for folder in ("dags", "tasks"):
+        shutil.copytree(ROOT / folder, repo / folder)
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    env.update(VPE_DAGS_DIR=str(repo / "dags"), VPE_TASKS_DIR=str(repo / "tasks"),
+               VPE_OPEN_METEO_PORT=str(free_port()), VPE_ARCGIS_PORT=str(free_port()))
+    bootstrap("--offline-demo", "up", env=env)
+    wait_for_envs(env)
+    yield env
+    bootstrap("down", env=env, check=False)
+
+
 @pytest.fixture(scope="session")
 def pg_env(stack_home: Path) -> Iterator[dict[str, str]]:
     """A stack with only PostgreSQL up (warehouse schema applied), shared by the session."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,8 +14,7 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from conftest import (ROOT, AirflowAPI, bootstrap, free_port, pid_alive, read_secrets, stack_config,
-                      wait_for_envs, warehouse_dsn)
+from conftest import ROOT, AirflowAPI, free_port, offline_demo_stack, pid_alive, read_secrets, warehouse_dsn
 
 DEMO_EVENTS = 15  # tasks/ingestion/demo_catalog.csv: 21 rows, 6 of them rejected
 SOIL_DEPTHS = 4
@@ -95,21 +93,9 @@ def test_every_dag_imports_with_the_expected_tasks() -> None:
 @pytest.fixture(scope="module")
 def demo_stack(stack_home: Path) -> Iterator[dict[str, str]]:
     """The whole platform in offline-demo mode, with the test DAGs and task scripts beside the real ones."""
-    env = stack_config(stack_home / "airflow-stack")
-    # A repo-shaped copy: the DAG's default catalog path is relative to the folder holding tasks/.
-    dags, tasks = stack_home / "airflow-repo" / "dags", stack_home / "airflow-repo" / "tasks"
-    shutil.copytree(ROOT / "dags", dags)
-    shutil.copytree(ROOT / "tasks", tasks)
-    (dags / "vpe_test.py").write_text(TEST_DAGS)
-    (tasks / "vpe_test").mkdir()
-    (tasks / "vpe_test" / "fail.py").write_text(FAIL_TASK)
-    (tasks / "vpe_test" / "sleep.py").write_text(SLEEP_TASK)
-    env.update(VPE_DAGS_DIR=str(dags), VPE_TASKS_DIR=str(tasks), VPE_OPEN_METEO_PORT=str(free_port()),
-               VPE_ARCGIS_PORT=str(free_port()))
-    bootstrap("--offline-demo", "up", env=env)
-    wait_for_envs(env)
-    yield env
-    bootstrap("down", env=env, check=False)
+    yield from offline_demo_stack(stack_home, "airflow", {"dags/vpe_test.py": TEST_DAGS,
+                                                          "tasks/vpe_test/fail.py": FAIL_TASK,
+                                                          "tasks/vpe_test/sleep.py": SLEEP_TASK})
 
 
 def warehouse_counts(env: dict[str, str]) -> dict[str, int]:

@@ -157,7 +157,8 @@ def server_factory(shared_home, tasks_dir):
 def server(server_factory) -> Server:
     """The shared server: both test envs ready, 2 run slots."""
     srv = server_factory("--max-concurrent", "2", "--max-queue", "8",
-                         environ=clean_environ(VPE_WAREHOUSE_DSN="postgresql://x@127.0.0.1/w", NOT_PASSED="secret"))
+                         environ=clean_environ(VPE_WAREHOUSE_DSN="postgresql://x@127.0.0.1/w", NOT_PASSED="secret",
+                                               VPE_TASK_ENV_ALLOW="MY_SETTING"))
     srv.start()
     envs = srv.envs()
     assert {n: e.state for n, e in envs.items()} == {"six_a": pb2.ENV_READY, "six_b": pb2.ENV_READY}, srv.log()
@@ -205,7 +206,7 @@ def test_cli_ping_envs_and_run(server):
     run = run_cli(server, "run", "six_a", "t/exit_with.py", "--", "7")
     assert run.returncode == 7 and run.stdout == "exiting 7\n"
     refused = run_cli(server, "run", "nope", "t/noop.py")
-    assert refused.returncode == 1 and "NOT_FOUND" in refused.stderr
+    assert refused.returncode == executor.EXECUTOR_ERROR_EXIT and "NOT_FOUND" in refused.stderr
 
 
 def test_cli_run_takes_options_after_env_and_task_and_gives_everything_after_dashes_to_the_task(server):
@@ -220,7 +221,7 @@ def test_cli_run_takes_options_after_env_and_task_and_gives_everything_after_das
     stray = run_cli(server, "run", "six_a", "t/echo.py", "--name", "y")
     assert stray.returncode == 2 and "--name" in stray.stderr and "after --" in stray.stderr
     bad = run_cli(server, "run", "six_a", "t/echo.py", "--workspace", "..")
-    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "workspace" in bad.stderr
+    assert bad.returncode == executor.EXECUTOR_ERROR_EXIT and "INVALID_ARGUMENT" in bad.stderr and "workspace" in bad.stderr
 
 
 def test_cli_ping_fails_fast_with_a_reason_when_nothing_listens():
@@ -289,10 +290,10 @@ def test_stdout_and_stderr_keep_their_order_and_stream(client):
 def test_stream_starts_with_started_and_the_log_has_every_line(client, server):
     events, status = collect(client.run("six_a", "t/interleave.py", run_id="log-check"))
     assert events[0].HasField("started") and events[0].started.run_id == "log-check"
-    assert status.log_path == str(server.home / "logs" / "executor" / "log-check.log")
-    log_text = Path(status.log_path).read_text()
-    for i in range(6):
-        assert f"{'stdout' if i % 2 == 0 else 'stderr'} line {i}\n" in log_text
+    assert status.log_path == str(server.home / "logs" / "runs" / "log-check.jsonl")
+    logged = [json.loads(line) for line in Path(status.log_path).read_text().splitlines()]
+    assert [(r["line"]["stream"], r["line"]["text"]) for r in logged if r["kind"] == "line"] == \
+        [("STDOUT" if i % 2 == 0 else "STDERR", f"line {i}") for i in range(6)]
 
 
 @pytest.mark.parametrize("arg,outcome,value", [("0", "exit_code", 0), ("3", "exit_code", 3), ("kill", "signal", 9)])
@@ -343,7 +344,7 @@ def test_runs_given_one_workspace_share_its_folder_and_keep_their_own_logs(clien
         assert status.exit_code == 0, lines_of(events)
         assert events[0].started.run_dir == str(run_dir)
         assert json.loads(lines_of(events, pb2.STDOUT)[0])["cwd"] == str(run_dir)
-        assert status.log_path == str(server.home / "logs" / "executor" / f"{run_id}.log")
+        assert status.log_path == str(server.home / "logs" / "runs" / f"{run_id}.jsonl")
     assert sorted((run_dir / "shared.txt").read_text().split()) == ["crawl", "extract-csv", "extract-xlsx"]
     assert json.loads(lines_of(results["crawl"][0])[0])["lines"][-1] == "crawl"
     assert not (server.home / "buffer" / "crawl").exists(), "a run with a workspace makes no folder of its own"
@@ -758,7 +759,7 @@ def test_a_flooding_task_whose_client_went_away_is_stopped_and_frees_its_slot(se
     client = srv.client()
     call = client.run("six_a", "t/flood.py", run_id="flood")
     assert next(call).HasField("started")
-    run_log = srv.home / "logs" / "executor" / "flood.log"
+    run_log = srv.home / "logs" / "runs" / "flood.jsonl"
     sizes: list[int] = []
 
     def output_paused() -> bool:  # the executor stopped reading: the queue for this client is full
