@@ -434,4 +434,3 @@ def test_an_executor_failure_is_a_status_saying_so_not_a_task_failure(make_serve
     assert status.ended_by.startswith("executor error:") and status.WhichOneof("outcome") is None
     runs_dir.unlink()
     assert collect(srv.client().run("six_a", "t/noop.py"))[1].exit_code == 0, "the failed run gave its slot back"
-
