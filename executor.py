@@ -1683,19 +1683,20 @@ class ActiveRun:
     def _supervise(self) -> None:
         started = time.monotonic()
         status = pb2.RunStatus(run_id=self.plan.run_id, log_path=str(self.plan.log_path))
+        holds_slot = self._position == 0  # admitted straight into a free slot
         try:
             self._run_log = RunLog(self.plan.log_path, self._cfg.run_log_max_bytes)
-            if self._position and not self._wait_for_slot():
-                status.cancelled = True
+            holds_slot = holds_slot or self._wait_for_slot()
+            if holds_slot:
+                self._run_process(status)
             else:
-                try:
-                    self._run_process(status)
-                finally:
-                    self._slots.release()
+                status.cancelled = True
         except Exception as exc:  # the stream must still end with a status
             log.exception("run %s: supervisor failed", self.plan.run_id)
             status.ended_by = f"executor error: {exc}"
         finally:
+            if holds_slot:
+                self._slots.release()
             status.duration_seconds = time.monotonic() - started
             self._on_end(self)  # the run id is free again before its client hears that the run is over
             self._finish(status)

@@ -426,19 +426,11 @@ def test_a_cgroup_left_by_a_dead_executor_without_a_record_is_emptied_and_remove
 
 
 def test_an_executor_failure_is_a_status_saying_so_not_a_task_failure(make_server):
-    srv = make_server().start()
+    srv = make_server("--max-concurrent", "1").start()
     runs_dir = srv.home / "logs" / "runs"
     shutil.rmtree(runs_dir)
     runs_dir.write_text("not a folder")  # the run log cannot be created
     events, status = collect(srv.client().run("six_a", "t/noop.py"))
     assert status.ended_by.startswith("executor error:") and status.WhichOneof("outcome") is None
-    assert srv.client().ping().message == "pong"
-
-
-@pytest.mark.parametrize("variable, value", [("VPE_EXECUTOR_CONTAINMENT", "docker"), ("VPE_EXECUTOR_RUN_MEMORY", "lots"),
-                                             ("VPE_EXECUTOR_RUN_MEMORY", "32G"), ("VPE_EXECUTOR_KEEP_LOGS", "-1")])
-def test_a_bad_containment_limit_or_retention_setting_is_a_one_line_error_naming_it(variable, value):
-    result = subprocess.run([sys.executable, str(ROOT / "executor.py"), "ping"], capture_output=True, text=True,
-                            env=clean_environ(**{variable: value}), timeout=30)
-    assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1 and variable in result.stderr
+    runs_dir.unlink()
+    assert collect(srv.client().run("six_a", "t/noop.py"))[1].exit_code == 0, "the failed run gave its slot back"

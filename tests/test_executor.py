@@ -235,8 +235,10 @@ def test_cli_ping_fails_fast_with_a_reason_when_nothing_listens():
 
 
 @pytest.mark.parametrize("variable, value", [("VPE_EXECUTOR_PORT", "abc"), ("VPE_EXECUTOR_MAX_CONCURRENT", "0"),
-                                             ("VPE_EXECUTOR_KILL_GRACE", "-1"), ("VPE_EXECUTOR_MAX_QUEUE", "nan")])
-def test_bad_numeric_setting_is_a_one_line_error_naming_it(variable, value):
+                                             ("VPE_EXECUTOR_KILL_GRACE", "-1"), ("VPE_EXECUTOR_MAX_QUEUE", "nan"),
+                                             ("VPE_EXECUTOR_CONTAINMENT", "docker"), ("VPE_EXECUTOR_RUN_MEMORY", "lots"),
+                                             ("VPE_EXECUTOR_RUN_MEMORY", "32G"), ("VPE_EXECUTOR_KEEP_LOGS", "-1")])
+def test_bad_setting_is_a_one_line_error_naming_it(variable, value):
     result = subprocess.run([sys.executable, str(ROOT / "executor.py"), "ping"], capture_output=True, text=True,
                             env=clean_environ(**{variable: value}), timeout=30)
     assert result.returncode == 1
