@@ -28,13 +28,15 @@ REJECTS = "rejects-{name}.jsonl"
 EXTRACT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 HOURLY = "hourly.csv"
 FAILED_WINDOWS = "failed_windows.csv"
+PENDING_WINDOWS = "pending_windows.csv"
 CRAWL_SUMMARY = "crawl_summary.json"
-EVENT_COLUMNS = ("source", "row_number", "event_id", "event_date", "event_time", "time_text", "country", "near",
-                 "continent_code", "hazard_type", "landslide_type", "landslide_size", "latitude", "longitude",
-                 "elevation")
+EVENT_COLUMNS = ("source", "row_number", "event_id", "event_date", "event_time", "time_text", "last_edited",
+                 "title", "country", "country_code", "admin_division", "near", "continent_code",
+                 "location_accuracy", "hazard_type", "landslide_category", "landslide_trigger", "landslide_size",
+                 "landslide_setting", "fatalities", "injuries", "source_link", "latitude", "longitude", "elevation")
 WINDOW_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "window_date")
 HOURLY_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
-                  *HOURLY_VARIABLES)
+                  "timezone", *HOURLY_VARIABLES)
 FAILED_COLUMNS = (*WINDOW_COLUMNS, "reason")
 
 REPO = Path(__file__).resolve().parents[2]

@@ -52,12 +52,14 @@ class Event:
     longitude: float
 
     def record(self, source: str) -> tuple:
+        """The row in EVENT_COLUMNS (contract C1), mapped from the legacy export's columns."""
         v = self.row.values
         return (source, self.row.number, self.event_id, self.day.isoformat(), self.clock.isoformat() if self.clock else None,
-                blank_to_none(v["time"]), blank_to_none(v["country"]), blank_to_none(v["near"]),
-                blank_to_none(v["continentcode"]), blank_to_none(v["hazard_type"]),
-                blank_to_none(v["landslide_type"]), blank_to_none(v["landslide_size"]),
-                self.latitude, self.longitude, None)
+                field(v, "time"), None, field(v, "nearest_places"), field(v, "countryname") or field(v, "country"),
+                field(v, "countrycode"), field(v, "adminname1"), field(v, "near"), field(v, "continentcode"),
+                code(v, "location_accuracy"), code(v, "hazard_type"), code(v, "landslide_type"), code(v, "trigger"),
+                code(v, "landslide_size"), None, whole_number(v.get("fatalities", "")),
+                whole_number(v.get("injuries", "")), field(v, "source_link"), self.latitude, self.longitude, None)
 
     def windows(self) -> list[tuple]:
         return [(self.event_id, "true", self.latitude, self.longitude, self.day.isoformat()),
@@ -71,6 +73,23 @@ class Rejected(Exception):
 def blank_to_none(text: str) -> str | None:
     # Only blanks are missing: "NA" is North America's continent code, not a null.
     return text if text.strip() else None
+
+
+def field(values: dict[str, str], name: str) -> str | None:
+    return blank_to_none(values.get(name, ""))
+
+
+def code(values: dict[str, str], name: str) -> str | None:
+    """A category as a lowercase code: 'Very_large' -> 'very_large'."""
+    return blank_to_none(values.get(name, "").strip().lower().replace(" ", "_"))
+
+
+def whole_number(text: str) -> str | None:
+    """'43.0' -> '43'; blank or not a count -> None."""
+    try:
+        return str(int(float(text)))
+    except (ValueError, OverflowError):
+        return None
 
 
 def one_year_earlier(day: date) -> date:
