@@ -36,7 +36,7 @@ EVENT_COLUMNS = ("source", "row_number", "event_id", "event_date", "event_time",
                  "landslide_setting", "fatalities", "injuries", "source_link", "latitude", "longitude", "elevation")
 WINDOW_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "window_date")
 HOURLY_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
-                  *HOURLY_VARIABLES)
+                  "timezone", *HOURLY_VARIABLES)
 FAILED_COLUMNS = (*WINDOW_COLUMNS, "reason")
 
 REPO = Path(__file__).resolve().parents[2]

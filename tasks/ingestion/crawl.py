@@ -234,6 +234,7 @@ def cache_entry(answer: dict) -> dict:
         if len(hourly.get(variable) or []) != HOURS_PER_WINDOW:
             raise ValueError(f"variable {variable} missing or not {HOURS_PER_WINDOW} values")
     return {"elevation": answer.get("elevation"), "utc_offset_seconds": int(answer.get("utc_offset_seconds") or 0),
+            "timezone": answer.get("timezone") or "GMT",
             "hourly": {name: hourly[name] for name in ("time", *HOURLY_VARIABLES)}}
 
 
@@ -251,10 +252,12 @@ class Cache:
         return self.folder / day / f"{lat:.6f}_{lon:.6f}.json"
 
     def get(self, key: Key) -> dict | None:
+        """An entry written before answers' zone names were kept counts as missing: the warehouse needs the name."""
         try:
-            return json.loads(self.path(key).read_text())
+            entry = json.loads(self.path(key).read_text())
         except (FileNotFoundError, ValueError):
             return None
+        return entry if "timezone" in entry else None
 
     def put(self, key: Key, entry: dict) -> None:
         path = self.path(key)
@@ -368,6 +371,9 @@ def distinct_windows(paths: list[Path]) -> list[Window]:
 
 
 def observed_at(local: str, offset_seconds: int) -> str:
+    """The true UTC instant of an answer's hour. Open-Meteo writes every hour of a series as UTC + the one
+    utc_offset_seconds valid at request time (no per-day daylight saving), so that same offset, not the zone's
+    offset on the day, turns the label back into the instant the values belong to."""
     zone = timezone(timedelta(seconds=offset_seconds))
     return datetime.fromisoformat(local).replace(tzinfo=zone).isoformat()
 
@@ -376,7 +382,8 @@ def window_rows(window: Window, entry: dict) -> Iterator[tuple]:
     hourly = entry["hourly"]
     for hour, local in enumerate(hourly["time"]):
         yield (window.event_id, window.is_event, window.latitude, window.longitude, entry["elevation"], window.day,
-               observed_at(local, entry["utc_offset_seconds"]), *(hourly[name][hour] for name in HOURLY_VARIABLES))
+               observed_at(local, entry["utc_offset_seconds"]), entry["timezone"],
+               *(hourly[name][hour] for name in HOURLY_VARIABLES))
 
 
 def write_outputs(folder: Path, windows: list[Window], cache: Cache, failed: dict[Key, str], not_fetched: str,
