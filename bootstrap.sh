@@ -462,7 +462,7 @@ arcgis_healthy() { http_get "http://127.0.0.1:$VPE_ARCGIS_PORT/stats"; }
 
 start_arcgis() {
   start_standin arcgis "demo landslide reports" VPE_ARCGIS_PORT arcgis_server.py "the ArcGIS layer stand-in" \
-    --catalog "$ROOT/tasks/ingestion/demo_live_catalog.csv"
+    --catalog "$(absolute "$VPE_ARCGIS_CATALOG")"
 }
 
 # A local stand-in of a web API (tasks/ingestion/SCRIPT, extra args after TITLE), healthy once /stats answers.

@@ -23,8 +23,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from common import (CRAWL_SUMMARY, EVENT_COLUMNS, EVENTS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, PENDING_WINDOWS,
-                    REJECTS, WINDOW_COLUMNS, Progress, StepFailed, add_run_arguments, extract_files, log, run_folder,
-                    run_step)
+                    REJECTS, WINDOW_COLUMNS, Progress, StepFailed, add_run_arguments, connect_warehouse, extract_files,
+                    log, query_warehouse, run_folder, run_step)
 
 STAGING_TABLES = ("staging.landslide_event", "staging.weather_hourly", "staging.pending_window")
 # What makes two extracts' rows the same event: everything but where it was read from.
@@ -92,11 +92,7 @@ def record_rejects(cursor: psycopg.Cursor, paths: list[Path], run_id: str) -> tu
 
 
 def load(dsn: str, folder: Path, run_id: str) -> list[Sequence]:
-    try:
-        connection = psycopg.connect(dsn, connect_timeout=10)
-    except psycopg.OperationalError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise StepFailed(f"cannot connect to the warehouse ({reason}): is it up? (./bootstrap.sh status)") from None
+    connection = connect_warehouse(dsn)
     try:
         with connection, connection.cursor() as cursor:
             return stage_and_merge(cursor, folder, run_id)
@@ -150,6 +146,17 @@ def check_extracts_complete(folder: Path) -> None:
                          f"rejects files must both be there): run that extract again, then crawl, then load")
 
 
+def log_pending(dsn: str) -> None:
+    """What waits for the archive now, this run's windows and earlier runs' alike."""
+    windows, events, oldest = query_warehouse(
+        dsn, "SELECT count(*), count(DISTINCT landslide_event_id), min(window_date) FROM pending_window")[0]
+    if windows:
+        log.info("%d windows of %d events wait in the warehouse for the archive (table pending_window, oldest day "
+                 "%s): a later crawl with --pending-from-warehouse fetches them", windows, events, oldest)
+    else:
+        log.info("no windows wait for the archive (table pending_window is empty)")
+
+
 def print_table(rows: list[Sequence]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -191,6 +198,7 @@ def main() -> int:
     rows = load(args.dsn, folder, run_id)
     log.info("load_staging(%r), committed:", run_id)
     print_table(rows)
+    log_pending(args.dsn)
     return 0
 
 
