@@ -1,13 +1,15 @@
-"""The landslide_monitor DAG on the real scheduler, against the offline stand-ins: the ArcGIS layer serves a
-catalog file the test rewrites, and the Open-Meteo stand-in's archive end is moved at runtime. One stack, four
-runs: the first (scheduled on unpausing) loads everything, the second only what was edited or added, the third
-the window that was pending, the fourth nothing."""
+"""The landslide monitor: crawl's pending windows against the Open-Meteo stand-in's archive end, and the
+landslide_monitor DAG on the real scheduler, against the offline stand-ins: the ArcGIS layer serves a catalog
+file the test rewrites, and the Open-Meteo stand-in's archive end is moved at runtime. One stack, four runs:
+the first (scheduled on unpausing) loads everything, the second only what was edited or added, the third the
+window that was pending, the fourth nothing."""
 from __future__ import annotations
 
 import csv
 import datetime
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +18,8 @@ import psycopg
 import pytest
 
 from conftest import ROOT, AirflowAPI, bootstrap, free_port, stack_config, wait_for_envs, warehouse_dsn
+from test_ingestion import (api_calls, archive_server, ingestion_python, ok, read_csv, step,  # noqa: F401
+                            workdir, write_windows)
 
 DAG = "landslide_monitor"
 LAYER_PATH = "/arcgis/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0"
@@ -61,6 +65,52 @@ def http(url: str, body: dict | None = None) -> dict:
     with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as response:
         return json.loads(response.read())
 
+
+# ------------------------------------------------------------------ crawl and the archive's end, no Airflow
+
+def test_days_the_archive_has_no_values_for_yet_wait_and_older_ones_fail(ingestion_python: str,
+                                                                           workdir: Path) -> None:
+    days = [YESTERDAY.isoformat(), "2019-05-01", "2018-06-01", (TODAY + datetime.timedelta(days=2)).isoformat()]
+    write_windows(workdir, days)
+    with archive_server("--archive-end", "2018-12-31") as url:
+        # A negative lag asks for days after today too, which the archive refuses as out of its range.
+        out = ok(step(ingestion_python, "crawl.py", "--url", url, "--archive-lag-days", "-3",
+                      "--max-failed-ratio", "1", workdir=workdir))
+        assert api_calls(url)["archive_end"] == "2018-12-31"
+    run = workdir / "run"
+    assert [w["window_date"] for w in read_csv(run / "pending_windows.csv")] == [days[0], days[3]]
+    [failed] = read_csv(run / "failed_windows.csv")
+    assert failed["window_date"] == "2019-05-01" and "no values" in failed["reason"]
+    assert len(read_csv(run / "hourly.csv")) == 24, "only 2018-06-01 has values"
+    assert "the archive has no values yet for 3 place-days: 2 of the last 30 days wait as pending, 1 older" in out
+    assert not list((workdir / "buffer").rglob(f"{days[0]}/*.json")), "an empty answer is not cached"
+
+
+def test_moving_the_archive_end_serves_the_pending_day(ingestion_python: str, workdir: Path) -> None:
+    write_windows(workdir, [YESTERDAY.isoformat()])
+    with archive_server() as url:
+        admin = url.replace("/v1/archive", "/admin/archive-end")
+        ok(step(ingestion_python, "crawl.py", "--url", url, "--archive-lag-days", "0", workdir=workdir))
+        assert len(read_csv(workdir / "run" / "pending_windows.csv")) == 1
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            http(admin, {"archive_end": "soon"})
+        assert refused.value.code == 400 and "YYYY-MM-DD" in json.loads(refused.value.read())["reason"]
+        assert http(admin, {"archive_end": TODAY.isoformat()}) == {"archive_end": TODAY.isoformat()}
+        ok(step(ingestion_python, "crawl.py", "--url", url, "--archive-lag-days", "0", workdir=workdir))
+    assert read_csv(workdir / "run" / "pending_windows.csv") == []
+    assert len(read_csv(workdir / "run" / "hourly.csv")) == 24
+
+
+def test_the_warehouse_options_without_a_warehouse_say_what_to_set(ingestion_python: str, workdir: Path) -> None:
+    write_windows(workdir, ["2019-05-01"])
+    crawl = step(ingestion_python, "crawl.py", "--pending-from-warehouse", workdir=workdir)
+    extract = step(ingestion_python, "extract.py", "--since", "warehouse",
+                   str(ROOT / "tests" / "fixtures" / "catalogs" / "coolr_export.csv"), workdir=workdir)
+    for result, option in ((crawl, "--pending-from-warehouse"), (extract, "--since warehouse")):
+        assert result.returncode == 1 and f"{option} needs the warehouse: set VPE_WAREHOUSE_DSN" in result.stderr
+
+
+# ------------------------------------------------------------------ the DAG on the real scheduler
 
 @pytest.fixture(scope="module")
 def monitor_stack(stack_home: Path) -> Iterator[dict[str, str]]:
