@@ -157,16 +157,16 @@ def connect_warehouse(dsn: str) -> psycopg.Connection:
         raise StepFailed(f"cannot connect to the warehouse ({reason}): is it up? (./bootstrap.sh status)") from None
 
 
-def query_warehouse(dsn: str, sql: str, *params: object) -> list[tuple]:
-    """One read-only query's rows; a warehouse error is a failed step with the reason."""
+def query_warehouse(dsn: str, what: str, sql: str, *params: object) -> list[tuple]:
+    """The rows of one read-only query for `what`; a warehouse error is a failed step with the reason."""
     import psycopg
 
     try:
         with connect_warehouse(dsn) as connection:
             return connection.execute(sql, params).fetchall()
     except psycopg.Error as error:
-        raise StepFailed(f"the warehouse refused {sql.split('(')[0]!r}: {' '.join(str(error).split())}: "
-                         f"is its schema up to date? (./bootstrap.sh migrate)") from None
+        raise StepFailed(f"could not read {what} from the warehouse ({' '.join(str(error).split())}): is its "
+                         f"schema up to date? (./bootstrap.sh migrate)") from None
 
 
 def run_step(name: str, main: Callable[[], int]) -> None:

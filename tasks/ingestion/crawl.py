@@ -392,9 +392,10 @@ def distinct_windows(paths: list[Path]) -> list[Window]:
 
 def warehouse_pending(dsn: str) -> list[Window]:
     """The windows waiting in the warehouse (table pending_window), named by their event's catalog id."""
-    rows = query_warehouse(dsn, "SELECT e.catalog_id, p.is_event, p.latitude, p.longitude, p.window_date "
-                                "FROM pending_window p JOIN landslide_event e USING (landslide_event_id) "
-                                "ORDER BY p.window_date, e.catalog_id, p.is_event DESC")
+    rows = query_warehouse(dsn, "the pending windows",
+                           "SELECT e.catalog_id, p.is_event, p.latitude, p.longitude, p.window_date "
+                           "FROM pending_window p JOIN landslide_event e USING (landslide_event_id) "
+                           "ORDER BY p.window_date, e.catalog_id, p.is_event DESC")
     return [Window(catalog_id, "true" if is_event else "false", float(lat), float(lon), day.isoformat())
             for catalog_id, is_event, lat, lon, day in rows]
 

@@ -300,7 +300,8 @@ def resolve_since(since: datetime | str | None, source: str) -> datetime | None:
     """--since warehouse: the warehouse's watermark for `source` (None: nothing loaded from it yet)."""
     if since != SINCE_WAREHOUSE:
         return since
-    [(mark,)] = query_warehouse(warehouse_dsn("--since warehouse"), "SELECT source_watermark(%s)", source)
+    [(mark,)] = query_warehouse(warehouse_dsn("--since warehouse"), f"the watermark of {source}",
+                                "SELECT source_watermark(%s)", source)
     if mark is None:
         log.info("the warehouse has no watermark for %s yet: reading every report", source)
     else:

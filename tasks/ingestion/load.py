@@ -148,8 +148,8 @@ def check_extracts_complete(folder: Path) -> None:
 
 def log_pending(dsn: str) -> None:
     """What waits for the archive now, this run's windows and earlier runs' alike."""
-    windows, events, oldest = query_warehouse(
-        dsn, "SELECT count(*), count(DISTINCT landslide_event_id), min(window_date) FROM pending_window")[0]
+    windows, events, oldest = query_warehouse(dsn, "the pending windows", "SELECT count(*), count(DISTINCT "
+                                              "landslide_event_id), min(window_date) FROM pending_window")[0]
     if windows:
         log.info("%d windows of %d events wait in the warehouse for the archive (table pending_window, oldest day "
                  "%s): a later crawl with --pending-from-warehouse fetches them", windows, events, oldest)

@@ -401,8 +401,8 @@ def serve(name: str, handler: type[BaseHTTPRequestHandler], host: str, port: int
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    handler = type("Handler", (ArchiveHandler,), {"faults": Faults(options), "archive_end": ArchiveEnd(options.archive_end),
-                                                  "quiet": options.quiet})
+    handler = type("Handler", (ArchiveHandler,), {"faults": Faults(options), "quiet": options.quiet,
+                                                  "archive_end": ArchiveEnd(options.archive_end)})
     return serve("open_meteo_server", handler, options.host, options.port, f"*** {BANNER} ***", "/v1/archive")
 
 
