@@ -77,7 +77,9 @@ class ExecutorOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        self._run_id = safe_id(ti.dag_id, ti.run_id, ti.task_id, f"try{ti.try_number}")
+        # Mapped instances share a task id: the map index keeps their executor run ids apart.
+        task = ti.task_id if getattr(ti, "map_index", -1) < 0 else f"{ti.task_id}.{ti.map_index}"
+        self._run_id = safe_id(ti.dag_id, ti.run_id, task, f"try{ti.try_number}")
         timeout = self.execution_timeout.total_seconds() if self.execution_timeout else 0.0
         self._client = executor_client(self.grpc_conn_id)
         self._call = self._client.run(self.env, self.script, self.args, self.env_vars, timeout,
