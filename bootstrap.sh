@@ -31,7 +31,8 @@ Options:
   --local            run every component as a local process (default without a Docker engine)
   --docker           run the stack with docker compose (default when a Docker engine answers)
   --offline-demo     no internet: crawl SYNTHETIC weather from a local Open-Meteo stand-in,
-                     into the database VPE_DEMO_WAREHOUSE_DB (local mode)
+                     into the database VPE_DEMO_WAREHOUSE_DB (local mode); `live` catalog reads
+                     go to a local stand-in of NASA's ArcGIS layer
   -h, --help         this help
 
 Configuration: .env (every port, name and path); environment variables override it.
@@ -437,14 +438,16 @@ admin_password() {
 # --- offline demo --------------------------------------------------------------
 
 # Synthetic weather from the local Open-Meteo stand-in, loaded into a database of
-# its own, so demo values never mix with real ones in the warehouse. The demo
-# lasts while its server runs: ./bootstrap.sh down ends it.
+# its own, so demo values never mix with real ones in the warehouse; `live` catalog
+# reads go to the ArcGIS stand-in. The demo lasts while its servers run:
+# ./bootstrap.sh down ends it.
 enter_offline_demo() {
   OFFLINE_DEMO=1
   export VPE_WAREHOUSE_DB=$VPE_DEMO_WAREHOUSE_DB
   export OPEN_METEO_ARCHIVE_URL=http://127.0.0.1:$VPE_OPEN_METEO_PORT/v1/archive
+  export VPE_GLC_LAYER_URL=http://127.0.0.1:$VPE_ARCGIS_PORT/arcgis/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0
   export VPE_ALLOW_SYNTHETIC_WEATHER=1
-  export VPE_TASK_ENV_PASSTHROUGH="VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL VPE_ALLOW_SYNTHETIC_WEATHER"
+  export VPE_TASK_ENV_PASSTHROUGH="VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL VPE_ALLOW_SYNTHETIC_WEATHER"
 }
 
 open_meteo_running() { running open-meteo "open_meteo_server.py"; }
@@ -452,15 +455,29 @@ open_meteo_running() { running open-meteo "open_meteo_server.py"; }
 open_meteo_healthy() { http_get "http://127.0.0.1:$VPE_OPEN_METEO_PORT/stats"; }
 
 start_open_meteo() {
-  if open_meteo_running; then
-    say "open-meteo already running (SYNTHETIC weather)"
+  start_standin open-meteo "SYNTHETIC weather" VPE_OPEN_METEO_PORT open_meteo_server.py "the Open-Meteo stand-in"
+}
+
+arcgis_healthy() { http_get "http://127.0.0.1:$VPE_ARCGIS_PORT/stats"; }
+
+start_arcgis() {
+  start_standin arcgis "demo landslide reports" VPE_ARCGIS_PORT arcgis_server.py "the ArcGIS layer stand-in" \
+    --catalog "$ROOT/tasks/ingestion/demo_live_catalog.csv"
+}
+
+# A local stand-in of a web API (tasks/ingestion/SCRIPT, extra args after TITLE), healthy once /stats answers.
+start_standin() {
+  local name=$1 what=$2 port_var=$3 script=$4 title=$5; shift 5
+  local port=${!port_var}
+  if running "$name" "$script"; then
+    say "$name already running ($what)"
   else
-    port_free 127.0.0.1 "$VPE_OPEN_METEO_PORT" || die "port $VPE_OPEN_METEO_PORT is taken by another program: set VPE_OPEN_METEO_PORT in .env or the environment."
-    step "starting the local Open-Meteo stand-in on 127.0.0.1:$VPE_OPEN_METEO_PORT (SYNTHETIC weather)"
-    spawn open-meteo "$LOGS/executor/open-meteo.log" "$VPE_VENV/bin/python" \
-      "$ROOT/tasks/ingestion/open_meteo_server.py" --host 127.0.0.1 --port "$VPE_OPEN_METEO_PORT" --quiet
+    port_free 127.0.0.1 "$port" || die "port $port is taken by another program: set $port_var in .env or the environment."
+    step "starting $title on 127.0.0.1:$port ($what)"
+    spawn "$name" "$LOGS/executor/$name.log" "$VPE_VENV/bin/python" "$ROOT/tasks/ingestion/$script" "$@" \
+      --host 127.0.0.1 --port "$port" --quiet
   fi
-  wait_for "the Open-Meteo stand-in" 30 "$LOGS/executor/open-meteo.log" open_meteo_healthy
+  wait_for "$title" 30 "$LOGS/executor/$name.log" http_get "http://127.0.0.1:$port/stats"
 }
 
 # --- commands ----------------------------------------------------------------
@@ -479,7 +496,7 @@ cmd_up() {
   if [ "$OFFLINE_DEMO" = 1 ]; then
     open_meteo_running || ! running executor "executor.py serve" \
       || die "the executor runs against the real weather API; to switch to the offline demo: ./bootstrap.sh down && ./bootstrap.sh --offline-demo"
-    wanted=(open-meteo "${wanted[@]}")
+    wanted=(open-meteo arcgis "${wanted[@]}")
   fi
   exec 9> "$PIDS/bootstrap.lock"
   flock -n 9 || die "another ./bootstrap.sh is working on $VPE_HOME; wait for it to finish."
@@ -497,6 +514,7 @@ cmd_status() {
   status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
   status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
   [ "$OFFLINE_DEMO" = 1 ] && { status_line "open-meteo (SYNTHETIC)" "127.0.0.1:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1; }
+  [ "$OFFLINE_DEMO" = 1 ] && { status_line "arcgis (demo layer)" "127.0.0.1:$VPE_ARCGIS_PORT" arcgis_healthy || bad=1; }
   status_line airflow-api "$(airflow_api)" airflow_healthy || bad=1
   local part
   for part in scheduler dag_processor triggerer; do
@@ -538,7 +556,7 @@ cmd_down() {
   for service in "${AIRFLOW_SERVICES[@]}"; do airflow+=("airflow-$service"); done
   # Airflow first: its running tasks are cancelled while the executor can still hear it.
   stop_groups "${airflow[@]}"
-  stop_groups executor open-meteo
+  stop_groups executor open-meteo arcgis
   stop_postgres
   say "stopped; data kept in $VPE_HOME"
 }

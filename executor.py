@@ -11,7 +11,7 @@ A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own process group,
 $VPE_HOME/buffer/<workspace> (the request's workspace, default its run_id; runs of one pipeline run share it), and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin),
 HOME, LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID, VPE_RUN_DIR, VPE_BUFFER,
 the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default: VPE_WAREHOUSE_DSN
-OPEN_METEO_ARCHIVE_URL), then the request's env vars (names [A-Za-z_][A-Za-z0-9_]*, not PATH, PYTHON*, LD_*,
+OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL), then the request's env vars (names [A-Za-z_][A-Za-z0-9_]*, not PATH, PYTHON*, LD_*,
 DYLD_* or the VPE_* above).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ pb2, pb2_grpc = _load_proto()
 
 # ---------------------------------------------------------------- configuration
 
-DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL"
+DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 256
@@ -175,39 +175,167 @@ class EnvBuildError(Exception):
     """Building failed; the message says why and where the log is."""
 
 
+CONDA_BACKENDS = ("micromamba", "mamba", "conda")
+
+# Without conda, a yml's conda dependencies are translated for a venv. Data, not code: edit these tables.
+# conda name -> PyPI name where they differ: a subset of conda-forge's PyPI name mapping
+# (github.com/regro/cf-graph-countyfair, mappings/pypi/grayskull_pypi_mapping.yaml). psycopg2 ->
+# psycopg2-binary is our choice: the same module as a wheel, so no libpq headers or compiler are needed.
+CONDA_TO_PYPI = {
+    "psycopg2": "psycopg2-binary",
+    "pymysql": "PyMySQL",
+    "pytorch": "torch",
+    "py-opencv": "opencv-python",
+    "opencv": "opencv-python",
+    "py-xgboost": "xgboost",
+    "pytables": "tables",
+    "msgpack-python": "msgpack",
+    "python-graphviz": "graphviz",
+    "pyqt": "PyQt5",
+    "ruamel_yaml": "ruamel.yaml",
+}
+# Conda packages a venv does without, by why: what `conda env export` lists for a Python env on linux-64
+# besides the Python packages (names starting with "_" are conda metapackages and skipped too).
+CONDA_SKIPPED = {
+    "installer: the venv has its own": ("pip", "setuptools", "wheel"),
+    "system library: the OS has it, wheels bundle theirs": (
+        "openssl", "ca-certificates", "sqlite", "libsqlite", "zlib", "libzlib", "xz", "liblzma", "bzip2", "tk",
+        "ncurses", "readline", "libffi", "tzdata", "libuuid", "libnsl", "libxcrypt", "expat", "libexpat", "icu",
+        "krb5", "libedit"),
+    "C/C++ runtime: the OS has it": (
+        "libgcc-ng", "libgcc", "libstdcxx-ng", "libstdcxx", "libgomp", "ld_impl_linux-64", "libgfortran-ng",
+        "libgfortran5", "llvm-openmp"),
+    "BLAS: numpy and scipy wheels bundle OpenBLAS": (
+        "mkl", "intel-openmp", "blas", "libblas", "libcblas", "liblapack", "openblas", "libopenblas"),
+    "compiler: wheels need none": (
+        "gcc", "gxx", "gfortran", "gcc_linux-64", "gxx_linux-64", "gfortran_linux-64", "c-compiler",
+        "cxx-compiler", "fortran-compiler", "compilers", "binutils", "make"),
+}
+CUDA_WHY = ("conda-only CUDA; PyPI wheels that use CUDA (torch, jax, cupy-cuda12x) bundle their own: "
+            "list those under pip:")
+GDAL_WHY = ("PyPI has only GDAL's source, which needs the system's libgdal: install libgdal-dev, "
+            "list GDAL==<version> under pip:")
+# Conda packages with no PyPI counterpart a venv could use: a venv build that meets one fails, naming it.
+CONDA_REFUSED = {
+    "cudatoolkit": CUDA_WHY, "cudnn": CUDA_WHY, "nccl": CUDA_WHY,
+    "gdal": GDAL_WHY, "libgdal": GDAL_WHY,
+    "r-base": "R, not a Python package",
+}
+SKIP_WHY = {name: why for why, names in CONDA_SKIPPED.items() for name in names}
+METAPACKAGE_WHY = "conda metapackage"
+C_LIBRARY_WHY = "C/C++ library (not a py* build): a venv does not need it"
+
+INSTALLED, SKIPPED, REFUSED = "installed as", "skipped", "refused"
+
+MATCH_SPEC_RE = re.compile(r"(?:(?P<channel>[^\s:]+)::)?(?P<name>[A-Za-z0-9_][A-Za-z0-9_.+-]*)\s*"
+                           r"(?:\[(?P<brackets>[^\]]*)\])?\s*(?P<rest>.*)")
+BRACKET_FIELD_RE = re.compile(r"(\w+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|([^,\s]*))")
+PYTHON_VERSION_RE = re.compile(r"=?=?(\d+\.\d+)(\.\d+)?(?:\.?\*)?")
+VERSION_OPERATORS = ("==", "!=", ">=", "<=", ">", "<", "~=")
+
+
+@dataclasses.dataclass(frozen=True)
+class CondaDep:
+    spec: str       # as written in the yml
+    name: str       # lower case, without its channel
+    version: str    # conda's version spec ("2.1.4", "1.2.*", ">=1.2,<2"), "" for any
+    fuzzy: bool     # `pkg=1.2` means 1.2.*; `pkg=1.2=build` and `pkg 1.2` mean exactly 1.2
+    build: str      # the conda build string, "" when not given (e.g. `conda env export --from-history`)
+
+    def pip_specifier(self, yml: Path) -> str:
+        """The version as a PEP 440 specifier."""
+        parts = []
+        for part in filter(None, (p.strip() for p in self.version.split(","))):
+            if "|" in part:
+                raise EnvSpecError(f"{yml}: {self.spec!r}: pip has no 'or' between versions; pin one version")
+            if part.startswith(VERSION_OPERATORS):
+                parts.append(part)
+            elif part.endswith("*"):
+                parts.append("==" + part.rstrip(".*") + ".*")
+            else:
+                parts.append(f"=={part}.*" if self.fuzzy else f"=={part}")
+        return ",".join(parts)
+
+
+def parse_match_spec(text: str, yml: Path) -> CondaDep:
+    """conda's match specs: pkg, pkg=1.2 (any 1.2.*), pkg=1.2.3=build, pkg==1.2, pkg>=1.2,<2, pkg 1.2 build,
+    channel::pkg, pkg[version='>=1.2', build=py*]."""
+    m = MATCH_SPEC_RE.fullmatch(text.strip())
+    if not m:
+        raise EnvSpecError(f"{yml}: {text!r} is not a conda package spec; "
+                           f"write name, name=version or name=version=build")
+    rest, build, fuzzy = m["rest"].strip(), "", False
+    if m["brackets"]:
+        fields = {key: single or double or bare
+                  for key, single, double, bare in BRACKET_FIELD_RE.findall(m["brackets"])}
+        rest, build = rest or fields.get("version", ""), fields.get("build", "")
+    if rest.startswith("=") and not rest.startswith("=="):
+        rest, _, build = rest[1:].partition("=")
+        fuzzy = not build
+    elif " " in rest:
+        rest, _, build = rest.partition(" ")
+    build = build.strip()
+    return CondaDep(text.strip(), m["name"].lower(), rest.strip(), fuzzy, "" if build.startswith("*") else build)
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
     name: str
     path: Path
     content: bytes
-    python: str | None          # "3.11" or None for the executor's own Python
+    python: str | None                 # "3.12" or "3.12.2"; None: the executor's own Python
+    conda_deps: tuple[CondaDep, ...]   # every dependency outside pip:, python excluded
     pip_packages: tuple[str, ...]
-    conda_only: tuple[str, ...]  # dependencies only a conda backend can install
 
-    def digest(self, backend: str) -> str:
-        return hashlib.sha256(backend.encode() + b"\0" + self.content).hexdigest()[:12]
-
-
-PYTHON_DEP_RE = re.compile(r"python(?:\s*={1,2}\s*(\d+)\.(\d+)(?:\.\*|\.\d+)?)?")
-PIP_DEP_RE = re.compile(r"pip(?:\s*[=<>!~].*)?")
+    def digest(self, backend: str, plan: VenvPlan | None = None) -> str:
+        """Content, backend and, for a venv, the interpreter actually used and the translated requirements."""
+        key = backend.encode() + b"\0" + self.content + (b"\0" + plan.key().encode() if plan else b"")
+        return hashlib.sha256(key).hexdigest()[:12]
 
 
-def parse_env_yml(path: Path) -> EnvSpec:
+def load_env_doc(path: Path) -> dict:
     import yaml  # only the server needs it
 
-    content = path.read_bytes()
     try:
-        doc = yaml.safe_load(content) or {}
+        doc = yaml.safe_load(path.read_bytes()) or {}
     except yaml.YAMLError as exc:
         raise EnvSpecError(f"{path}: not valid YAML ({exc}); fix the file") from exc
     if not isinstance(doc, dict):
         raise EnvSpecError(f"{path}: expected a mapping with 'name', 'channels', 'dependencies'")
-    name = path.stem
-    if doc.get("name", name) != name:
-        raise EnvSpecError(f"{path}: 'name: {doc.get('name')}' differs from the file name; rename one so both are {name!r}")
+    return doc
+
+
+def env_name_of(doc: dict, path: Path) -> str:
+    """conda's rule: the yml's `name:`, else (our addition) the file name. `prefix:` is ignored."""
+    return str(doc.get("name") or path.stem)
+
+
+def declared_env_name(path: Path) -> str:
+    try:
+        return env_name_of(load_env_doc(path), path)
+    except (EnvSpecError, OSError):
+        return path.stem  # the build reports what is wrong with the file
+
+
+def parse_python_request(dep: CondaDep, yml: Path) -> str | None:
+    if not dep.version:
+        return None
+    m = PYTHON_VERSION_RE.fullmatch(dep.version)
+    if not m:
+        raise EnvSpecError(f"{yml}: {dep.spec!r}: say which Python with python=X.Y or python=X.Y.Z (e.g. python=3.12)")
+    return m[1] + (m[2] or "")
+
+
+def parse_env_yml(path: Path) -> EnvSpec:
+    content = path.read_bytes()
+    doc = load_env_doc(path)
+    name = env_name_of(doc, path)
+    if not ENV_NAME_RE.fullmatch(name):
+        raise EnvSpecError(f"{path}: env name {name[:130]!r} must be 1-128 of A-Z a-z 0-9 _ . - (not starting "
+                           f"with . or -); change name:")
     python: str | None = None
+    conda_deps: list[CondaDep] = []
     pip_packages: list[str] = []
-    conda_only: list[str] = []
     for dep in doc.get("dependencies") or []:
         if isinstance(dep, dict) and set(dep) == {"pip"}:
             for item in dep["pip"] or []:
@@ -215,34 +343,199 @@ def parse_env_yml(path: Path) -> EnvSpec:
                 if item.startswith("-"):
                     raise EnvSpecError(f"{path}: pip option {item!r} is not supported; list package requirements only")
                 pip_packages.append(item)
-        elif isinstance(dep, str) and (m := PYTHON_DEP_RE.fullmatch(dep.strip())):
-            python = f"{m[1]}.{m[2]}" if m[1] else None
-        elif isinstance(dep, str) and PIP_DEP_RE.fullmatch(dep.strip()):
-            pip_packages.insert(0, dep.strip().replace("pip=", "pip==", 1) if "==" not in dep else dep.strip())
+        elif isinstance(dep, (str, int, float)):
+            parsed = parse_match_spec(str(dep), path)
+            if parsed.name == "python":
+                python = parse_python_request(parsed, path)
+            else:
+                conda_deps.append(parsed)
         else:
-            conda_only.append(str(dep))
-    return EnvSpec(name, path, content, python, tuple(pip_packages), tuple(conda_only))
+            raise EnvSpecError(f"{path}: dependency {dep!r} is neither a conda package spec nor a pip: list")
+    return EnvSpec(name, path, content, python, tuple(conda_deps), tuple(pip_packages))
 
 
-def find_python(version: str | None, yml: Path) -> str:
-    """The real interpreter for `python=X.Y`: pythonX.Y on PATH, else this executor's own if it matches."""
+def pypi_name(requirement: str) -> str:
+    """PEP 503 normalized project name of a requirement (a path or URL stays as it is)."""
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", m[1]).lower() if m else requirement
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslatedDep:
+    outcome: str   # INSTALLED, SKIPPED or REFUSED
+    spec: str      # the conda line
+    name: str      # its conda package name
+    target: str    # INSTALLED: the pip requirement; otherwise why
+
+
+@dataclasses.dataclass(frozen=True)
+class Translation:
+    """What a venv build makes of a yml's conda dependencies, line by line."""
+    rows: tuple[TranslatedDep, ...]
+    pip_packages: tuple[str, ...]
+
+    @property
+    def requirements(self) -> list[str]:
+        return [r.target for r in self.rows if r.outcome == INSTALLED] + list(self.pip_packages)
+
+    @property
+    def seed_pip(self) -> bool:
+        return any(r.name == "pip" for r in self.rows)
+
+    def of(self, outcome: str) -> list[TranslatedDep]:
+        return [r for r in self.rows if r.outcome == outcome]
+
+    def log_lines(self) -> list[str]:
+        width = max((len(r.spec) for r in self.rows), default=0)
+        return ([f"  {r.spec:<{width}}  {r.outcome} {r.target}" for r in self.rows] +
+                [f"  pip: {' '.join(self.pip_packages) or '(none)'}"])
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        if self.of(INSTALLED):
+            lines.append("conda packages installed from PyPI as: " + ", ".join(
+                r.target + ("" if pypi_name(r.target) == pypi_name(r.name) else f" ({r.name})")
+                for r in self.of(INSTALLED)))
+        by_reason: dict[str, list[str]] = {}
+        for r in self.of(SKIPPED):
+            by_reason.setdefault(r.target, []).append(r.name)
+        lines += [f"skipped, {why}: {', '.join(names)}" for why, names in by_reason.items()]
+        lines += [f"refused: {r.spec} ({r.target})" for r in self.of(REFUSED)]
+        lines.append(f"pip: {', '.join(self.pip_packages) or '(none)'}")
+        return lines
+
+
+def classify_conda_dep(dep: CondaDep, listed: set[str]) -> tuple[str, str]:
+    """(outcome, PyPI name or why). The tables first; then a full export's build string tells a Python
+    package (py312h06a4308_0, pyhd3eb1b0_1) from a C/C++ library (h5eee18b_0, 1_gnu); without one
+    (--from-history), a package is assumed to be on PyPI under its name."""
+    if dep.name in CONDA_REFUSED:
+        return REFUSED, CONDA_REFUSED[dep.name]
+    if dep.name.startswith("_"):
+        return SKIPPED, METAPACKAGE_WHY
+    if dep.name in SKIP_WHY:
+        return SKIPPED, SKIP_WHY[dep.name]
+    base_of = dep.name.removesuffix("-base")
+    if base_of != dep.name and base_of in listed:
+        return SKIPPED, f"part of {base_of}, which is installed"
+    if dep.build and not dep.build.startswith("py"):
+        return SKIPPED, C_LIBRARY_WHY
+    return INSTALLED, CONDA_TO_PYPI.get(dep.name, base_of)
+
+
+def translate(spec: EnvSpec) -> Translation:
+    listed = {d.name for d in spec.conda_deps}
+    pinned_by_pip = {pypi_name(p) for p in spec.pip_packages}
+    rows = []
+    for dep in spec.conda_deps:
+        outcome, target = classify_conda_dep(dep, listed)
+        if outcome == INSTALLED and pypi_name(target) in pinned_by_pip:
+            outcome, target = SKIPPED, "the pip: list pins it"
+        elif outcome == INSTALLED:
+            target += dep.pip_specifier(spec.path)
+        rows.append(TranslatedDep(outcome, dep.spec, dep.name, target))
+    return Translation(tuple(rows), spec.pip_packages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interpreter:
+    path: str      # a real interpreter, not a venv's
+    version: str   # "3.12.1"
+    source: str    # where it was found, for the build log
+
+
+PYTHON_PROBE = ("import platform, sys; print(platform.python_version()); "
+                "print(getattr(sys, '_base_executable', sys.executable))")
+
+
+def probe_python(path: str) -> tuple[str, str]:
+    """(version, real interpreter) or EnvBuildError with the first line it printed."""
+    try:
+        result = subprocess.run([path, "-c", PYTHON_PROBE], capture_output=True, text=True, timeout=60,
+                                env=build_environment(), stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise EnvBuildError(f"{path}: {exc.strerror}") from exc
+    lines = result.stdout.split("\n")
+    if result.returncode != 0 or len(lines) < 2:
+        raise EnvBuildError(f"{path}: {(result.stderr.strip().splitlines() or ['exit %d' % result.returncode])[0]}")
+    return lines[0], lines[1]
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def python_candidates(minor: str, uv: str | None) -> Iterator[tuple[str, str]]:
+    """Where people keep interpreters, in this order: PATH (pyenv's shims there refuse versions not
+    selected), the executor's own, pyenv's versions folder, uv's managed Pythons."""
+    for folder in _env("PATH").split(os.pathsep):
+        path = Path(folder or ".") / f"python{minor}"
+        if path.is_file() and os.access(path, os.X_OK):
+            yield str(path), "PATH"
+    yield getattr(sys, "_base_executable", sys.executable), "the executor's own Python"
+    versions = Path(_env("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    installed = [v for v in versions.glob(f"{minor}.*") if re.fullmatch(r"\d+\.\d+\.\d+", v.name)]
+    for folder in sorted(installed, key=lambda v: version_key(v.name), reverse=True):
+        yield str(folder / "bin" / f"python{minor}"), "pyenv"
+    if uv and (managed := uv_managed_python(uv, minor)):
+        yield managed, "uv's managed Pythons"
+
+
+def uv_managed_python(uv: str, version: str) -> str | None:
+    found = subprocess.run([uv, "python", "find", "--no-config", "--python-preference", "only-managed", version],
+                           capture_output=True, text=True, timeout=60, env=build_environment())
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
+
+
+def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str:
+    """uv's download (its default where the machine has internet), or why there is none."""
+    if not uv:
+        return "no uv to download it with"
+    if _env("UV_PYTHON_DOWNLOADS") == "never":
+        return "UV_PYTHON_DOWNLOADS=never"
+    env = {k: v for k, v in build_environment().items() if k != "UV_PYTHON_DOWNLOADS"}
+    result = subprocess.run([uv, "python", "install", "--no-config", request], capture_output=True, text=True,
+                            timeout=900, env=env, stdin=subprocess.DEVNULL)
+    log(f"$ uv python install {request}\n{result.stdout}{result.stderr}".rstrip())
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")] or ["error: ?"]
+        return "uv could not download it: " + errors[0].removeprefix("error: ")
+    managed = uv_managed_python(uv, request)
+    if managed is None:
+        return "uv installed it but cannot find it"
+    version, real = probe_python(managed)
+    return Interpreter(real, version, "uv's managed Pythons (downloaded now)")
+
+
+def find_python(version: str | None, yml: Path, uv: str | None = None, log: Any = lambda line: None) -> Interpreter:
+    """The interpreter for `python=X.Y[.Z]`: the exact version if one is found, else the same X.Y."""
     if version is None:
-        return getattr(sys, "_base_executable", sys.executable)
-    probe = "import sys; print('%d.%d' % sys.version_info[:2]); print(getattr(sys, '_base_executable', sys.executable))"
-    reasons = []
-    for candidate in (shutil.which(f"python{version}"), sys.executable):
-        if not candidate:
-            reasons.append(f"no python{version} on PATH")
+        own = getattr(sys, "_base_executable", sys.executable)
+        return Interpreter(own, "%d.%d.%d" % sys.version_info[:3], "the executor's own Python (the yml pins none)")
+    minor = ".".join(version.split(".")[:2])
+    nearest: Interpreter | None = None
+    tried: list[str] = []
+    for path, source in python_candidates(minor, uv):
+        try:
+            found, real = probe_python(path)
+        except EnvBuildError as exc:
+            tried.append(str(exc))
             continue
-        result = subprocess.run([candidate, "-c", probe], capture_output=True, text=True, timeout=60)
-        lines = result.stdout.split("\n")
-        if result.returncode == 0 and lines[0] == version:
-            return lines[1]
-        first_error = (result.stderr.strip().splitlines() or [f"it is Python {lines[0]}"])[0]
-        reasons.append(f"{candidate}: {first_error}")
+        if found == version or (version == minor and found.startswith(minor + ".")):
+            return Interpreter(real, found, source)
+        if found.startswith(minor + ".") and nearest is None:
+            nearest = Interpreter(real, found, f"{source} (the yml pins {version}; the patch level differs)")
+        elif not found.startswith(minor + "."):
+            tried.append(f"{path}: Python {found}")
+    if nearest:
+        return nearest
+    downloaded = download_python(version, uv, log)
+    if isinstance(downloaded, Interpreter):
+        return downloaded
     raise EnvBuildError(
-        f"Python {version} is not available ({'; '.join(reasons)}). "
-        f"Install Python {version} so that python{version} is on PATH, or change 'python={version}' in {yml}.")
+        f"Python {version} is not available (not on PATH, in pyenv's versions or among uv's managed Pythons; "
+        f"{downloaded}; tried: {'; '.join(dict.fromkeys(tried)) or 'nothing'}). Install it (`pyenv install {version}` "
+        f"or `uv python install {version}`), or change 'python={version}' in {yml}.")
 
 
 def find_uv() -> str | None:
@@ -252,7 +545,7 @@ def find_uv() -> str | None:
 
 def detect_backend(choice: str) -> str:
     if choice in ("auto", "conda"):
-        for tool in ("micromamba", "mamba", "conda"):
+        for tool in CONDA_BACKENDS:
             if shutil.which(tool):
                 return tool
         if choice == "conda":
@@ -260,29 +553,84 @@ def detect_backend(choice: str) -> str:
     return "venv+uv" if find_uv() else "venv+pip"
 
 
-def build_commands(backend: str, spec: EnvSpec, prefix: Path) -> list[list[str]]:
-    """The commands that build `spec` into `prefix` (which must not exist yet)."""
-    if backend in ("micromamba", "mamba", "conda"):
+@dataclasses.dataclass(frozen=True)
+class VenvPlan:
+    """How a venv backend builds a yml: which interpreter, which requirements."""
+    python: Interpreter
+    translation: Translation
+
+    def key(self) -> str:
+        return "\n".join([self.python.path, self.python.version, f"seed_pip={self.translation.seed_pip}",
+                          *self.translation.requirements])
+
+    def python_line(self) -> str:
+        return f"Python {self.python.version} from {self.python.source}: {self.python.path}"
+
+    def summary(self) -> str:
+        return "\n".join([self.python_line(), *self.translation.summary_lines()])
+
+    def short(self) -> str:
+        t = self.translation
+        return (f"Python {self.python.version}; conda: {len(t.of(INSTALLED))} from PyPI, {len(t.of(SKIPPED))} skipped; "
+                f"pip: {len(t.pip_packages)}")
+
+
+def plan_venv(spec: EnvSpec, uv: str | None, log: Any = lambda line: None) -> VenvPlan:
+    """Translate the conda dependencies (refusing those a venv cannot have), then find the interpreter."""
+    translation = translate(spec)
+    log("conda dependencies, translated for a venv (no conda/mamba/micromamba on PATH):")
+    for line in translation.log_lines():
+        log(line)
+    if refused := translation.of(REFUSED):
+        raise EnvSpecError(
+            f"{spec.path}: {'; '.join(f'{r.spec} ({r.target})' for r in refused)}: no PyPI counterpart, and no "
+            f"conda/mamba/micromamba is on PATH. Remove {'it' if len(refused) == 1 else 'them'}, list a PyPI "
+            f"equivalent under pip:, or install micromamba.")
+    plan = VenvPlan(find_python(spec.python, spec.path, uv, log), translation)
+    log(plan.python_line())
+    return plan
+
+
+def build_commands(backend: str, spec: EnvSpec, prefix: Path, plan: VenvPlan | None = None) -> list[list[str]]:
+    """The commands that build `spec` into `prefix` (which must not exist yet). Conda tools get the file as it is."""
+    if backend in CONDA_BACKENDS:
         tool = shutil.which(backend) or backend
         verb = ["create", "--yes"] if backend == "micromamba" else ["env", "create"]
         return [[tool, *verb, "-p", str(prefix), "-f", str(spec.path)]]
-    if spec.conda_only:
-        raise EnvSpecError(
-            f"{spec.path}: {', '.join(map(repr, spec.conda_only))} can only be installed by conda, and no "
-            f"conda/mamba/micromamba is on PATH. Move it to the pip: list with a pip version spec, or install micromamba.")
-    python = find_python(spec.python, spec.path)
+    plan = plan or plan_venv(spec, find_uv())
     env_python = str(prefix / "bin" / "python")
+    requirements = plan.translation.requirements
     if backend == "venv+uv":
         uv = find_uv() or "uv"
-        commands = [[uv, "venv", "--no-config", "--python", python, str(prefix)]]
-        if spec.pip_packages:
-            commands.append([uv, "pip", "install", "--no-config", "--python", env_python, *spec.pip_packages])
-        return commands
-    commands = [[python, "-m", "venv", str(prefix)]]
-    if spec.pip_packages:
-        commands.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                         *spec.pip_packages])
+        # Copies, not uv's default hard links into its cache: seal_env's chmod must not reach the cache or
+        # other envs that share a file.
+        commands = [[uv, "venv", "--no-config", "--link-mode", "copy", "--python", plan.python.path,
+                     *(["--seed"] if plan.translation.seed_pip else []), str(prefix)]]
+        if requirements:
+            commands.append([uv, "pip", "install", "--no-config", "--link-mode", "copy", "--python", env_python,
+                             *requirements])
+    else:
+        commands = [[plan.python.path, "-m", "venv", str(prefix)]]
+        if requirements:
+            commands.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                             *requirements])
     return commands
+
+
+def compile_command(prefix: Path) -> list[str]:
+    """Every module compiled at build time, so that no task run writes bytecode into the sealed env."""
+    compile_all = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)"
+    return [str(prefix / "bin" / "python"), "-c", compile_all, str(prefix / "lib")]
+
+
+NOT_ON_PYPI_RES = (re.compile(r"Because ([A-Za-z0-9._-]+) was not found in the package registry"),
+                   re.compile(r"No matching distribution found for ([A-Za-z0-9._-]+)"))
+
+
+def not_on_pypi(log_text: str, translation: Translation) -> list[str]:
+    """The conda lines whose translation the installer could not find on PyPI."""
+    missing = {pypi_name(m) for regex in NOT_ON_PYPI_RES for m in regex.findall(log_text)}
+    return [r.spec for r in translation.of(INSTALLED) if pypi_name(r.target) in missing]
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -295,6 +643,73 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 READY_MARKER = ".vpe-ready"
+MANIFEST = ".vpe-manifest"
+
+
+def file_table(root: Path, describe: Any) -> dict[str, Any]:
+    """relative path -> describe(lstat) of everything under root (symlinks not followed), the manifest excepted."""
+    table = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: then it counts as removed
+                if rel != MANIFEST:
+                    table[rel] = describe(os.lstat(path), path)
+    return table
+
+
+def manifest_entry(st: os.stat_result, path: str) -> str:
+    """What survives a copy into a Docker layer: size, whole-second mtime, mode, symlink target."""
+    target = os.readlink(path) if os.path.islink(path) else ""
+    return f"{st.st_size}\t{int(st.st_mtime)}\t{st.st_mode:o}\t{target}"
+
+
+def snapshot_entry(st: os.stat_result, path: str) -> tuple[int, ...]:
+    """Any write, chmod, rename or utime, by root too, moves ctime (only a clock change could fake it)."""
+    return st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    changes = ([f"added {p}" for p in after.keys() - before.keys()] +
+               [f"removed {p}" for p in before.keys() - after.keys()] +
+               [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]])
+    return ", ".join(sorted(changes)[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+
+
+def seal_env(prefix: Path) -> None:
+    """Read-only mode bits (they stop a task running as another user) and a manifest of every file.
+    Root ignores mode bits, so EnvManager compares the files with the manifest when it reuses a build,
+    and with a snapshot before every run."""
+    for folder, dirs, files in os.walk(prefix):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.lstat(path).st_mode & ~0o222)
+    manifest = file_table(prefix, manifest_entry)
+    (prefix / MANIFEST).write_text("".join(f"{rel}\t{entry}\n" for rel, entry in sorted(manifest.items())))
+    os.chmod(prefix / MANIFEST, 0o444)
+    os.chmod(prefix, prefix.stat().st_mode & ~0o222)
+
+
+def manifest_changes(prefix: Path) -> str:
+    """How the build's files differ from its manifest ("" when they do not)."""
+    try:
+        lines = (prefix / MANIFEST).read_text().splitlines()
+    except OSError:
+        return f"no {MANIFEST}"
+    recorded = dict(line.split("\t", 1) for line in lines if "\t" in line)
+    return describe_changes(recorded, file_table(prefix, manifest_entry))
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree, after giving back the write bits seal_env took (an owner that is not root needs them)."""
+    if path.is_symlink() or not path.is_dir():
+        return
+    for folder, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, os.lstat(folder).st_mode | 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -306,11 +721,16 @@ class EnvRecord:
     spec_hash: str = ""
     detail: str = "waiting to build"
     stale: bool = False
+    refusal: str = ""                # why the yml is not built at all (two files claim its name)
+    summary: str = ""                # what a venv build made of the yml
+    snapshot: dict | None = None     # the ready env's files when it became ready
 
 
 class EnvManager:
     """Builds every envs/*.yml once per content hash into $VPE_HOME/envs/<name>-<hash>, switching the
-    $VPE_HOME/envs/<name> symlink only after a complete build, so a failed build keeps the previous env."""
+    $VPE_HOME/envs/<name> symlink only after a complete build, so a failed build keeps the previous env.
+    An env is known by its yml's `name:` (else the file name); a built env is sealed, and one whose
+    files changed since (a task wrote into it) is rebuilt before the next run."""
 
     def __init__(self, cfg: Config, backend: str):
         self._cfg = cfg
@@ -320,8 +740,16 @@ class EnvManager:
         self._build_procs: set[subprocess.Popen] = set()
         self._stopping = threading.Event()
         self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="env-build")
+        claims: dict[str, list[Path]] = {}
         for yml in sorted(cfg.envs_dir.glob("*.yml")):
-            self._records[yml.stem] = EnvRecord(yml.stem, yml)
+            claims.setdefault(declared_env_name(yml), []).append(yml)
+        for name, ymls in claims.items():
+            if not ENV_NAME_RE.fullmatch(name):  # unsafe as a folder name: known by its file name, the build says why
+                self._records.update({yml.stem: EnvRecord(yml.stem, yml) for yml in ymls})
+                continue
+            duplicated = (f"{' and '.join(map(str, ymls))} all declare name: {name}; an env name must be unique, so "
+                          f"none of them is built: change name: in all but one") if len(ymls) > 1 else ""
+            self._records[name] = EnvRecord(name, ymls[0], refusal=duplicated)
 
     def build_log(self, name: str) -> Path:
         return self._cfg.logs_dir / f"env-{name}.log"
@@ -349,13 +777,23 @@ class EnvManager:
         show_log = r.state != pb2.ENV_READY or r.stale
         return pb2.EnvStatus(
             name=r.name, state=r.state, spec_hash=r.spec_hash, backend=self.backend, detail=r.detail,
-            log_tail=tail(self.build_log(r.name)) if show_log else "", log_path=str(self.build_log(r.name)),
+            log_tail=tail(self.build_log(r.name)) if show_log else r.summary, log_path=str(self.build_log(r.name)),
             stale=r.stale)
 
     def lookup(self, name: str) -> EnvRecord | None:
+        """The env by name, checked first: a ready env whose files changed since it became ready is
+        taken out of service and rebuilt."""
         with self._lock:
             record = self._records.get(name)
-            return dataclasses.replace(record) if record else None
+            if record is None:
+                return None
+            prefix, snapshot = record.prefix, record.snapshot
+        if prefix is not None and snapshot is not None:
+            changes = describe_changes(snapshot, file_table(prefix, snapshot_entry))
+            if changes:
+                self._rebuild_changed(record, prefix, changes)
+        with self._lock:
+            return dataclasses.replace(record)
 
     def names(self) -> list[str]:
         return sorted(self._records)
@@ -365,40 +803,73 @@ class EnvManager:
             for key, value in changes.items():
                 setattr(record, key, value)
 
+    def _rebuild_changed(self, record: EnvRecord, prefix: Path, changes: str) -> None:
+        with self._lock:
+            if record.prefix != prefix or self._stopping.is_set():
+                return  # another run noticed first, or the executor is stopping
+            record.state, record.prefix, record.snapshot, record.stale = pb2.ENV_BUILDING, None, None, False
+            record.detail = (f"rebuilding: its files changed after the build ({changes}); a task wrote into "
+                             f"{prefix}, and nothing may")
+        log.warning("env %s: files changed after the build (%s); removing %s and rebuilding",
+                    record.name, changes, prefix)
+        remove_tree(prefix)
+        self._pool.submit(self._build, record)
+
     def _build(self, record: EnvRecord) -> None:
-        built = self._cfg.built_envs_dir
-        link = built / record.name
-        previous = link.resolve() if (link / READY_MARKER).exists() else None
+        link = self._cfg.built_envs_dir / record.name
+        resolved = link.resolve()
+        previous = resolved if (link / READY_MARKER).exists() and not manifest_changes(resolved) else None
+        build_log = self.build_log(record.name)
         try:
-            spec = parse_env_yml(record.yml)
-            digest = spec.digest(self.backend)
-            prefix = built / f"{record.name}-{digest}"
-            if (prefix / READY_MARKER).exists():
-                self._activate(record, prefix, digest, f"ready (cached build {digest})")
-                log.info("env %s: ready, cached build %s", record.name, digest)
-                return
-            self._update(record, detail=f"building {digest} with {self.backend} (log: {self.build_log(record.name)})")
-            log.info("env %s: building %s with %s; log %s", record.name, digest, self.backend, self.build_log(record.name))
-            started = time.monotonic()
-            self._build_into(spec, prefix)
-            self._activate(record, prefix, digest, f"ready (built {digest} in {time.monotonic() - started:.1f}s)")
-            log.info("env %s: ready, built %s in %.1fs", record.name, digest, time.monotonic() - started)
+            build_log.parent.mkdir(parents=True, exist_ok=True)
+            with build_log.open("w") as out:
+                self._build_logged(record, out)
         except (EnvSpecError, EnvBuildError, OSError, subprocess.SubprocessError) as exc:
             self._fail(record, previous, str(exc))
+        except Exception as exc:  # a bug must not leave the env "building" forever: say so and keep going
+            log.exception("env %s: build crashed", record.name)
+            self._fail(record, previous, f"internal error {exc!r}; see the executor log")
 
-    def _build_into(self, spec: EnvSpec, prefix: Path) -> None:
-        shutil.rmtree(prefix, ignore_errors=True)  # a half-built leftover from a crash
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        build_log = self.build_log(spec.name)
-        build_log.parent.mkdir(parents=True, exist_ok=True)
-        with build_log.open("w") as out:
-            out.write(f"# building env {spec.name} from {spec.path} with {self.backend}\n")
+    def _build_logged(self, record: EnvRecord, out) -> None:
+        def note(line: str) -> None:
+            out.write(line + "\n")
             out.flush()
-            for command in build_commands(self.backend, spec, prefix):
-                self._run_build_step(command, out, spec, prefix)
-        (prefix / READY_MARKER).write_text(f"{spec.path}\n")
 
-    def _run_build_step(self, command: list[str], out, spec: EnvSpec, prefix: Path) -> None:
+        if record.refusal:
+            raise EnvSpecError(record.refusal)
+        spec = parse_env_yml(record.yml)
+        note(f"# env {spec.name} from {spec.path} with {self.backend}")
+        plan = None if self.backend in CONDA_BACKENDS else plan_venv(spec, find_uv(), note)
+        digest = spec.digest(self.backend, plan)
+        prefix = self._cfg.built_envs_dir / f"{record.name}-{digest}"
+        about = f"; {plan.short()}" if plan else ""
+        if (prefix / READY_MARKER).exists():
+            changed = manifest_changes(prefix)
+            if not changed:
+                note(f"# cached build {digest}: ready")
+                self._activate(record, prefix, digest, f"ready (cached build {digest}){about}", plan)
+                log.info("env %s: ready, cached build %s", record.name, digest)
+                return
+            note(f"# cached build {digest} changed since it was built ({changed}); rebuilding")
+        self._update(record, detail=f"building {digest} with {self.backend} (log: {self.build_log(record.name)})")
+        log.info("env %s: building %s with %s; log %s", record.name, digest, self.backend, self.build_log(record.name))
+        started = time.monotonic()
+        self._build_into(spec, plan, prefix, out)
+        took = time.monotonic() - started
+        self._activate(record, prefix, digest, f"ready (built {digest} in {took:.1f}s){about}", plan)
+        log.info("env %s: ready, built %s in %.1fs", record.name, digest, took)
+
+    def _build_into(self, spec: EnvSpec, plan: VenvPlan | None, prefix: Path, out) -> None:
+        remove_tree(prefix)  # a half-built leftover from a crash, or a cached build that was changed
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for command in build_commands(self.backend, spec, prefix, plan):
+            self._run_build_step(command, out, spec, plan, prefix)
+        if (prefix / "bin" / "python").exists():  # a conda env may have no Python
+            self._run_build_step(compile_command(prefix), out, spec, plan, prefix)
+        (prefix / READY_MARKER).write_text(f"{spec.path}\n")
+        seal_env(prefix)
+
+    def _run_build_step(self, command: list[str], out, spec: EnvSpec, plan: VenvPlan | None, prefix: Path) -> None:
         if self._stopping.is_set():
             raise EnvBuildError("executor is shutting down")
         out.write(f"$ {' '.join(command)}\n")
@@ -415,11 +886,14 @@ class EnvManager:
             with self._lock:
                 self._build_procs.discard(proc)
         if code != 0:
-            shutil.rmtree(prefix, ignore_errors=True)
-            raise EnvBuildError(f"`{Path(command[0]).name} {command[1]}` exited with {code}; "
-                                f"see {self.build_log(spec.name)} and fix {spec.path}")
+            remove_tree(prefix)
+            missing = not_on_pypi(tail(self.build_log(spec.name), 200), plan.translation) if plan else []
+            raise EnvBuildError(
+                (f"{', '.join(missing)}: not on PyPI under the translated name; " if missing else "") +
+                f"`{Path(command[0]).name} {command[1]}` exited with {code}; "
+                f"see {self.build_log(spec.name)} and fix {spec.path}")
 
-    def _activate(self, record: EnvRecord, prefix: Path, digest: str, detail: str) -> None:
+    def _activate(self, record: EnvRecord, prefix: Path, digest: str, detail: str, plan: VenvPlan | None) -> None:
         link = prefix.parent / record.name
         tmp_link = prefix.parent / f".{record.name}.{os.getpid()}.link"
         tmp_link.unlink(missing_ok=True)
@@ -427,24 +901,40 @@ class EnvManager:
         os.replace(tmp_link, link)
         for old in prefix.parent.glob(f"{record.name}-*"):
             if old != prefix and re.fullmatch(rf"{re.escape(record.name)}-[0-9a-f]{{12}}", old.name):
-                shutil.rmtree(old, ignore_errors=True)
-        self._update(record, state=pb2.ENV_READY, prefix=prefix, spec_hash=digest, detail=detail, stale=False)
+                remove_tree(old)
+        self._update(record, state=pb2.ENV_READY, prefix=prefix, spec_hash=digest, detail=detail, stale=False,
+                     summary=plan.summary() if plan else "", snapshot=file_table(prefix, snapshot_entry))
 
     def _fail(self, record: EnvRecord, previous: Path | None, reason: str) -> None:
         log.error("env %s: build failed: %s", record.name, reason)
         if previous is not None:
             digest = previous.name.rsplit("-", 1)[-1]
             self._update(record, state=pb2.ENV_READY, prefix=previous, spec_hash=digest, stale=True,
+                         snapshot=file_table(previous, snapshot_entry),
                          detail=f"rebuild failed, still running the previous build {digest}: {reason}")
         else:
-            self._update(record, state=pb2.ENV_FAILED, prefix=None, detail=f"build failed: {reason}")
+            self._update(record, state=pb2.ENV_FAILED, prefix=None, snapshot=None, detail=f"build failed: {reason}")
+
+
+# What an env build gets of the executor's environment: where to find tools, and what pip, uv and conda
+# need to reach their index (proxies, CA bundles, index and cache settings). Never the token, DSN or secrets.
+BUILD_ENV_NAMES = (
+    "PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYENV_ROOT", "XDG_CACHE_HOME", "XDG_DATA_HOME",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS", "PIP_CERT", "PIP_CACHE_DIR",
+    "PIP_DEFAULT_TIMEOUT", "UV_INDEX", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
+    "UV_CACHE_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_PYTHON_INSTALL_DIR",
+    "MAMBA_ROOT_PREFIX", "MAMBA_EXE", "CONDA_PKGS_DIRS", "CONDARC", "MAMBARC",
+)
 
 
 def build_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH", "PYTHONHOME", "UV_PROJECT_ENVIRONMENT")}
-    env["UV_PYTHON_DOWNLOADS"] = "never"
+    env = {name: os.environ[name] for name in BUILD_ENV_NAMES if name in os.environ}
+    env.setdefault("LANG", "C.UTF-8")
+    env["UV_PYTHON_DOWNLOADS"] = "never"  # a download is its own, logged step (download_python)
     env["UV_NO_PROGRESS"] = "1"
+    env["CONDA_ALWAYS_COPY"] = env["MAMBA_ALWAYS_COPY"] = "true"  # as --link-mode copy for uv (build_commands)
     return env
 
 
@@ -1051,9 +1541,9 @@ ENV_STATE_NAMES = {pb2.ENV_READY: "ready", pb2.ENV_BUILDING: "building", pb2.ENV
 def describe_env(env) -> str:
     state = ENV_STATE_NAMES.get(env.state, "unknown") + (" (stale)" if env.stale else "")
     text = f"{env.name:<16} {state:<16} {env.backend:<10} {env.spec_hash or '-':<12} {env.detail}"
-    if env.log_tail and env.state != pb2.ENV_READY:
-        text += "\n" + "\n".join("    | " + line for line in env.log_tail.splitlines())
-    return text
+    # A ready env shows what its build made of the yml (a venv's translation), the others their log's tail.
+    lines = env.log_tail.splitlines() + ([f"build log: {env.log_path}"] if env.state == pb2.ENV_READY else [])
+    return text + "".join("\n    | " + line for line in lines)
 
 
 # ---------------------------------------------------------------- CLI

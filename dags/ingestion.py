@@ -6,13 +6,16 @@ Every step runs on the executor, inside the `ingestion` environment
 into the task's log. The steps of one DAG run share a working folder on the
 executor, so each finds what the one before it wrote.
 
-1. **extract_csv / extract_xlsx** (in parallel) read the catalog in both formats
-   (params `csv_source`, `xlsx_source`: a path relative to the repo, an absolute
-   path on the executor's machine, or an http(s) URL; the demo catalog by
-   default). Rows that cannot be used are kept with their reason.
+1. **extract** runs once per catalog source, in parallel (param `sources`: a
+   list of paths relative to the repo, absolute paths on the executor's machine,
+   http(s) URLs of CSV/XLSX files in either export format, ArcGIS layer URLs
+   ending in /FeatureServer/<n>, or `live` for NASA's layer; the demo catalog as
+   CSV and XLSX by default). Only the sources listed are read. Rows that cannot
+   be used are kept with their reason.
 2. **crawl** fetches hourly weather and soil data from the Open-Meteo archive for
    each event day and the same day one year earlier (the non-event sample),
-   batched and cached, within the free tier's limits.
+   batched and cached, within the free tier's limits; days the archive does not
+   serve yet are left pending.
 3. **load** merges everything into the warehouse star schema in one transaction.
 
 Re-running on the same catalog adds nothing. Query the result with
@@ -23,7 +26,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import Param, dag, task
 from executor_operator import ExecutorOperator
 
 
@@ -35,10 +38,10 @@ from executor_operator import ExecutorOperator
     tags=["vpe", "ingestion"],
     doc_md=__doc__,
     params={
-        "csv_source": Param("tasks/ingestion/demo_catalog.csv", type="string",
-                            description="Catalog as CSV: repo-relative path, absolute path or URL"),
-        "xlsx_source": Param("tasks/ingestion/demo_catalog.xlsx", type="string",
-                             description="Catalog as XLSX: repo-relative path, absolute path or URL"),
+        "sources": Param(["tasks/ingestion/demo_catalog.csv", "tasks/ingestion/demo_catalog.xlsx"], type="array",
+                         items={"type": "string", "minLength": 1}, minItems=1,
+                         description="Catalog sources, one extract each: repo-relative or absolute paths or URLs "
+                                     "of CSV/XLSX exports, ArcGIS layer URLs (.../FeatureServer/0), or `live`"),
     },
     default_args={
         "retries": 2,
@@ -47,16 +50,19 @@ from executor_operator import ExecutorOperator
     },
 )
 def ingestion() -> None:
-    extract_csv = ExecutorOperator(task_id="extract_csv", env="ingestion", script="ingestion/extract.py",
-                                   args=["--name", "csv", "{{ params.csv_source }}"])
-    extract_xlsx = ExecutorOperator(task_id="extract_xlsx", env="ingestion", script="ingestion/extract.py",
-                                    args=["--name", "xlsx", "{{ params.xlsx_source }}"])
+    @task
+    def extract_args(params: dict | None = None) -> list[list[str]]:
+        """One extract per source; each names its files by the source's position in the list."""
+        return [["--name", f"source-{index}", source] for index, source in enumerate(params["sources"])]
+
+    extract = ExecutorOperator.partial(task_id="extract", env="ingestion", script="ingestion/extract.py").expand(
+        args=extract_args())
     # A large catalog under the free tier's 10,000 calls a day can take hours.
     crawl = ExecutorOperator(task_id="crawl", env="ingestion", script="ingestion/crawl.py",
                              execution_timeout=timedelta(hours=12))
     load = ExecutorOperator(task_id="load", env="ingestion", script="ingestion/load.py")
 
-    [extract_csv, extract_xlsx] >> crawl >> load
+    extract >> crawl >> load
 
 
 ingestion()

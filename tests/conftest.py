@@ -189,12 +189,14 @@ class AirflowAPI:
         for ti in tis:
             lines.append(f"{ti['task_id']}: {ti['state']} (try {ti['try_number']})")
             if ti["state"] not in ("success", None) and ti["try_number"]:
-                lines.append(self.task_log(dag_id, run_id, ti["task_id"], ti["try_number"])[-3000:])
+                lines.append(self.task_log(dag_id, run_id, ti["task_id"], ti["try_number"],
+                                           ti.get("map_index", -1))[-3000:])
         return "\n".join(lines)
 
     def task_state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
         return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["state"]
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        log = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}")
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
+        log = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
+                                  f"?map_index={map_index}")
         return json.dumps(log)

@@ -88,7 +88,7 @@ def test_every_dag_imports_with_the_expected_tasks() -> None:
     assert parsed["errors"] == {}
     assert parsed["dags"]["ping_grpc"] == {"ping": []}
     assert parsed["dags"]["ingestion"] == {
-        "extract_csv": ["crawl"], "extract_xlsx": ["crawl"], "crawl": ["load"], "load": [],
+        "extract_args": ["extract"], "extract": ["crawl"], "crawl": ["load"], "load": [],
     }
 
 
@@ -104,7 +104,8 @@ def demo_stack(stack_home: Path) -> Iterator[dict[str, str]]:
     (tasks / "vpe_test").mkdir()
     (tasks / "vpe_test" / "fail.py").write_text(FAIL_TASK)
     (tasks / "vpe_test" / "sleep.py").write_text(SLEEP_TASK)
-    env.update(VPE_DAGS_DIR=str(dags), VPE_TASKS_DIR=str(tasks), VPE_OPEN_METEO_PORT=str(free_port()))
+    env.update(VPE_DAGS_DIR=str(dags), VPE_TASKS_DIR=str(tasks), VPE_OPEN_METEO_PORT=str(free_port()),
+               VPE_ARCGIS_PORT=str(free_port()))
     bootstrap("--offline-demo", "up", env=env)
     wait_for_envs(env)
     yield env
@@ -127,7 +128,7 @@ def test_ingestion_dag_loads_the_demo_catalog(demo_stack: dict[str, str]) -> Non
     assert counts["weather_window"] == 2 * DEMO_EVENTS  # event day + the same day a year earlier
     assert counts["weather_data"] == 24 * counts["weather_window"]
     assert counts["soil"] == SOIL_DEPTHS * counts["weather_data"]
-    assert "21 rows" in airflow.task_log("ingestion", run_id, "extract_csv")
+    assert "21 rows" in airflow.task_log("ingestion", run_id, "extract", map_index=0)
     assert "SYNTHETIC" in airflow.task_log("ingestion", run_id, "crawl")
 
 
@@ -137,6 +138,15 @@ def test_second_ingestion_run_adds_no_rows(demo_stack: dict[str, str]) -> None:
     run_id = airflow.trigger("ingestion")
     assert airflow.wait_for_run("ingestion", run_id) == "success", airflow.explain("ingestion", run_id)
     assert warehouse_counts(demo_stack) == before
+
+
+def test_a_run_given_one_source_extracts_only_that_one(demo_stack: dict[str, str]) -> None:
+    airflow = AirflowAPI(demo_stack)
+    run_id = airflow.trigger("ingestion", {"sources": ["tasks/ingestion/demo_catalog.csv"]})
+    assert airflow.wait_for_run("ingestion", run_id) == "success", airflow.explain("ingestion", run_id)
+    instances = airflow.request("GET", f"/api/v2/dags/ingestion/dagRuns/{run_id}/taskInstances")["task_instances"]
+    assert sorted(ti["map_index"] for ti in instances if ti["task_id"] == "extract") == [0]
+    assert "demo_catalog.csv" in airflow.task_log("ingestion", run_id, "extract", map_index=0)
 
 
 def test_failing_script_fails_the_task_with_its_stderr(demo_stack: dict[str, str]) -> None:

@@ -3,12 +3,19 @@
 
 Reads every extract's windows-*.csv in the run folder (a window that several
 extracts list, e.g. the same catalog as CSV and XLSX, counts once); writes
-hourly.csv (24 rows per window), failed_windows.csv (each with its reason) and
-crawl_summary.json.
+hourly.csv (24 rows per window), failed_windows.csv (each with its reason),
+pending_windows.csv and crawl_summary.json. A window whose day the archive does
+not serve yet (newer than today minus --archive-lag-days) is not asked for: it is
+pending, listed in pending_windows.csv for a later crawl, and no failure.
 Windows go to the API in batches (comma lists of coordinates and dates, one
 answer per location). Every answer is cached on disk first, so a rerun or a
 resumed run asks only for windows it does not have. 429/5xx/timeouts are retried
 with backoff; a rate limit keeps weighted calls under the free tier's limits.
+A 400 that refuses the request as a whole (a bad variable, timezone or API key)
+stops the crawl with its reason after two calls; a 400 for some windows only is
+narrowed down to those windows by halving the batch.
+With OPEN_METEO_API_KEY set, calls go to Open-Meteo's customer endpoint with the
+key, and the free tier's local limits are off unless --calls-per-* set them.
 
 Exit codes: 0 done; 1 failed (reason on stderr); 75 daily quota reached (rerun later to resume).
 """
@@ -31,10 +38,14 @@ from urllib.parse import urlencode, urlsplit
 import requests
 
 from common import (CRAWL_SUMMARY, FAILED_COLUMNS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, HOURLY_VARIABLES,
-                    WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir, extract_files, log,
+                    PENDING_WINDOWS, WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir, extract_files, log,
                     run_folder, run_step, write_csv)
 
 REAL_ARCHIVE_URL = "https://archive-api.open-meteo.com/v1/archive"
+CUSTOMER_ARCHIVE_URL = "https://customer-archive-api.open-meteo.com/v1/archive"
+FREE_TIER = {"minute": 600, "hour": 5000, "day": 10000}  # weighted calls; a customer key's plan sets its own
+# A window the archive certainly serves: if the API refuses it too, it refuses the request, not some windows.
+PROBE: Key = (47.0, 8.0, "2000-01-01")
 EXIT_QUOTA = 75  # EX_TEMPFAIL: nothing is wrong, the rest has to wait for tomorrow's quota
 MAX_GET_QUERY = 2000  # longer coordinate lists go in a POST body
 HOURS_PER_WINDOW = 24
@@ -67,6 +78,10 @@ class Retryable(Exception):
 
 class Refused(Exception):
     """HTTP 400: the API will not serve this request as asked."""
+
+
+class RefusedWhole(Exception):
+    """HTTP 400 even for a window the archive certainly has: the request itself is wrong, not a window."""
 
 
 class QuotaExhausted(Exception):
@@ -138,8 +153,8 @@ class RateLimit:
 class Archive:
     """One HTTP call for a batch of windows; answers in request order."""
 
-    def __init__(self, url: str, zone: str, timeout: float) -> None:
-        self.url, self.zone, self.timeout = url, zone, timeout
+    def __init__(self, url: str, zone: str, timeout: float, api_key: str = "") -> None:
+        self.url, self.zone, self.timeout, self.api_key = url, zone, timeout, api_key
         self.session = requests.Session()
         self.calls = 0
         self.synthetic = False
@@ -152,6 +167,7 @@ class Archive:
             "end_date": ",".join(day for _, _, day in keys),
             "hourly": ",".join(HOURLY_VARIABLES),
             "timezone": self.zone,
+            **({"apikey": self.api_key} if self.api_key else {}),
         }
         self.calls += 1
         try:
@@ -160,17 +176,20 @@ class Archive:
             else:
                 response = self.session.get(self.url, params=params, timeout=self.timeout)
         except requests.RequestException as error:
-            raise Retryable(f"no answer from {self.url}: {type(error).__name__}: {error}") from None
+            raise Retryable(self.hide_key(f"no answer from {self.url}: {type(error).__name__}: {error}")) from None
         if response.headers.get("X-Synthetic-Data") == "true" and not self.synthetic:
             self.synthetic = True
             log.warning("*** %s serves SYNTHETIC weather data (invented values, not observations) ***", self.url)
         return self.answers(response, len(keys))
 
+    def hide_key(self, text: str) -> str:
+        return text.replace(self.api_key, "***") if self.api_key else text
+
     def answers(self, response: requests.Response, count: int) -> list[dict]:
         status = response.status_code
         if status == 429:
             reason = error_reason(response)
-            if "daily" in reason.lower():
+            if "daily" in reason.lower() or "monthly" in reason.lower():
                 raise QuotaExhausted(f"the API says: {reason}")
             raise Retryable(f"HTTP 429: {reason}", retry_after=retry_after(response))
         if status >= 500:
@@ -257,7 +276,9 @@ class Crawl:
     retries: int
     backoff: float
 
-    def run(self, keys: list[Key]) -> tuple[dict[Key, str], QuotaExhausted | Retryable | None]:
+    probed: bool = False  # a refused batch has shown that the request itself is fine
+
+    def run(self, keys: list[Key]) -> tuple[dict[Key, str], QuotaExhausted | Retryable | RefusedWhole | None]:
         """Fetches and caches `keys`; returns failures by key and, if it stopped early, why."""
         failed: dict[Key, str] = {}
         queue = deque(keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size))
@@ -268,6 +289,13 @@ class Crawl:
             try:
                 answers = self.call(batch)
             except Refused as reason:
+                try:
+                    self.check_request(reason)
+                except (RefusedWhole, QuotaExhausted) as stop:
+                    return failed, stop
+                except Retryable as stop:
+                    return failed, Retryable(f"a batch was refused ({reason}) and the check that followed got "
+                                             f"no answer: {stop}")
                 if len(batch) > 1:  # find the windows the API refuses by halving the batch
                     queue.extendleft([batch[len(batch) // 2:], batch[:len(batch) // 2]])
                     continue
@@ -291,6 +319,20 @@ class Crawl:
                     failed[key] = f"incomplete answer: {reason}"
             progress.advance(len(batch))
         return failed, None
+
+    def check_request(self, reason: Refused) -> None:
+        """After a refusal, once per run: asks for a window the archive certainly serves. Refused too, the API
+        refuses the request as such (a variable, the timezone, the key), and halving would only waste calls."""
+        if self.probed:
+            return
+        try:
+            self.call([PROBE])
+        except Refused as again:
+            raise RefusedWhole(f"the API refuses the request as a whole, even for a window it certainly has "
+                               f"({PROBE[2]} at {PROBE[0]}, {PROBE[1]}): {again}") from None
+        self.probed = True
+        log.info("a batch was refused (%s); the request itself is fine, so the refused windows are narrowed "
+                 "down by halving", reason)
 
     def call(self, batch: list[Key]) -> list[dict]:
         attempt = 0
@@ -344,22 +386,27 @@ def window_rows(window: Window, entry: dict) -> Iterator[tuple]:
                *(hourly[name][hour] for name in HOURLY_VARIABLES))
 
 
-def write_outputs(folder: Path, windows: list[Window], cache: Cache, failed: dict[Key, str],
-                  pending: str) -> tuple[int, int, bool]:
-    """hourly.csv and failed_windows.csv; returns (windows with data, failed windows, any synthetic)."""
+def write_outputs(folder: Path, windows: list[Window], cache: Cache, failed: dict[Key, str], not_fetched: str,
+                  last_day: str) -> tuple[int, int, int, bool]:
+    """hourly.csv, failed_windows.csv and pending_windows.csv; returns (windows with data, failed windows,
+    pending windows, any synthetic)."""
     entries = {key: cache.get(key) for key in {w.key for w in windows} if key not in failed}
     done = [w for w in windows if entries.get(w.key)]
     write_csv(folder / HOURLY, HOURLY_COLUMNS, (row for w in done for row in window_rows(w, entries[w.key])))
-    missing = [w for w in windows if not entries.get(w.key)]
+    pending = [w for w in windows if not entries.get(w.key) and w.day > last_day]
+    write_csv(folder / PENDING_WINDOWS, WINDOW_COLUMNS,
+              ((w.event_id, w.is_event, w.latitude, w.longitude, w.day) for w in pending))
+    missing = [w for w in windows if not entries.get(w.key) and w.day <= last_day]
     write_csv(folder / FAILED_WINDOWS, FAILED_COLUMNS,
-              ((w.event_id, w.is_event, w.latitude, w.longitude, w.day, failed.get(w.key, pending)) for w in missing))
-    return len(done), len(missing), any(entries[w.key].get("synthetic") for w in done)
+              ((w.event_id, w.is_event, w.latitude, w.longitude, w.day, failed.get(w.key, not_fetched))
+               for w in missing))
+    return len(done), len(missing), len(pending), any(entries[w.key].get("synthetic") for w in done)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("OPEN_METEO_ARCHIVE_URL") or REAL_ARCHIVE_URL,
-                        help="archive endpoint (default: $OPEN_METEO_ARCHIVE_URL, else %s)" % REAL_ARCHIVE_URL)
+    parser.add_argument("--url", help=f"archive endpoint (default: $OPEN_METEO_ARCHIVE_URL, else {REAL_ARCHIVE_URL}; "
+                                      f"with $OPEN_METEO_API_KEY set, {CUSTOMER_ARCHIVE_URL} instead of the former)")
     parser.add_argument("--cache-dir", type=Path, help="answer cache (default: <buffer>/cache/open-meteo)")
     parser.add_argument("--batch-size", type=int, default=100, help="windows per call, 1-1000 (default: %(default)s)")
     parser.add_argument("--timezone", default="auto",
@@ -367,15 +414,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=5, help="retries per call on 429/5xx/timeouts (default: 5)")
     parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubling (default: 2)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per HTTP call (default: 60)")
-    parser.add_argument("--calls-per-minute", type=float, default=600, help="weighted-call limit; 0 = none (default: 600)")
-    parser.add_argument("--calls-per-hour", type=float, default=5000, help="weighted-call limit; 0 = none (default: 5000)")
-    parser.add_argument("--calls-per-day", type=float, default=10000, help="weighted-call limit; 0 = none (default: 10000)")
+    for span, limit in FREE_TIER.items():
+        parser.add_argument(f"--calls-per-{span}", type=float,
+                            help=f"weighted-call limit; 0 = none (default: the free tier's {limit}; with an API key, "
+                                 f"none: the plan's limits are the server's to enforce)")
+    parser.add_argument("--archive-lag-days", type=int, default=5,
+                        help="windows after today minus this many days are pending, not fetched: the archive's "
+                             "delay (default: %(default)s)")
     parser.add_argument("--max-failed-ratio", type=float, default=0.05,
                         help="fail the step if more than this share of windows could not be fetched (default: 0.05)")
     add_run_arguments(parser)
     args = parser.parse_args()
     if not 1 <= args.batch_size <= 1000:
         parser.error("--batch-size must be between 1 and 1000 (the API's limit per call)")
+    args.api_key = os.environ.get("OPEN_METEO_API_KEY", "").strip()
+    configured = args.url or os.environ.get("OPEN_METEO_ARCHIVE_URL") or REAL_ARCHIVE_URL
+    args.url = CUSTOMER_ARCHIVE_URL if args.api_key and configured == REAL_ARCHIVE_URL else configured
+    for span, limit in FREE_TIER.items():
+        if getattr(args, f"calls_per_{span}") is None:
+            setattr(args, f"calls_per_{span}", 0 if args.api_key else limit)
     return args
 
 
@@ -383,37 +440,47 @@ def main() -> int:
     args = parse_args()
     folder, _ = run_folder(args, create=False, needs=WINDOWS.format(name="*"))
     windows = distinct_windows(list(extract_files(folder, WINDOWS).values()))
-    archive = Archive(args.url, args.timezone, args.timeout)
+    archive = Archive(args.url, args.timezone, args.timeout, args.api_key)
     cache_root = args.cache_dir or buffer_dir() / "cache" / "open-meteo"
     cache = Cache(cache_root, args.url, args.timezone)
     limit = RateLimit([(60, args.calls_per_minute), (3600, args.calls_per_hour), (86400, args.calls_per_day)],
                       cache.folder.parent / "calls.log")
     batch_size = limit.largest_batch(args.batch_size)
+    last_day = (datetime.now(timezone.utc).date() - timedelta(days=args.archive_lag_days)).isoformat()
     keys = sorted({w.key for w in windows})
-    missing = [key for key in keys if cache.get(key) is None]
-    log.info("%d windows (%d distinct place-days): %d cached, %d to fetch from %s in batches of %d",
-             len(windows), len(keys), len(keys) - len(missing), len(missing), args.url, batch_size)
+    uncached = [key for key in keys if cache.get(key) is None]
+    missing = [key for key in uncached if key[2] <= last_day]
+    log.info("%d windows (%d distinct place-days): %d cached, %d to fetch from %s%s in batches of %d; %d pending "
+             "(after %s, the archive's last day with --archive-lag-days %d)", len(windows), len(keys),
+             len(keys) - len(uncached), len(missing), args.url, " with the API key" if args.api_key else "",
+             batch_size, len(uncached) - len(missing), last_day, args.archive_lag_days)
     started = time.monotonic()
     failed, stopped = Crawl(archive, cache, limit, batch_size, args.retries, args.backoff).run(missing)
-    pending = f"not fetched: {stopped}" if stopped else "not fetched"
-    done, not_done, synthetic = write_outputs(folder, windows, cache, failed, pending)
+    not_fetched = f"not fetched: {stopped}" if stopped else "not fetched"
+    done, not_done, pending, synthetic = write_outputs(folder, windows, cache, failed, not_fetched, last_day)
     summary = {"url": args.url, "synthetic": synthetic or archive.synthetic, "windows": len(windows),
-               "windows_with_data": done, "windows_failed": not_done, "api_calls": archive.calls,
+               "windows_with_data": done, "windows_failed": not_done, "windows_pending": pending,
+               "api_calls": archive.calls,
                "seconds": round(time.monotonic() - started, 2), "stopped": str(stopped) if stopped else None}
     (folder / CRAWL_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("%d windows = %d with 24 hourly rows + %d failed (see %s); %d API calls in %.1fs",
-             len(windows), done, not_done, FAILED_WINDOWS, archive.calls, summary["seconds"])
+    log.info("%d windows = %d with 24 hourly rows + %d failed (see %s) + %d pending (see %s); %d API calls in %.1fs",
+             len(windows), done, not_done, FAILED_WINDOWS, pending, PENDING_WINDOWS, archive.calls,
+             summary["seconds"])
     if summary["synthetic"]:
         log.warning("*** the weather values of this run are SYNTHETIC (from %s), not observations ***", args.url)
     if isinstance(stopped, QuotaExhausted):
         raise StepFailed(f"daily quota reached ({stopped}): {done} of {len(windows)} windows are fetched and cached; rerun the same "
                          f"command tomorrow to fetch the other {not_done} (cached windows make no new calls)",
                          EXIT_QUOTA)
+    if isinstance(stopped, RefusedWhole):
+        raise StepFailed(f"{stopped}: check --url, --timezone and OPEN_METEO_API_KEY; {not_done} of "
+                         f"{len(windows)} windows not fetched")
     if stopped:
         raise StepFailed(f"stopped: {stopped}; {not_done} of {len(windows)} windows missing; "
                          f"rerun to resume (cached windows make no new calls)")
-    if windows and not_done / len(windows) > args.max_failed_ratio:
-        raise StepFailed(f"{not_done} of {len(windows)} windows failed ({not_done / len(windows):.1%} > "
+    due = len(windows) - pending
+    if due and not_done / due > args.max_failed_ratio:
+        raise StepFailed(f"{not_done} of {due} windows failed ({not_done / due:.1%} > "
                          f"--max-failed-ratio {args.max_failed_ratio:.1%}); reasons in {folder / FAILED_WINDOWS}")
     return 0
 

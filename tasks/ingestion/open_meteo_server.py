@@ -238,10 +238,31 @@ class Faults:
                     "by_method": dict(self.by_method), "synthetic": True}
 
 
-class ArchiveHandler(BaseHTTPRequestHandler):
-    server_version = "vpe-open-meteo-synthetic/1"
+class StandinHandler(BaseHTTPRequestHandler):
+    """What the local stand-ins share: HTTP/1.1 answers with a length, log lines unless --quiet."""
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes; no 40 ms delayed-ACK stalls
+    extra_headers: dict[str, str] = {}
+    quiet = False
+
+    def send_body(self, status: int, body: str, content_type: str = "application/json; charset=utf-8") -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in self.extra_headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        if not self.quiet:
+            super().log_message(format, *args)
+
+
+class ArchiveHandler(StandinHandler):
+    server_version = "vpe-open-meteo-synthetic/1"
+    extra_headers = {"X-Synthetic-Data": "true"}
     faults: Faults
 
     def do_GET(self) -> None:
@@ -284,48 +305,40 @@ class ArchiveHandler(BaseHTTPRequestHandler):
         self.answer(200, json.dumps(result, separators=(",", ":")))
 
     def answer(self, status: int, body: str) -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Synthetic-Data", "true")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: object) -> None:
-        if not self.faults.options.quiet:
-            super().log_message(format, *args)
+        self.send_body(status, body)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Local Open-Meteo-compatible archive server serving SYNTHETIC (invented, deterministic) weather "
                     "data for tests and offline demos. Endpoints: GET/POST /v1/archive, GET /stats (call counts).")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one (default: %(default)s)")
+    add_listen_arguments(parser, 8765)
     parser.add_argument("--latency-ms", type=float, default=0, help="delay added to every archive call")
     parser.add_argument("--fail-429-every", type=int, default=0, metavar="N", help="answer every Nth call with 429 (minutely limit)")
     parser.add_argument("--fail-500-every", type=int, default=0, metavar="N", help="answer every Nth call with 500")
     parser.add_argument("--garbage-every", type=int, default=0, metavar="N", help="answer every Nth call with truncated JSON")
     parser.add_argument("--daily-quota", type=int, default=0, metavar="LOCATIONS",
                         help="after this many locations served, answer 429 'Daily API request limit exceeded'")
-    parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    options = parse_args(argv)
-    handler = type("Handler", (ArchiveHandler,), {"faults": Faults(options)})
+def add_listen_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=port, help="port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
+
+
+def serve(name: str, handler: type[BaseHTTPRequestHandler], host: str, port: int, banner: str, path: str) -> int:
+    """Runs a stand-in until interrupted; prints `banner`, then the address (tests read both lines)."""
     try:
-        server = ThreadingHTTPServer((options.host, options.port), handler)
+        server = ThreadingHTTPServer((host, port), handler)
     except OSError as error:
-        print(f"open_meteo_server: cannot listen on {options.host}:{options.port} ({error}); pick another --port",
-              file=sys.stderr)
+        print(f"{name}: cannot listen on {host}:{port} ({error}); pick another --port", file=sys.stderr)
         return 1
     server.daemon_threads = True
     host, port = server.server_address[:2]
-    print(f"*** {BANNER} ***", flush=True)
-    print(f"listening on http://{host}:{port}/v1/archive (stats: http://{host}:{port}/stats)", flush=True)
+    print(banner, flush=True)
+    print(f"listening on http://{host}:{port}{path} (stats: http://{host}:{port}/stats)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -333,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    handler = type("Handler", (ArchiveHandler,), {"faults": Faults(options), "quiet": options.quiet})
+    return serve("open_meteo_server", handler, options.host, options.port, f"*** {BANNER} ***", "/v1/archive")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,291 @@
+"""Env files as people have them (`conda env export`, with or without --from-history), built without conda;
+env names; what a build may see of the executor's environment; built envs that tasks cannot change.
+
+Real executor servers (tests/test_executor.py's Server), real uv builds from PyPI, real task processes.
+The conda-export fixtures are tests/fixtures/envs/conda/*.yml.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(ROOT))
+import executor  # noqa: E402
+from test_executor import READY_TIMEOUT, Server, clean_environ, collect, lines_of, wait_until  # noqa: E402
+
+pb2 = executor.pb2
+CONDA_EXPORTS = FIXTURES / "envs" / "conda"
+# What the gRPC env of a real `conda env export` lists: C/C++ libraries and runtimes besides Python packages.
+GRPC_EXPORT = """\
+name: grpc_test
+channels:
+  - defaults
+dependencies:
+  - _libgcc_mutex=0.1=main
+  - _openmp_mutex=5.1=1_gnu
+  - abseil-cpp=20211102.0=hd4dd3e8_0
+  - c-ares=1.19.1=h5eee18b_0
+  - ca-certificates=2024.3.11=h06a4308_0
+  - grpc-cpp=1.48.2=he1ff14a_1
+  - gtest=1.14.0=hdb19cb5_0
+  - ld_impl_linux-64=2.38=h1181459_1
+  - libffi=3.4.4=h6a678d5_0
+  - libgcc-ng=11.2.0=h1234567_1
+  - libprotobuf=3.20.3=he621ea3_0
+  - libstdcxx-ng=11.2.0=h1234567_1
+  - libuuid=1.41.5=h5eee18b_0
+  - ncurses=6.4=h6a678d5_0
+  - openssl=3.0.13=h7f8727e_0
+  - python=3.10.14=h955ad1f_0
+  - re2=2022.04.01=h295c915_2
+  - readline=8.2=h5eee18b_0
+  - setuptools=69.5.1=py310h06a4308_0
+  - six=1.16.0=pyhd3eb1b0_1
+  - sqlite=3.45.3=h5eee18b_0
+  - tk=8.6.14=h39e8969_0
+  - tzdata=2024a=h04d1e81_0
+  - wheel=0.43.0=py310h06a4308_0
+  - xz=5.4.6=h5eee18b_1
+  - zlib=1.2.13=h5eee18b_1
+  - pip:
+      - grpcio==1.62.1
+      - grpcio-tools==1.62.1
+      - protobuf==4.25.3
+prefix: /home/someone/miniconda3/envs/grpc_test
+"""
+
+
+def write_yml(folder: Path, file_name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file_name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory) -> Path:
+    tasks = tmp_path_factory.mktemp("tasks") / "tasks"
+    shutil.copytree(FIXTURES / "tasks", tasks)
+    return tasks
+
+
+@pytest.fixture
+def servers():
+    started: list[Server] = []
+
+    def start(home: Path, envs_dir: Path, tasks: Path, **kwargs) -> Server:
+        environ = kwargs.pop("environ", clean_environ())
+        server = Server(home, envs_dir, tasks, "--backend", "venv", environ=environ, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def versions(server: Server, env: str, *modules: str) -> dict[str, str]:
+    events, status = collect(server.client(server.token or None).run(env, "envs/versions.py", args=modules))
+    assert status.exit_code == 0, lines_of(events)
+    return json.loads(lines_of(events, pb2.STDOUT)[-1])
+
+
+def envs_cli(server: Server) -> str:
+    env = clean_environ(VPE_EXECUTOR_PORT=str(server.port), VPE_EXECUTOR_TOKEN=server.token)
+    result = subprocess.run([sys.executable, str(ROOT / "executor.py"), "envs"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    return result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- reading conda files (no builds)
+
+@pytest.mark.parametrize("text, name, version, build, pip", [
+    ("six", "six", "", "", ""),
+    ("six=1.16", "six", "1.16", "", "==1.16.*"),
+    ("six=1.16.0=pyhd3eb1b0_1", "six", "1.16.0", "pyhd3eb1b0_1", "==1.16.0"),
+    ("six==1.16.0", "six", "==1.16.0", "", "==1.16.0"),
+    ("six>=1.15,<2", "six", ">=1.15,<2", "", ">=1.15,<2"),
+    ("conda-forge::six=1.16.*", "six", "1.16.*", "", "==1.16.*"),
+    ("six 1.16.0 py_0", "six", "1.16.0", "py_0", "==1.16.0"),
+    ("six[version='>=1.15,<2', build=py*]", "six", ">=1.15,<2", "py*", ">=1.15,<2"),
+])
+def test_conda_match_specs_in_all_their_forms(text, name, version, build, pip):
+    dep = executor.parse_match_spec(text, Path("x.yml"))
+    assert (dep.name, dep.version, dep.build) == (name, version, build)
+    assert dep.pip_specifier(Path("x.yml")) == pip
+
+
+def test_a_full_export_keeps_python_packages_and_skips_libraries_by_build_string(tmp_path):
+    spec = executor.parse_env_yml(write_yml(tmp_path, "grpc.yml", GRPC_EXPORT))
+    assert (spec.name, spec.python) == ("grpc_test", "3.10.14")
+    translation = executor.translate(spec)
+    assert translation.requirements == ["six==1.16.0", "grpcio==1.62.1", "grpcio-tools==1.62.1", "protobuf==4.25.3"]
+    outcome = {executor.parse_match_spec(r.spec, Path()).name: (r.outcome, r.target) for r in translation.rows}
+    # Unrelated projects of the same name exist on PyPI: these must never be installed by name.
+    for library in ("re2", "gtest", "libuuid", "tzdata", "grpc-cpp", "abseil-cpp", "libprotobuf"):
+        assert outcome[library][0] == executor.SKIPPED, library
+    assert outcome["_openmp_mutex"] == (executor.SKIPPED, executor.METAPACKAGE_WHY)
+    assert outcome["setuptools"][0] == executor.SKIPPED and not translation.seed_pip
+
+
+def test_pip_from_conda_is_the_venvs_own_installer_not_a_broken_requirement(tmp_path):
+    spec = executor.parse_env_yml(write_yml(tmp_path, "p.yml", "dependencies:\n  - python=3.11\n"
+                                                              "  - pip=23.3.1=py312h06a4308_0\n"))
+    translation = executor.translate(spec)
+    assert translation.requirements == [] and translation.seed_pip
+
+
+@pytest.mark.parametrize("line", ["python>=3.10", "python=3", "python 3.x"])
+def test_a_python_line_that_names_no_version_is_refused_not_ignored(tmp_path, line):
+    with pytest.raises(executor.EnvSpecError, match=r"python=X\.Y"):
+        executor.parse_env_yml(write_yml(tmp_path, "p.yml", f"dependencies:\n  - {line}\n"))
+
+
+def test_the_build_key_includes_the_interpreter_actually_used(tmp_path):
+    spec = executor.parse_env_yml(write_yml(tmp_path, "p.yml", "dependencies:\n  - python=3.12\n  - six\n"))
+    translation = executor.translate(spec)
+    one = executor.VenvPlan(executor.Interpreter("/a/python3.12", "3.12.1", "PATH"), translation)
+    other = executor.VenvPlan(executor.Interpreter("/b/python3.12", "3.12.8", "pyenv"), translation)
+    assert spec.digest("venv+uv", one) != spec.digest("venv+uv", other)
+
+
+def test_dags_use_env_names_that_envs_declare():
+    declared = {executor.declared_env_name(yml) for yml in (ROOT / "envs").glob("*.yml")}
+    for dag in (ROOT / "dags").glob("*.py"):
+        for call in ast.walk(ast.parse(dag.read_text())):
+            env = next((k.value for k in getattr(call, "keywords", []) if k.arg == "env"), None)
+            if isinstance(env, ast.Constant):
+                assert env.value in declared, f"{dag.name} uses env {env.value!r}; envs/*.yml declare {declared}"
+
+
+# ---------------------------------------------------------------- building them without conda
+
+@pytest.fixture(scope="module")
+def export_server(tmp_path_factory, tasks_dir):
+    """Both conda-export fixtures, built by one venv-backend executor."""
+    server = Server(tmp_path_factory.mktemp("home"), CONDA_EXPORTS, tasks_dir, "--backend", "venv")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_exports_are_known_by_their_name_or_file_name_and_build(export_server):
+    envs = export_server.envs()
+    assert {n: e.state for n, e in envs.items()} == {"landslide_export": pb2.ENV_READY, "from_history": pb2.ENV_READY}, \
+        {n: e.detail + "\n" + e.log_tail for n, e in envs.items()}
+
+
+def test_a_full_export_runs_its_pinned_versions_and_nothing_of_the_executors(export_server):
+    found = versions(export_server, "landslide_export", "pandas", "numpy", "psycopg2", "pymysql", "openpyxl",
+                     "grpc", "google.protobuf", "psycopg")
+    assert found["python"] == "3.12"
+    assert (found["pandas"], found["numpy"], found["pymysql"], found["openpyxl"]) == ("2.1.4", "1.26.4", "1.0.2", "3.0.10")
+    assert found["psycopg2"].startswith("2.9.9")
+    assert found["grpc"] == found["google.protobuf"] == found["psycopg"] == "missing"
+    assert versions(export_server, "landslide_export", "pandas") == {k: found[k] for k in ("python", "prefix", "pandas")}, \
+        "running a task wrote nothing into the sealed env, so the next run finds it unchanged"
+
+
+def test_a_from_history_export_runs_its_pinned_versions(export_server):
+    found = versions(export_server, "from_history", "pandas", "numpy", "six", "grpc")
+    assert (found["python"], found["pandas"], found["numpy"], found["grpc"]) == ("3.10", "2.1.4", "1.26.4", "missing")
+    assert found["six"] != "missing"
+
+
+def test_envs_and_the_build_log_show_the_translation(export_server):
+    text = envs_cli(export_server)
+    block = re.search(r"^landslide_export\s+ready\b.*?(?=^\S|\Z)", text, re.M | re.S).group(0)
+    assert "psycopg2-binary==2.9.9 (psycopg2)" in block and "PyMySQL==1.0.2" in block
+    assert re.search(r"skipped, C/C\+\+ library.*abseil-cpp.*re2", block)
+    assert "numpy-base" in block and "build log: " in block
+    python = re.search(r"Python (3\.12\.\d+) from", block)
+    assert python, block
+    assert ("patch level differs" in block) == (python.group(1) != "3.12.2")
+    log = Path(export_server.envs()["landslide_export"].log_path).read_text()
+    assert re.search(r"^  openssl=3\.0\.13=h7f8727e_0\s+skipped system library", log, re.M)
+    assert re.search(r"^  pandas=2\.1\.4=py312h526ad5a_0\s+installed as pandas==2\.1\.4$", log, re.M)
+    assert f"Python {python.group(1)} from" in log
+
+
+def test_what_no_venv_can_have_fails_naming_exactly_it(servers, tmp_path, tasks_dir):
+    envs_dir = tmp_path / "envs"
+    write_yml(envs_dir, "cuda.yml", "name: cuda\ndependencies:\n  - python=3.11\n  - six=1.16.0=pyhd3eb1b0_1\n"
+                                    "  - cudatoolkit=11.8.0=h6a678d5_0\n  - openssl=3.0.13=h7f8727e_0\n")
+    write_yml(envs_dir, "unknown.yml", "name: unknown\ndependencies:\n  - python=3.11\n"
+                                       "  - vpe-no-such-project-4242=1.0=py311_0\n  - six=1.16.0=pyhd3eb1b0_1\n")
+    write_yml(envs_dir, "first.yml", "name: twin\ndependencies:\n  - python=3.11\n")
+    write_yml(envs_dir, "second.yml", "name: twin\ndependencies:\n  - python=3.11\n")
+    write_yml(envs_dir, "escape.yml", "name: ../../escape\ndependencies:\n  - python=3.11\n")
+    server = servers(tmp_path / "home", envs_dir, tasks_dir)
+    envs = server.envs()
+    assert {n: e.state for n, e in envs.items()} == {"cuda": pb2.ENV_FAILED, "unknown": pb2.ENV_FAILED,
+                                                     "twin": pb2.ENV_FAILED, "escape": pb2.ENV_FAILED}
+    assert "'../../escape'" in envs["escape"].detail and "change name:" in envs["escape"].detail
+    assert "cudatoolkit=11.8.0=h6a678d5_0" in envs["cuda"].detail
+    assert "six" not in envs["cuda"].detail and "openssl" not in envs["cuda"].detail
+    assert "vpe-no-such-project-4242=1.0=py311_0" in envs["unknown"].detail and "six" not in envs["unknown"].detail
+    assert str(envs_dir / "first.yml") in envs["twin"].detail and str(envs_dir / "second.yml") in envs["twin"].detail
+    with pytest.raises(grpc.RpcError) as info:
+        list(server.client().run("twin", "t/noop.py"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_build_sees_no_token_dsn_or_secret_of_the_executor(servers, tmp_path, tasks_dir):
+    probe, seen = tmp_path / "envprobe", tmp_path / "seen.json"
+    probe.mkdir()
+    (probe / "setup.py").write_text(
+        f"import json, os\nfrom setuptools import setup\njson.dump(sorted(os.environ), open({str(seen)!r}, 'w'))\n"
+        f"setup(name='envprobe', version='1.0', py_modules=[])\n")
+    write_yml(tmp_path / "envs", "probe.yml", f"name: probe\ndependencies:\n  - python=3.11\n"
+                                              f"  - pip:\n      - envprobe @ file://{probe}\n")
+    environ = clean_environ(VPE_WAREHOUSE_DSN="postgresql://u:pw@h/db", SOME_API_SECRET="s3cret")
+    server = servers(tmp_path / "home", tmp_path / "envs", tasks_dir, environ=environ, token="tok")
+    assert server.envs()["probe"].state == pb2.ENV_READY, server.envs()["probe"].log_tail
+    names = set(json.loads(seen.read_text()))
+    assert {"PATH", "HOME"} <= names
+    assert not names & {"VPE_EXECUTOR_TOKEN", "VPE_WAREHOUSE_DSN", "SOME_API_SECRET"}
+
+
+# ---------------------------------------------------------------- built envs are sealed
+
+def test_a_task_that_writes_into_its_env_never_affects_a_later_task(servers, tmp_path, tasks_dir):
+    envs_dir, home = tmp_path / "envs", tmp_path / "home"
+    write_yml(envs_dir, "sealed.yml", "name: sealed\ndependencies:\n  - python=3.11\n  - six=1.16.0=pyhd3eb1b0_1\n")
+    server = servers(home, envs_dir, tasks_dir)
+    built = server.envs()["sealed"]
+    assert built.state == pb2.ENV_READY, built.log_tail
+    prefix = (home / "envs" / "sealed").resolve()
+    writable = [p for p in prefix.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o222]
+    assert not writable, f"left writable: {writable[:3]}"
+
+    events, status = collect(server.client().run("sealed", "envs/drop_pth.py"))
+    assert status.exit_code == 0 and lines_of(events)[0].startswith("wrote"), "tasks run as root here: the write works"
+    with pytest.raises(grpc.RpcError) as info:
+        list(server.client().run("sealed", "t/noop.py"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "vpe_dropped.pth" in info.value.details()
+    assert wait_until(lambda: server.envs()["sealed"].state == pb2.ENV_READY, READY_TIMEOUT, 0.2), server.log()
+    events, status = collect(server.client().run("sealed", "envs/versions.py", args=["six"]))
+    assert status.exit_code == 0 and "DROPPED PTH RAN" not in lines_of(events)
+    assert json.loads(lines_of(events)[-1])["six"] == "1.16.0"
+    server.stop()
+
+    # A change made while no executor watched: the restart notices it against the build's manifest.
+    site_packages = next((home / "envs" / "sealed").resolve().glob("lib/python3.11/site-packages"))
+    site_packages.chmod(0o755)
+    (site_packages / "vpe_dropped.pth").write_text("import sys; sys.stderr.write('DROPPED PTH RAN\\n')\n")
+    restarted = servers(home, envs_dir, tasks_dir)
+    rebuilt = restarted.envs()["sealed"]
+    assert rebuilt.state == pb2.ENV_READY and "cached" not in rebuilt.detail, rebuilt.detail
+    events, status = collect(restarted.client().run("sealed", "t/noop.py"))
+    assert status.exit_code == 0 and "DROPPED PTH RAN" not in lines_of(events)
