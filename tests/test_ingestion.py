@@ -567,7 +567,8 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         assert load_counts(first["load"])["landslide_event"] == (DEMO_EVENTS, 0, 0, 0)
         assert (f"event rows: {2 * DEMO_EVENTS} in events-csv.csv, events-xlsx.csv = {DEMO_EVENTS} copies of an "
                 f"earlier file's row") in first["load"]
-        assert f"+ {DEMO_EVENTS} inserted + 0 already present + 0 rejected: the counts add up" in first["load"]
+        assert (f"+ {DEMO_EVENTS} loaded new + 0 updated (a newer version of the report; the previous one is in "
+                "landslide_event_history) + 0 already present + 0 rejected: the counts add up") in first["load"]
         counts = "(SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_window), " \
                  "(SELECT count(*) FROM weather_data), (SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)"
         assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
@@ -579,7 +580,8 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         second = dag_run("dag-2")
         assert load_counts(second["load"])["landslide_event"] == (0, 0, DEMO_EVENTS, 0)
         assert all(inserted == updated == 0 for inserted, updated, _, _ in load_counts(second["load"]).values())
-        assert f"+ 0 inserted + {DEMO_EVENTS} already present + 0 rejected: the counts add up" in second["load"]
+        assert (f"+ 0 loaded new + 0 updated (a newer version of the report; the previous one is in "
+                f"landslide_event_history) + {DEMO_EVENTS} already present + 0 rejected: the counts add up") in second["load"]
         assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
                                                    2 * DEMO_REJECTS)]
     finally:
