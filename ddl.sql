@@ -88,8 +88,12 @@ CREATE TABLE IF NOT EXISTS weather_window (
 -- temperature and moisture at four depths. observed_at is a true UTC instant.
 -- Column names are the Open-Meteo variable names; scales keep one digit more
 -- than the API sends. (Calendar parts: the view hourly_weather.)
+-- location_id is a location's, but not a declared foreign key: its per-row
+-- check (a lookup and a row lock per hour) cost 40% of a load. The loader
+-- writes only ids it has just looked up in location, and a location with
+-- hours cannot be deleted (trigger location_keeps_its_hours, dml.sql).
 CREATE TABLE IF NOT EXISTS weather_hour (
-    location_id          bigint NOT NULL REFERENCES location,
+    location_id          bigint NOT NULL,
     observed_at          timestamptz NOT NULL
         CONSTRAINT weather_hour_observed_at_range
         CHECK (observed_at >= '1900-01-01 00:00+00' AND observed_at < '2100-01-01 00:00+00'),
@@ -160,27 +164,30 @@ CREATE UNLOGGED TABLE IF NOT EXISTS staging.landslide_event (
     elevation      double precision
 );
 
+-- Measurements and coordinates as numeric: COPY parses the file's text
+-- straight into the tables' type (a double in between costs a second
+-- conversion per value).
 CREATE UNLOGGED TABLE IF NOT EXISTS staging.weather_hourly (
     run_id                        text,
     event_id                      text,
     is_event                      boolean,
-    latitude                      double precision,
-    longitude                     double precision,
-    elevation                     double precision,
+    latitude                      numeric,
+    longitude                     numeric,
+    elevation                     numeric,
     window_date                   date,
     observed_at                   timestamptz,
-    temperature_2m                double precision,
-    relative_humidity_2m          double precision,
-    precipitation                 double precision,
-    rain                          double precision,
-    soil_temperature_0_to_7cm     double precision,
-    soil_temperature_7_to_28cm    double precision,
-    soil_temperature_28_to_100cm  double precision,
-    soil_temperature_100_to_255cm double precision,
-    soil_moisture_0_to_7cm        double precision,
-    soil_moisture_7_to_28cm       double precision,
-    soil_moisture_28_to_100cm     double precision,
-    soil_moisture_100_to_255cm    double precision
+    temperature_2m                numeric,
+    relative_humidity_2m          numeric,
+    precipitation                 numeric,
+    rain                          numeric,
+    soil_temperature_0_to_7cm     numeric,
+    soil_temperature_7_to_28cm    numeric,
+    soil_temperature_28_to_100cm  numeric,
+    soil_temperature_100_to_255cm numeric,
+    soil_moisture_0_to_7cm        numeric,
+    soil_moisture_7_to_28cm       numeric,
+    soil_moisture_28_to_100cm     numeric,
+    soil_moisture_100_to_255cm    numeric
 );
 
 INSERT INTO schema_version (version, description)
@@ -193,11 +200,13 @@ ON CONFLICT (version) DO NOTHING;
 
 -- Upgrade from version 2 (hourly rows in weather_data + soil + datetime):
 -- every hour moves into weather_hour, then the old tables go. Runs once; the
--- views over the old tables are rebuilt by dml.sql right after.
+-- views over the old tables (and the staging columns) are rebuilt by dml.sql
+-- right after.
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass('public.weather_data') AND relkind = 'r') THEN
-        DROP VIEW IF EXISTS training_days, event_weather_daily, window_weather_daily;
+        DROP VIEW IF EXISTS training_days, event_weather_daily, window_weather_daily,
+            staging.soil_candidate, staging.weather_candidate, staging.landslide_event_candidate;
         INSERT INTO weather_hour
         SELECT w.location_id, d.instant, w.temperature_2m, w.relative_humidity_2m, w.precipitation, w.rain,
                max(s.temperature) FILTER (WHERE s.depth_top_cm = 0), max(s.temperature) FILTER (WHERE s.depth_top_cm = 7),
@@ -215,6 +224,14 @@ BEGIN
         DROP TABLE datetime;
         ALTER TABLE landslide_event RENAME COLUMN landslide_type TO landslide_category;
         ALTER TABLE staging.landslide_event RENAME COLUMN landslide_type TO landslide_category;
+        ALTER TABLE staging.weather_hourly
+            ALTER latitude TYPE numeric, ALTER longitude TYPE numeric, ALTER elevation TYPE numeric,
+            ALTER temperature_2m TYPE numeric, ALTER relative_humidity_2m TYPE numeric,
+            ALTER precipitation TYPE numeric, ALTER rain TYPE numeric,
+            ALTER soil_temperature_0_to_7cm TYPE numeric, ALTER soil_temperature_7_to_28cm TYPE numeric,
+            ALTER soil_temperature_28_to_100cm TYPE numeric, ALTER soil_temperature_100_to_255cm TYPE numeric,
+            ALTER soil_moisture_0_to_7cm TYPE numeric, ALTER soil_moisture_7_to_28cm TYPE numeric,
+            ALTER soil_moisture_28_to_100cm TYPE numeric, ALTER soil_moisture_100_to_255cm TYPE numeric;
         -- The catalog's categories as the extract now writes them: lowercase
         -- codes with underscores ('Very_large' -> 'very_large').
         UPDATE landslide_event

@@ -30,7 +30,7 @@ DROP FUNCTION IF EXISTS load_staging(text);
 -- Staged rows shaped like the tables' columns (same names), so the tables'
 -- own CHECK and NOT NULL constraints can be evaluated on them before anything
 -- is inserted. Coordinates are rounded here as they are stored (they are the
--- location key); measurements stay double precision, which the range checks
+-- location key); measurements keep the file's digits, which the range checks
 -- compare directly and the insert rounds to the column's scale.
 
 CREATE VIEW staging.landslide_event_candidate AS
@@ -87,8 +87,8 @@ SELECT s.ctid AS staging_ctid,
        s.window_date,
        s.observed_at,
        nullif(btrim(s.timezone), '') AS timezone,
-       round(s.latitude::numeric, 6) AS latitude,
-       round(s.longitude::numeric, 6) AS longitude,
+       round(s.latitude, 6) AS latitude,
+       round(s.longitude, 6) AS longitude,
        s.elevation,
        s.temperature_2m,
        s.relative_humidity_2m,
@@ -185,6 +185,10 @@ RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     n_rejected bigint;
 BEGIN
+    SELECT count(*) INTO n_rejected FROM pg_temp.load_reject WHERE staging_table = p_staging_table;
+    IF n_rejected = 0 THEN
+        RETURN 0;
+    END IF;
     EXECUTE format($sql$
         INSERT INTO rejected_rows (source, row_key, raw, reason, run_id)
         SELECT %s, %s, to_jsonb(s) - 'run_id', r.reason, s.run_id
@@ -194,7 +198,6 @@ BEGIN
         ON CONFLICT (source, row_key, reason) DO NOTHING$sql$,
         p_source_sql, p_row_key_sql, p_staging_table, p_staging_table)
     USING p_run_id;
-    SELECT count(*) INTO n_rejected FROM pg_temp.load_reject WHERE staging_table = p_staging_table;
     RETURN n_rejected;
 END $$;
 
@@ -366,51 +369,58 @@ BEGIN
 END $$;
 
 -- Weather rows of one run -> location (with its time zone), weather_window, weather_hour.
+-- Built for volume: the staged rows are read three times and copied nowhere
+-- in between: a pass that checks each row (the tables' constraints, its
+-- event, its window's day, its zone) and notes only the rejects, a pass that
+-- groups the accepted rows into windows (pg_temp.load_window: everything per
+-- window or place works on it), and the INSERT of the hours.
 CREATE OR REPLACE FUNCTION staging.merge_weather(p_run_id text) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    unknown_zones text[];
+    checks text;
+    insert_hours text;
     n_items bigint;
+    n_windows bigint;
     n_new bigint;
     n_rejected bigint;
 BEGIN
-    PERFORM staging.reject_violations('weather_hourly', 'staging.weather_candidate',
-                                      '{weather_window,location,weather_hour}', p_run_id);
-
-    -- Looked up once per load: pg_timezone_names reads the whole tz database.
-    SELECT array_agg(z.timezone) INTO unknown_zones
-    FROM (SELECT DISTINCT timezone FROM staging.weather_candidate WHERE run_id = p_run_id) z
-    WHERE z.timezone NOT IN (SELECT name FROM pg_timezone_names);
+    SELECT string_agg(staging.constraint_violation_sql(t, 'staging.weather_candidate'), ', ' ORDER BY n)
+    INTO checks FROM unnest('{weather_window,location,weather_hour}'::regclass[]) WITH ORDINALITY AS u(t, n);
 
     -- Every window belongs to a known event: its own day, or a day before it.
-    INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
-    SELECT 'weather_hourly', staging_ctid, reason
-    FROM (SELECT c.staging_ctid,
-                 CASE WHEN c.event_id IS NULL THEN 'event_id is missing'
-                      WHEN e.landslide_event_id IS NULL
-                          THEN format('event_id %s is not in landslide_event (its catalog row is missing or was rejected)', c.event_id)
-                      WHEN c.is_event AND c.window_date <> e.event_date
-                          THEN format('event window_date %s is not the date of event %s (%s)',
-                                      c.window_date, c.event_id, e.event_date)
-                      WHEN NOT c.is_event AND c.window_date >= e.event_date
-                          THEN format('non-event window_date %s is not before the date of event %s (%s)',
-                                      c.window_date, c.event_id, e.event_date)
-                      WHEN c.timezone = ANY (unknown_zones)
-                          THEN format('timezone %s is not in the tz database', c.timezone)
-                 END AS reason
-          FROM staging.weather_candidate c
-          LEFT JOIN landslide_event e ON e.catalog_id = c.event_id
-          WHERE c.run_id = p_run_id) r
-    WHERE reason IS NOT NULL
-    ON CONFLICT DO NOTHING;
+    EXECUTE format($sql$
+        INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
+        SELECT 'weather_hourly', staging_ctid, reason
+        FROM (SELECT c.staging_ctid,
+                     coalesce(c.violation,
+                         CASE WHEN c.event_id IS NULL THEN 'event_id is missing'
+                              WHEN e.landslide_event_id IS NULL
+                                  THEN format('event_id %%s is not in landslide_event (its catalog row is missing or was rejected)', c.event_id)
+                              WHEN c.is_event AND c.window_date <> e.event_date
+                                  THEN format('event window_date %%s is not the date of event %%s (%%s)',
+                                              c.window_date, c.event_id, e.event_date)
+                              WHEN NOT c.is_event AND c.window_date >= e.event_date
+                                  THEN format('non-event window_date %%s is not before the date of event %%s (%%s)',
+                                              c.window_date, c.event_id, e.event_date)
+                              WHEN c.timezone IS NOT NULL AND z.name IS NULL
+                                  THEN format('timezone %%s is not in the tz database', c.timezone)
+                         END) AS reason
+              FROM (SELECT *, coalesce(%s) AS violation FROM staging.weather_candidate WHERE run_id = $1) c
+              LEFT JOIN landslide_event e ON e.catalog_id = c.event_id
+              LEFT JOIN (SELECT name FROM pg_timezone_names) z ON z.name = c.timezone) r
+        WHERE reason IS NOT NULL$sql$, checks)
+    USING p_run_id;
 
-    DROP TABLE IF EXISTS pg_temp.load_weather;
-    CREATE TEMP TABLE load_weather ON COMMIT DROP AS
-    SELECT c.*, e.landslide_event_id FROM staging.weather_candidate c
+    DROP TABLE IF EXISTS pg_temp.load_window;
+    CREATE TEMP TABLE load_window ON COMMIT DROP AS
+    SELECT e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date,
+           min(c.observed_at) AS first_hour, max(c.observed_at) AS last_hour,
+           min(c.elevation) AS elevation, min(c.timezone) AS timezone, count(*) AS hours
+    FROM staging.weather_candidate c
     JOIN landslide_event e ON e.catalog_id = c.event_id
     WHERE c.run_id = p_run_id
       AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
-                      WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid);
-    ANALYZE pg_temp.load_weather;
+                      WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid)
+    GROUP BY e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date;
 
     -- All hours of a window share its place and day: those of the stored
     -- window, if any, else the batch's earliest day and lowest coordinates.
@@ -418,7 +428,7 @@ BEGIN
     WITH batch AS (
         SELECT landslide_event_id, is_event, min(latitude) AS latitude, min(longitude) AS longitude,
                min(window_date) AS window_date
-        FROM pg_temp.load_weather GROUP BY landslide_event_id, is_event
+        FROM pg_temp.load_window GROUP BY landslide_event_id, is_event
     ), expected AS (
         SELECT b.landslide_event_id, b.is_event,
                coalesce(l.latitude, b.latitude) AS latitude, coalesce(l.longitude, b.longitude) AS longitude,
@@ -427,20 +437,26 @@ BEGIN
         LEFT JOIN weather_window w ON w.landslide_event_id = b.landslide_event_id AND w.is_event = b.is_event
         LEFT JOIN location l ON l.location_id = w.location_id
     ), conflicting AS (
-        DELETE FROM pg_temp.load_weather lw
+        DELETE FROM pg_temp.load_window lw
         USING expected x
         WHERE lw.landslide_event_id = x.landslide_event_id AND lw.is_event = x.is_event
           AND (lw.latitude, lw.longitude, lw.window_date) IS DISTINCT FROM (x.latitude, x.longitude, x.window_date)
-        RETURNING lw.staging_ctid, lw.event_id, lw.is_event, lw.latitude, lw.longitude, lw.window_date,
-                  x.latitude AS x_latitude, x.longitude AS x_longitude, x.window_date AS x_window_date
+        RETURNING lw.event_id, lw.is_event, lw.latitude, lw.longitude, lw.window_date,
+                  format('the %s window of event %s is at (%s, %s) on %s, this row says (%s, %s) on %s',
+                         CASE WHEN lw.is_event THEN 'event' ELSE 'non-event' END, lw.event_id, x.latitude,
+                         x.longitude, x.window_date, lw.latitude, lw.longitude, lw.window_date) AS reason
     )
-    INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
-    SELECT 'weather_hourly', staging_ctid,
-           format('the %s window of event %s is at (%s, %s) on %s, this row says (%s, %s) on %s',
-                  CASE WHEN is_event THEN 'event' ELSE 'non-event' END, event_id,
-                  x_latitude, x_longitude, x_window_date, latitude, longitude, window_date)
-    FROM conflicting
-    ON CONFLICT DO NOTHING;
+    INSERT INTO pg_temp.load_conflict SELECT * FROM conflicting;
+    IF FOUND THEN
+        INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
+        SELECT 'weather_hourly', c.staging_ctid, k.reason
+        FROM staging.weather_candidate c
+        JOIN pg_temp.load_conflict k
+          ON (c.event_id, c.is_event, c.latitude, c.longitude, c.window_date)
+           = (k.event_id, k.is_event, k.latitude, k.longitude, k.window_date)
+        WHERE c.run_id = p_run_id
+        ON CONFLICT DO NOTHING;
+    END IF;
 
     n_rejected := staging.record_rejects(
         'weather_hourly', p_run_id, $q$'open-meteo'$q$,
@@ -450,42 +466,64 @@ BEGIN
 
     INSERT INTO pg_temp.load_place
     SELECT latitude, longitude, min(elevation), NULL, NULL, NULL, min(timezone)
-    FROM pg_temp.load_weather GROUP BY latitude, longitude;
+    FROM pg_temp.load_window GROUP BY latitude, longitude;
     PERFORM staging.merge_locations();
 
-    INSERT INTO weather_window (landslide_event_id, is_event, location_id, window_date, first_hour, last_hour)
-    SELECT w.landslide_event_id, w.is_event, l.location_id, w.window_date, min(w.observed_at), max(w.observed_at)
-    FROM pg_temp.load_weather w
-    JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
-    GROUP BY w.landslide_event_id, w.is_event, l.location_id, w.window_date
-    ON CONFLICT (landslide_event_id, is_event) DO NOTHING;
-    GET DIAGNOSTICS n_new = ROW_COUNT;
-    SELECT count(*) INTO n_items FROM (SELECT DISTINCT landslide_event_id, is_event FROM pg_temp.load_weather) k;
-    PERFORM staging.count_load('weather_window', n_items, n_new);
+    -- New windows go in; hours added to a known window widen it.
+    WITH batch AS (
+        SELECT w.landslide_event_id, w.is_event, l.location_id, w.window_date, w.first_hour, w.last_hour
+        FROM pg_temp.load_window w
+        JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
+    ), new_window AS (
+        INSERT INTO weather_window (landslide_event_id, is_event, location_id, window_date, first_hour, last_hour)
+        SELECT landslide_event_id, is_event, location_id, window_date, first_hour, last_hour FROM batch
+        ON CONFLICT (landslide_event_id, is_event) DO NOTHING
+        RETURNING 1
+    ), widened AS (
+        UPDATE weather_window w
+        SET first_hour = least(w.first_hour, b.first_hour), last_hour = greatest(w.last_hour, b.last_hour)
+        FROM batch b
+        WHERE w.landslide_event_id = b.landslide_event_id AND w.is_event = b.is_event
+          AND (b.first_hour < w.first_hour OR b.last_hour > w.last_hour)
+    )
+    SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM new_window) INTO n_windows, n_new;
+    PERFORM staging.count_load('weather_window', n_windows, n_new);
 
-    -- Hours added to a known window widen it.
-    UPDATE weather_window w
-    SET first_hour = least(w.first_hour, b.first_hour), last_hour = greatest(w.last_hour, b.last_hour)
-    FROM (SELECT landslide_event_id, is_event, min(observed_at) AS first_hour, max(observed_at) AS last_hour
-          FROM pg_temp.load_weather GROUP BY landslide_event_id, is_event) b
-    WHERE w.landslide_event_id = b.landslide_event_id AND w.is_event = b.is_event
-      AND (b.first_hour < w.first_hour OR b.last_hour > w.last_hour);
-
-    -- An hour already stored keeps what was stored first. The same hour can
-    -- come twice in a batch (two events on one day at one place); ON CONFLICT
-    -- keeps one.
-    INSERT INTO weather_hour
-    SELECT l.location_id, w.observed_at, w.temperature_2m, w.relative_humidity_2m, w.precipitation, w.rain,
-           w.soil_temperature_0_to_7cm, w.soil_temperature_7_to_28cm,
-           w.soil_temperature_28_to_100cm, w.soil_temperature_100_to_255cm,
-           w.soil_moisture_0_to_7cm, w.soil_moisture_7_to_28cm,
-           w.soil_moisture_28_to_100cm, w.soil_moisture_100_to_255cm
-    FROM pg_temp.load_weather w
-    JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
-    ON CONFLICT (location_id, observed_at) DO NOTHING;
-    GET DIAGNOSTICS n_new = ROW_COUNT;
-    SELECT count(*) INTO n_items FROM pg_temp.load_weather;
-    PERFORM staging.count_load('weather_hour', n_items + n_rejected, n_new, n_rejected);
+    -- An hour already stored keeps what was stored first, and an hour that
+    -- comes twice in a batch (two events on one day at one place) goes in
+    -- once: ON CONFLICT. The usual batch, new hours only, skips its cost (a
+    -- quarter of the INSERT) with a plain INSERT, redone with ON CONFLICT if
+    -- an hour turns out to be there twice.
+    insert_hours := $sql$
+        INSERT INTO weather_hour
+        SELECT l.location_id, c.observed_at, c.temperature_2m, c.relative_humidity_2m, c.precipitation, c.rain,
+               c.soil_temperature_0_to_7cm, c.soil_temperature_7_to_28cm,
+               c.soil_temperature_28_to_100cm, c.soil_temperature_100_to_255cm,
+               c.soil_moisture_0_to_7cm, c.soil_moisture_7_to_28cm,
+               c.soil_moisture_28_to_100cm, c.soil_moisture_100_to_255cm
+        FROM staging.weather_candidate c
+        JOIN location l ON l.latitude = c.latitude AND l.longitude = c.longitude
+        WHERE c.run_id = $1
+          AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
+                          WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid)$sql$;
+    n_new := NULL;
+    IF NOT EXISTS (SELECT 1 FROM pg_temp.load_window w
+                   JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
+                   JOIN weather_hour h ON h.location_id = l.location_id
+                                      AND h.observed_at BETWEEN w.first_hour AND w.last_hour) THEN
+        BEGIN
+            EXECUTE insert_hours USING p_run_id;
+            GET DIAGNOSTICS n_new = ROW_COUNT;
+        EXCEPTION WHEN unique_violation THEN
+            n_new := NULL;
+        END;
+    END IF;
+    IF n_new IS NULL THEN
+        EXECUTE insert_hours || ' ON CONFLICT (location_id, observed_at) DO NOTHING' USING p_run_id;
+        GET DIAGNOSTICS n_new = ROW_COUNT;
+    END IF;
+    SELECT coalesce(sum(hours), 0) + n_rejected INTO n_items FROM pg_temp.load_window;
+    PERFORM staging.count_load('weather_hour', n_items, n_new, n_rejected);
 
     DELETE FROM staging.weather_hourly WHERE run_id = p_run_id;
 END $$;
@@ -576,9 +614,12 @@ BEGIN
     CREATE TEMP TABLE IF NOT EXISTS load_count (
         target text PRIMARY KEY, items bigint, inserted bigint, updated bigint, rejected bigint) ON COMMIT DROP;
     CREATE TEMP TABLE IF NOT EXISTS load_place (
-        latitude numeric, longitude numeric, elevation double precision,
+        latitude numeric, longitude numeric, elevation numeric,
         country text, near text, continent_code text, timezone text) ON COMMIT DROP;
-    TRUNCATE pg_temp.load_reject, pg_temp.load_count, pg_temp.load_place;
+    CREATE TEMP TABLE IF NOT EXISTS load_conflict (
+        event_id text, is_event boolean, latitude numeric, longitude numeric, window_date date,
+        reason text) ON COMMIT DROP;
+    TRUNCATE pg_temp.load_reject, pg_temp.load_count, pg_temp.load_place, pg_temp.load_conflict;
 
     PERFORM staging.count_load(t, 0, 0)
     FROM unnest('{landslide_event,location,weather_window,weather_hour,pending_window}'::text[]) t;
@@ -601,6 +642,19 @@ CREATE OR REPLACE FUNCTION source_watermark(p_source text) RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
     SELECT last_edited FROM load_watermark WHERE source = p_source
 $$;
+
+-- What weather_hour's location_id would have as a foreign key: a location
+-- with hours cannot go.
+CREATE OR REPLACE FUNCTION location_keeps_its_hours() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM weather_hour WHERE location_id = OLD.location_id) THEN
+        RAISE EXCEPTION 'location % has hourly weather in weather_hour: delete those hours first', OLD.location_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN OLD;
+END $$;
+CREATE OR REPLACE TRIGGER location_keeps_its_hours BEFORE DELETE ON location
+FOR EACH ROW EXECUTE FUNCTION location_keeps_its_hours();
 
 -- Views for people at psql.
 

@@ -169,6 +169,11 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     assert query(dsn, "SELECT count(DISTINCT depth_top_cm), min(n), max(n) FROM soil JOIN (SELECT location_id, "
                       "observed_at, count(*) AS n FROM soil GROUP BY 1, 2) per USING (location_id, observed_at)"
                  )[0] == (4, 4, 4)
+    # The stand-in names a zone of whole hours from the longitude (Oso, Washington: UTC-8); the event's local
+    # 10:37 is 18:37 UTC, and its hour is a row of its window.
+    assert query(dsn, "SELECT timezone, instant, event_hour FROM event_weather_daily WHERE catalog_id = '101'") == [
+        ("Etc/GMT+8", datetime.datetime(2014, 3, 22, 18, 37, tzinfo=datetime.timezone.utc),
+         datetime.datetime(2014, 3, 22, 18, tzinfo=datetime.timezone.utc))]
     assert query(dsn, "SELECT l.continent_code, e.time_text, e.event_time FROM landslide_event e "
                       "JOIN location l USING (location_id) WHERE catalog_id IN ('101', '103') ORDER BY catalog_id"
                  ) == [("NA", "10:37", datetime.time(10, 37)), ("AS", "Overnight", None)]
@@ -562,7 +567,8 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         assert load_counts(first["load"])["landslide_event"] == (DEMO_EVENTS, 0, 0, 0)
         assert (f"event rows: {2 * DEMO_EVENTS} in events-csv.csv, events-xlsx.csv = {DEMO_EVENTS} copies of an "
                 f"earlier file's row") in first["load"]
-        assert f"+ {DEMO_EVENTS} loaded new + 0 updated" in first["load"] and "the counts add up" in first["load"]
+        assert (f"+ {DEMO_EVENTS} loaded new + 0 updated (a newer version of the report; the previous one is in "
+                "landslide_event_history) + 0 already present + 0 rejected: the counts add up") in first["load"]
         counts = "(SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_window), " \
                  "(SELECT count(*) FROM weather_data), (SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)"
         assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
@@ -574,7 +580,8 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         second = dag_run("dag-2")
         assert load_counts(second["load"])["landslide_event"] == (0, 0, DEMO_EVENTS, 0)
         assert all(inserted == updated == 0 for inserted, updated, _, _ in load_counts(second["load"]).values())
-        assert f"+ 0 loaded new + 0 updated" in second["load"] and "the counts add up" in second["load"]
+        assert (f"+ 0 loaded new + 0 updated (a newer version of the report; the previous one is in "
+                f"landslide_event_history) + {DEMO_EVENTS} already present + 0 rejected: the counts add up") in second["load"]
         assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
                                                    2 * DEMO_REJECTS)]
     finally:

@@ -206,8 +206,8 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_loaded(warehouse) ->
         "event_id 12 row 13": "event_date is missing (landslide_event.event_date is NOT NULL)",
         "event_id 13 row 14": "latitude is missing (location.latitude is NOT NULL)",
         "event_id 1 row 99": "repeats event_id 1 of row 2",
-        f"event_id 1 event {stamp(0)}": "violates weather_hour_relative_humidity_2m_range (relative_humidity_2m=130)",
-        f"event_id 1 event {stamp(1)}": "violates weather_hour_precipitation_range (precipitation=-1)",
+        f"event_id 1 event {stamp(0)}": "violates weather_hour_relative_humidity_2m_range (relative_humidity_2m=130.0)",
+        f"event_id 1 event {stamp(1)}": "violates weather_hour_precipitation_range (precipitation=-1.0)",
         f"event_id 1 event {stamp(2)}":
             "violates weather_hour_soil_moisture_7_to_28cm_range (soil_moisture_7_to_28cm=1.7)",
         "event_id 1 event ?": "observed_at is missing (weather_hour.observed_at is NOT NULL)",

@@ -18,6 +18,10 @@ import pytest
 import yaml
 
 from conftest import ROOT, bootstrap, read_secrets
+
+sys.path.insert(0, str(ROOT / "tasks" / "ingestion"))
+from common import HOURLY_COLUMNS, WINDOW_COLUMNS  # noqa: E402 (the contract, from the steps' own module)
+from test_ingestion import DEMO, ingestion_python, load_counts, ok, step, workdir  # noqa: F401 (fixtures)
 from test_warehouse import EVENTS, SOIL_DEPTHS, both_days, event, load, schema_shape, snapshot, stage, weather_day
 
 UTC = dt.timezone.utc
@@ -332,10 +336,12 @@ def test_two_concurrent_loads_of_the_same_rows_count_each_row_once(warehouse) ->
     results: dict[str, Any] = {}
 
     def second_load() -> None:
-        with psycopg.connect(dsn) as other:
-            with other.transaction():
+        try:
+            with psycopg.connect(dsn) as other, other.transaction():
                 stage(other, "second", *rows)
                 results["second"] = other.execute("SELECT * FROM load_staging('second')").fetchall()
+        except psycopg.Error as error:
+            results["second"] = error
 
     with psycopg.connect(dsn) as first:
         with first.transaction():
@@ -348,6 +354,7 @@ def test_two_concurrent_loads_of_the_same_rows_count_each_row_once(warehouse) ->
         worker.join(timeout=120)
     assert not worker.is_alive()
 
+    assert not isinstance(results["second"], Exception), results["second"]
     counts = {name: {target: tuple(c) for target, *c in rows} for name, rows in results.items()}
     assert counts["first"]["landslide_event"] == (3, 1, 0, 0)
     assert counts["second"]["landslide_event"] == (0, 0, 4, 0)
@@ -449,3 +456,33 @@ def test_the_compose_init_gives_the_same_roles_their_logins(warehouse) -> None:
     for service in ("airflow-scheduler", "airflow-init"):
         conn = compose["services"][service]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
         assert conn.startswith("postgresql+psycopg2://airflow:${VPE_AIRFLOW_DB_PASSWORD")
+
+
+def test_a_location_with_hours_cannot_be_deleted(warehouse) -> None:
+    conn, _ = warehouse
+    load(conn, "run", EVENTS[:1], weather_day(EVENTS[0], True, hours=1))
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="has hourly weather in weather_hour"):
+        conn.execute("DELETE FROM location")
+
+
+# ------------------------------------------------------------------ load.py with C1 columns and pending windows
+
+def test_load_stages_the_crawls_pending_windows_and_accounts_for_every_event_row(
+        ingestion_python: str, workdir: Path, empty_db: tuple[str, dict[str, str]]) -> None:
+    dsn, env = empty_db
+    bootstrap("migrate", env=env)
+    run = workdir / "run"
+    ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
+    (run / "hourly.csv").write_text(",".join(HOURLY_COLUMNS) + "\n")
+    windows = [w for w in (run / "windows-catalog.csv").read_text().splitlines()[1:] if w.startswith("101,")]
+    (run / "pending_windows.csv").write_text("\n".join([",".join(WINDOW_COLUMNS), *windows]) + "\n")
+
+    out = ok(step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": dsn}))
+
+    assert load_counts(out)["pending_window"] == (2, 0, 0, 0)
+    assert "+ 15 loaded new + 0 updated" in out and "the counts add up" in out
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT e.catalog_id, p.is_event FROM pending_window p JOIN landslide_event e "
+                            "USING (landslide_event_id) ORDER BY 2").fetchall() == [("101", False), ("101", True)]
+        assert conn.execute("SELECT title, country_code, landslide_trigger, fatalities FROM landslide_event "
+                            "WHERE catalog_id = '101'").fetchone() == ("Oso, Washington", "US", "rain", 43)
