@@ -18,8 +18,7 @@ import psycopg
 import pytest
 
 from conftest import ROOT, AirflowAPI, bootstrap, free_port, stack_config, wait_for_envs, warehouse_dsn
-from test_ingestion import (api_calls, archive_server, ingestion_python, ok, read_csv, step,  # noqa: F401
-                            workdir, write_windows)
+from test_ingestion import api_calls, archive_server, ingestion_python, ok, read_csv, step, workdir  # noqa: F401
 
 DAG = "landslide_monitor"
 LAYER_PATH = "/arcgis/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0"
@@ -68,41 +67,53 @@ def http(url: str, body: dict | None = None) -> dict:
 
 # ------------------------------------------------------------------ crawl and the archive's end, no Airflow
 
+def write_places(workdir: Path, windows: list[tuple[str, float]]) -> None:
+    """One event window per (day, longitude); crawl asks for each place's local day (timezone=auto)."""
+    rows = [f"e{i},true,45.0,{lon},{day}" for i, (day, lon) in enumerate(windows)]
+    (workdir / "run" / "windows-catalog.csv").write_text("event_id,is_event,latitude,longitude,window_date\n"
+                                                          + "\n".join(rows) + "\n")
+
+
 def test_days_the_archive_has_no_values_for_yet_wait_and_older_ones_fail(ingestion_python: str,
                                                                            workdir: Path) -> None:
-    days = [YESTERDAY.isoformat(), "2019-05-01", "2018-06-01", (TODAY + datetime.timedelta(days=2)).isoformat()]
-    write_windows(workdir, days)
+    after_today = (TODAY + datetime.timedelta(days=2)).isoformat()
+    # At 120° W the local day 2018-12-31 ends at 08:00 UTC on 2019-01-01: its last 8 hours are not in yet.
+    write_places(workdir, [(YESTERDAY.isoformat(), 20.0), ("2019-05-01", 20.0), ("2018-06-01", 20.0),
+                           (after_today, 20.0), ("2018-12-31", -120.0)])
     with archive_server("--archive-end", "2018-12-31") as url:
         # A negative lag asks for days after today too, which the archive refuses as out of its range.
         out = ok(step(ingestion_python, "crawl.py", "--url", url, "--archive-lag-days", "-3",
                       "--max-failed-ratio", "1", workdir=workdir))
         assert api_calls(url)["archive_end"] == "2018-12-31"
     run = workdir / "run"
-    assert [w["window_date"] for w in read_csv(run / "pending_windows.csv")] == [days[0], days[3]]
-    [failed] = read_csv(run / "failed_windows.csv")
-    assert failed["window_date"] == "2019-05-01" and "no values" in failed["reason"]
+    assert [w["window_date"] for w in read_csv(run / "pending_windows.csv")] == [YESTERDAY.isoformat(), after_today]
+    assert {(w["window_date"], w["reason"]) for w in read_csv(run / "failed_windows.csv")} == {
+        ("2019-05-01", "the archive answered no values for 24 of the day's 24 hours (older than --recent-days 30)"),
+        ("2018-12-31", "the archive answered no values for 8 of the day's 24 hours (older than --recent-days 30)")}
     assert len(read_csv(run / "hourly.csv")) == 24, "only 2018-06-01 has values"
-    assert "the archive has no values yet for 3 place-days: 2 of the last 30 days wait as pending, 1 older" in out
-    assert not list((workdir / "buffer").rglob(f"{days[0]}/*.json")), "an empty answer is not cached"
+    assert "the archive has no values yet for 4 place-days: 2 of the last 30 days wait as pending, 2 older" in out
+    assert not list((workdir / "buffer").rglob(f"{YESTERDAY.isoformat()}/*.json")), "an empty answer is not cached"
 
 
-def test_moving_the_archive_end_serves_the_pending_day(ingestion_python: str, workdir: Path) -> None:
-    write_windows(workdir, [YESTERDAY.isoformat()])
+def test_moving_the_archive_end_serves_the_pending_days(ingestion_python: str, workdir: Path) -> None:
+    half_in = (TODAY - datetime.timedelta(days=5)).isoformat()  # the stand-in's archive end at first
+    write_places(workdir, [(YESTERDAY.isoformat(), 20.0), (half_in, -120.0), (half_in, 120.0)])
     with archive_server() as url:
         admin = url.replace("/v1/archive", "/admin/archive-end")
         ok(step(ingestion_python, "crawl.py", "--url", url, "--archive-lag-days", "0", workdir=workdir))
-        assert len(read_csv(workdir / "run" / "pending_windows.csv")) == 1
+        assert [w["longitude"] for w in read_csv(workdir / "run" / "pending_windows.csv")] == ["20.0", "-120.0"]
+        assert len(read_csv(workdir / "run" / "hourly.csv")) == 24, "east of Greenwich the day is complete"
         with pytest.raises(urllib.error.HTTPError) as refused:
             http(admin, {"archive_end": "soon"})
         assert refused.value.code == 400 and "YYYY-MM-DD" in json.loads(refused.value.read())["reason"]
         assert http(admin, {"archive_end": TODAY.isoformat()}) == {"archive_end": TODAY.isoformat()}
         ok(step(ingestion_python, "crawl.py", "--url", url, "--archive-lag-days", "0", workdir=workdir))
     assert read_csv(workdir / "run" / "pending_windows.csv") == []
-    assert len(read_csv(workdir / "run" / "hourly.csv")) == 24
+    assert len(read_csv(workdir / "run" / "hourly.csv")) == 3 * 24
 
 
 def test_the_warehouse_options_without_a_warehouse_say_what_to_set(ingestion_python: str, workdir: Path) -> None:
-    write_windows(workdir, ["2019-05-01"])
+    write_places(workdir, [("2019-05-01", 20.0)])
     crawl = step(ingestion_python, "crawl.py", "--pending-from-warehouse", workdir=workdir)
     extract = step(ingestion_python, "extract.py", "--since", "warehouse",
                    str(ROOT / "tests" / "fixtures" / "catalogs" / "coolr_export.csv"), workdir=workdir)

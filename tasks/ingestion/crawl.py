@@ -7,8 +7,8 @@ hourly.csv (24 rows per window), failed_windows.csv (each with its reason),
 pending_windows.csv and crawl_summary.json. A window whose day the archive does
 not serve yet is pending, listed in pending_windows.csv for a later crawl, and no
 failure: a day newer than today minus --archive-lag-days is not asked for, and a
-day of the last --recent-days that the archive answers with no values (or as out
-of its range) has not reached it yet. --pending-from-warehouse adds the windows
+day of the last --recent-days that the archive answers with hours of no values
+(or as out of its range) has not reached it yet. --pending-from-warehouse adds the windows
 still pending in the warehouse (table pending_window) to this run's.
 Windows go to the API in batches (comma lists of coordinates and dates, one
 answer per location). Every answer is cached on disk first, so a rerun or a
@@ -91,7 +91,7 @@ class RefusedWhole(Exception):
 
 
 class NotInArchiveYet(Exception):
-    """An answer with no values at all (or a day out of the archive's range): the archive has not got it yet."""
+    """An answer with hours of no values (or a day out of the archive's range): the archive has not got it yet."""
 
 
 class QuotaExhausted(Exception):
@@ -236,7 +236,8 @@ def retry_after(response: requests.Response) -> float | None:
 
 def cache_entry(answer: dict) -> dict:
     """What the cache keeps of one location's answer; raises ValueError if it is not 24 complete hours,
-    NotInArchiveYet if every value is null (the archive answers so for days it has not got yet)."""
+    NotInArchiveYet if an hour has no value at all (the archive answers so for hours it has not got yet; a
+    local day can straddle its last UTC day)."""
     hourly = answer.get("hourly") or {}
     times = hourly.get("time") or []
     if len(times) != HOURS_PER_WINDOW:
@@ -244,8 +245,10 @@ def cache_entry(answer: dict) -> dict:
     for variable in HOURLY_VARIABLES:
         if len(hourly.get(variable) or []) != HOURS_PER_WINDOW:
             raise ValueError(f"variable {variable} missing or not {HOURS_PER_WINDOW} values")
-    if all(value is None for variable in HOURLY_VARIABLES for value in hourly[variable]):
-        raise NotInArchiveYet("the archive answered no values for this day")
+    empty = sum(all(hourly[variable][hour] is None for variable in HOURLY_VARIABLES)
+                for hour in range(HOURS_PER_WINDOW))
+    if empty:
+        raise NotInArchiveYet(f"the archive answered no values for {empty} of the day's {HOURS_PER_WINDOW} hours")
     return {"elevation": answer.get("elevation"), "utc_offset_seconds": int(answer.get("utc_offset_seconds") or 0),
             "timezone": answer.get("timezone") or "GMT",
             "hourly": {name: hourly[name] for name in ("time", *HOURLY_VARIABLES)}}
@@ -462,8 +465,8 @@ def parse_args() -> argparse.Namespace:
                         help="windows after today minus this many days are pending, not fetched: the archive's "
                              "delay (default: %(default)s)")
     parser.add_argument("--recent-days", type=int, default=30,
-                        help="a window of the last this many days that the archive answers with no values (or as "
-                             "out of its range) is pending, an older one failed (default: %(default)s)")
+                        help="a window of the last this many days that the archive answers with hours of no "
+                             "values (or as out of its range) is pending, an older one failed (default: %(default)s)")
     parser.add_argument("--pending-from-warehouse", action="store_true",
                         help="also crawl the windows pending in the warehouse (table pending_window; needs "
                              "$VPE_WAREHOUSE_DSN), so that their hours load once the archive has their day")

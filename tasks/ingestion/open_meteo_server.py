@@ -8,8 +8,8 @@ real API: GET or POST (form body), comma lists for several locations answered
 by a JSON array, HTTP 400 {"error": true, "reason": ...}. Faults can be
 injected (latency, every-Nth-call 429/500/garbage, a daily quota).
 
-Like the real archive it lags real time: days after its "archive end" (today
-minus 5 days, or --archive-end) are answered with null hourly values, and days
+Like the real archive it lags real time: hours after its "archive end" (the
+UTC day today minus 5 days, or --archive-end) are answered with null values, and days
 after today anywhere on earth are out of the allowed range (HTTP 400). Tests
 move the archive end at runtime: POST /admin/archive-end with {"archive_end":
 "YYYY-MM-DD"} (from loopback only).
@@ -196,8 +196,10 @@ def location_answer(lat: float, lon: float, start: date, end: date, zone: str, v
     offset, zone_name, abbreviation = utc_offset(zone, lat, lon, start)
     hours = [datetime(start.year, start.month, start.day) + timedelta(hours=h)
              for h in range(((end - start).days + 1) * 24)]
+    # The archive grows by UTC days: a local day can end after its last hour, half in and half not yet.
     not_yet = dict.fromkeys(HOURLY_UNITS)
-    rows = [weather_hour(lat, lon, moment) if moment.date() <= archive_end else not_yet for moment in hours]
+    rows = [weather_hour(lat, lon, moment) if (moment - timedelta(seconds=offset)).date() <= archive_end
+            else not_yet for moment in hours]
     answer = {
         "latitude": grid(lat), "longitude": grid(lon), "generationtime_ms": 0.0,
         "utc_offset_seconds": offset, "timezone": zone_name, "timezone_abbreviation": abbreviation,
@@ -366,8 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fail-500-every", type=int, default=0, metavar="N", help="answer every Nth call with 500")
     parser.add_argument("--garbage-every", type=int, default=0, metavar="N", help="answer every Nth call with truncated JSON")
     parser.add_argument("--archive-end", type=date.fromisoformat, metavar="YYYY-MM-DD",
-                        help=f"last day with values; later days are answered with null hours (default: today minus "
-                             f"{ARCHIVE_DELAY_DAYS} days)")
+                        help=f"last UTC day with values; later hours are answered with null values (default: today "
+                             f"minus {ARCHIVE_DELAY_DAYS} days)")
     parser.add_argument("--daily-quota", type=int, default=0, metavar="LOCATIONS",
                         help="after this many locations served, answer 429 'Daily API request limit exceeded'")
     return parser.parse_args(argv)
