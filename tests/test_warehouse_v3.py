@@ -486,3 +486,22 @@ def test_load_stages_the_crawls_pending_windows_and_accounts_for_every_event_row
                             "USING (landslide_event_id) ORDER BY 2").fetchall() == [("101", False), ("101", True)]
         assert conn.execute("SELECT title, country_code, landslide_trigger, fatalities FROM landslide_event "
                             "WHERE catalog_id = '101'").fetchone() == ("Oso, Washington", "US", "rain", 43)
+
+
+def test_an_older_airflow_database_is_handed_to_the_airflow_role(pg_env: dict[str, str]) -> None:
+    env = {**pg_env, "VPE_AIRFLOW_DB": "airflow_from_v2"}
+    superuser = role_dsn(env, "postgres", "VPE_PG_PASSWORD", "postgres")
+    with psycopg.connect(superuser, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS airflow_from_v2")
+        conn.execute("CREATE DATABASE airflow_from_v2")
+    with psycopg.connect(role_dsn(env, "postgres", "VPE_PG_PASSWORD", "airflow_from_v2"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE dag_run (id serial PRIMARY KEY, note text)")
+        conn.execute("CREATE VIEW dag_run_notes AS SELECT note FROM dag_run")
+
+    bootstrap("up", "postgres", env=env)
+
+    with psycopg.connect(role_dsn(env, "airflow", "VPE_AIRFLOW_DB_PASSWORD", "airflow_from_v2"),
+                         autocommit=True) as airflow:
+        airflow.execute("INSERT INTO dag_run (note) VALUES ('still usable')")
+        airflow.execute("ALTER TABLE dag_run ADD COLUMN state text")  # what `airflow db migrate` does
+        assert airflow.execute("SELECT note FROM dag_run_notes").fetchall() == [("still usable",)]
