@@ -201,6 +201,16 @@ BEGIN
     RETURN n_rejected;
 END $$;
 
+-- The condition that leaves a staged weather row c out when it was rejected:
+-- none at all when no row was (its anti-join costs a tenth of the merge).
+CREATE OR REPLACE FUNCTION staging.accepted_rows_sql(p_rejected bigint) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_rejected > 0 THEN
+        $q$AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
+                           WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid)$q$
+    ELSE '' END
+$$;
+
 -- Adds to the counts load_staging returns.
 CREATE OR REPLACE FUNCTION staging.count_load(
     p_target text, p_items bigint, p_inserted bigint, p_rejected bigint DEFAULT 0, p_updated bigint DEFAULT 0)
@@ -409,18 +419,20 @@ BEGIN
               LEFT JOIN (SELECT name FROM pg_timezone_names) z ON z.name = c.timezone) r
         WHERE reason IS NOT NULL$sql$, checks)
     USING p_run_id;
+    GET DIAGNOSTICS n_rejected = ROW_COUNT;
 
     DROP TABLE IF EXISTS pg_temp.load_window;
-    CREATE TEMP TABLE load_window ON COMMIT DROP AS
-    SELECT e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date,
-           min(c.observed_at) AS first_hour, max(c.observed_at) AS last_hour,
-           min(c.elevation) AS elevation, min(c.timezone) AS timezone, count(*) AS hours
-    FROM staging.weather_candidate c
-    JOIN landslide_event e ON e.catalog_id = c.event_id
-    WHERE c.run_id = p_run_id
-      AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
-                      WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid)
-    GROUP BY e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date;
+    EXECUTE format($sql$
+        CREATE TEMP TABLE load_window ON COMMIT DROP AS
+        SELECT e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date,
+               min(c.observed_at) AS first_hour, max(c.observed_at) AS last_hour,
+               min(c.elevation) AS elevation, min(c.timezone) AS timezone, count(*) AS hours
+        FROM staging.weather_candidate c
+        JOIN landslide_event e ON e.catalog_id = c.event_id
+        WHERE c.run_id = $1 %s
+        GROUP BY e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date$sql$,
+        staging.accepted_rows_sql(n_rejected))
+    USING p_run_id;
 
     -- All hours of a window share its place and day: those of the stored
     -- window, if any, else the batch's earliest day and lowest coordinates.
@@ -503,9 +515,7 @@ BEGIN
                c.soil_moisture_28_to_100cm, c.soil_moisture_100_to_255cm
         FROM staging.weather_candidate c
         JOIN location l ON l.latitude = c.latitude AND l.longitude = c.longitude
-        WHERE c.run_id = $1
-          AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
-                          WHERE r.staging_table = 'weather_hourly' AND r.staging_ctid = c.staging_ctid)$sql$;
+        WHERE c.run_id = $1 $sql$ || staging.accepted_rows_sql(n_rejected);
     n_new := NULL;
     IF NOT EXISTS (SELECT 1 FROM pg_temp.load_window w
                    JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude

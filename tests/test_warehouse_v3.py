@@ -11,7 +11,7 @@ import textwrap
 import threading
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,7 +22,8 @@ from conftest import ROOT, bootstrap, read_secrets
 sys.path.insert(0, str(ROOT / "tasks" / "ingestion"))
 from common import HOURLY_COLUMNS, WINDOW_COLUMNS  # noqa: E402 (the contract, from the steps' own module)
 from test_ingestion import DEMO, ingestion_python, load_counts, ok, step, workdir  # noqa: F401 (fixtures)
-from test_warehouse import EVENTS, SOIL_DEPTHS, both_days, event, load, schema_shape, snapshot, stage, weather_day
+from test_warehouse import (EVENTS, SOIL_DEPTHS, both_days, event, load, schema_shape, snapshot, stage,  # noqa: F401
+                            warehouse, weather_day)
 
 UTC = dt.timezone.utc
 V2 = ROOT / "tests" / "fixtures" / "warehouse_v2"  # ddl.sql and dml.sql as version 2 shipped them
@@ -40,14 +41,6 @@ DAILY = ("catalog_id, hours_observed, precipitation_sum, rain_sum, temperature_2
          "relative_humidity_2m_mean, soil_moisture_0_to_7cm_max, soil_moisture_7_to_28cm_max, "
          "soil_moisture_28_to_100cm_max, soil_moisture_100_to_255cm_max")
 ARCGIS = "https://gis.earthdata.nasa.gov/gis01/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0"
-
-
-@pytest.fixture
-def warehouse(empty_db: tuple[str, dict[str, str]]) -> Iterator[tuple[psycopg.Connection, dict[str, str]]]:
-    dsn, env = empty_db
-    bootstrap("migrate", env=env)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        yield conn, env
 
 
 def at(text: str) -> dt.datetime:
@@ -486,3 +479,22 @@ def test_load_stages_the_crawls_pending_windows_and_accounts_for_every_event_row
                             "USING (landslide_event_id) ORDER BY 2").fetchall() == [("101", False), ("101", True)]
         assert conn.execute("SELECT title, country_code, landslide_trigger, fatalities FROM landslide_event "
                             "WHERE catalog_id = '101'").fetchone() == ("Oso, Washington", "US", "rain", 43)
+
+
+def test_an_older_airflow_database_is_handed_to_the_airflow_role(pg_env: dict[str, str]) -> None:
+    env = {**pg_env, "VPE_AIRFLOW_DB": "airflow_from_v2"}
+    superuser = role_dsn(env, "postgres", "VPE_PG_PASSWORD", "postgres")
+    with psycopg.connect(superuser, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS airflow_from_v2")
+        conn.execute("CREATE DATABASE airflow_from_v2")
+    with psycopg.connect(role_dsn(env, "postgres", "VPE_PG_PASSWORD", "airflow_from_v2"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE dag_run (id serial PRIMARY KEY, note text)")
+        conn.execute("CREATE VIEW dag_run_notes AS SELECT note FROM dag_run")
+
+    bootstrap("up", "postgres", env=env)
+
+    with psycopg.connect(role_dsn(env, "airflow", "VPE_AIRFLOW_DB_PASSWORD", "airflow_from_v2"),
+                         autocommit=True) as airflow:
+        airflow.execute("INSERT INTO dag_run (note) VALUES ('still usable')")
+        airflow.execute("ALTER TABLE dag_run ADD COLUMN state text")  # what `airflow db migrate` does
+        assert airflow.execute("SELECT note FROM dag_run_notes").fetchall() == [("still usable",)]
