@@ -18,7 +18,8 @@ Commands:
   up [COMPONENT...]  start what is down (default command); components: ${COMPONENTS[*]}
   status             one line per component: address and health (exit 1 if any is unhealthy)
   down               stop every process this project started; data is kept
-  psql [ARGS...]     psql on the warehouse database (ARGS go to psql)
+  psql [--admin] [ARGS...]  psql on the warehouse as the reader role (--admin: as the superuser, for
+                     migrations); ARGS go to psql
   logs [COMPONENT...] last lines of the components' logs (all without one)
   migrate            apply ddl.sql and dml.sql to the warehouse (up does this too)
   airflow [ARGS...]  the airflow CLI, configured for this stack (e.g. airflow dags list)
@@ -127,18 +128,18 @@ make_state_dirs() {
   mkdir -p "$VPE_HOME" "$PIDS" "$VPE_BUFFER" "$AIRFLOW_HOME" "$LOGS"/{postgres,executor,airflow} "$VPE_HOME/pg"
 }
 
-# Secrets are generated once and kept: the warehouse password must survive re-runs.
+# Secrets are generated once and kept: the database passwords must survive re-runs.
+# A key added by a newer version (the roles' passwords) is appended to an older file.
 ensure_secrets() {
-  if [ ! -s "$SECRETS" ]; then
-    ( umask 077
-      {
-        say "VPE_PG_PASSWORD=$(random_hex 24)"
-        say "VPE_EXECUTOR_TOKEN=$(random_hex 32)"
-        say "AIRFLOW__API_AUTH__JWT_SECRET=$(random_hex 32)"
-        say "AIRFLOW__API__SECRET_KEY=$(random_hex 32)"
-        say "AIRFLOW__CORE__FERNET_KEY=$(python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')"
-      } > "$SECRETS" )
-  fi
+  ( umask 077; touch "$SECRETS" )
+  add_secret VPE_PG_PASSWORD random_hex 24
+  add_secret VPE_EXECUTOR_TOKEN random_hex 32
+  add_secret AIRFLOW__API_AUTH__JWT_SECRET random_hex 32
+  add_secret AIRFLOW__API__SECRET_KEY random_hex 32
+  add_secret AIRFLOW__CORE__FERNET_KEY python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())'
+  add_secret VPE_AIRFLOW_DB_PASSWORD random_hex 24
+  add_secret VPE_LOADER_PASSWORD random_hex 24
+  add_secret VPE_READER_PASSWORD random_hex 24
   local line key
   while IFS= read -r line; do
     key=${line%%=*}
@@ -146,8 +147,14 @@ ensure_secrets() {
   done < "$SECRETS"
 }
 
+# KEY COMMAND...: appends KEY=<the command's output> unless KEY is there.
+add_secret() {
+  grep -q "^$1=" "$SECRETS" || say "$1=$("${@:2}")" >> "$SECRETS"
+}
+
+# The tasks load as vpe_loader: they may stage rows and call load_staging, nothing more.
 export_warehouse_dsn() {
-  export VPE_WAREHOUSE_DSN="postgresql://$VPE_PG_USER:$VPE_PG_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
+  export VPE_WAREHOUSE_DSN="postgresql://vpe_loader:$VPE_LOADER_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
 }
 
 random_hex() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
@@ -269,9 +276,41 @@ start_postgres() {
       || die "PostgreSQL did not start; see $LOGS/postgres/postgres.log"
   fi
   wait_for PostgreSQL 30 "$LOGS/postgres/postgres.log" postgres_healthy
+  ensure_login_roles
   ensure_database "$VPE_WAREHOUSE_DB"
-  ensure_database "$VPE_AIRFLOW_DB"
+  ensure_airflow_database
   migrate
+}
+
+# The roles the components log in as, with the passwords of $SECRETS. ddl.sql grants the
+# warehouse roles their rights (docker-compose.yml's airflow-init does the same in compose mode).
+ensure_login_roles() {
+  psql_super -d postgres -v airflow="$VPE_AIRFLOW_DB_PASSWORD" -v loader="$VPE_LOADER_PASSWORD" \
+    -v reader="$VPE_READER_PASSWORD" <<'SQL'
+SELECT format('%s ROLE %I LOGIN PASSWORD %L', CASE WHEN r.rolname IS NULL THEN 'CREATE' ELSE 'ALTER' END,
+              w.name, w.password)
+FROM (VALUES ('airflow', :'airflow'), ('vpe_loader', :'loader'), ('vpe_reader', :'reader')) AS w(name, password)
+LEFT JOIN pg_roles r ON r.rolname = w.name \gexec
+SQL
+}
+
+# Airflow's metadata belongs to the airflow role, and only it (and the superuser) may connect.
+# Tables an older version created as the superuser are handed over; a column's own sequence
+# follows its table.
+ensure_airflow_database() {
+  ensure_database "$VPE_AIRFLOW_DB"
+  psql_super -d "$VPE_AIRFLOW_DB" <<'SQL'
+SELECT format('ALTER DATABASE %I OWNER TO airflow', current_database()) \gexec
+SELECT format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database()) \gexec
+SELECT format('ALTER %s %s OWNER TO airflow',
+              CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                             ELSE 'TABLE' END, c.oid::regclass)
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+  AND c.relowner <> 'airflow'::regrole
+  AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                       AND d.objid = c.oid AND d.deptype IN ('a', 'i'))) \gexec
+SQL
 }
 
 port_free() {
@@ -329,7 +368,7 @@ airflow_env() {
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin
   # A triggered run should run: DAGs here are edited in place, not promoted.
   export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
-  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://$VPE_PG_USER:$VPE_PG_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://airflow:$VPE_AIRFLOW_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
   export AIRFLOW__API__HOST=$VPE_AIRFLOW_HOST
   export AIRFLOW__API__PORT=$VPE_AIRFLOW_PORT
   export AIRFLOW__API__BASE_URL=$api
@@ -423,7 +462,7 @@ arcgis_healthy() { http_get "http://127.0.0.1:$VPE_ARCGIS_PORT/stats"; }
 
 start_arcgis() {
   start_standin arcgis "demo landslide reports" VPE_ARCGIS_PORT arcgis_server.py "the ArcGIS layer stand-in" \
-    --catalog "$ROOT/tasks/ingestion/demo_live_catalog.csv"
+    --catalog "$(absolute "$VPE_ARCGIS_CATALOG")"
 }
 
 # A local stand-in of a web API (tasks/ingestion/SCRIPT, extra args after TITLE), healthy once /stats answers.
@@ -523,9 +562,17 @@ cmd_down() {
 }
 
 cmd_psql() {
+  local user
+  user=$(psql_user "$@")
+  [ "${1:-}" != --admin ] || shift
   find_pg_bin
   postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up"
-  exec "$PG_BIN/psql" -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$VPE_PG_USER" -d "$VPE_WAREHOUSE_DB" "$@"
+  exec "$PG_BIN/psql" -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$user" -d "$VPE_WAREHOUSE_DB" "$@"
+}
+
+# A reader session (SELECT everything, scratch tables in schema scratch); --admin: the superuser.
+psql_user() {
+  if [ "${1:-}" = --admin ]; then say "$VPE_PG_USER"; else say vpe_reader; fi
 }
 
 cmd_logs() {
@@ -700,8 +747,11 @@ compose_down() {
 }
 
 compose_psql() {
+  local user
+  user=$(psql_user "$@")
+  [ "${1:-}" != --admin ] || shift
   compose_env
-  compose exec $(tty_flag) postgres psql -U "$VPE_PG_USER" -d "$VPE_WAREHOUSE_DB" "$@"
+  compose exec $(tty_flag) postgres psql -U "$user" -d "$VPE_WAREHOUSE_DB" "$@"
 }
 
 compose_logs() {

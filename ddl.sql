@@ -1,16 +1,20 @@
--- VPE warehouse schema: star schema for landslide events and the hourly
--- weather/soil around them, plus staging and rejects for bulk loads.
+-- VPE warehouse schema: landslide events, the places they happened at, and the
+-- hourly weather/soil there, plus staging and rejects for bulk loads.
 --
 -- Safe to apply any number of times, on an empty or a populated warehouse:
--- nothing here drops or rewrites data. Tables are created only when missing;
--- a later change to an existing table goes at the end as an idempotent
--- statement (ALTER ... ADD COLUMN IF NOT EXISTS, guarded DO blocks) together
--- with a new schema_version row.
+-- nothing here loses data. Tables are created only when missing; a later
+-- change to an existing table goes after them as an idempotent statement
+-- (ALTER ... ADD COLUMN IF NOT EXISTS, guarded DO blocks) together with a new
+-- schema_version row. Version 3 moves a version-2 warehouse's rows over in
+-- place (see "Upgrade from version 2" below).
 --
 -- Constraints are written once, here. load_staging() (dml.sql) reads the
 -- CHECK and NOT NULL constraints from the catalog and applies them to staged
 -- rows, so a row that breaks one is rejected with that constraint's name
 -- instead of aborting the load.
+--
+-- Apply as the superuser (./bootstrap.sh migrate). The roles the components
+-- connect as are created here without a password; bootstrap gives them one.
 
 -- A re-apply would otherwise print a NOTICE for every existing object.
 SET client_min_messages = warning;
@@ -25,7 +29,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
 
 -- One row per coordinate pair (rounded to 6 decimals, about 0.1 m).
 -- Places known only from the weather crawl have no country/near/continent;
--- elevation comes from the weather API (the catalog has none).
+-- elevation and time zone come from the weather API (the catalog has neither).
 CREATE TABLE IF NOT EXISTS location (
     location_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     latitude       numeric(8,6) NOT NULL
@@ -43,43 +47,22 @@ CREATE TABLE IF NOT EXISTS location (
     CONSTRAINT location_coordinates_key UNIQUE (latitude, longitude)
 );
 
--- One row per instant. The calendar parts are derived (in UTC), so they can
--- never disagree with the instant.
-CREATE TABLE IF NOT EXISTS datetime (
-    datetime_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    instant     timestamptz NOT NULL
-        CONSTRAINT datetime_instant_range
-        CHECK (instant >= '1900-01-01 00:00+00' AND instant < '2100-01-01 00:00+00'),
-    date        date GENERATED ALWAYS AS ((instant AT TIME ZONE 'UTC')::date) STORED,
-    year        smallint GENERATED ALWAYS AS (extract(year FROM instant AT TIME ZONE 'UTC')) STORED,
-    month       smallint GENERATED ALWAYS AS (extract(month FROM instant AT TIME ZONE 'UTC')) STORED
-        CONSTRAINT datetime_month_range CHECK (month BETWEEN 1 AND 12),
-    day         smallint GENERATED ALWAYS AS (extract(day FROM instant AT TIME ZONE 'UTC')) STORED
-        CONSTRAINT datetime_day_range CHECK (day BETWEEN 1 AND 31),
-    hour        smallint GENERATED ALWAYS AS (extract(hour FROM instant AT TIME ZONE 'UTC')) STORED
-        CONSTRAINT datetime_hour_range CHECK (hour BETWEEN 0 AND 23),
-    iso_weekday smallint GENERATED ALWAYS AS (extract(isodow FROM instant AT TIME ZONE 'UTC')) STORED
-        CONSTRAINT datetime_iso_weekday_range CHECK (iso_weekday BETWEEN 1 AND 7),
-    CONSTRAINT datetime_instant_key UNIQUE (instant)
-);
-
--- One row per catalog id. The catalog's times carry no time zone and are
--- mostly missing: event_time is NULL when unknown (time_text keeps free text
--- such as 'night'), and datetime_id then points at the event day's 00:00 UTC.
+-- One row per catalog id: the newest version of the report (older versions
+-- are in landslide_event_history). Dates and times are the catalog's LOCAL
+-- ones; the version-3 columns below add the place's zone and the UTC instant.
 CREATE TABLE IF NOT EXISTS landslide_event (
     landslide_event_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     catalog_id     text NOT NULL
         CONSTRAINT landslide_event_catalog_id_not_blank CHECK (btrim(catalog_id) <> ''),
     source         text NOT NULL,
     location_id    bigint NOT NULL REFERENCES location,
-    datetime_id    bigint NOT NULL REFERENCES datetime,
     event_date     date NOT NULL
         CONSTRAINT landslide_event_event_date_range
         CHECK (event_date >= '1900-01-01' AND event_date < '2100-01-01'),
     event_time     time,
     time_text      text,
     hazard_type    text,
-    landslide_type text,
+    landslide_category text,
     landslide_size text,
     loaded_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT landslide_event_catalog_id_key UNIQUE (catalog_id)
@@ -101,34 +84,44 @@ CREATE TABLE IF NOT EXISTS weather_window (
     CONSTRAINT weather_window_event_kind_key UNIQUE (landslide_event_id, is_event)
 );
 
--- Hourly fact, one row per (location, instant). Column names are the
--- Open-Meteo variable names; scales keep one digit more than the API sends.
-CREATE TABLE IF NOT EXISTS weather_data (
-    weather_id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    location_id          bigint NOT NULL REFERENCES location,
-    datetime_id          bigint NOT NULL REFERENCES datetime,
+-- Hourly fact, one row per (place, hour): the four weather variables and soil
+-- temperature and moisture at four depths. observed_at is a true UTC instant.
+-- Column names are the Open-Meteo variable names; scales keep one digit more
+-- than the API sends. (Calendar parts: the view hourly_weather.)
+-- location_id is a location's, but not a declared foreign key: its per-row
+-- check (a lookup and a row lock per hour) cost 40% of a load. The loader
+-- writes only ids it has just looked up in location, and a location with
+-- hours cannot be deleted (trigger location_keeps_its_hours, dml.sql).
+CREATE TABLE IF NOT EXISTS weather_hour (
+    location_id          bigint NOT NULL,
+    observed_at          timestamptz NOT NULL
+        CONSTRAINT weather_hour_observed_at_range
+        CHECK (observed_at >= '1900-01-01 00:00+00' AND observed_at < '2100-01-01 00:00+00'),
     temperature_2m       numeric(5,2)                    -- °C
-        CONSTRAINT weather_data_temperature_2m_range CHECK (temperature_2m BETWEEN -90 AND 65),
+        CONSTRAINT weather_hour_temperature_2m_range CHECK (temperature_2m BETWEEN -90 AND 65),
     relative_humidity_2m numeric(5,2)                    -- %
-        CONSTRAINT weather_data_relative_humidity_2m_range CHECK (relative_humidity_2m BETWEEN 0 AND 100),
+        CONSTRAINT weather_hour_relative_humidity_2m_range CHECK (relative_humidity_2m BETWEEN 0 AND 100),
     precipitation        numeric(6,2)                    -- mm in the hour
-        CONSTRAINT weather_data_precipitation_range CHECK (precipitation BETWEEN 0 AND 500),
+        CONSTRAINT weather_hour_precipitation_range CHECK (precipitation BETWEEN 0 AND 500),
     rain                 numeric(6,2)                    -- mm in the hour
-        CONSTRAINT weather_data_rain_range CHECK (rain BETWEEN 0 AND 500),
-    CONSTRAINT weather_data_location_instant_key UNIQUE (location_id, datetime_id)
-);
-
--- One row per (weather row, depth); a depth with neither value is not stored.
-CREATE TABLE IF NOT EXISTS soil (
-    weather_id      bigint   NOT NULL REFERENCES weather_data,
-    depth_top_cm    smallint NOT NULL,
-    depth_bottom_cm smallint NOT NULL,
-    temperature     numeric(5,2)                         -- °C
-        CONSTRAINT soil_temperature_range CHECK (temperature BETWEEN -90 AND 90),
-    moisture        numeric(5,4)                         -- m³/m³
-        CONSTRAINT soil_moisture_range CHECK (moisture BETWEEN 0 AND 1),
-    CONSTRAINT soil_depth_known CHECK ((depth_top_cm, depth_bottom_cm) IN ((0, 7), (7, 28), (28, 100), (100, 255))),
-    PRIMARY KEY (weather_id, depth_top_cm)
+        CONSTRAINT weather_hour_rain_range CHECK (rain BETWEEN 0 AND 500),
+    soil_temperature_0_to_7cm     numeric(5,2)           -- °C
+        CONSTRAINT weather_hour_soil_temperature_0_to_7cm_range CHECK (soil_temperature_0_to_7cm BETWEEN -90 AND 90),
+    soil_temperature_7_to_28cm    numeric(5,2)
+        CONSTRAINT weather_hour_soil_temperature_7_to_28cm_range CHECK (soil_temperature_7_to_28cm BETWEEN -90 AND 90),
+    soil_temperature_28_to_100cm  numeric(5,2)
+        CONSTRAINT weather_hour_soil_temperature_28_to_100cm_range CHECK (soil_temperature_28_to_100cm BETWEEN -90 AND 90),
+    soil_temperature_100_to_255cm numeric(5,2)
+        CONSTRAINT weather_hour_soil_temperature_100_to_255cm_range CHECK (soil_temperature_100_to_255cm BETWEEN -90 AND 90),
+    soil_moisture_0_to_7cm        numeric(5,4)           -- m³/m³
+        CONSTRAINT weather_hour_soil_moisture_0_to_7cm_range CHECK (soil_moisture_0_to_7cm BETWEEN 0 AND 1),
+    soil_moisture_7_to_28cm       numeric(5,4)
+        CONSTRAINT weather_hour_soil_moisture_7_to_28cm_range CHECK (soil_moisture_7_to_28cm BETWEEN 0 AND 1),
+    soil_moisture_28_to_100cm     numeric(5,4)
+        CONSTRAINT weather_hour_soil_moisture_28_to_100cm_range CHECK (soil_moisture_28_to_100cm BETWEEN 0 AND 1),
+    soil_moisture_100_to_255cm    numeric(5,4)
+        CONSTRAINT weather_hour_soil_moisture_100_to_255cm_range CHECK (soil_moisture_100_to_255cm BETWEEN 0 AND 1),
+    CONSTRAINT weather_hour_pkey PRIMARY KEY (location_id, observed_at)
 );
 
 -- Everything a load could not take, with the raw values and why.
@@ -164,38 +157,206 @@ CREATE UNLOGGED TABLE IF NOT EXISTS staging.landslide_event (
     near           text,
     continent_code text,
     hazard_type    text,
-    landslide_type text,
+    landslide_category text,
     landslide_size text,
     latitude       double precision,
     longitude      double precision,
     elevation      double precision
 );
 
+-- Measurements and coordinates as numeric: COPY parses the file's text
+-- straight into the tables' type (a double in between costs a second
+-- conversion per value).
 CREATE UNLOGGED TABLE IF NOT EXISTS staging.weather_hourly (
     run_id                        text,
     event_id                      text,
     is_event                      boolean,
-    latitude                      double precision,
-    longitude                     double precision,
-    elevation                     double precision,
+    latitude                      numeric,
+    longitude                     numeric,
+    elevation                     numeric,
     window_date                   date,
     observed_at                   timestamptz,
-    temperature_2m                double precision,
-    relative_humidity_2m          double precision,
-    precipitation                 double precision,
-    rain                          double precision,
-    soil_temperature_0_to_7cm     double precision,
-    soil_temperature_7_to_28cm    double precision,
-    soil_temperature_28_to_100cm  double precision,
-    soil_temperature_100_to_255cm double precision,
-    soil_moisture_0_to_7cm        double precision,
-    soil_moisture_7_to_28cm       double precision,
-    soil_moisture_28_to_100cm     double precision,
-    soil_moisture_100_to_255cm    double precision
+    temperature_2m                numeric,
+    relative_humidity_2m          numeric,
+    precipitation                 numeric,
+    rain                          numeric,
+    soil_temperature_0_to_7cm     numeric,
+    soil_temperature_7_to_28cm    numeric,
+    soil_temperature_28_to_100cm  numeric,
+    soil_temperature_100_to_255cm numeric,
+    soil_moisture_0_to_7cm        numeric,
+    soil_moisture_7_to_28cm       numeric,
+    soil_moisture_28_to_100cm     numeric,
+    soil_moisture_100_to_255cm    numeric
 );
 
 INSERT INTO schema_version (version, description)
 VALUES (1, 'star schema with natural keys, staging, rejected_rows')
+ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------
+-- Version 3: one row per place-hour, true UTC event instants, report
+-- versions, watermarks, pending windows, least-privilege roles.
+
+-- Upgrade from version 2 (hourly rows in weather_data + soil + datetime):
+-- every hour moves into weather_hour, then the old tables go. Runs once; the
+-- views over the old tables (and the staging columns) are rebuilt by dml.sql
+-- right after.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass('public.weather_data') AND relkind = 'r') THEN
+        DROP VIEW IF EXISTS training_days, event_weather_daily, window_weather_daily,
+            staging.soil_candidate, staging.weather_candidate, staging.landslide_event_candidate;
+        INSERT INTO weather_hour
+        SELECT w.location_id, d.instant, w.temperature_2m, w.relative_humidity_2m, w.precipitation, w.rain,
+               max(s.temperature) FILTER (WHERE s.depth_top_cm = 0), max(s.temperature) FILTER (WHERE s.depth_top_cm = 7),
+               max(s.temperature) FILTER (WHERE s.depth_top_cm = 28), max(s.temperature) FILTER (WHERE s.depth_top_cm = 100),
+               max(s.moisture) FILTER (WHERE s.depth_top_cm = 0), max(s.moisture) FILTER (WHERE s.depth_top_cm = 7),
+               max(s.moisture) FILTER (WHERE s.depth_top_cm = 28), max(s.moisture) FILTER (WHERE s.depth_top_cm = 100)
+        FROM weather_data w
+        JOIN datetime d ON d.datetime_id = w.datetime_id
+        LEFT JOIN soil s ON s.weather_id = w.weather_id
+        GROUP BY w.weather_id, d.instant;
+        DROP TABLE soil, weather_data;
+        -- The event's instant was its local date and time read as UTC: the
+        -- version-3 columns below replace it.
+        ALTER TABLE landslide_event DROP COLUMN datetime_id;
+        DROP TABLE datetime;
+        ALTER TABLE landslide_event RENAME COLUMN landslide_type TO landslide_category;
+        ALTER TABLE staging.landslide_event RENAME COLUMN landslide_type TO landslide_category;
+        ALTER TABLE staging.weather_hourly
+            ALTER latitude TYPE numeric, ALTER longitude TYPE numeric, ALTER elevation TYPE numeric,
+            ALTER temperature_2m TYPE numeric, ALTER relative_humidity_2m TYPE numeric,
+            ALTER precipitation TYPE numeric, ALTER rain TYPE numeric,
+            ALTER soil_temperature_0_to_7cm TYPE numeric, ALTER soil_temperature_7_to_28cm TYPE numeric,
+            ALTER soil_temperature_28_to_100cm TYPE numeric, ALTER soil_temperature_100_to_255cm TYPE numeric,
+            ALTER soil_moisture_0_to_7cm TYPE numeric, ALTER soil_moisture_7_to_28cm TYPE numeric,
+            ALTER soil_moisture_28_to_100cm TYPE numeric, ALTER soil_moisture_100_to_255cm TYPE numeric;
+        -- The catalog's categories as the extract now writes them: lowercase
+        -- codes with underscores ('Very_large' -> 'very_large').
+        UPDATE landslide_event
+        SET hazard_type = lower(regexp_replace(btrim(hazard_type), '[^[:alnum:]]+', '_', 'g')),
+            landslide_category = lower(regexp_replace(btrim(landslide_category), '[^[:alnum:]]+', '_', 'g')),
+            landslide_size = lower(regexp_replace(btrim(landslide_size), '[^[:alnum:]]+', '_', 'g'));
+    END IF;
+END $$;
+
+-- The zone Open-Meteo named for the place (crawl's timezone=auto), e.g.
+-- 'America/Los_Angeles'.
+ALTER TABLE location ADD COLUMN IF NOT EXISTS timezone text;
+
+-- The report as the catalog gives it (contract C1). event_date and
+-- event_time are the place's local calendar day and clock time; timezone is
+-- the place's zone once its weather is loaded; utc_offset is that zone's
+-- offset on that day (at the event's time, else at noon) from the tz
+-- database; instant is the true UTC instant (NULL while the time or the zone
+-- is unknown).
+ALTER TABLE landslide_event
+    ADD COLUMN IF NOT EXISTS last_edited timestamptz,
+    ADD COLUMN IF NOT EXISTS title text,
+    ADD COLUMN IF NOT EXISTS country text,
+    ADD COLUMN IF NOT EXISTS country_code text,
+    ADD COLUMN IF NOT EXISTS admin_division text,
+    ADD COLUMN IF NOT EXISTS near text,
+    ADD COLUMN IF NOT EXISTS continent_code char(2)
+        CONSTRAINT landslide_event_continent_code_known
+        CHECK (continent_code IN ('AF', 'AN', 'AS', 'EU', 'NA', 'OC', 'SA')),
+    ADD COLUMN IF NOT EXISTS location_accuracy text,
+    ADD COLUMN IF NOT EXISTS landslide_trigger text,
+    ADD COLUMN IF NOT EXISTS landslide_setting text,
+    ADD COLUMN IF NOT EXISTS fatalities integer
+        CONSTRAINT landslide_event_fatalities_range CHECK (fatalities >= 0),
+    ADD COLUMN IF NOT EXISTS injuries integer
+        CONSTRAINT landslide_event_injuries_range CHECK (injuries >= 0),
+    ADD COLUMN IF NOT EXISTS source_link text,
+    ADD COLUMN IF NOT EXISTS timezone text,
+    ADD COLUMN IF NOT EXISTS utc_offset interval GENERATED ALWAYS AS (
+        (event_date + coalesce(event_time, time '12:00'))
+        - ((event_date + coalesce(event_time, time '12:00')) AT TIME ZONE timezone AT TIME ZONE 'UTC')) STORED,
+    ADD COLUMN IF NOT EXISTS instant timestamptz GENERATED ALWAYS AS ((event_date + event_time) AT TIME ZONE timezone) STORED,
+    ADD COLUMN IF NOT EXISTS updated_at timestamptz;
+
+-- Each replaced version of a report, as it was stored, and when and by which
+-- run it was replaced.
+CREATE TABLE IF NOT EXISTS landslide_event_history (
+    history_id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    landslide_event_id bigint NOT NULL REFERENCES landslide_event,
+    catalog_id         text NOT NULL,
+    last_edited        timestamptz,
+    version            jsonb NOT NULL,
+    replaced_at        timestamptz NOT NULL DEFAULT now(),
+    replaced_by_run    text
+);
+
+-- Per source (a catalog file's name or the ArcGIS layer URL), the newest
+-- last_edited among the reports loaded from it: source_watermark() (dml.sql).
+CREATE TABLE IF NOT EXISTS load_watermark (
+    source      text PRIMARY KEY,
+    last_edited timestamptz NOT NULL,
+    advanced_at timestamptz NOT NULL DEFAULT now(),
+    run_id      text
+);
+
+-- Windows the archive could not serve yet (crawl's pending_windows.csv):
+-- waiting, not failed. A load that brings the window's hours removes it.
+CREATE TABLE IF NOT EXISTS pending_window (
+    landslide_event_id bigint NOT NULL REFERENCES landslide_event,
+    is_event           boolean NOT NULL,
+    latitude           numeric(8,6) NOT NULL,
+    longitude          numeric(9,6) NOT NULL,
+    window_date        date NOT NULL,
+    first_seen         timestamptz NOT NULL DEFAULT now(),
+    last_checked       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT pending_window_pkey PRIMARY KEY (landslide_event_id, is_event)
+);
+
+ALTER TABLE staging.landslide_event
+    ADD COLUMN IF NOT EXISTS last_edited timestamptz,
+    ADD COLUMN IF NOT EXISTS title text,
+    ADD COLUMN IF NOT EXISTS country_code text,
+    ADD COLUMN IF NOT EXISTS admin_division text,
+    ADD COLUMN IF NOT EXISTS location_accuracy text,
+    ADD COLUMN IF NOT EXISTS landslide_trigger text,
+    ADD COLUMN IF NOT EXISTS landslide_setting text,
+    ADD COLUMN IF NOT EXISTS fatalities integer,
+    ADD COLUMN IF NOT EXISTS injuries integer,
+    ADD COLUMN IF NOT EXISTS source_link text;
+
+ALTER TABLE staging.weather_hourly ADD COLUMN IF NOT EXISTS timezone text;
+
+CREATE UNLOGGED TABLE IF NOT EXISTS staging.pending_window (
+    run_id      text,
+    event_id    text,
+    is_event    boolean,
+    latitude    double precision,
+    longitude   double precision,
+    window_date date
+);
+
+-- Roles (cluster-wide; bootstrap gives them LOGIN and a password):
+--   vpe_loader  the tasks' VPE_WAREHOUSE_DSN: stages rows and calls load_staging
+--   vpe_reader  ./bootstrap.sh psql: reads everything, creates tables in schema scratch
+-- No one else may connect to this database (Airflow's role included); the
+-- grants on tables and functions are renewed at the end of dml.sql.
+DO $$
+DECLARE
+    name text;
+BEGIN
+    FOREACH name IN ARRAY '{vpe_loader,vpe_reader}'::text[] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', name);
+        END IF;
+    END LOOP;
+    EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO vpe_loader, vpe_reader', current_database());
+    EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO vpe_reader', current_database());
+END $$;
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+CREATE SCHEMA IF NOT EXISTS scratch AUTHORIZATION vpe_reader;
+
+INSERT INTO schema_version (version, description)
+VALUES (3, 'one row per place-hour (weather_hour), local and UTC event times, report versions, '
+           'watermarks, pending windows, least-privilege roles')
 ON CONFLICT (version) DO NOTHING;
 
 COMMIT;

@@ -27,7 +27,8 @@ from conftest import ROOT, bootstrap, free_port
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECRET_KEYS = {"VPE_PG_PASSWORD", "VPE_EXECUTOR_TOKEN", "AIRFLOW__API_AUTH__JWT_SECRET",
-               "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_UID"}
+               "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_UID",
+               "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD"}
 AIRFLOW_SERVICES = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; $$ is a literal $.
 VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -495,6 +496,8 @@ def test_down_stops_every_profile_and_keeps_the_volumes(stack: Stack) -> None:
 
 def test_psql_logs_migrate_and_airflow_go_to_the_containers(stack: Stack) -> None:
     stack.run("psql", "-c", "select 1")
+    assert stack.calls() == [["exec", "-T", "postgres", "psql", "-U", "vpe_reader", "-d", "warehouse", "-c", "select 1"]]
+    stack.run("psql", "--admin", "-c", "select 1")
     assert stack.calls() == [["exec", "-T", "postgres", "psql", "-U", "postgres", "-d", "warehouse", "-c", "select 1"]]
     stack.run("logs", "executor", "postgres")
     assert stack.calls() == [["logs", "--tail", "40", "executor", "postgres"]]

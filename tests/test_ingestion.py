@@ -110,9 +110,9 @@ def read_rejects(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def load_counts(stdout: str) -> dict[str, tuple[int, int, int]]:
-    """load's table: target -> (inserted, already_present, rejected)."""
-    rows = re.findall(r"load: +(\w+) +(\d+) +(\d+) +(\d+)$", stdout, re.MULTILINE)
+def load_counts(stdout: str) -> dict[str, tuple[int, int, int, int]]:
+    """load's table: target -> (inserted, updated, already_present, rejected)."""
+    rows = re.findall(r"load: +(\w+) +(\d+) +(\d+) +(\d+) +(\d+)$", stdout, re.MULTILINE)
     return {target: tuple(map(int, counts)) for target, *counts in rows}
 
 
@@ -166,9 +166,14 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     assert query(dsn, "SELECT count(*) FROM weather_window")[0][0] == len(windows)
     assert query(dsn, "SELECT every(last_hour - first_hour = interval '23 hours') FROM weather_window")[0][0]
     assert query(dsn, "SELECT count(*) FROM weather_data")[0][0] == len(hourly)
-    assert query(dsn, "SELECT count(DISTINCT depth_top_cm), min(n), max(n) FROM soil "
-                      "JOIN (SELECT weather_id, count(*) AS n FROM soil GROUP BY weather_id) per USING (weather_id)"
+    assert query(dsn, "SELECT count(DISTINCT depth_top_cm), min(n), max(n) FROM soil JOIN (SELECT location_id, "
+                      "observed_at, count(*) AS n FROM soil GROUP BY 1, 2) per USING (location_id, observed_at)"
                  )[0] == (4, 4, 4)
+    # The stand-in names a zone of whole hours from the longitude (Oso, Washington: UTC-8); the event's local
+    # 10:37 is 18:37 UTC, and its hour is a row of its window.
+    assert query(dsn, "SELECT timezone, instant, event_hour FROM event_weather_daily WHERE catalog_id = '101'") == [
+        ("Etc/GMT+8", datetime.datetime(2014, 3, 22, 18, 37, tzinfo=datetime.timezone.utc),
+         datetime.datetime(2014, 3, 22, 18, tzinfo=datetime.timezone.utc))]
     assert query(dsn, "SELECT l.continent_code, e.time_text, e.event_time FROM landslide_event e "
                       "JOIN location l USING (location_id) WHERE catalog_id IN ('101', '103') ORDER BY catalog_id"
                  ) == [("NA", "10:37", datetime.time(10, 37)), ("AS", "Overnight", None)]
@@ -181,7 +186,7 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     assert api_calls(api)["calls"] == calls, "the rerun is served from the cache"
     counts = load_counts(ok(step(ingestion_python, "load.py", workdir=workdir,
                                  env={"VPE_WAREHOUSE_DSN": dsn, "VPE_ALLOW_SYNTHETIC_WEATHER": "1"})))
-    assert counts and all(inserted == 0 for inserted, _, _ in counts.values()), counts
+    assert counts and all(inserted == updated == 0 for inserted, updated, _, _ in counts.values()), counts
     assert query(dsn, "SELECT (SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_data), "
                       "(SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)") == totals
 
@@ -559,10 +564,11 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         hourly = read_csv(workspace / "hourly.csv")
         assert len(hourly) == windows * 24 and len({(h["event_id"], h["is_event"], h["observed_at"]) for h in hourly}) \
             == len(hourly), "each window's hours once"
-        assert load_counts(first["load"])["landslide_event"] == (DEMO_EVENTS, 0, 0)
+        assert load_counts(first["load"])["landslide_event"] == (DEMO_EVENTS, 0, 0, 0)
         assert (f"event rows: {2 * DEMO_EVENTS} in events-csv.csv, events-xlsx.csv = {DEMO_EVENTS} copies of an "
                 f"earlier file's row") in first["load"]
-        assert f"+ {DEMO_EVENTS} inserted + 0 already present + 0 rejected: the counts add up" in first["load"]
+        assert (f"+ {DEMO_EVENTS} loaded new + 0 updated (a newer version of the report; the previous one is in "
+                "landslide_event_history) + 0 already present + 0 rejected: the counts add up") in first["load"]
         counts = "(SELECT count(*) FROM landslide_event), (SELECT count(*) FROM weather_window), " \
                  "(SELECT count(*) FROM weather_data), (SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)"
         assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
@@ -572,9 +578,10 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         assert query(dsn, "SELECT DISTINCT source FROM landslide_event") == [("demo_catalog.csv",)]
 
         second = dag_run("dag-2")
-        assert load_counts(second["load"])["landslide_event"] == (0, DEMO_EVENTS, 0)
-        assert all(inserted == 0 for inserted, _, _ in load_counts(second["load"]).values())
-        assert f"+ 0 inserted + {DEMO_EVENTS} already present + 0 rejected: the counts add up" in second["load"]
+        assert load_counts(second["load"])["landslide_event"] == (0, 0, DEMO_EVENTS, 0)
+        assert all(inserted == updated == 0 for inserted, updated, _, _ in load_counts(second["load"]).values())
+        assert (f"+ 0 loaded new + 0 updated (a newer version of the report; the previous one is in "
+                f"landslide_event_history) + {DEMO_EVENTS} already present + 0 rejected: the counts add up") in second["load"]
         assert query(dsn, f"SELECT {counts}") == [(DEMO_EVENTS, windows, windows * 24, windows * 24 * 4,
                                                    2 * DEMO_REJECTS)]
     finally:

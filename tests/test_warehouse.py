@@ -13,12 +13,13 @@ import pytest
 from conftest import bootstrap
 
 UTC = dt.timezone.utc
-TARGETS = ["landslide_event", "location", "datetime", "weather_window", "weather_data", "soil"]
-EVENT_COLUMNS = ["run_id", "source", "row_number", "event_id", "event_date", "event_time", "time_text",
-                 "country", "near", "continent_code", "hazard_type", "landslide_type", "landslide_size",
-                 "latitude", "longitude", "elevation"]
+TARGETS = ["landslide_event", "location", "weather_window", "weather_hour", "pending_window"]
+EVENT_COLUMNS = ["run_id", "source", "row_number", "event_id", "event_date", "event_time", "time_text", "last_edited",
+                 "title", "country", "country_code", "admin_division", "near", "continent_code", "location_accuracy",
+                 "hazard_type", "landslide_category", "landslide_trigger", "landslide_size", "landslide_setting",
+                 "fatalities", "injuries", "source_link", "latitude", "longitude", "elevation"]
 WEATHER_COLUMNS = ["run_id", "event_id", "is_event", "latitude", "longitude", "elevation", "window_date",
-                   "observed_at", "temperature_2m", "relative_humidity_2m", "precipitation", "rain",
+                   "observed_at", "timezone", "temperature_2m", "relative_humidity_2m", "precipitation", "rain",
                    *(f"soil_{kind}_{depth}cm" for kind in ("temperature", "moisture")
                      for depth in ("0_to_7", "7_to_28", "28_to_100", "100_to_255"))]
 SOIL_DEPTHS = 4
@@ -29,7 +30,7 @@ Row = dict[str, Any]
 def event(event_id: str, day: dt.date, lat: float, lon: float, **values: Any) -> Row:
     return {"source": "catalog.csv", "row_number": int(event_id) + 1, "event_id": event_id, "event_date": day,
             "event_time": None, "time_text": None, "country": "Peru", "near": "Huancabamba",
-            "continent_code": "SA", "hazard_type": "landslide", "landslide_type": "Landslide",
+            "continent_code": "SA", "hazard_type": "landslide", "landslide_category": "Landslide",
             "landslide_size": "Medium", "latitude": lat, "longitude": lon, "elevation": None, **values}
 
 
@@ -71,13 +72,14 @@ def stage(conn: psycopg.Connection, run_id: str, events: list[Row] = (), weather
 
 
 def load(conn: psycopg.Connection, run_id: str, events: list[Row] = (), weather: list[Row] = ()
-         ) -> dict[str, tuple[int, int, int]]:
-    """Stages and merges one run in one transaction, as tasks/ingestion/load.py does."""
+         ) -> dict[str, tuple[int, int, int, int]]:
+    """Stages and merges one run in one transaction, as tasks/ingestion/load.py does.
+    Returns target -> (inserted, updated, already present, rejected)."""
     with conn.transaction():
         stage(conn, run_id, events, weather)
         rows = conn.execute("SELECT * FROM load_staging(%s)", (run_id,)).fetchall()
     assert [r[0] for r in rows] == TARGETS
-    return {target: (inserted, present, rejected) for target, inserted, present, rejected in rows}
+    return {target: tuple(counts) for target, *counts in rows}
 
 
 def snapshot(conn: psycopg.Connection) -> dict[str, tuple[int, str]]:
@@ -126,7 +128,7 @@ def test_applying_the_schema_twice_to_an_empty_warehouse_changes_nothing(
         before = snapshot(conn), schema_shape(conn)
         bootstrap("migrate", env=env)
         assert (snapshot(conn), schema_shape(conn)) == before
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,)]
         assert all(count == 0 for table, (count, _) in before[0].items() if table != "public.schema_version")
 
 
@@ -135,12 +137,12 @@ def test_applying_the_schema_again_to_a_populated_warehouse_keeps_every_row(ware
     load(conn, "run-1", EVENTS, [w for ev in EVENTS for w in both_days(ev)])
     stage(conn, "run-pending", EVENTS[:1])  # staged but not merged yet: must survive too
     before = snapshot(conn), schema_shape(conn)
-    assert before[0]["public.soil"][0] == len(EVENTS) * 48 * SOIL_DEPTHS
+    assert conn.execute("SELECT count(*) FROM soil").fetchone() == (len(EVENTS) * 48 * SOIL_DEPTHS,)
 
     bootstrap("migrate", env=env)
 
     assert (snapshot(conn), schema_shape(conn)) == before
-    assert load(conn, "run-pending")["landslide_event"] == (0, 1, 0)
+    assert load(conn, "run-pending")["landslide_event"] == (0, 0, 1, 0)
 
 
 def test_loading_the_same_batch_twice_adds_nothing(warehouse) -> None:
@@ -150,12 +152,10 @@ def test_loading_the_same_batch_twice_adds_nothing(warehouse) -> None:
     after_first = snapshot(conn)
     second = load(conn, "run-2", EVENTS, weather)
 
-    # Weather hours are new instants except the two event days' midnights (events 1 and 2 have no
-    # time, so they point at their day's 00:00); event 3 at 02:30 is an instant of its own.
-    assert first == {"landslide_event": (3, 0, 0), "location": (3, 3, 0), "datetime": (3 * 48 + 1, 2, 0),
-                     "weather_window": (6, 0, 0), "weather_data": (144, 0, 0), "soil": (576, 0, 0)}
-    assert second == {"landslide_event": (0, 3, 0), "location": (0, 6, 0), "datetime": (0, 147, 0),
-                      "weather_window": (0, 6, 0), "weather_data": (0, 144, 0), "soil": (0, 576, 0)}
+    assert first == {"landslide_event": (3, 0, 0, 0), "location": (3, 0, 3, 0), "weather_window": (6, 0, 0, 0),
+                     "weather_hour": (144, 0, 0, 0), "pending_window": (0, 0, 0, 0)}
+    assert second == {"landslide_event": (0, 0, 3, 0), "location": (0, 0, 6, 0), "weather_window": (0, 0, 6, 0),
+                      "weather_hour": (0, 0, 144, 0), "pending_window": (0, 0, 0, 0)}
     assert snapshot(conn) == after_first
     assert after_first["staging.weather_hourly"][0] == after_first["staging.landslide_event"][0] == 0
 
@@ -167,11 +167,11 @@ def test_an_overlapping_batch_adds_only_its_new_rows(warehouse) -> None:
     load(conn, "run-1", first_events, [w for ev in first_events for w in both_days(ev)])
     counts = load(conn, "run-2", second_events, weather_day(EVENTS[1], True) + both_days(EVENTS[2]))
 
-    assert counts["landslide_event"] == (1, 1, 0)
-    assert counts["weather_window"] == (2, 1, 0)
-    assert counts["weather_data"] == (48, 24, 0)
-    assert counts["soil"] == (48 * SOIL_DEPTHS, 24 * SOIL_DEPTHS, 0)
-    assert conn.execute("SELECT count(*) FROM weather_data").fetchone() == (3 * 48,)
+    assert counts["landslide_event"] == (1, 0, 1, 0)
+    assert counts["weather_window"] == (2, 0, 1, 0)
+    assert counts["weather_hour"] == (48, 0, 24, 0)
+    assert conn.execute("SELECT count(*) FROM weather_hour").fetchone() == (3 * 48,)
+    assert conn.execute("SELECT count(*) FROM soil").fetchone() == (3 * 48 * SOIL_DEPTHS,)
     assert conn.execute("SELECT count(DISTINCT catalog_id) FROM landslide_event").fetchone() == (3,)
 
 
@@ -196,20 +196,21 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_loaded(warehouse) ->
 
     counts = load(conn, "run-bad", [good, *bad_events], hours + orphan + wrong_day)
 
-    assert counts["landslide_event"] == (1, 0, 5)
-    assert counts["weather_data"] == (19, 0, 8)
+    assert counts["landslide_event"] == (1, 0, 0, 5)
+    assert counts["weather_hour"] == (19, 0, 0, 8)
     reasons = dict(conn.execute("SELECT row_key, reason FROM rejected_rows WHERE run_id = 'run-bad'").fetchall())
     stamp = "2019-03-10T{:02d}:00Z".format
     assert reasons == {
         "event_id 10 row 11": "violates location_latitude_range (latitude=95.000000)",
-        "event_id 11 row 12": "violates location_continent_code_known (continent_code=XX)",
+        "event_id 11 row 12": "violates landslide_event_continent_code_known (continent_code=XX)",
         "event_id 12 row 13": "event_date is missing (landslide_event.event_date is NOT NULL)",
         "event_id 13 row 14": "latitude is missing (location.latitude is NOT NULL)",
         "event_id 1 row 99": "repeats event_id 1 of row 2",
-        f"event_id 1 event {stamp(0)}": "violates weather_data_relative_humidity_2m_range (relative_humidity_2m=130)",
-        f"event_id 1 event {stamp(1)}": "violates weather_data_precipitation_range (precipitation=-1)",
-        f"event_id 1 event {stamp(2)}": "soil 7-28 cm: violates soil_moisture_range (moisture=1.7)",
-        "event_id 1 event ?": "instant is missing (datetime.instant is NOT NULL)",
+        f"event_id 1 event {stamp(0)}": "violates weather_hour_relative_humidity_2m_range (relative_humidity_2m=130.0)",
+        f"event_id 1 event {stamp(1)}": "violates weather_hour_precipitation_range (precipitation=-1.0)",
+        f"event_id 1 event {stamp(2)}":
+            "violates weather_hour_soil_moisture_7_to_28cm_range (soil_moisture_7_to_28cm=1.7)",
+        "event_id 1 event ?": "observed_at is missing (weather_hour.observed_at is NOT NULL)",
         f"event_id 1 event {stamp(4)}": "violates location_latitude_range (latitude=NaN)",
         "event_id 404 event 2019-05-05T00:00Z":
             "event_id 404 is not in landslide_event (its catalog row is missing or was rejected)",
@@ -225,29 +226,31 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_loaded(warehouse) ->
 
     # The same bad input again is counted again but recorded once.
     again = load(conn, "run-bad-again", [good, *bad_events], hours + orphan + wrong_day)
-    assert again["landslide_event"] == (0, 1, 5) and again["weather_data"] == (0, 19, 8)
+    assert again["landslide_event"] == (0, 0, 1, 5) and again["weather_hour"] == (0, 0, 19, 8)
     assert conn.execute("SELECT count(*) FROM rejected_rows").fetchone() == (13,)
 
 
-def test_a_changed_catalog_row_or_window_is_rejected_not_silently_dropped(warehouse) -> None:
+def test_a_changed_catalog_row_updates_the_event_and_a_moved_window_row_is_rejected(warehouse) -> None:
     conn, _ = warehouse
     ev = EVENTS[0]
     load(conn, "run-1", [ev], weather_day(ev, True, hours=12))
-    moved = {**ev, "landslide_size": "Large"}
+    resized = {**ev, "landslide_size": "Large"}
     later_hours = weather_day(ev, True)[12:]
     elsewhere = [{**h, "latitude": 1.5} for h in later_hours[:2]]
 
-    counts = load(conn, "run-2", [moved], later_hours[2:] + elsewhere)
+    counts = load(conn, "run-2", [resized], later_hours[2:] + elsewhere)
 
-    assert counts["landslide_event"] == (0, 0, 1)
-    assert counts["weather_data"] == (10, 0, 2)
+    # Both versions are undated (the legacy export has no last_edited): the later load wins.
+    assert counts["landslide_event"] == (0, 1, 0, 0)
+    assert counts["weather_hour"] == (10, 0, 0, 2)
     reasons = sorted(r for (r,) in conn.execute("SELECT DISTINCT reason FROM rejected_rows"))
     assert reasons == [
-        "event_id 1 is already loaded with other values (the first load is kept)",
         "the event window of event 1 is at (-10.383800, -75.426700) on 2019-03-10, "
         "this row says (1.500000, -75.426700) on 2019-03-10",
     ]
-    assert conn.execute("SELECT landslide_size FROM landslide_event").fetchone() == ("Medium",)
+    assert conn.execute("SELECT landslide_size FROM landslide_event").fetchone() == ("Large",)
+    assert conn.execute("SELECT version->>'landslide_size', replaced_by_run FROM landslide_event_history"
+                        ).fetchall() == [("Medium", "run-2")]
     # The accepted later hours widen the window to the whole day.
     assert conn.execute("SELECT hours_observed FROM event_weather_daily").fetchone() == (22,)
 
@@ -256,7 +259,7 @@ def test_views_summarise_each_day_as_computed_by_hand(warehouse) -> None:
     conn, _ = warehouse
     slide = event("1", dt.date(2021, 6, 15), 27.7, 85.3, country="Nepal", near="Kathmandu", continent_code="AS",
                   time_text="night")
-    twin = event("2", dt.date(2021, 6, 15), 27.7, 85.3, landslide_type="Mudslide")  # same place, same day
+    twin = event("2", dt.date(2021, 6, 15), 27.7, 85.3, landslide_category="Mudslide")  # same place, same day
     next_day = event("3", dt.date(2021, 6, 16), 27.7, 85.3)
     american = event("4", dt.date(2021, 6, 15), 40.0, -105.0, continent_code="NA")
     moisture_0_7 = [0.30, 0.35, 0.41, 0.38]

@@ -11,7 +11,10 @@ import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import psycopg
 
 HOURLY_VARIABLES = (
     "temperature_2m", "relative_humidity_2m", "precipitation", "rain",
@@ -36,7 +39,7 @@ EVENT_COLUMNS = ("source", "row_number", "event_id", "event_date", "event_time",
                  "landslide_setting", "fatalities", "injuries", "source_link", "latitude", "longitude", "elevation")
 WINDOW_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "window_date")
 HOURLY_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
-                  *HOURLY_VARIABLES)
+                  "timezone", *HOURLY_VARIABLES)
 FAILED_COLUMNS = (*WINDOW_COLUMNS, "reason")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,6 +137,36 @@ class Progress:
             eta = (self.total - self.done) / rate if rate else float("inf")
             log.info("%s %d/%d (%.0f%%), %.1f/s, ETA %.0fs", self.label, self.done, self.total,
                      100 * self.done / max(self.total, 1), rate, eta)
+
+
+def warehouse_dsn(what: str) -> str:
+    """$VPE_WAREHOUSE_DSN, which `what` (a step's option) needs."""
+    dsn = os.environ.get("VPE_WAREHOUSE_DSN", "")
+    if not dsn:
+        raise StepFailed(f"{what} needs the warehouse: set VPE_WAREHOUSE_DSN (./bootstrap.sh exports it)")
+    return dsn
+
+
+def connect_warehouse(dsn: str) -> psycopg.Connection:
+    import psycopg  # only the steps that talk to the warehouse need it
+
+    try:
+        return psycopg.connect(dsn, connect_timeout=10)
+    except psycopg.OperationalError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise StepFailed(f"cannot connect to the warehouse ({reason}): is it up? (./bootstrap.sh status)") from None
+
+
+def query_warehouse(dsn: str, what: str, sql: str, *params: object) -> list[tuple]:
+    """The rows of one read-only query for `what`; a warehouse error is a failed step with the reason."""
+    import psycopg
+
+    try:
+        with connect_warehouse(dsn) as connection:
+            return connection.execute(sql, params).fetchall()
+    except psycopg.Error as error:
+        raise StepFailed(f"could not read {what} from the warehouse ({' '.join(str(error).split())}): is its "
+                         f"schema up to date? (./bootstrap.sh migrate)") from None
 
 
 def run_step(name: str, main: Callable[[], int]) -> None:

@@ -5,8 +5,11 @@ Reads every extract's windows-*.csv in the run folder (a window that several
 extracts list, e.g. the same catalog as CSV and XLSX, counts once); writes
 hourly.csv (24 rows per window), failed_windows.csv (each with its reason),
 pending_windows.csv and crawl_summary.json. A window whose day the archive does
-not serve yet (newer than today minus --archive-lag-days) is not asked for: it is
-pending, listed in pending_windows.csv for a later crawl, and no failure.
+not serve yet is pending, listed in pending_windows.csv for a later crawl, and no
+failure: a day newer than today minus --archive-lag-days is not asked for, and a
+day of the last --recent-days that the archive answers with hours of no values
+(or as out of its range) has not reached it yet. --pending-from-warehouse adds the windows
+still pending in the warehouse (table pending_window) to this run's.
 Windows go to the API in batches (comma lists of coordinates and dates, one
 answer per location). Every answer is cached on disk first, so a rerun or a
 resumed run asks only for windows it does not have. 429/5xx/timeouts are retried
@@ -29,7 +32,7 @@ import random
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -38,8 +41,8 @@ from urllib.parse import urlencode, urlsplit
 import requests
 
 from common import (CRAWL_SUMMARY, FAILED_COLUMNS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, HOURLY_VARIABLES,
-                    PENDING_WINDOWS, WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir, extract_files, log,
-                    run_folder, run_step, write_csv)
+                    PENDING_WINDOWS, WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir,
+                    extract_files, log, query_warehouse, run_folder, run_step, warehouse_dsn, write_csv)
 
 REAL_ARCHIVE_URL = "https://archive-api.open-meteo.com/v1/archive"
 CUSTOMER_ARCHIVE_URL = "https://customer-archive-api.open-meteo.com/v1/archive"
@@ -50,6 +53,9 @@ EXIT_QUOTA = 75  # EX_TEMPFAIL: nothing is wrong, the rest has to wait for tomor
 MAX_GET_QUERY = 2000  # longer coordinate lists go in a POST body
 HOURS_PER_WINDOW = 24
 MAX_FAILED_BATCHES_IN_A_ROW = 3
+# The archive's refusal of a day it does not serve (yet): "Parameter 'start_date' is out of allowed range from
+# 1940-01-01 to 2026-11-24".
+OUT_OF_RANGE = re.compile(r"out of allowed range")
 
 
 Key = tuple[float, float, str]  # latitude, longitude, day: what the API is asked and the cache is keyed by
@@ -82,6 +88,10 @@ class Refused(Exception):
 
 class RefusedWhole(Exception):
     """HTTP 400 even for a window the archive certainly has: the request itself is wrong, not a window."""
+
+
+class NotInArchiveYet(Exception):
+    """An answer with hours of no values (or a day out of the archive's range): the archive has not got it yet."""
 
 
 class QuotaExhausted(Exception):
@@ -225,7 +235,9 @@ def retry_after(response: requests.Response) -> float | None:
 
 
 def cache_entry(answer: dict) -> dict:
-    """What the cache keeps of one location's answer; raises ValueError if it is not 24 complete hours."""
+    """What the cache keeps of one location's answer; raises ValueError if it is not 24 complete hours,
+    NotInArchiveYet if an hour has no value at all (the archive answers so for hours it has not got yet; a
+    local day can straddle its last UTC day)."""
     hourly = answer.get("hourly") or {}
     times = hourly.get("time") or []
     if len(times) != HOURS_PER_WINDOW:
@@ -233,7 +245,12 @@ def cache_entry(answer: dict) -> dict:
     for variable in HOURLY_VARIABLES:
         if len(hourly.get(variable) or []) != HOURS_PER_WINDOW:
             raise ValueError(f"variable {variable} missing or not {HOURS_PER_WINDOW} values")
+    empty = sum(all(hourly[variable][hour] is None for variable in HOURLY_VARIABLES)
+                for hour in range(HOURS_PER_WINDOW))
+    if empty:
+        raise NotInArchiveYet(f"the archive answered no values for {empty} of the day's {HOURS_PER_WINDOW} hours")
     return {"elevation": answer.get("elevation"), "utc_offset_seconds": int(answer.get("utc_offset_seconds") or 0),
+            "timezone": answer.get("timezone") or "GMT",
             "hourly": {name: hourly[name] for name in ("time", *HOURLY_VARIABLES)}}
 
 
@@ -251,10 +268,12 @@ class Cache:
         return self.folder / day / f"{lat:.6f}_{lon:.6f}.json"
 
     def get(self, key: Key) -> dict | None:
+        """An entry written before answers' zone names were kept counts as missing: the warehouse needs the name."""
         try:
-            return json.loads(self.path(key).read_text())
+            entry = json.loads(self.path(key).read_text())
         except (FileNotFoundError, ValueError):
             return None
+        return entry if "timezone" in entry else None
 
     def put(self, key: Key, entry: dict) -> None:
         path = self.path(key)
@@ -274,6 +293,8 @@ class Crawl:
     backoff: float
 
     probed: bool = False  # a refused batch has shown that the request itself is fine
+    # Keys the archive has not got yet, with how it said so; the caller decides whether they wait or fail.
+    not_in_archive: dict[Key, str] = field(default_factory=dict)
 
     def run(self, keys: list[Key]) -> tuple[dict[Key, str], QuotaExhausted | Retryable | RefusedWhole | None]:
         """Fetches and caches `keys`; returns failures by key and, if it stopped early, why."""
@@ -296,7 +317,10 @@ class Crawl:
                 if len(batch) > 1:  # find the windows the API refuses by halving the batch
                     queue.extendleft([batch[len(batch) // 2:], batch[:len(batch) // 2]])
                     continue
-                failed[batch[0]] = f"API refused: {reason}"
+                if OUT_OF_RANGE.search(str(reason)):
+                    self.not_in_archive[batch[0]] = f"API refused: {reason}"
+                else:
+                    failed[batch[0]] = f"API refused: {reason}"
                 progress.advance()
                 continue
             except Retryable as reason:
@@ -312,6 +336,8 @@ class Crawl:
             for key, answer in zip(batch, answers):
                 try:
                     self.cache.put(key, {**cache_entry(answer), "synthetic": self.archive.synthetic})
+                except NotInArchiveYet as reason:
+                    self.not_in_archive[key] = str(reason)
                 except ValueError as reason:
                     failed[key] = f"incomplete answer: {reason}"
             progress.advance(len(batch))
@@ -367,7 +393,30 @@ def distinct_windows(paths: list[Path]) -> list[Window]:
     return windows
 
 
+def warehouse_pending(dsn: str) -> list[Window]:
+    """The windows waiting in the warehouse (table pending_window), named by their event's catalog id."""
+    rows = query_warehouse(dsn, "the pending windows",
+                           "SELECT e.catalog_id, p.is_event, p.latitude, p.longitude, p.window_date "
+                           "FROM pending_window p JOIN landslide_event e USING (landslide_event_id) "
+                           "ORDER BY p.window_date, e.catalog_id, p.is_event DESC")
+    return [Window(catalog_id, "true" if is_event else "false", float(lat), float(lon), day.isoformat())
+            for catalog_id, is_event, lat, lon, day in rows]
+
+
+def with_pending(windows: list[Window], pending: list[Window]) -> list[Window]:
+    """This run's windows plus the warehouse's pending ones; an event this run lists again (perhaps edited to
+    another place or day) keeps this run's window."""
+    listed = {(w.event_id, w.is_event) for w in windows}
+    added = [w for w in pending if (w.event_id, w.is_event) not in listed]
+    log.info("%d windows pending in the warehouse: %d added, %d listed by this run already",
+             len(pending), len(added), len(pending) - len(added))
+    return windows + added
+
+
 def observed_at(local: str, offset_seconds: int) -> str:
+    """The true UTC instant of an answer's hour. Open-Meteo writes every hour of a series as UTC + the one
+    utc_offset_seconds valid at request time (no per-day daylight saving), so that same offset, not the zone's
+    offset on the day, turns the label back into the instant the values belong to."""
     zone = timezone(timedelta(seconds=offset_seconds))
     return datetime.fromisoformat(local).replace(tzinfo=zone).isoformat()
 
@@ -376,20 +425,21 @@ def window_rows(window: Window, entry: dict) -> Iterator[tuple]:
     hourly = entry["hourly"]
     for hour, local in enumerate(hourly["time"]):
         yield (window.event_id, window.is_event, window.latitude, window.longitude, entry["elevation"], window.day,
-               observed_at(local, entry["utc_offset_seconds"]), *(hourly[name][hour] for name in HOURLY_VARIABLES))
+               observed_at(local, entry["utc_offset_seconds"]), entry["timezone"],
+               *(hourly[name][hour] for name in HOURLY_VARIABLES))
 
 
 def write_outputs(folder: Path, windows: list[Window], cache: Cache, failed: dict[Key, str], not_fetched: str,
-                  last_day: str) -> tuple[int, int, int, bool]:
-    """hourly.csv, failed_windows.csv and pending_windows.csv; returns (windows with data, failed windows,
-    pending windows, any synthetic)."""
+                  waiting: set[Key]) -> tuple[int, int, int, bool]:
+    """hourly.csv, failed_windows.csv and pending_windows.csv (the windows of `waiting` without data); returns
+    (windows with data, failed windows, pending windows, any synthetic)."""
     entries = {key: cache.get(key) for key in {w.key for w in windows} if key not in failed}
     done = [w for w in windows if entries.get(w.key)]
     write_csv(folder / HOURLY, HOURLY_COLUMNS, (row for w in done for row in window_rows(w, entries[w.key])))
-    pending = [w for w in windows if not entries.get(w.key) and w.day > last_day]
+    pending = [w for w in windows if not entries.get(w.key) and w.key in waiting]
     write_csv(folder / PENDING_WINDOWS, WINDOW_COLUMNS,
               ((w.event_id, w.is_event, w.latitude, w.longitude, w.day) for w in pending))
-    missing = [w for w in windows if not entries.get(w.key) and w.day <= last_day]
+    missing = [w for w in windows if not entries.get(w.key) and w.key not in waiting]
     write_csv(folder / FAILED_WINDOWS, FAILED_COLUMNS,
               ((w.event_id, w.is_event, w.latitude, w.longitude, w.day, failed.get(w.key, not_fetched))
                for w in missing))
@@ -414,6 +464,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--archive-lag-days", type=int, default=5,
                         help="windows after today minus this many days are pending, not fetched: the archive's "
                              "delay (default: %(default)s)")
+    parser.add_argument("--recent-days", type=int, default=30,
+                        help="a window of the last this many days that the archive answers with hours of no "
+                             "values (or as out of its range) is pending, an older one failed (default: %(default)s)")
+    parser.add_argument("--pending-from-warehouse", action="store_true",
+                        help="also crawl the windows pending in the warehouse (table pending_window; needs "
+                             "$VPE_WAREHOUSE_DSN), so that their hours load once the archive has their day")
     parser.add_argument("--max-failed-ratio", type=float, default=0.05,
                         help="fail the step if more than this share of windows could not be fetched (default: 0.05)")
     add_run_arguments(parser)
@@ -433,13 +489,17 @@ def main() -> int:
     args = parse_args()
     folder, _ = run_folder(args, create=False, needs=WINDOWS.format(name="*"))
     windows = distinct_windows(list(extract_files(folder, WINDOWS).values()))
+    if args.pending_from_warehouse:
+        windows = with_pending(windows, warehouse_pending(warehouse_dsn("--pending-from-warehouse")))
     archive = Archive(args.url, args.timezone, args.timeout, args.api_key)
     cache_root = args.cache_dir or buffer_dir() / "cache" / "open-meteo"
     cache = Cache(cache_root, args.url, args.timezone)
     limit = RateLimit([(60, args.calls_per_minute), (3600, args.calls_per_hour), (86400, args.calls_per_day)],
                       cache.folder.parent / "calls.log")
     batch_size = limit.largest_batch(args.batch_size)
-    last_day = (datetime.now(timezone.utc).date() - timedelta(days=args.archive_lag_days)).isoformat()
+    today = datetime.now(timezone.utc).date()
+    last_day = (today - timedelta(days=args.archive_lag_days)).isoformat()
+    recent = (today - timedelta(days=args.recent_days)).isoformat()
     keys = sorted({w.key for w in windows})
     uncached = [key for key in keys if cache.get(key) is None]
     missing = [key for key in uncached if key[2] <= last_day]
@@ -448,9 +508,18 @@ def main() -> int:
              len(keys) - len(uncached), len(missing), args.url, " with the API key" if args.api_key else "",
              batch_size, len(uncached) - len(missing), last_day, args.archive_lag_days)
     started = time.monotonic()
-    failed, stopped = Crawl(archive, cache, limit, batch_size, args.retries, args.backoff).run(missing)
+    crawl = Crawl(archive, cache, limit, batch_size, args.retries, args.backoff)
+    failed, stopped = crawl.run(missing)
     not_fetched = f"not fetched: {stopped}" if stopped else "not fetched"
-    done, not_done, pending, synthetic = write_outputs(folder, windows, cache, failed, not_fetched, last_day)
+    arriving = {key for key in crawl.not_in_archive if key[2] >= recent}
+    failed.update((key, f"{reason} (older than --recent-days {args.recent_days})")
+                  for key, reason in crawl.not_in_archive.items() if key not in arriving)
+    if crawl.not_in_archive:
+        log.info("the archive has no values yet for %d place-days: %d of the last %d days wait as pending, %d older "
+                 "ones failed", len(crawl.not_in_archive), len(arriving), args.recent_days,
+                 len(crawl.not_in_archive) - len(arriving))
+    waiting = {key for key in uncached if key[2] > last_day} | arriving
+    done, not_done, pending, synthetic = write_outputs(folder, windows, cache, failed, not_fetched, waiting)
     summary = {"url": args.url, "synthetic": synthetic or archive.synthetic, "windows": len(windows),
                "windows_with_data": done, "windows_failed": not_done, "windows_pending": pending,
                "api_calls": archive.calls,

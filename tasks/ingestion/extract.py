@@ -10,7 +10,9 @@ onto one set of event columns (common.EVENT_COLUMNS).
 
 Every data row becomes an event or a rejected row with its reason; the counts are
 printed and add up (with --since, rows not created or edited after it are
-skipped and counted as such). Each event gets two one-day windows at its
+skipped and counted as such; --since warehouse takes the warehouse's watermark
+for the source, the newest edit loaded from it, and reads everything when there
+is none). Each event gets two one-day windows at its
 location: the event day, and the same calendar day one year earlier (the
 non-event sample). Writes events-NAME.csv, windows-NAME.csv and
 rejects-NAME.jsonl into the run folder (NAME from --name), so extracts of several
@@ -37,10 +39,12 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from common import (EVENT_COLUMNS, EVENTS, EXTRACT_NAME, REJECTS, REPO, WINDOW_COLUMNS, WINDOWS, Progress,
-                    StepFailed, add_run_arguments, atomic_write, log, run_folder, run_step, write_csv)
+                    StepFailed, add_run_arguments, atomic_write, log, query_warehouse, run_folder, run_step,
+                    warehouse_dsn, write_csv)
 
 REAL_LAYER_URL = "https://gis.earthdata.nasa.gov/gis01/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0"
 LAYER_URL = re.compile(r"/FeatureServer/\d+/?$", re.IGNORECASE)
+SINCE_WAREHOUSE = "warehouse"  # --since warehouse: the watermark the warehouse keeps for the source
 ARCHIVE_START = date(1940, 1, 1)
 EXCEL_EPOCH = date(1899, 12, 30)
 WHEN = re.compile(r"(?:(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})|(?P<iy>\d{4})-(?P<im>\d{2})-(?P<id>\d{2}))"
@@ -280,14 +284,30 @@ def utc_timestamp(text: str, name: str) -> str:
     return datetime.combine(day, written or time(0), timezone.utc).isoformat()
 
 
-def parse_since(text: str) -> datetime:
-    """--since: an ISO date or timestamp; without an offset it is UTC."""
+def parse_since(text: str) -> datetime | str:
+    """--since: an ISO date or timestamp, UTC without an offset; or `warehouse` (resolved per source)."""
+    if text.strip() == SINCE_WAREHOUSE:
+        return SINCE_WAREHOUSE
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: use an ISO date or timestamp, e.g. 2024-05-01 or "
                                          f"2024-05-01T12:00:00+00:00") from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+def resolve_since(since: datetime | str | None, source: str) -> datetime | None:
+    """--since warehouse: the warehouse's watermark for `source` (None: nothing loaded from it yet)."""
+    if since != SINCE_WAREHOUSE:
+        return since
+    [(mark,)] = query_warehouse(warehouse_dsn("--since warehouse"), f"the watermark of {source}",
+                                "SELECT source_watermark(%s)", source)
+    if mark is None:
+        log.info("the warehouse has no watermark for %s yet: reading every report", source)
+    else:
+        log.info("the warehouse's watermark for %s: %s; reading what was created or edited after it",
+                 source, mark.isoformat())
+    return mark
 
 
 def epoch_text(milliseconds: float) -> str:
@@ -643,7 +663,9 @@ def parse_args() -> argparse.Namespace:
                              "default: %(default)s)")
     parser.add_argument("--since", type=parse_since, metavar="TIMESTAMP",
                         help="only reports created or edited after this ISO date/timestamp, UTC unless it has an "
-                             "offset (current format and the ArcGIS layer; the legacy export has no edit dates)")
+                             "offset (current format and the ArcGIS layer; the legacy export has no edit dates); "
+                             "`warehouse`: after the newest edit loaded from this source (contract C3, "
+                             "source_watermark() through $VPE_WAREHOUSE_DSN), everything if none")
     parser.add_argument("--sheet", help="XLSX sheet to read (default: the one sheet with the catalog columns)")
     parser.add_argument("--encoding", default="utf-8-sig", help="CSV text encoding (default: %(default)s)")
     parser.add_argument("--page-size", type=int, default=2000,
@@ -671,11 +693,14 @@ def open_source(args: argparse.Namespace, folder: Path) -> tuple[str, str, list[
     """(what the events' source column says, what to name in messages, header, rows)."""
     if is_layer(args.source):
         layer = Layer(args.source.rstrip("/"), args.page_size, args.retries, args.backoff, args.timeout)
+        args.since = resolve_since(args.since, layer.url)
         header, rows = layer.read(since_where(args.since))
         return layer.url, layer.url, header, rows
     path = fetch(args.source, folder, args.name)
+    source = Path(urlsplit(args.source).path).name or path.name
+    args.since = resolve_since(args.since, source)
     header, rows = read_rows(path, args.sheet, args.encoding)
-    return Path(urlsplit(args.source).path).name or path.name, str(path), header, rows
+    return source, str(path), header, rows
 
 
 def main() -> int:

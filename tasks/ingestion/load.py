@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """load: the run's events, hourly weather and rejects into the warehouse, in one transaction.
 
-COPYs every extract's events-*.csv and crawl's hourly.csv into staging, records
-the extracts' rejects-*.jsonl in rejected_rows, then calls the warehouse's
-set-based merge load_staging(run_id) and prints what it inserted, found already
-present, and rejected. An event row identical to one of an earlier extract's file
+COPYs every extract's events-*.csv, crawl's hourly.csv and (if there is one)
+pending_windows.csv into staging, records the extracts' rejects-*.jsonl in
+rejected_rows, then calls the warehouse's set-based merge load_staging(run_id)
+and prints what it inserted, updated (a newer version of a report), found
+already present, and rejected. An event row identical to one of an earlier extract's file
 (the same catalog as CSV and XLSX) is staged once; the printed summary shows that
 every event row is accounted for. All or nothing: any error rolls everything back.
 Loading the same run again adds nothing.
@@ -21,9 +22,11 @@ from typing import Iterable, Iterator, Sequence
 import psycopg
 from psycopg.types.json import Jsonb
 
-from common import (CRAWL_SUMMARY, EVENT_COLUMNS, EVENTS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, REJECTS, Progress,
-                    StepFailed, add_run_arguments, extract_files, log, run_folder, run_step)
+from common import (CRAWL_SUMMARY, EVENT_COLUMNS, EVENTS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, PENDING_WINDOWS,
+                    REJECTS, WINDOW_COLUMNS, Progress, StepFailed, add_run_arguments, connect_warehouse, extract_files,
+                    log, query_warehouse, run_folder, run_step)
 
+STAGING_TABLES = ("staging.landslide_event", "staging.weather_hourly", "staging.pending_window")
 # What makes two extracts' rows the same event: everything but where it was read from.
 EVENT_CONTENT = [i for i, name in enumerate(EVENT_COLUMNS) if name not in ("source", "row_number")]
 
@@ -89,11 +92,7 @@ def record_rejects(cursor: psycopg.Cursor, paths: list[Path], run_id: str) -> tu
 
 
 def load(dsn: str, folder: Path, run_id: str) -> list[Sequence]:
-    try:
-        connection = psycopg.connect(dsn, connect_timeout=10)
-    except psycopg.OperationalError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise StepFailed(f"cannot connect to the warehouse ({reason}): is it up? (./bootstrap.sh status)") from None
+    connection = connect_warehouse(dsn)
     try:
         with connection, connection.cursor() as cursor:
             return stage_and_merge(cursor, folder, run_id)
@@ -104,16 +103,19 @@ def load(dsn: str, folder: Path, run_id: str) -> list[Sequence]:
 
 def stage_and_merge(cursor: psycopg.Cursor, folder: Path, run_id: str) -> list[Sequence]:
     # A leftover of this run (a crash between COPY and merge) must not be merged twice.
-    cursor.execute("DELETE FROM staging.landslide_event WHERE run_id = %s", (run_id,))
-    cursor.execute("DELETE FROM staging.weather_hourly WHERE run_id = %s", (run_id,))
+    for table in STAGING_TABLES:
+        cursor.execute(f"DELETE FROM {table} WHERE run_id = %s", (run_id,))
     event_files = list(extract_files(folder, EVENTS).values())
     event_rows, copies = distinct_events(event_files)
     events = copy_into(cursor, "staging.landslide_event", EVENT_COLUMNS, event_rows, len(event_rows), run_id)
     hourly = copy_into(cursor, "staging.weather_hourly", HOURLY_COLUMNS, csv_rows(folder / HOURLY, HOURLY_COLUMNS),
                        count_rows(folder / HOURLY), run_id)
+    pending_path = folder / PENDING_WINDOWS
+    pending = copy_into(cursor, "staging.pending_window", WINDOW_COLUMNS, csv_rows(pending_path, WINDOW_COLUMNS),
+                        count_rows(pending_path), run_id) if pending_path.is_file() else 0
     rejects, new_rejects = record_rejects(cursor, list(extract_files(folder, REJECTS).values()), run_id)
-    log.info("staged %d events and %d hourly rows (%d windows); the extracts' %d rejects: %d newly recorded",
-             events, hourly, hourly // 24, rejects, new_rejects)
+    log.info("staged %d events, %d hourly rows (%d windows) and %d pending windows; the extracts' %d rejects: "
+             "%d newly recorded", events, hourly, hourly // 24, pending, rejects, new_rejects)
     cursor.execute("SELECT * FROM load_staging(%s)", (run_id,))
     columns = [column.name for column in cursor.description]
     table = [columns, *cursor.fetchall()]
@@ -122,13 +124,15 @@ def stage_and_merge(cursor: psycopg.Cursor, folder: Path, run_id: str) -> list[S
 
 
 def log_event_accounting(files: list[Path], staged: int, copies: int, table: list[Sequence]) -> None:
-    """Every event row of every extract is a copy left out, inserted, already present or rejected."""
-    _, inserted, present, rejected = next(row for row in table if row[0] == "landslide_event")
+    """Every event row of every extract is a copy left out, loaded new, updated, already present or rejected."""
+    _, inserted, updated, present, rejected = next(row for row in table if row[0] == "landslide_event")
     total = staged + copies
-    verdict = "add up" if copies + inserted + present + rejected == total else "DO NOT ADD UP (a bug: report it)"
+    verdict = ("add up" if copies + inserted + updated + present + rejected == total
+               else "DO NOT ADD UP (a bug: report it)")
     log.info("event rows: %d in %s = %d copies of an earlier file's row (the same event from another source, "
-             "staged once) + %d inserted + %d already present + %d rejected: the counts %s",
-             total, ", ".join(path.name for path in files), copies, inserted, present, rejected, verdict)
+             "staged once) + %d loaded new + %d updated (a newer version of the report; the previous one is in "
+             "landslide_event_history) + %d already present + %d rejected: the counts %s",
+             total, ", ".join(path.name for path in files), copies, inserted, updated, present, rejected, verdict)
 
 
 def check_extracts_complete(folder: Path) -> None:
@@ -140,6 +144,17 @@ def check_extracts_complete(folder: Path) -> None:
     if unfinished:
         raise StepFailed(f"extract --name {', '.join(sorted(unfinished))} did not finish in {folder} (its events and "
                          f"rejects files must both be there): run that extract again, then crawl, then load")
+
+
+def log_pending(dsn: str) -> None:
+    """What waits for the archive now, this run's windows and earlier runs' alike."""
+    windows, events, oldest = query_warehouse(dsn, "the pending windows", "SELECT count(*), count(DISTINCT "
+                                              "landslide_event_id), min(window_date) FROM pending_window")[0]
+    if windows:
+        log.info("%d windows of %d events wait in the warehouse for the archive (table pending_window, oldest day "
+                 "%s): a later crawl with --pending-from-warehouse fetches them", windows, events, oldest)
+    else:
+        log.info("no windows wait for the archive (table pending_window is empty)")
 
 
 def print_table(rows: list[Sequence]) -> None:
@@ -183,6 +198,7 @@ def main() -> int:
     rows = load(args.dsn, folder, run_id)
     log.info("load_staging(%r), committed:", run_id)
     print_table(rows)
+    log_pending(args.dsn)
     return 0
 
 

@@ -8,6 +8,12 @@ real API: GET or POST (form body), comma lists for several locations answered
 by a JSON array, HTTP 400 {"error": true, "reason": ...}. Faults can be
 injected (latency, every-Nth-call 429/500/garbage, a daily quota).
 
+Like the real archive it lags real time: hours after its "archive end" (the
+UTC day today minus 5 days, or --archive-end) are answered with null values, and days
+after today anywhere on earth are out of the allowed range (HTTP 400). Tests
+move the archive end at runtime: POST /admin/archive-end with {"archive_end":
+"YYYY-MM-DD"} (from loopback only).
+
 Standard library only, so it runs with any python3.
 """
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sys
 import threading
 import time
 import zoneinfo
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -42,6 +48,7 @@ HOURLY_UNITS = {
 SOIL_DEPTHS = {"0_to_7cm": 0.035, "7_to_28cm": 0.175, "28_to_100cm": 0.64, "100_to_255cm": 1.775}
 ARCHIVE_START = date(1940, 1, 1)
 ARCHIVE_DELAY_DAYS = 5
+LOOPBACK = ("127.0.0.1", "::1")
 MAX_LOCATIONS = 1000
 BANNER = "SYNTHETIC weather data: this server invents deterministic values; they are NOT observations."
 
@@ -129,6 +136,11 @@ def parse_float(text: str, name: str, low: float, high: float) -> float:
     return value
 
 
+def latest_day_on_earth() -> date:
+    """The calendar day it is somewhere already (UTC+14)."""
+    return (datetime.now(timezone.utc) + timedelta(hours=14)).date()
+
+
 def parse_day(text: str, name: str, last: date) -> date:
     try:
         day = date.fromisoformat(text)
@@ -148,8 +160,9 @@ def spread(values: list[str], count: int, name: str) -> list[str]:
     return values
 
 
-def archive(params: dict[str, list[str]]) -> list[dict] | dict:
-    """The answer to one /v1/archive request: an object for one location, an array for several."""
+def archive(params: dict[str, list[str]], archive_end: date) -> list[dict] | dict:
+    """The answer to one /v1/archive request: an object for one location, an array for several. Hours of days
+    after `archive_end` are null."""
     started = time.perf_counter()
     lats, lons = as_list(params, "latitude"), as_list(params, "longitude")
     if len(lats) != len(lons):
@@ -160,7 +173,7 @@ def archive(params: dict[str, list[str]]) -> list[dict] | dict:
     for variable in variables:
         if variable not in HOURLY_UNITS:
             raise BadRequest(f"Cannot initialize WeatherVariable from invalid String value {variable} for key hourly")
-    last = date.today() - timedelta(days=ARCHIVE_DELAY_DAYS)
+    last = latest_day_on_earth()
     starts = spread(as_list(params, "start_date"), len(lats), "start_date")
     ends = spread(as_list(params, "end_date"), len(lats), "end_date")
     zones = spread(as_list(params, "timezone", required=False) or ["GMT"], len(lats), "timezone")
@@ -171,18 +184,22 @@ def archive(params: dict[str, list[str]]) -> list[dict] | dict:
         start, end = parse_day(start_text, "start_date", last), parse_day(end_text, "end_date", last)
         if end < start:
             raise BadRequest("Parameter 'end_date' must be greater or equal to 'start_date'")
-        answers.append(location_answer(lat, lon, start, end, zone, variables))
+        answers.append(location_answer(lat, lon, start, end, zone, variables, archive_end))
     elapsed_ms = (time.perf_counter() - started) * 1000
     for answer in answers:
         answer["generationtime_ms"] = round(elapsed_ms / len(answers), 4)
     return answers[0] if len(answers) == 1 else answers
 
 
-def location_answer(lat: float, lon: float, start: date, end: date, zone: str, variables: list[str]) -> dict:
+def location_answer(lat: float, lon: float, start: date, end: date, zone: str, variables: list[str],
+                    archive_end: date) -> dict:
     offset, zone_name, abbreviation = utc_offset(zone, lat, lon, start)
     hours = [datetime(start.year, start.month, start.day) + timedelta(hours=h)
              for h in range(((end - start).days + 1) * 24)]
-    rows = [weather_hour(lat, lon, moment) for moment in hours]
+    # The archive grows by UTC days: a local day can end after its last hour, half in and half not yet.
+    not_yet = dict.fromkeys(HOURLY_UNITS)
+    rows = [weather_hour(lat, lon, moment) if (moment - timedelta(seconds=offset)).date() <= archive_end
+            else not_yet for moment in hours]
     answer = {
         "latitude": grid(lat), "longitude": grid(lon), "generationtime_ms": 0.0,
         "utc_offset_seconds": offset, "timezone": zone_name, "timezone_abbreviation": abbreviation,
@@ -193,6 +210,22 @@ def location_answer(lat: float, lon: float, start: date, end: date, zone: str, v
         answer["hourly"] = {"time": [m.strftime("%Y-%m-%dT%H:%M") for m in hours],
                             **{v: [row[v] for row in rows] for v in variables}}
     return answer
+
+
+class ArchiveEnd:
+    """The archive's last day with values; thread-safe. Without a fixed day, it follows the clock."""
+
+    def __init__(self, fixed: date | None) -> None:
+        self.lock = threading.Lock()
+        self.fixed = fixed
+
+    def day(self) -> date:
+        with self.lock:
+            return self.fixed or date.today() - timedelta(days=ARCHIVE_DELAY_DAYS)
+
+    def move(self, day: date) -> None:
+        with self.lock:
+            self.fixed = day
 
 
 class Faults:
@@ -264,11 +297,12 @@ class ArchiveHandler(StandinHandler):
     server_version = "vpe-open-meteo-synthetic/1"
     extra_headers = {"X-Synthetic-Data": "true"}
     faults: Faults
+    archive_end: ArchiveEnd
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         if url.path == "/stats":
-            self.answer(200, json.dumps(self.faults.stats()))
+            self.answer(200, json.dumps({**self.faults.stats(), "archive_end": self.archive_end.day().isoformat()}))
         elif url.path == "/v1/archive":
             self.serve_archive(parse_qs(url.query, keep_blank_values=True))
         else:
@@ -278,6 +312,9 @@ class ArchiveHandler(StandinHandler):
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8", "replace")
+        if url.path == "/admin/archive-end":
+            self.move_archive_end(body)
+            return
         if url.path != "/v1/archive":
             self.answer(404, json.dumps({"error": True, "reason": f"No route for POST {url.path}"}))
             return
@@ -296,13 +333,25 @@ class ArchiveHandler(StandinHandler):
             self.answer(*injected)
             return
         try:
-            result = archive(params)
+            result = archive(params, self.archive_end.day())
         except BadRequest as error:
             self.faults.record(400, 0)
             self.answer(400, json.dumps({"error": True, "reason": str(error)}))
             return
         self.faults.record(200, len(result) if isinstance(result, list) else 1)
         self.answer(200, json.dumps(result, separators=(",", ":")))
+
+    def move_archive_end(self, body: str) -> None:
+        if self.client_address[0] not in LOOPBACK:
+            self.answer(403, json.dumps({"error": True, "reason": "the archive end can be moved from loopback only"}))
+            return
+        try:
+            day = date.fromisoformat(json.loads(body)["archive_end"])
+        except (ValueError, KeyError, TypeError):
+            self.answer(400, json.dumps({"error": True, "reason": 'send {"archive_end": "YYYY-MM-DD"}'}))
+            return
+        self.archive_end.move(day)
+        self.answer(200, json.dumps({"archive_end": day.isoformat()}))
 
     def answer(self, status: int, body: str) -> None:
         self.send_body(status, body)
@@ -311,12 +360,16 @@ class ArchiveHandler(StandinHandler):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Local Open-Meteo-compatible archive server serving SYNTHETIC (invented, deterministic) weather "
-                    "data for tests and offline demos. Endpoints: GET/POST /v1/archive, GET /stats (call counts).")
+                    "data for tests and offline demos. Endpoints: GET/POST /v1/archive, GET /stats (call counts), "
+                    "POST /admin/archive-end {\"archive_end\": \"YYYY-MM-DD\"} (loopback only).")
     add_listen_arguments(parser, 8765)
     parser.add_argument("--latency-ms", type=float, default=0, help="delay added to every archive call")
     parser.add_argument("--fail-429-every", type=int, default=0, metavar="N", help="answer every Nth call with 429 (minutely limit)")
     parser.add_argument("--fail-500-every", type=int, default=0, metavar="N", help="answer every Nth call with 500")
     parser.add_argument("--garbage-every", type=int, default=0, metavar="N", help="answer every Nth call with truncated JSON")
+    parser.add_argument("--archive-end", type=date.fromisoformat, metavar="YYYY-MM-DD",
+                        help=f"last UTC day with values; later hours are answered with null values (default: today "
+                             f"minus {ARCHIVE_DELAY_DAYS} days)")
     parser.add_argument("--daily-quota", type=int, default=0, metavar="LOCATIONS",
                         help="after this many locations served, answer 429 'Daily API request limit exceeded'")
     return parser.parse_args(argv)
@@ -350,7 +403,8 @@ def serve(name: str, handler: type[BaseHTTPRequestHandler], host: str, port: int
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    handler = type("Handler", (ArchiveHandler,), {"faults": Faults(options), "quiet": options.quiet})
+    handler = type("Handler", (ArchiveHandler,), {"faults": Faults(options), "quiet": options.quiet,
+                                                  "archive_end": ArchiveEnd(options.archive_end)})
     return serve("open_meteo_server", handler, options.host, options.port, f"*** {BANNER} ***", "/v1/archive")
 
 
