@@ -253,7 +253,11 @@ def scratch_database(server_dsn: str, schema: Path = ROOT) -> Iterator[str]:
     """A new database with the ddl.sql and dml.sql of `schema` (version 3: the repo root) applied."""
     name = f"vpe_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        except psycopg.errors.InsufficientPrivilege:
+            sys.exit(f"bench: {conn.info.user} may not create databases: unset VPE_WAREHOUSE_DSN (a throwaway "
+                     f"cluster is started) or set it to the superuser's DSN")
     try:
         dsn = make_conninfo(server_dsn, dbname=name)
         apply_schema(dsn, schema)
