@@ -56,6 +56,17 @@ def interpolate(text: str, values: dict[str, str]) -> str:
     return VARIABLE.sub(replace, text)
 
 
+def service_environment(model: dict[str, Any], name: str) -> dict[str, str]:
+    """A service's environment as compose hands it over: its env_file's values, `environment:` over them."""
+    service = model["services"][name]
+    files = service.get("env_file") or []
+    values: dict[str, str] = {}
+    for path in [files] if isinstance(files, str) else files:
+        values |= env_file(ROOT / path)
+    # An empty value (`KEY: ${UNSET:-}`) is an empty string to compose, None to yaml.
+    return values | {k: "" if v is None else str(v) for k, v in (service.get("environment") or {}).items()}
+
+
 def fake_secrets() -> dict[str, str]:
     return {key: f"test-{key.lower()}" for key in SECRET_KEYS} | {"AIRFLOW_UID": "1000"}
 
@@ -108,8 +119,8 @@ def test_a_compose_cli_accepts_the_file(tmp_path: Path) -> None:
     resolved = yaml.safe_load(result.stdout)
     ours = compose_model(values)
     for name in ("postgres", "executor", "airflow-api-server"):
-        theirs = {k: str(v) for k, v in (resolved["services"][name].get("environment") or {}).items()}
-        assert theirs == {k: str(v) for k, v in (ours["services"][name].get("environment") or {}).items()}
+        theirs = {k: "" if v is None else str(v) for k, v in (resolved["services"][name].get("environment") or {}).items()}
+        assert theirs == service_environment(ours, name)
 
 
 def test_every_variable_without_a_default_is_in_env_or_the_secrets(compose_env_run: dict[str, Any]) -> None:
@@ -196,16 +207,46 @@ def test_celery_profile_adds_redis_and_workers(model: dict[str, Any]) -> None:
 
 
 def airflow_env_in_bootstrap() -> dict[str, str]:
+    """The AIRFLOW__ values bootstrap.sh's airflow_env exports as literals (local mode's own)."""
     text = (ROOT / "bootstrap.sh").read_text()
     return dict(re.findall(r"^\s*export (AIRFLOW__[A-Z_]+)=([^$\s]+)$", text, re.M))
 
 
-def test_airflow_settings_agree_with_local_mode(model: dict[str, Any]) -> None:
+def local_airflow_environment(tmp_path: Path) -> dict[str, str]:
+    """The environment `./bootstrap.sh --local airflow` gives the airflow CLI: a stand-in `airflow`
+    in a stand-in venv prints it. The caller's AIRFLOW__ variables are left out: they would win."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "airflow").write_text(f"#!{sys.executable}\nimport json, os\nprint(json.dumps(dict(os.environ)))\n")
+    (venv / "bin" / "airflow").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    env.update(VPE_HOME=str(tmp_path / "home"), VPE_VENV=str(venv))
+    result = subprocess.run([str(ROOT / "bootstrap.sh"), "--local", "airflow"], env=env, capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_both_modes_take_the_shared_airflow_settings_from_airflow_env(model: dict[str, Any], tmp_path: Path) -> None:
+    shared = env_file(ROOT / "airflow.env")
+    assert {"AIRFLOW__CORE__LOAD_EXAMPLES", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"} <= set(shared)
+    # Literals only: bootstrap's reader takes a value as written, compose v2 unquotes and interpolates it.
+    assert {k: v for k, v in shared.items() if not re.fullmatch(r"[^\s$\"'#]+", v)} == {}
+    for name in ["airflow-init", *AIRFLOW_SERVICES, "airflow-worker"]:
+        assert model["services"][name]["env_file"] == "airflow.env", name
+        assert set(shared).isdisjoint(model["services"][name]["environment"]), f"{name} overrides airflow.env"
+        assert {k: service_environment(model, name)[k] for k in shared} == shared
+    local = local_airflow_environment(tmp_path)
+    assert {k: local.get(k) for k in shared} == shared
+    assert set(shared).isdisjoint(airflow_env_in_bootstrap()), "bootstrap.sh overrides airflow.env"
+
+
+def test_per_mode_airflow_settings_agree_where_they_are_literals(model: dict[str, Any]) -> None:
     local = airflow_env_in_bootstrap()
     compose = model["services"]["airflow-scheduler"]["environment"]
     shared = set(local) & set(compose)
-    assert {"AIRFLOW__CORE__LOAD_EXAMPLES", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"} <= shared
+    assert "AIRFLOW__CORE__EXECUTOR" in shared
     assert {k: compose[k] for k in shared} == {k: local[k] for k in shared}
 
 
@@ -349,13 +390,21 @@ stdin = sys.stdin.read() if ["-f", "-"] in [args[i:i + 2] for i in range(len(arg
 with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
     log.write(json.dumps({"args": args, "stdin": stdin}) + "\n")
 if args[:1] == ["info"] or args[:2] == ["compose", "version"]:
-    print("Docker Compose version v2.29.0"); sys.exit(0)
+    print("Docker Compose version " + os.environ.get("FAKE_COMPOSE_VERSION", "v2.29.0")); sys.exit(0)
+health = json.loads(os.environ.get("FAKE_DOCKER_HEALTH", "{}"))
+init_exit = int(os.environ.get("FAKE_DOCKER_INIT_EXIT", "0"))
+if "up" in args and "--wait" in args:
+    # compose's own messages when --wait gives up (pkg/compose/convergence.go's waitDependencies)
+    if init_exit:
+        sys.exit(f'service "airflow-init" didn\'t complete successfully: exit {init_exit}')
+    for service, state in health.items():
+        if state == "unhealthy":
+            sys.exit(f"container vpe-{service}-1 is unhealthy")
 if "ps" in args:
-    health = json.loads(os.environ.get("FAKE_DOCKER_HEALTH", "{}"))
     services = ["postgres", "executor", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
                 "airflow-triggerer"]
     print(json.dumps({"Service": "airflow-init", "Name": "vpe-airflow-init-1", "State": "exited",
-                      "Health": "", "ExitCode": int(os.environ.get("FAKE_DOCKER_INIT_EXIT", "0"))}))
+                      "Health": "", "ExitCode": init_exit}))
     for s in services:
         print(json.dumps({"Service": s, "Name": f"vpe-{s}-1", "State": "running",
                           "Health": health.get(s, "healthy"), "ExitCode": 0}))
@@ -418,7 +467,7 @@ def compose_env_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_up_builds_starts_waits_and_applies_the_schema(compose_env_run: dict[str, Any]) -> None:
     calls = [compose_args(c) for c in compose_env_run["raw_calls"]]
-    assert calls[0] == ["up", "--detach", "--build"]
+    assert calls[0] == ["up", "--detach", "--build", "--wait", "--wait-timeout", "2"]
     assert any(c[:3] == ["ps", "--all", "--format"] for c in calls)
     schema = [c for c in compose_env_run["raw_calls"] if "psql" in c["args"]]
     assert [c["stdin"] for c in schema] == [(ROOT / "ddl.sql").read_text(), (ROOT / "dml.sql").read_text()]
@@ -458,7 +507,20 @@ def test_secrets_are_made_once_outside_the_repo_and_kept(compose_env_run: dict[s
 
 def test_up_of_one_component_starts_only_its_services(stack: Stack) -> None:
     stack.run("up", "airflow")
-    assert stack.calls()[0] == ["up", "--detach", "--build", "airflow-init", *AIRFLOW_SERVICES]
+    assert stack.calls()[0] == ["up", "--detach", "--build", "--wait", "--wait-timeout", "2", "airflow-init",
+                                *AIRFLOW_SERVICES]
+
+
+def test_up_waits_for_airflow_init_to_complete_not_to_keep_running(model: dict[str, Any], stack: Stack) -> None:
+    """`up --wait` waits for a one-shot service to exit 0 only when a service started with it depends on it
+    with service_completed_successfully; otherwise its exit 0 fails the wait (docker/compose#10596)."""
+    for component in ("airflow", "postgres executor airflow"):
+        stack.run("up", *component.split())
+        started = stack.calls()[0][6:]
+        assert "airflow-init" in started
+        adopters = [name for name in started if model["services"][name].get("depends_on", {}).get("airflow-init")
+                    == {"condition": "service_completed_successfully"}]
+        assert adopters, started
 
 
 def test_up_with_celery_executor_adds_the_profile_and_workers(stack: Stack) -> None:
@@ -471,13 +533,23 @@ def test_up_with_celery_executor_adds_the_profile_and_workers(stack: Stack) -> N
 def test_up_fails_when_a_container_stays_unhealthy(stack: Stack) -> None:
     result = stack.run(check=False, FAKE_DOCKER_HEALTH=json.dumps({"executor": "unhealthy"}))
     assert result.returncode == 1
-    assert "vpe-executor-1:unhealthy" in result.stderr
+    assert "container vpe-executor-1 is unhealthy" in result.stderr
+    assert "did not come up healthy within 2s" in result.stderr and "./bootstrap.sh logs" in result.stderr
+    assert not any(c[:1] == ["exec"] for c in stack.calls()), "no schema is applied to a stack that is not up"
 
 
 def test_up_fails_when_airflow_init_fails(stack: Stack) -> None:
     result = stack.run(check=False, FAKE_DOCKER_INIT_EXIT="1")
     assert result.returncode == 1
-    assert "airflow-init exited with code 1" in result.stderr
+    assert "airflow-init\" didn't complete successfully: exit 1" in result.stderr
+
+
+def test_a_compose_without_wait_timeout_is_refused_with_what_to_do(stack: Stack) -> None:
+    result = stack.run(check=False, FAKE_COMPOSE_VERSION="v2.16.0")
+    assert result.returncode == 1
+    assert "Docker Compose 2.17 or newer" in result.stderr and "--local" in result.stderr
+    assert stack.calls() == []
+    assert stack.run("status", FAKE_COMPOSE_VERSION="v2.17.0").returncode == 0
 
 
 def test_status_exit_code_follows_health(stack: Stack) -> None:
