@@ -3,7 +3,10 @@
 #
 # Where a Docker engine answers, the stack runs under docker compose; otherwise
 # every component runs as a local process with all state under $VPE_HOME.
-# Both modes read the same .env, SQL, envs/ and dags/.
+# Both modes read the same .env, airflow.env, SQL, envs/ and dags/.
+#
+# Read from the top: usage, main, then what main calls, section by section (bash looks a
+# function up when it is called, so `main "$@"` on the last line sees them all).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,22 +42,48 @@ Configuration: .env (every port, name and path); environment variables override 
 EOF
 }
 
+# Options, then one command in the chosen mode: cmd_* (local processes) or compose_* (docker compose).
+main() {
+  MODE_FLAG="" OFFLINE_DEMO=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --local) MODE_FLAG=local ;;
+      --docker) MODE_FLAG=docker ;;
+      --offline-demo) OFFLINE_DEMO=1 ;;
+      -h|--help|help) usage; exit 0 ;;
+      -*) usage >&2; exit 2 ;;
+      *) break ;;
+    esac
+    shift
+  done
+  local command=${1:-up}
+  [ $# -gt 0 ] && shift
+  load_config
+  choose_mode
+  case "$command" in
+    config) print_config; return ;;
+    test) cmd_test "$@"; return ;;
+    up|logs) all_components "$@" || { usage >&2; exit 2; } ;;
+    status|down|psql|migrate|airflow|executor) ;;
+    *) usage >&2; exit 2 ;;
+  esac
+  if [ "$MODE" = docker ]; then
+    [ "$OFFLINE_DEMO" = 0 ] || die "--offline-demo runs in local mode only: ./bootstrap.sh --local --offline-demo"
+    "compose_$command" "$@"
+    return
+  fi
+  prepare_local
+  "cmd_$command" "$@"
+}
+
 say() { printf '%s\n' "$*"; }
 step() { printf '==> %s\n' "$*"; }
 die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
 
 # --- configuration -----------------------------------------------------------
 
-# Reads .env without overwriting variables the caller already set.
 load_config() {
-  local line key value
-  while IFS= read -r line || [ -n "$line" ]; do
-    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
-    [[ "$line" =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || die ".env: cannot parse line: $line"
-    key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
-    [ -n "${!key+x}" ] || export "$key=$value"
-  done < "$ROOT/.env"
-
+  read_env_file "$ROOT/.env"
   VPE_HOME=$(absolute "$VPE_HOME")
   VPE_VENV=$(absolute "$VPE_VENV")
   VPE_DAGS_DIR=$(absolute "$VPE_DAGS_DIR")
@@ -68,6 +97,18 @@ load_config() {
   SECRETS=$VPE_HOME/secrets.env
   export VPE_BUFFER=$VPE_HOME/buffer
   export AIRFLOW_HOME=$VPE_HOME/airflow
+}
+
+# Exports a KEY=value file (.env, airflow.env) without overwriting variables the caller already set.
+# Values are taken as written: no quotes, no ${VAR}.
+read_env_file() {
+  local line key value
+  while IFS= read -r line || [ -n "$line" ]; do
+    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+    [[ "$line" =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || die "${1#"$ROOT"/}: cannot parse line: $line"
+    key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
+    [ -n "${!key+x}" ] || export "$key=$value"
+  done < "$1"
 }
 
 absolute() { case "$1" in /*) say "$1" ;; *) say "$ROOT/$1" ;; esac; }
@@ -88,6 +129,137 @@ print_config() {
   local key
   for key in $(grep -oE '^[A-Za-z_][A-Za-z0-9_]*' "$ROOT/.env"); do
     say "$key=${!key}"
+  done
+}
+
+# --- commands ----------------------------------------------------------------
+
+prepare_local() {
+  make_state_dirs
+  ensure_secrets
+  if [ "$OFFLINE_DEMO" = 1 ] || open_meteo_running; then enter_offline_demo; fi
+  export_warehouse_dsn
+  airflow_env
+}
+
+cmd_up() {
+  local wanted=("$@") component
+  [ ${#wanted[@]} -gt 0 ] || wanted=("${COMPONENTS[@]}")
+  if [ "$OFFLINE_DEMO" = 1 ]; then
+    open_meteo_running || ! running executor "executor.py serve" \
+      || die "the executor runs against the real weather API; to switch to the offline demo: ./bootstrap.sh down && ./bootstrap.sh --offline-demo"
+    wanted=(open-meteo arcgis "${wanted[@]}")
+  fi
+  exec 9> "$PIDS/bootstrap.lock"
+  flock -n 9 || die "another ./bootstrap.sh is working on $VPE_HOME; wait for it to finish."
+  ensure_venv
+  for component in "${wanted[@]}"; do "start_${component//-/_}"; done
+  say ""
+  # Whatever was asked for is healthy by now (start_* waits or dies); others may be down on purpose.
+  cmd_status || true
+}
+
+cmd_status() {
+  local bad=0
+  find_pg_bin
+  status_row COMPONENT ADDRESS STATE
+  status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
+  status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
+  [ "$OFFLINE_DEMO" = 1 ] && { status_line "open-meteo (SYNTHETIC)" "127.0.0.1:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1; }
+  [ "$OFFLINE_DEMO" = 1 ] && { status_line "arcgis (demo layer)" "127.0.0.1:$VPE_ARCGIS_PORT" arcgis_healthy || bad=1; }
+  status_line airflow-api "$(airflow_api)" airflow_healthy || bad=1
+  local part
+  for part in scheduler dag_processor triggerer; do
+    status_line "airflow-${part/_/-}" "(reported by airflow-api)" airflow_part_healthy "$part" || bad=1
+  done
+  say ""
+  executor_cli ping 2>/dev/null | sed 's/^/  /' || true
+  [ "$OFFLINE_DEMO" = 0 ] || say "
+OFFLINE DEMO: the weather is SYNTHETIC (local stand-in), loaded into the database $VPE_WAREHOUSE_DB.
+To use the real archive API: ./bootstrap.sh down && ./bootstrap.sh"
+  next_steps "$(airflow_password)"
+  return $bad
+}
+
+# What to do next, under both modes' status tables.
+next_steps() {
+  cat <<EOF
+
+Airflow UI     $(airflow_api)   (user admin, password $1)
+Warehouse      ./bootstrap.sh psql
+Trigger a DAG  ./bootstrap.sh airflow dags trigger ping_grpc
+Logs           ./bootstrap.sh logs [postgres|executor|airflow]
+Stop           ./bootstrap.sh down
+EOF
+}
+
+status_row() { printf '%-22s %-30s %s\n' "$@"; }
+
+status_line() {
+  local name=$1 address=$2 state=healthy
+  shift 2
+  "$@" >/dev/null 2>&1 || state=unhealthy
+  status_row "$name" "$address" "$state"
+  [ "$state" = healthy ]
+}
+
+cmd_down() {
+  local service airflow=()
+  for service in "${AIRFLOW_SERVICES[@]}"; do airflow+=("airflow-$service"); done
+  # Airflow first: its running tasks are cancelled while the executor can still hear it.
+  stop_groups "${airflow[@]}"
+  stop_groups executor open-meteo arcgis
+  stop_postgres
+  say "stopped; data kept in $VPE_HOME"
+}
+
+cmd_psql() {
+  local user
+  user=$(psql_user "$@")
+  [ "${1:-}" != --admin ] || shift
+  find_pg_bin
+  postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up"
+  exec "$PG_BIN/psql" -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$user" -d "$VPE_WAREHOUSE_DB" "$@"
+}
+
+# A reader session (SELECT everything, scratch tables in schema scratch); --admin: the superuser.
+psql_user() {
+  if [ "${1:-}" = --admin ]; then say "$VPE_PG_USER"; else say vpe_reader; fi
+}
+
+cmd_logs() {
+  local components=("$@") component file
+  [ $# -gt 0 ] || components=("${COMPONENTS[@]}")
+  for component in "${components[@]}"; do
+    for file in "$LOGS/$component"/*.log; do
+      [ -f "$file" ] || continue
+      say "==> $file <=="
+      tail -n 40 "$file"
+    done
+  done
+}
+
+cmd_migrate() {
+  find_pg_bin
+  postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up postgres"
+  migrate
+  say "applied ddl.sql and dml.sql to $VPE_WAREHOUSE_DB"
+}
+
+cmd_airflow() { exec "$VPE_VENV/bin/airflow" "$@"; }
+
+cmd_executor() { exec "$VPE_VENV/bin/python" "$ROOT/executor.py" "$@"; }
+
+cmd_test() {
+  ensure_venv "$ROOT/requirements-test.txt"
+  cd "$ROOT"
+  exec "$VPE_VENV/bin/python" -m pytest tests "$@"
+}
+
+all_components() {
+  local component
+  for component in "$@"; do
+    [[ " ${COMPONENTS[*]} " == *" $component "* ]] || return 1
   done
 }
 
@@ -358,27 +530,19 @@ start_executor() {
 
 # --- airflow -----------------------------------------------------------------
 
+# What both modes share comes from airflow.env (compose's env_file); below, what is local mode's own.
 airflow_env() {
   local api="http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"
+  read_env_file "$ROOT/airflow.env"
   export AIRFLOW__CORE__DAGS_FOLDER=$VPE_DAGS_DIR
-  export AIRFLOW__CORE__LOAD_EXAMPLES=False
   export AIRFLOW__CORE__EXECUTOR=LocalExecutor
   export AIRFLOW__CORE__PARALLELISM=$VPE_AIRFLOW_PARALLELISM
   export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=$api/execution/
-  export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin
-  # A triggered run should run: DAGs here are edited in place, not promoted.
-  export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
   export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://airflow:$VPE_AIRFLOW_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
   export AIRFLOW__API__HOST=$VPE_AIRFLOW_HOST
   export AIRFLOW__API__PORT=$VPE_AIRFLOW_PORT
   export AIRFLOW__API__BASE_URL=$api
-  export AIRFLOW__API__WORKERS=1
   export AIRFLOW__LOGGING__BASE_LOG_FOLDER=$LOGS/airflow
-  # New DAG files show up within 30 s instead of Airflow's default 5 minutes.
-  export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=30
-  # A task marked failed or cancelled is noticed at its next heartbeat (default every 5 s);
-  # its on_kill then stops the remote run. Every 2 s keeps that within a few seconds.
-  export AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL=2
   # The operator (plugins/) imports the executor's client code (executor.py) from the repo root.
   export AIRFLOW__CORE__PLUGINS_FOLDER=$ROOT/plugins
   export PYTHONPATH=$ROOT:$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}
@@ -480,137 +644,6 @@ start_standin() {
   wait_for "$title" 30 "$LOGS/executor/$name.log" http_get "http://127.0.0.1:$port/stats"
 }
 
-# --- commands ----------------------------------------------------------------
-
-prepare_local() {
-  make_state_dirs
-  ensure_secrets
-  if [ "$OFFLINE_DEMO" = 1 ] || open_meteo_running; then enter_offline_demo; fi
-  export_warehouse_dsn
-  airflow_env
-}
-
-cmd_up() {
-  local wanted=("$@") component
-  [ ${#wanted[@]} -gt 0 ] || wanted=("${COMPONENTS[@]}")
-  if [ "$OFFLINE_DEMO" = 1 ]; then
-    open_meteo_running || ! running executor "executor.py serve" \
-      || die "the executor runs against the real weather API; to switch to the offline demo: ./bootstrap.sh down && ./bootstrap.sh --offline-demo"
-    wanted=(open-meteo arcgis "${wanted[@]}")
-  fi
-  exec 9> "$PIDS/bootstrap.lock"
-  flock -n 9 || die "another ./bootstrap.sh is working on $VPE_HOME; wait for it to finish."
-  ensure_venv
-  for component in "${wanted[@]}"; do "start_${component//-/_}"; done
-  say ""
-  # Whatever was asked for is healthy by now (start_* waits or dies); others may be down on purpose.
-  cmd_status || true
-}
-
-cmd_status() {
-  local bad=0
-  find_pg_bin
-  status_row COMPONENT ADDRESS STATE
-  status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
-  status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
-  [ "$OFFLINE_DEMO" = 1 ] && { status_line "open-meteo (SYNTHETIC)" "127.0.0.1:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1; }
-  [ "$OFFLINE_DEMO" = 1 ] && { status_line "arcgis (demo layer)" "127.0.0.1:$VPE_ARCGIS_PORT" arcgis_healthy || bad=1; }
-  status_line airflow-api "$(airflow_api)" airflow_healthy || bad=1
-  local part
-  for part in scheduler dag_processor triggerer; do
-    status_line "airflow-${part/_/-}" "(reported by airflow-api)" airflow_part_healthy "$part" || bad=1
-  done
-  say ""
-  executor_cli ping 2>/dev/null | sed 's/^/  /' || true
-  [ "$OFFLINE_DEMO" = 0 ] || say "
-OFFLINE DEMO: the weather is SYNTHETIC (local stand-in), loaded into the database $VPE_WAREHOUSE_DB.
-To use the real archive API: ./bootstrap.sh down && ./bootstrap.sh"
-  next_steps "$(airflow_password)"
-  return $bad
-}
-
-# What to do next, under both modes' status tables.
-next_steps() {
-  cat <<EOF
-
-Airflow UI     $(airflow_api)   (user admin, password $1)
-Warehouse      ./bootstrap.sh psql
-Trigger a DAG  ./bootstrap.sh airflow dags trigger ping_grpc
-Logs           ./bootstrap.sh logs [postgres|executor|airflow]
-Stop           ./bootstrap.sh down
-EOF
-}
-
-status_row() { printf '%-22s %-30s %s\n' "$@"; }
-
-status_line() {
-  local name=$1 address=$2 state=healthy
-  shift 2
-  "$@" >/dev/null 2>&1 || state=unhealthy
-  status_row "$name" "$address" "$state"
-  [ "$state" = healthy ]
-}
-
-cmd_down() {
-  local service airflow=()
-  for service in "${AIRFLOW_SERVICES[@]}"; do airflow+=("airflow-$service"); done
-  # Airflow first: its running tasks are cancelled while the executor can still hear it.
-  stop_groups "${airflow[@]}"
-  stop_groups executor open-meteo arcgis
-  stop_postgres
-  say "stopped; data kept in $VPE_HOME"
-}
-
-cmd_psql() {
-  local user
-  user=$(psql_user "$@")
-  [ "${1:-}" != --admin ] || shift
-  find_pg_bin
-  postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up"
-  exec "$PG_BIN/psql" -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$user" -d "$VPE_WAREHOUSE_DB" "$@"
-}
-
-# A reader session (SELECT everything, scratch tables in schema scratch); --admin: the superuser.
-psql_user() {
-  if [ "${1:-}" = --admin ]; then say "$VPE_PG_USER"; else say vpe_reader; fi
-}
-
-cmd_logs() {
-  local components=("$@") component file
-  [ $# -gt 0 ] || components=("${COMPONENTS[@]}")
-  for component in "${components[@]}"; do
-    for file in "$LOGS/$component"/*.log; do
-      [ -f "$file" ] || continue
-      say "==> $file <=="
-      tail -n 40 "$file"
-    done
-  done
-}
-
-cmd_migrate() {
-  find_pg_bin
-  postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up postgres"
-  migrate
-  say "applied ddl.sql and dml.sql to $VPE_WAREHOUSE_DB"
-}
-
-cmd_airflow() { exec "$VPE_VENV/bin/airflow" "$@"; }
-
-cmd_executor() { exec "$VPE_VENV/bin/python" "$ROOT/executor.py" "$@"; }
-
-cmd_test() {
-  ensure_venv "$ROOT/requirements-test.txt"
-  cd "$ROOT"
-  exec "$VPE_VENV/bin/python" -m pytest tests "$@"
-}
-
-all_components() {
-  local component
-  for component in "$@"; do
-    [[ " ${COMPONENTS[*]} " == *" $component "* ]] || return 1
-  done
-}
-
 # --- compose mode ------------------------------------------------------------
 # The same commands against the docker compose stack in docker-compose.yml. Compose reads the
 # committed defaults from .env and the secrets from $SECRETS (git-ignored, made once by ensure_secrets).
@@ -630,7 +663,9 @@ compose_profiles() { celery_mode && say "--profile celery" || true; }
 # docker-compose.yml interpolates the secrets; AIRFLOW_UID owns what Airflow writes.
 compose_env() {
   command -v docker >/dev/null 2>&1 || die "docker not found: install Docker Engine with the compose plugin, or run ./bootstrap.sh --local"
-  docker compose version >/dev/null 2>&1 || die "'docker compose' is missing: install the Docker Compose plugin (Debian: apt-get install docker-compose-plugin), or run ./bootstrap.sh --local"
+  local version
+  version=$(docker compose version 2>/dev/null) || die "'docker compose' is missing: install the Docker Compose plugin (Debian: apt-get install docker-compose-plugin), or run ./bootstrap.sh --local"
+  compose_at_least_2_17 "$version" || die "$version is too old: bootstrap needs Docker Compose 2.17 or newer (up --wait-timeout); update the Docker Compose plugin, or run ./bootstrap.sh --local"
   mkdir -p "$VPE_HOME"
   ensure_secrets
   if ! grep -q '^AIRFLOW_UID=' "$SECRETS"; then
@@ -639,6 +674,13 @@ compose_env() {
     say "AIRFLOW_UID=$uid" >> "$SECRETS"
   fi
   [ -n "${AIRFLOW_UID:-}" ] || export "$(grep '^AIRFLOW_UID=' "$SECRETS")"
+}
+
+# "Docker Compose version v2.29.0" -> whether that is 2.17 or newer.
+compose_at_least_2_17() {
+  [[ "$1" =~ ([0-9]+)\.([0-9]+) ]] || return 1
+  local major=${BASH_REMATCH[1]} minor=${BASH_REMATCH[2]}
+  [ "$major" -gt 2 ] || { [ "$major" = 2 ] && [ "$minor" -ge 17 ]; }
 }
 
 # COMPONENT (postgres, executor, airflow) -> its compose services.
@@ -660,35 +702,20 @@ for row in rows:
     print(row["Service"], row["Name"], row["State"], row.get("Health") or "-", row.get("ExitCode", 0), sep="\t")'
 }
 
-# Waits until every container is healthy (or running, without a healthcheck); one-shot airflow-init must exit 0.
-compose_wait() {
-  local deadline=$((SECONDS + ${VPE_COMPOSE_WAIT:-600})) next_report=$((SECONDS + 15)) service name state health code waiting
-  while :; do
-    waiting=()
-    while IFS=$'\t' read -r service name state health code; do
-      if [ "$state" = exited ] && [ "$code" != 0 ]; then
-        die "$service exited with code $code: ./bootstrap.sh logs, or docker compose logs $service"
-      fi
-      [ "$state" = exited ] && continue
-      [ "$health" = healthy ] || { [ "$health" = - ] && [ "$state" = running ]; } || waiting+=("$name:$health")
-    done < <(compose_containers)
-    [ ${#waiting[@]} = 0 ] && return
-    [ $SECONDS -lt $deadline ] || die "not healthy after ${VPE_COMPOSE_WAIT:-600}s: ${waiting[*]}; ./bootstrap.sh logs"
-    if [ $SECONDS -ge $next_report ]; then say "    waiting for: ${waiting[*]}"; next_report=$((SECONDS + 15)); fi
-    sleep 2
-  done
-}
-
 tty_flag() { [ -t 0 ] && [ -t 1 ] || say -T; }
 
 compose_up() {
   local services=() component
   for component in "$@"; do services+=($(compose_services "$component")); done
   compose_env
-  step "building and starting the compose stack (the first build takes several minutes)"
-  compose $(compose_profiles) up --detach --build "${services[@]}" || die "docker compose up failed (see above); ./bootstrap.sh logs"
-  step "waiting until every container is healthy"
-  compose_wait
+  step "building and starting the compose stack, then waiting until every container is healthy (the first build takes several minutes)"
+  # --wait waits until each service is healthy (running, without a healthcheck) and fails on one that turns
+  # unhealthy or exits. The one-shot airflow-init is no exception: every service it is started with depends on
+  # it with service_completed_successfully, and for such a service --wait waits for an exit 0 instead
+  # (compose's getDependencyCondition, docker/compose#9572, compose 2.7). An init container nothing depends on
+  # that way would fail --wait when it exits 0 (docker/compose#10596); tests/test_compose.py checks ours is not one.
+  compose $(compose_profiles) up --detach --build --wait --wait-timeout "${VPE_COMPOSE_WAIT:-600}" "${services[@]}" \
+    || die "the compose stack did not come up healthy within ${VPE_COMPOSE_WAIT:-600}s (the reason is above): ./bootstrap.sh status, ./bootstrap.sh logs"
   compose_apply_schema
   say ""
   compose_status || true
@@ -772,38 +799,5 @@ compose_executor() {
 }
 
 # --- end of compose mode -----------------------------------------------------
-
-main() {
-  MODE_FLAG="" OFFLINE_DEMO=0
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      --local) MODE_FLAG=local ;;
-      --docker) MODE_FLAG=docker ;;
-      --offline-demo) OFFLINE_DEMO=1 ;;
-      -h|--help|help) usage; exit 0 ;;
-      -*) usage >&2; exit 2 ;;
-      *) break ;;
-    esac
-    shift
-  done
-  local command=${1:-up}
-  [ $# -gt 0 ] && shift
-  load_config
-  choose_mode
-  case "$command" in
-    config) print_config; return ;;
-    test) cmd_test "$@"; return ;;
-    up|logs) all_components "$@" || { usage >&2; exit 2; } ;;
-    status|down|psql|migrate|airflow|executor) ;;
-    *) usage >&2; exit 2 ;;
-  esac
-  if [ "$MODE" = docker ]; then
-    [ "$OFFLINE_DEMO" = 0 ] || die "--offline-demo runs in local mode only: ./bootstrap.sh --local --offline-demo"
-    "compose_$command" "$@"
-    return
-  fi
-  prepare_local
-  "cmd_$command" "$@"
-}
 
 main "$@"
