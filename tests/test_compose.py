@@ -119,7 +119,8 @@ def test_a_compose_cli_accepts_the_file(tmp_path: Path) -> None:
     resolved = yaml.safe_load(result.stdout)
     ours = compose_model(values)
     for name in ("postgres", "executor", "airflow-api-server"):
-        theirs = {k: "" if v is None else str(v) for k, v in (resolved["services"][name].get("environment") or {}).items()}
+        theirs = resolved["services"][name].get("environment") or {}
+        theirs = {k: "" if v is None else str(v) for k, v in theirs.items()}
         assert theirs == service_environment(ours, name)
 
 

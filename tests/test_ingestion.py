@@ -130,6 +130,15 @@ def test_every_step_and_the_server_have_help(ingestion_python: str, workdir: Pat
     assert server_help.returncode == 0 and "SYNTHETIC" in server_help.stdout
 
 
+def test_log_lines_carry_the_time_by_hand_but_not_under_the_executor(ingestion_python: str, workdir: Path) -> None:
+    """The executor stamps each line it streams, and Airflow each line of its task log: a step run by the
+    executor (which sets VPE_RUN_ID) leaves its own time out."""
+    by_hand = ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir)).splitlines()
+    assert by_hand and all(re.match(r"\d\d:\d\d:\d\d extract: ", line) for line in by_hand), by_hand
+    executed = ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir, env={"VPE_RUN_ID": "run-1"}))
+    assert executed.splitlines() and all(line.startswith("extract: ") for line in executed.splitlines()), executed
+
+
 def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, api: str, workdir: Path,
                                                          empty_db: tuple[str, dict[str, str]]) -> None:
     dsn, env = empty_db

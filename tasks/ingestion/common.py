@@ -171,8 +171,10 @@ def query_warehouse(dsn: str, what: str, sql: str, *params: object) -> list[tupl
 
 def run_step(name: str, main: Callable[[], int]) -> None:
     """Runs a step's main: logs to stdout, turns StepFailed into one line on stderr and its exit code."""
+    # Under the executor (which sets VPE_RUN_ID) every line is stamped already, by it and by Airflow's log.
+    stamp = "" if os.environ.get("VPE_RUN_ID") else "%(asctime)s "
     logging.basicConfig(stream=sys.stdout, level=logging.INFO,
-                        format=f"%(asctime)s {name}: %(message)s", datefmt="%H:%M:%S")
+                        format=f"{stamp}{name}: %(message)s", datefmt="%H:%M:%S")
     try:
         code = main()
     except StepFailed as failure:
