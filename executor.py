@@ -2498,6 +2498,13 @@ def split_target(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server started next (the tests' and benchmarks' stacks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def replica_targets(target: str) -> list[str]:
     """One address per executor replica behind `target`: every address its host name resolves to (with
     `docker compose --scale executor=N`, the service name resolves to each replica), or `target` itself

@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,6 @@ import executor  # noqa: E402
 
 REQUIREMENTS = ["six==1.16.0"]
 TASK = 'print("ok")\n'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -140,7 +133,7 @@ def main() -> int:
         raise SystemExit("uv is needed for (c) (PythonVirtualenvOperator uses it when on PATH): pip install uv")
     workdir = Path(tempfile.mkdtemp(prefix="vpe-bench-"))
     envs, tasks = prepare(workdir)
-    port = free_port()
+    port = executor.free_port()
     server = start_server(workdir, envs, tasks, port, args.slots)
     try:
         client = executor.ExecutorClient(executor.open_channel(f"127.0.0.1:{port}"))

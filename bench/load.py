@@ -33,7 +33,6 @@ import io
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,9 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from executor import free_port  # noqa: E402
+
 SEED_SCHEMA = ROOT / "tests" / "fixtures" / "warehouse_v2"
 HOURS_PER_WINDOW = 24
 ZONE = "Asia/Kathmandu"
@@ -265,12 +267,6 @@ def scratch_database(server_dsn: str, schema: Path = ROOT) -> Iterator[str]:
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def as_postgres(args: list[str]) -> list[str]:

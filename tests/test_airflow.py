@@ -174,7 +174,7 @@ def wait_for_file(folder: Path, pattern: str, timeout: float = 120) -> Path:
 
 OPERATOR_PROBE = '''
 from types import SimpleNamespace
-from airflow.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from executor_operator import ExecutorOperator
 
 operator = ExecutorOperator(task_id="step", env={env!r}, script="vpe_test/fail.py")
