@@ -64,7 +64,9 @@ main() {
     config) print_config; return ;;
     test) cmd_test "$@"; return ;;
     up|logs) all_components "$@" || { usage >&2; exit 2; } ;;
-    status|down|psql|migrate|airflow|executor) ;;
+    # A reader session (SELECT everything, scratch tables in schema scratch); --admin: the superuser.
+    psql) PSQL_USER=vpe_reader; [ "${1:-}" != --admin ] || { PSQL_USER=$VPE_PG_USER; shift; } ;;
+    status|down|migrate|airflow|executor) ;;
     *) usage >&2; exit 2 ;;
   esac
   if [ "$MODE" = docker ]; then
@@ -214,17 +216,9 @@ cmd_down() {
 }
 
 cmd_psql() {
-  local user
-  user=$(psql_user "$@")
-  [ "${1:-}" != --admin ] || shift
   find_pg_bin
   postgres_healthy || die "PostgreSQL is not running: ./bootstrap.sh up"
-  exec "$PG_BIN/psql" -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$user" -d "$VPE_WAREHOUSE_DB" "$@"
-}
-
-# A reader session (SELECT everything, scratch tables in schema scratch); --admin: the superuser.
-psql_user() {
-  if [ "${1:-}" = --admin ]; then say "$VPE_PG_USER"; else say vpe_reader; fi
+  exec "$PG_BIN/psql" -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$PSQL_USER" -d "$VPE_WAREHOUSE_DB" "$@"
 }
 
 cmd_logs() {
@@ -774,11 +768,8 @@ compose_down() {
 }
 
 compose_psql() {
-  local user
-  user=$(psql_user "$@")
-  [ "${1:-}" != --admin ] || shift
   compose_env
-  compose exec $(tty_flag) postgres psql -U "$user" -d "$VPE_WAREHOUSE_DB" "$@"
+  compose exec $(tty_flag) postgres psql -U "$PSQL_USER" -d "$VPE_WAREHOUSE_DB" "$@"
 }
 
 compose_logs() {
