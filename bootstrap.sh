@@ -640,7 +640,8 @@ start_standin() {
 
 # --- compose mode ------------------------------------------------------------
 # The same commands against the docker compose stack in docker-compose.yml. Compose reads the
-# committed defaults from .env and the secrets from $SECRETS (git-ignored, made once by ensure_secrets).
+# committed defaults from .env and the secrets from $SECRETS (git-ignored, made once by ensure_secrets);
+# its Airflow services also get airflow.env (env_file).
 
 AIRFLOW_COMPOSE_SERVICES=(airflow-api-server airflow-scheduler airflow-dag-processor airflow-triggerer)
 
@@ -709,7 +710,7 @@ compose_up() {
   # (compose's getDependencyCondition, docker/compose#9572, compose 2.7). An init container nothing depends on
   # that way would fail --wait when it exits 0 (docker/compose#10596); tests/test_compose.py checks ours is not one.
   compose $(compose_profiles) up --detach --build --wait --wait-timeout "${VPE_COMPOSE_WAIT:-600}" "${services[@]}" \
-    || die "the compose stack did not come up healthy within ${VPE_COMPOSE_WAIT:-600}s (the reason is above): ./bootstrap.sh status, ./bootstrap.sh logs"
+    || die "docker compose up --wait failed (above: a build error, a container that exited or turned unhealthy, or ${VPE_COMPOSE_WAIT:-600}s passed); ./bootstrap.sh status, ./bootstrap.sh logs"
   compose_apply_schema
   say ""
   compose_status || true

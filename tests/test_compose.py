@@ -535,7 +535,8 @@ def test_up_fails_when_a_container_stays_unhealthy(stack: Stack) -> None:
     result = stack.run(check=False, FAKE_DOCKER_HEALTH=json.dumps({"executor": "unhealthy"}))
     assert result.returncode == 1
     assert "container vpe-executor-1 is unhealthy" in result.stderr
-    assert "did not come up healthy within 2s" in result.stderr and "./bootstrap.sh logs" in result.stderr
+    assert "docker compose up --wait failed" in result.stderr and "2s passed" in result.stderr
+    assert "./bootstrap.sh logs" in result.stderr
     assert not any(c[:1] == ["exec"] for c in stack.calls()), "no schema is applied to a stack that is not up"
 
 
