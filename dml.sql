@@ -38,7 +38,7 @@ SELECT s.ctid AS staging_ctid,
        s.run_id,
        s.source,
        s.row_number,
-       nullif(btrim(s.event_id), '') AS catalog_id,
+       nullif(btrim(s.catalog_id), '') AS catalog_id,
        s.event_date,
        s.event_time,
        nullif(btrim(s.time_text), '') AS time_text,
@@ -82,7 +82,7 @@ $$;
 CREATE VIEW staging.weather_candidate AS
 SELECT s.ctid AS staging_ctid,
        s.run_id,
-       s.event_id,
+       s.catalog_id,
        s.is_event,
        s.window_date,
        s.observed_at,
@@ -103,7 +103,7 @@ FROM staging.weather_hourly s;
 CREATE VIEW staging.pending_window_candidate AS
 SELECT s.ctid AS staging_ctid,
        s.run_id,
-       nullif(btrim(s.event_id), '') AS event_id,
+       nullif(btrim(s.catalog_id), '') AS catalog_id,
        s.is_event,
        round(s.latitude::numeric, 6) AS latitude,
        round(s.longitude::numeric, 6) AS longitude,
@@ -268,7 +268,7 @@ BEGIN
     -- A catalog id twice in one batch with other values (identical rows were
     -- staged once): the newest version counts, among equals the first row.
     INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
-    SELECT 'landslide_event', staging_ctid, format('repeats event_id %s of row %s', catalog_id, first_row)
+    SELECT 'landslide_event', staging_ctid, format('repeats catalog_id %s of row %s', catalog_id, first_row)
     FROM (SELECT c.staging_ctid, c.catalog_id,
                  row_number() OVER w AS nth, first_value(c.row_number) OVER w AS first_row
           FROM staging.landslide_event_candidate c
@@ -302,7 +302,7 @@ BEGIN
     )
     INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
     SELECT 'landslide_event', staging_ctid,
-           format('event_id %s: this version (%s) is not newer than the stored one (last edited %s), which is kept',
+           format('catalog_id %s: this version (%s) is not newer than the stored one (last edited %s), which is kept',
                   catalog_id, coalesce('last edited ' || staging.utc_text(last_edited), 'undated'),
                   staging.utc_text(stored_last_edited))
     FROM older
@@ -310,7 +310,7 @@ BEGIN
 
     n_rejected := staging.record_rejects(
         'landslide_event', p_run_id, $q$coalesce(s.source, 'landslide catalog')$q$,
-        $q$coalesce(nullif(concat_ws(' ', 'event_id ' || s.event_id, 'row ' || s.row_number), ''), 'unidentified row')$q$);
+        $q$coalesce(nullif(concat_ws(' ', 'catalog_id ' || s.catalog_id, 'row ' || s.row_number), ''), 'unidentified row')$q$);
 
     -- Several events at one place: the first catalog row describes the place.
     INSERT INTO pg_temp.load_place
@@ -402,20 +402,20 @@ BEGIN
         SELECT 'weather_hourly', staging_ctid, reason
         FROM (SELECT c.staging_ctid,
                      coalesce(c.violation,
-                         CASE WHEN c.event_id IS NULL THEN 'event_id is missing'
+                         CASE WHEN c.catalog_id IS NULL THEN 'catalog_id is missing'
                               WHEN e.landslide_event_id IS NULL
-                                  THEN format('event_id %%s is not in landslide_event (its catalog row is missing or was rejected)', c.event_id)
+                                  THEN format('catalog_id %%s is not in landslide_event (its catalog row is missing or was rejected)', c.catalog_id)
                               WHEN c.is_event AND c.window_date <> e.event_date
                                   THEN format('event window_date %%s is not the date of event %%s (%%s)',
-                                              c.window_date, c.event_id, e.event_date)
+                                              c.window_date, c.catalog_id, e.event_date)
                               WHEN NOT c.is_event AND c.window_date >= e.event_date
                                   THEN format('non-event window_date %%s is not before the date of event %%s (%%s)',
-                                              c.window_date, c.event_id, e.event_date)
+                                              c.window_date, c.catalog_id, e.event_date)
                               WHEN c.timezone IS NOT NULL AND z.name IS NULL
                                   THEN format('timezone %%s is not in the tz database', c.timezone)
                          END) AS reason
               FROM (SELECT *, coalesce(%s) AS violation FROM staging.weather_candidate WHERE run_id = $1) c
-              LEFT JOIN landslide_event e ON e.catalog_id = c.event_id
+              LEFT JOIN landslide_event e ON e.catalog_id = c.catalog_id
               LEFT JOIN (SELECT name FROM pg_timezone_names) z ON z.name = c.timezone) r
         WHERE reason IS NOT NULL$sql$, checks)
     USING p_run_id;
@@ -424,13 +424,13 @@ BEGIN
     DROP TABLE IF EXISTS pg_temp.load_window;
     EXECUTE format($sql$
         CREATE TEMP TABLE load_window ON COMMIT DROP AS
-        SELECT e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date,
+        SELECT e.landslide_event_id, c.catalog_id, c.is_event, c.latitude, c.longitude, c.window_date,
                min(c.observed_at) AS first_hour, max(c.observed_at) AS last_hour,
                min(c.elevation) AS elevation, min(c.timezone) AS timezone, count(*) AS hours
         FROM staging.weather_candidate c
-        JOIN landslide_event e ON e.catalog_id = c.event_id
+        JOIN landslide_event e ON e.catalog_id = c.catalog_id
         WHERE c.run_id = $1 %s
-        GROUP BY e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date$sql$,
+        GROUP BY e.landslide_event_id, c.catalog_id, c.is_event, c.latitude, c.longitude, c.window_date$sql$,
         staging.accepted_rows_sql(n_rejected))
     USING p_run_id;
 
@@ -453,9 +453,9 @@ BEGIN
         USING expected x
         WHERE lw.landslide_event_id = x.landslide_event_id AND lw.is_event = x.is_event
           AND (lw.latitude, lw.longitude, lw.window_date) IS DISTINCT FROM (x.latitude, x.longitude, x.window_date)
-        RETURNING lw.event_id, lw.is_event, lw.latitude, lw.longitude, lw.window_date,
+        RETURNING lw.catalog_id, lw.is_event, lw.latitude, lw.longitude, lw.window_date,
                   format('the %s window of event %s is at (%s, %s) on %s, this row says (%s, %s) on %s',
-                         CASE WHEN lw.is_event THEN 'event' ELSE 'non-event' END, lw.event_id, x.latitude,
+                         CASE WHEN lw.is_event THEN 'event' ELSE 'non-event' END, lw.catalog_id, x.latitude,
                          x.longitude, x.window_date, lw.latitude, lw.longitude, lw.window_date) AS reason
     )
     INSERT INTO pg_temp.load_conflict SELECT * FROM conflicting;
@@ -464,15 +464,15 @@ BEGIN
         SELECT 'weather_hourly', c.staging_ctid, k.reason
         FROM staging.weather_candidate c
         JOIN pg_temp.load_conflict k
-          ON (c.event_id, c.is_event, c.latitude, c.longitude, c.window_date)
-           = (k.event_id, k.is_event, k.latitude, k.longitude, k.window_date)
+          ON (c.catalog_id, c.is_event, c.latitude, c.longitude, c.window_date)
+           = (k.catalog_id, k.is_event, k.latitude, k.longitude, k.window_date)
         WHERE c.run_id = p_run_id
         ON CONFLICT DO NOTHING;
     END IF;
 
     n_rejected := staging.record_rejects(
         'weather_hourly', p_run_id, $q$'open-meteo'$q$,
-        $q$format('event_id %s %s %s', coalesce(s.event_id, '?'),
+        $q$format('catalog_id %s %s %s', coalesce(s.catalog_id, '?'),
                  CASE s.is_event WHEN true THEN 'event' WHEN false THEN 'non-event' ELSE '?' END,
                  coalesce(staging.utc_text(s.observed_at), '?'))$q$);
 
@@ -550,15 +550,15 @@ BEGIN
                                       p_run_id);
     INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
     SELECT 'pending_window', c.staging_ctid,
-           CASE WHEN c.event_id IS NULL THEN 'event_id is missing'
-                ELSE format('event_id %s is not in landslide_event (its catalog row is missing or was rejected)',
-                            c.event_id) END
+           CASE WHEN c.catalog_id IS NULL THEN 'catalog_id is missing'
+                ELSE format('catalog_id %s is not in landslide_event (its catalog row is missing or was rejected)',
+                            c.catalog_id) END
     FROM staging.pending_window_candidate c
-    WHERE c.run_id = p_run_id AND NOT EXISTS (SELECT 1 FROM landslide_event e WHERE e.catalog_id = c.event_id)
+    WHERE c.run_id = p_run_id AND NOT EXISTS (SELECT 1 FROM landslide_event e WHERE e.catalog_id = c.catalog_id)
     ON CONFLICT DO NOTHING;
     n_rejected := staging.record_rejects(
         'pending_window', p_run_id, $q$'crawl pending windows'$q$,
-        $q$format('event_id %s %s %s', coalesce(s.event_id, '?'),
+        $q$format('catalog_id %s %s %s', coalesce(s.catalog_id, '?'),
                  CASE s.is_event WHEN true THEN 'event' WHEN false THEN 'non-event' ELSE '?' END,
                  coalesce(s.window_date::text, '?'))$q$);
 
@@ -566,7 +566,7 @@ BEGIN
         SELECT DISTINCT ON (e.landslide_event_id, c.is_event)
                e.landslide_event_id, c.is_event, c.latitude, c.longitude, c.window_date
         FROM staging.pending_window_candidate c
-        JOIN landslide_event e ON e.catalog_id = c.event_id
+        JOIN landslide_event e ON e.catalog_id = c.catalog_id
         WHERE c.run_id = p_run_id
           AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
                           WHERE r.staging_table = 'pending_window' AND r.staging_ctid = c.staging_ctid)
@@ -627,7 +627,7 @@ BEGIN
         latitude numeric, longitude numeric, elevation numeric,
         country text, near text, continent_code text, timezone text) ON COMMIT DROP;
     CREATE TEMP TABLE IF NOT EXISTS load_conflict (
-        event_id text, is_event boolean, latitude numeric, longitude numeric, window_date date,
+        catalog_id text, is_event boolean, latitude numeric, longitude numeric, window_date date,
         reason text) ON COMMIT DROP;
     TRUNCATE pg_temp.load_reject, pg_temp.load_count, pg_temp.load_place, pg_temp.load_conflict;
 

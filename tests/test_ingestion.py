@@ -139,19 +139,19 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in out
     events, rejects = read_csv(run / "events-catalog.csv"), read_rejects(run / "rejects-catalog.jsonl")
     assert len(events) + len(rejects) == DEMO_ROWS == len(read_csv(DEMO))
-    by_id = {e["event_id"]: e for e in events}
+    by_id = {e["catalog_id"]: e for e in events}
     assert by_id["101"]["continent_code"] == "NA" and by_id["101"]["event_time"] == "10:37:00"
     assert (by_id["103"]["time_text"], by_id["103"]["event_time"]) == ("Overnight", "")
     assert by_id["103"]["near"] == "Kedārnāth" and by_id["101"]["landslide_size"] == "very_large"
     windows = read_csv(run / "windows-catalog.csv")
     assert len(windows) == 2 * len(events)
-    assert {(w["is_event"], w["window_date"]) for w in windows if w["event_id"] == "106"} == {
+    assert {(w["is_event"], w["window_date"]) for w in windows if w["catalog_id"] == "106"} == {
         ("true", "2012-02-29"), ("false", "2011-02-28")}
 
     out = ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
     assert "SYNTHETIC" in out
     hourly = read_csv(run / "hourly.csv")
-    per_window = Counter((h["event_id"], h["is_event"]) for h in hourly)
+    per_window = Counter((h["catalog_id"], h["is_event"]) for h in hourly)
     assert len(per_window) == len(windows) and set(per_window.values()) == {24}
     assert all(h[name] != "" for h in hourly for name in h), "every variable has a value"
     assert read_csv(run / "failed_windows.csv") == []
@@ -393,7 +393,7 @@ def test_xlsx_with_two_catalog_sheets_asks_which(ingestion_python: str, workdir:
 
 def write_windows(workdir: Path, days: list[str]) -> None:
     rows = [f"e{i},true,{10 + i * 0.5},{20 + i * 0.25},{day}" for i, day in enumerate(days)]
-    (workdir / "run" / "windows-catalog.csv").write_text("event_id,is_event,latitude,longitude,window_date\n"
+    (workdir / "run" / "windows-catalog.csv").write_text("catalog_id,is_event,latitude,longitude,window_date\n"
                                                   + "\n".join(rows) + "\n")
 
 
@@ -562,7 +562,7 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         windows = 2 * DEMO_EVENTS
         assert f"{windows} windows in windows-csv.csv, windows-xlsx.csv; {windows} listed again" in first["crawl"]
         hourly = read_csv(workspace / "hourly.csv")
-        assert len(hourly) == windows * 24 and len({(h["event_id"], h["is_event"], h["observed_at"]) for h in hourly}) \
+        assert len(hourly) == windows * 24 and len({(h["catalog_id"], h["is_event"], h["observed_at"]) for h in hourly}) \
             == len(hourly), "each window's hours once"
         assert load_counts(first["load"])["landslide_event"] == (DEMO_EVENTS, 0, 0, 0)
         assert (f"event rows: {2 * DEMO_EVENTS} in events-csv.csv, events-xlsx.csv = {DEMO_EVENTS} copies of an "

@@ -33,12 +33,12 @@ HOURLY = "hourly.csv"
 FAILED_WINDOWS = "failed_windows.csv"
 PENDING_WINDOWS = "pending_windows.csv"
 CRAWL_SUMMARY = "crawl_summary.json"
-EVENT_COLUMNS = ("source", "row_number", "event_id", "event_date", "event_time", "time_text", "last_edited",
+EVENT_COLUMNS = ("source", "row_number", "catalog_id", "event_date", "event_time", "time_text", "last_edited",
                  "title", "country", "country_code", "admin_division", "near", "continent_code",
                  "location_accuracy", "hazard_type", "landslide_category", "landslide_trigger", "landslide_size",
                  "landslide_setting", "fatalities", "injuries", "source_link", "latitude", "longitude", "elevation")
-WINDOW_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "window_date")
-HOURLY_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
+WINDOW_COLUMNS = ("catalog_id", "is_event", "latitude", "longitude", "window_date")
+HOURLY_COLUMNS = ("catalog_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
                   "timezone", *HOURLY_VARIABLES)
 FAILED_COLUMNS = (*WINDOW_COLUMNS, "reason")
 
