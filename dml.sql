@@ -9,10 +9,23 @@
 --   Every staged row of that run ends up either in the tables (new, updated
 --   or already present) or in rejected_rows with a reason; the run's staging
 --   rows are then deleted.
+--
+-- Contents (each a `-- =====` banner below):
+--   rebuild             what every apply drops and creates anew
+--   column lists        the hourly measurements and daily features, named once
+--   staging candidates  staged rows shaped like the tables' columns
+--   rejects and counts  constraints -> reject reasons, rejected_rows, counts
+--   merges              merge_locations, merge_events, merge_weather, merge_pending
+--   load_staging        the one function a load calls
+--   watermark and keys  source_watermark, location_keeps_its_hours
+--   views               for people at psql
+--   grants
 
 SET client_min_messages = warning;
 
 BEGIN;
+
+-- ===== rebuild =====
 
 -- Views hold no data: they are rebuilt on every apply so that a changed
 -- column list or type takes effect (CREATE OR REPLACE VIEW cannot do that).
@@ -26,6 +39,23 @@ DROP FUNCTION IF EXISTS staging.soil_depths, staging.merge_instants(),
     staging.reject_violations(text, regclass, regclass[], text, text), staging.count_load(text, bigint, bigint, bigint);
 -- Its result columns changed in version 3; it is re-granted below.
 DROP FUNCTION IF EXISTS load_staging(text);
+
+-- ===== column lists =====
+
+-- The columns of p_relation after p_after, as p_alias.column, in order. The
+-- hourly measurements are weather_hour's columns after observed_at (ddl.sql
+-- lists them, with their checks); the daily features are
+-- window_weather_daily's after elevation (its lateral query defines them).
+-- The views and the insert that repeat a list are written with this.
+CREATE OR REPLACE FUNCTION staging.columns_after(p_relation regclass, p_after name, p_alias text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT string_agg(format('%I.%I', p_alias, a.attname), ', ' ORDER BY a.attnum)
+    FROM pg_attribute a
+    WHERE a.attrelid = p_relation AND NOT a.attisdropped
+      AND a.attnum > (SELECT attnum FROM pg_attribute WHERE attrelid = p_relation AND attname = p_after)
+$$;
+
+-- ===== staging candidates =====
 
 -- Staged rows shaped like the tables' columns (same names), so the tables'
 -- own CHECK and NOT NULL constraints can be evaluated on them before anything
@@ -79,26 +109,23 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT p_event - '{staging_ctid,run_id,source,row_number,elevation,landslide_event_id,location_id,version,stored_last_edited}'::text[]
 $$;
 
-CREATE VIEW staging.weather_candidate AS
-SELECT s.ctid AS staging_ctid,
-       s.run_id,
-       s.catalog_id,
-       s.is_event,
-       s.window_date,
-       s.observed_at,
-       nullif(btrim(s.timezone), '') AS timezone,
-       round(s.latitude, 6) AS latitude,
-       round(s.longitude, 6) AS longitude,
-       s.elevation,
-       s.temperature_2m,
-       s.relative_humidity_2m,
-       s.precipitation,
-       s.rain,
-       s.soil_temperature_0_to_7cm, s.soil_temperature_7_to_28cm,
-       s.soil_temperature_28_to_100cm, s.soil_temperature_100_to_255cm,
-       s.soil_moisture_0_to_7cm, s.soil_moisture_7_to_28cm,
-       s.soil_moisture_28_to_100cm, s.soil_moisture_100_to_255cm
-FROM staging.weather_hourly s;
+DO $$
+BEGIN
+    EXECUTE format($view$
+        CREATE VIEW staging.weather_candidate AS
+        SELECT s.ctid AS staging_ctid,
+               s.run_id,
+               s.catalog_id,
+               s.is_event,
+               s.window_date,
+               s.observed_at,
+               nullif(btrim(s.timezone), '') AS timezone,
+               round(s.latitude, 6) AS latitude,
+               round(s.longitude, 6) AS longitude,
+               s.elevation,
+               %s
+        FROM staging.weather_hourly s$view$, staging.columns_after('weather_hour', 'observed_at', 's'));
+END $$;
 
 CREATE VIEW staging.pending_window_candidate AS
 SELECT s.ctid AS staging_ctid,
@@ -109,6 +136,8 @@ SELECT s.ctid AS staging_ctid,
        round(s.longitude::numeric, 6) AS longitude,
        s.window_date
 FROM staging.pending_window s;
+
+-- ===== rejects and counts =====
 
 -- An instant as rejects and messages show it: 2019-03-10T14:00Z.
 CREATE OR REPLACE FUNCTION staging.utc_text(p_instant timestamptz) RETURNS text
@@ -222,6 +251,8 @@ BEGIN
     SET items = c.items + excluded.items, inserted = c.inserted + excluded.inserted,
         updated = c.updated + excluded.updated, rejected = c.rejected + excluded.rejected;
 END $$;
+
+-- ===== merges =====
 
 -- Inserts the places in pg_temp.load_place (one row per coordinate pair) and
 -- fills gaps (elevation, country, ...) in places already known; never
@@ -506,16 +537,13 @@ BEGIN
     -- once: ON CONFLICT. The usual batch, new hours only, skips its cost (a
     -- quarter of the INSERT) with a plain INSERT, redone with ON CONFLICT if
     -- an hour turns out to be there twice.
-    insert_hours := $sql$
+    insert_hours := format($sql$
         INSERT INTO weather_hour
-        SELECT l.location_id, c.observed_at, c.temperature_2m, c.relative_humidity_2m, c.precipitation, c.rain,
-               c.soil_temperature_0_to_7cm, c.soil_temperature_7_to_28cm,
-               c.soil_temperature_28_to_100cm, c.soil_temperature_100_to_255cm,
-               c.soil_moisture_0_to_7cm, c.soil_moisture_7_to_28cm,
-               c.soil_moisture_28_to_100cm, c.soil_moisture_100_to_255cm
+        SELECT l.location_id, c.observed_at, %s
         FROM staging.weather_candidate c
         JOIN location l ON l.latitude = c.latitude AND l.longitude = c.longitude
-        WHERE c.run_id = $1 $sql$ || staging.accepted_rows_sql(n_rejected);
+        WHERE c.run_id = $1 %s$sql$,
+        staging.columns_after('weather_hour', 'observed_at', 'c'), staging.accepted_rows_sql(n_rejected));
     n_new := NULL;
     IF NOT EXISTS (SELECT 1 FROM pg_temp.load_window w
                    JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
@@ -600,6 +628,8 @@ CREATE OR REPLACE FUNCTION staging.settle_event_zones() RETURNS void LANGUAGE sq
     WHERE l.location_id = e.location_id AND e.timezone IS DISTINCT FROM l.timezone
 $$;
 
+-- ===== load_staging =====
+
 -- Merges one run's staged rows into the tables, set-based, in the caller's
 -- transaction. Returns one row per target table: rows inserted, rows updated
 -- (a newer version of a report), rows that were already there (or came twice
@@ -645,6 +675,8 @@ BEGIN
                             c.target);
 END $$;
 
+-- ===== watermark and keys =====
+
 -- The newest last_edited among the reports loaded from a source (a catalog
 -- file's name or the ArcGIS layer URL); NULL when nothing dated came from it.
 -- extract.py --since takes it to read only what changed.
@@ -666,7 +698,9 @@ END $$;
 CREATE OR REPLACE TRIGGER location_keeps_its_hours BEFORE DELETE ON location
 FOR EACH ROW EXECUTE FUNCTION location_keeps_its_hours();
 
--- Views for people at psql.
+-- ===== views =====
+
+-- For people at psql.
 
 -- The hourly rows in their old shapes, for queries written against version 2.
 CREATE VIEW weather_data AS
@@ -687,25 +721,25 @@ WHERE d.temperature IS NOT NULL OR d.moisture IS NOT NULL;
 
 -- Every hourly row with its place and calendar parts: in UTC, and in the
 -- place's own zone (NULL until the crawl has named it).
-CREATE VIEW hourly_weather AS
-SELECT h.location_id,
-       l.latitude,
-       l.longitude,
-       l.timezone,
-       h.observed_at,
-       (h.observed_at AT TIME ZONE 'UTC')::date AS utc_date,
-       extract(hour FROM h.observed_at AT TIME ZONE 'UTC')::smallint AS utc_hour,
-       h.observed_at AT TIME ZONE l.timezone AS local_time,
-       (h.observed_at AT TIME ZONE l.timezone)::date AS local_date,
-       extract(hour FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_hour,
-       extract(isodow FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_iso_weekday,
-       h.temperature_2m, h.relative_humidity_2m, h.precipitation, h.rain,
-       h.soil_temperature_0_to_7cm, h.soil_temperature_7_to_28cm,
-       h.soil_temperature_28_to_100cm, h.soil_temperature_100_to_255cm,
-       h.soil_moisture_0_to_7cm, h.soil_moisture_7_to_28cm,
-       h.soil_moisture_28_to_100cm, h.soil_moisture_100_to_255cm
-FROM weather_hour h
-JOIN location l ON l.location_id = h.location_id;
+DO $$
+BEGIN
+    EXECUTE format($view$
+        CREATE VIEW hourly_weather AS
+        SELECT h.location_id,
+               l.latitude,
+               l.longitude,
+               l.timezone,
+               h.observed_at,
+               (h.observed_at AT TIME ZONE 'UTC')::date AS utc_date,
+               extract(hour FROM h.observed_at AT TIME ZONE 'UTC')::smallint AS utc_hour,
+               h.observed_at AT TIME ZONE l.timezone AS local_time,
+               (h.observed_at AT TIME ZONE l.timezone)::date AS local_date,
+               extract(hour FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_hour,
+               extract(isodow FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_iso_weekday,
+               %s
+        FROM weather_hour h
+        JOIN location l ON l.location_id = h.location_id$view$, staging.columns_after('weather_hour', 'observed_at', 'h'));
+END $$;
 
 -- One row per crawled window (an event's day or its non-event sample) with
 -- the day's weather: sums of precipitation and rain, mean and max air
@@ -719,16 +753,7 @@ SELECT w.weather_window_id,
        l.latitude,
        l.longitude,
        l.elevation,
-       wx.hours_observed,
-       wx.precipitation_sum,
-       wx.rain_sum,
-       wx.temperature_2m_mean,
-       wx.temperature_2m_max,
-       wx.relative_humidity_2m_mean,
-       wx.soil_moisture_0_to_7cm_max,
-       wx.soil_moisture_7_to_28cm_max,
-       wx.soil_moisture_28_to_100cm_max,
-       wx.soil_moisture_100_to_255cm_max
+       wx.*
 FROM weather_window w
 JOIN landslide_event e ON e.landslide_event_id = w.landslide_event_id
 JOIN location l ON l.location_id = w.location_id
@@ -752,67 +777,61 @@ CROSS JOIN LATERAL (
 -- place; instant is UTC, and the event_hour_* columns are the weather of the
 -- hour it falls in (NULL while the time or the zone is unknown).
 -- landslide_type is landslide_category's version-2 name.
-CREATE VIEW event_weather_daily AS
-SELECT e.catalog_id,
-       e.event_date,
-       e.event_time,
-       e.time_text,
-       e.hazard_type,
-       e.landslide_category AS landslide_type,
-       e.landslide_size,
-       l.country,
-       l.near,
-       l.continent_code,
-       l.latitude,
-       l.longitude,
-       l.elevation,
-       f.hours_observed,
-       f.precipitation_sum,
-       f.rain_sum,
-       f.temperature_2m_mean,
-       f.temperature_2m_max,
-       f.relative_humidity_2m_mean,
-       f.soil_moisture_0_to_7cm_max,
-       f.soil_moisture_7_to_28cm_max,
-       f.soil_moisture_28_to_100cm_max,
-       f.soil_moisture_100_to_255cm_max,
-       e.landslide_category,
-       e.landslide_trigger,
-       e.landslide_setting,
-       e.title,
-       e.last_edited,
-       e.timezone,
-       e.utc_offset,
-       e.instant,
-       h.observed_at AS event_hour,
-       h.precipitation AS event_hour_precipitation,
-       h.rain AS event_hour_rain,
-       h.soil_moisture_0_to_7cm AS event_hour_soil_moisture_0_to_7cm
-FROM landslide_event e
-JOIN location l ON l.location_id = e.location_id
-LEFT JOIN window_weather_daily f ON f.landslide_event_id = e.landslide_event_id AND f.is_event
-LEFT JOIN weather_hour h ON h.location_id = e.location_id AND h.observed_at = date_trunc('hour', e.instant);
+DO $$
+BEGIN
+    EXECUTE format($view$
+        CREATE VIEW event_weather_daily AS
+        SELECT e.catalog_id,
+               e.event_date,
+               e.event_time,
+               e.time_text,
+               e.hazard_type,
+               e.landslide_category AS landslide_type,
+               e.landslide_size,
+               l.country,
+               l.near,
+               l.continent_code,
+               l.latitude,
+               l.longitude,
+               l.elevation,
+               %s,
+               e.landslide_category,
+               e.landslide_trigger,
+               e.landslide_setting,
+               e.title,
+               e.last_edited,
+               e.timezone,
+               e.utc_offset,
+               e.instant,
+               h.observed_at AS event_hour,
+               h.precipitation AS event_hour_precipitation,
+               h.rain AS event_hour_rain,
+               h.soil_moisture_0_to_7cm AS event_hour_soil_moisture_0_to_7cm
+        FROM landslide_event e
+        JOIN location l ON l.location_id = e.location_id
+        LEFT JOIN window_weather_daily f ON f.landslide_event_id = e.landslide_event_id AND f.is_event
+        LEFT JOIN weather_hour h ON h.location_id = e.location_id AND h.observed_at = date_trunc('hour', e.instant)$view$,
+        staging.columns_after('window_weather_daily', 'elevation', 'f'));
+END $$;
 
 -- Training set: every crawled day labelled 'event' or 'non-event', same
 -- features. catalog_id says which event a non-event day was sampled for.
-CREATE VIEW training_days AS
-SELECT CASE WHEN f.is_event THEN 'event' ELSE 'non-event' END AS label,
-       f.catalog_id,
-       f.window_date,
-       f.latitude,
-       f.longitude,
-       f.elevation,
-       f.hours_observed,
-       f.precipitation_sum,
-       f.rain_sum,
-       f.temperature_2m_mean,
-       f.temperature_2m_max,
-       f.relative_humidity_2m_mean,
-       f.soil_moisture_0_to_7cm_max,
-       f.soil_moisture_7_to_28cm_max,
-       f.soil_moisture_28_to_100cm_max,
-       f.soil_moisture_100_to_255cm_max
-FROM window_weather_daily f;
+DO $$
+BEGIN
+    EXECUTE format($view$
+        CREATE VIEW training_days AS
+        SELECT CASE WHEN f.is_event THEN 'event' ELSE 'non-event' END AS label,
+               f.catalog_id,
+               f.window_date,
+               f.latitude,
+               f.longitude,
+               f.elevation,
+               %s
+        FROM window_weather_daily f$view$,
+        staging.columns_after('window_weather_daily', 'elevation', 'f'));
+END $$;
+
+-- ===== grants =====
 
 -- Grants (ddl.sql creates the roles): renewed on every apply, since the
 -- views and load_staging above are new objects each time.

@@ -160,6 +160,47 @@ def test_an_upgraded_warehouse_has_the_shape_of_a_new_one(empty_db: tuple[str, d
         assert schema_shape(conn) == upgraded
 
 
+# ------------------------------------------------------------------ upgrade from version 3
+
+def staging_key_columns(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute("SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                        "JOIN information_schema.tables t USING (table_schema, table_name) "
+                        "WHERE c.table_schema = 'staging' AND t.table_type = 'BASE TABLE' "
+                        "AND c.column_name IN ('event_id', 'catalog_id') ORDER BY 1").fetchall()
+
+
+def test_a_v3_warehouse_renames_its_staging_key_and_still_knows_its_rejects(warehouse) -> None:
+    conn, env = warehouse
+    ev = EVENTS[0]
+    bad_hours = [*weather_day(ev, True, hours=1, relative_humidity_2m=130.0),
+                 *weather_day(event("404", ev["event_date"], 1.0, 1.0), True, hours=1)]
+    load(conn, "events", [ev])
+    load(conn, "crawl-1", [], bad_hours)
+    stage(conn, "crashed", [ev])
+    rejects = conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall()
+    assert rejects == [
+        ("open-meteo", f"catalog_id 1 event {ev['event_date']}T00:00Z",
+         "violates weather_hour_relative_humidity_2m_range (relative_humidity_2m=130.0)"),
+        ("open-meteo", f"catalog_id 404 event {ev['event_date']}T00:00Z",
+         "catalog_id 404 is not in landslide_event (its catalog row is missing or was rejected)")]
+    # Back to version 3: staging and the loads' rejects named the key event_id.
+    conn.execute("DELETE FROM schema_version WHERE version = 4")
+    conn.execute("UPDATE rejected_rows SET row_key = replace(row_key, 'catalog_id ', 'event_id '), "
+                 "reason = replace(reason, 'catalog_id ', 'event_id ')")
+    for table in ("landslide_event", "weather_hourly", "pending_window"):
+        conn.execute(f"ALTER TABLE staging.{table} RENAME COLUMN catalog_id TO event_id")
+
+    bootstrap("migrate", env=env)
+
+    assert staging_key_columns(conn) == [("landslide_event", "catalog_id"), ("pending_window", "catalog_id"),
+                                         ("weather_hourly", "catalog_id")]
+    assert conn.execute("SELECT catalog_id FROM staging.landslide_event WHERE run_id = 'crashed'").fetchall() == [
+        ("1",)]
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (4,)
+    assert load(conn, "crawl-2", [], bad_hours)["weather_hour"] == (0, 0, 0, 2)
+    assert conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall() == rejects
+
+
 # ------------------------------------------------------------------ local and UTC event times
 
 def test_event_instants_are_true_utc_from_the_places_zone_with_the_days_offset(warehouse) -> None:
