@@ -112,19 +112,20 @@ $$;
 DO $$
 BEGIN
     EXECUTE format($view$
-        CREATE VIEW staging.weather_candidate AS
-        SELECT s.ctid AS staging_ctid,
-               s.run_id,
-               s.catalog_id,
-               s.is_event,
-               s.window_date,
-               s.observed_at,
-               nullif(btrim(s.timezone), '') AS timezone,
-               round(s.latitude, 6) AS latitude,
-               round(s.longitude, 6) AS longitude,
-               s.elevation,
-               %s
-        FROM staging.weather_hourly s$view$, staging.columns_after('weather_hour', 'observed_at', 's'));
+CREATE VIEW staging.weather_candidate AS
+SELECT s.ctid AS staging_ctid,
+       s.run_id,
+       s.catalog_id,
+       s.is_event,
+       s.window_date,
+       s.observed_at,
+       nullif(btrim(s.timezone), '') AS timezone,
+       round(s.latitude, 6) AS latitude,
+       round(s.longitude, 6) AS longitude,
+       s.elevation,
+       %s
+FROM staging.weather_hourly s
+    $view$, staging.columns_after('weather_hour', 'observed_at', 's'));
 END $$;
 
 CREATE VIEW staging.pending_window_candidate AS
@@ -724,21 +725,22 @@ WHERE d.temperature IS NOT NULL OR d.moisture IS NOT NULL;
 DO $$
 BEGIN
     EXECUTE format($view$
-        CREATE VIEW hourly_weather AS
-        SELECT h.location_id,
-               l.latitude,
-               l.longitude,
-               l.timezone,
-               h.observed_at,
-               (h.observed_at AT TIME ZONE 'UTC')::date AS utc_date,
-               extract(hour FROM h.observed_at AT TIME ZONE 'UTC')::smallint AS utc_hour,
-               h.observed_at AT TIME ZONE l.timezone AS local_time,
-               (h.observed_at AT TIME ZONE l.timezone)::date AS local_date,
-               extract(hour FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_hour,
-               extract(isodow FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_iso_weekday,
-               %s
-        FROM weather_hour h
-        JOIN location l ON l.location_id = h.location_id$view$, staging.columns_after('weather_hour', 'observed_at', 'h'));
+CREATE VIEW hourly_weather AS
+SELECT h.location_id,
+       l.latitude,
+       l.longitude,
+       l.timezone,
+       h.observed_at,
+       (h.observed_at AT TIME ZONE 'UTC')::date AS utc_date,
+       extract(hour FROM h.observed_at AT TIME ZONE 'UTC')::smallint AS utc_hour,
+       h.observed_at AT TIME ZONE l.timezone AS local_time,
+       (h.observed_at AT TIME ZONE l.timezone)::date AS local_date,
+       extract(hour FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_hour,
+       extract(isodow FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_iso_weekday,
+       %s
+FROM weather_hour h
+JOIN location l ON l.location_id = h.location_id
+    $view$, staging.columns_after('weather_hour', 'observed_at', 'h'));
 END $$;
 
 -- One row per crawled window (an event's day or its non-event sample) with
@@ -780,37 +782,38 @@ CROSS JOIN LATERAL (
 DO $$
 BEGIN
     EXECUTE format($view$
-        CREATE VIEW event_weather_daily AS
-        SELECT e.catalog_id,
-               e.event_date,
-               e.event_time,
-               e.time_text,
-               e.hazard_type,
-               e.landslide_category AS landslide_type,
-               e.landslide_size,
-               l.country,
-               l.near,
-               l.continent_code,
-               l.latitude,
-               l.longitude,
-               l.elevation,
-               %s,
-               e.landslide_category,
-               e.landslide_trigger,
-               e.landslide_setting,
-               e.title,
-               e.last_edited,
-               e.timezone,
-               e.utc_offset,
-               e.instant,
-               h.observed_at AS event_hour,
-               h.precipitation AS event_hour_precipitation,
-               h.rain AS event_hour_rain,
-               h.soil_moisture_0_to_7cm AS event_hour_soil_moisture_0_to_7cm
-        FROM landslide_event e
-        JOIN location l ON l.location_id = e.location_id
-        LEFT JOIN window_weather_daily f ON f.landslide_event_id = e.landslide_event_id AND f.is_event
-        LEFT JOIN weather_hour h ON h.location_id = e.location_id AND h.observed_at = date_trunc('hour', e.instant)$view$,
+CREATE VIEW event_weather_daily AS
+SELECT e.catalog_id,
+       e.event_date,
+       e.event_time,
+       e.time_text,
+       e.hazard_type,
+       e.landslide_category AS landslide_type,
+       e.landslide_size,
+       l.country,
+       l.near,
+       l.continent_code,
+       l.latitude,
+       l.longitude,
+       l.elevation,
+       %s,
+       e.landslide_category,
+       e.landslide_trigger,
+       e.landslide_setting,
+       e.title,
+       e.last_edited,
+       e.timezone,
+       e.utc_offset,
+       e.instant,
+       h.observed_at AS event_hour,
+       h.precipitation AS event_hour_precipitation,
+       h.rain AS event_hour_rain,
+       h.soil_moisture_0_to_7cm AS event_hour_soil_moisture_0_to_7cm
+FROM landslide_event e
+JOIN location l ON l.location_id = e.location_id
+LEFT JOIN window_weather_daily f ON f.landslide_event_id = e.landslide_event_id AND f.is_event
+LEFT JOIN weather_hour h ON h.location_id = e.location_id AND h.observed_at = date_trunc('hour', e.instant)
+    $view$,
         staging.columns_after('window_weather_daily', 'elevation', 'f'));
 END $$;
 
@@ -819,15 +822,16 @@ END $$;
 DO $$
 BEGIN
     EXECUTE format($view$
-        CREATE VIEW training_days AS
-        SELECT CASE WHEN f.is_event THEN 'event' ELSE 'non-event' END AS label,
-               f.catalog_id,
-               f.window_date,
-               f.latitude,
-               f.longitude,
-               f.elevation,
-               %s
-        FROM window_weather_daily f$view$,
+CREATE VIEW training_days AS
+SELECT CASE WHEN f.is_event THEN 'event' ELSE 'non-event' END AS label,
+       f.catalog_id,
+       f.window_date,
+       f.latitude,
+       f.longitude,
+       f.elevation,
+       %s
+FROM window_weather_daily f
+    $view$,
         staging.columns_after('window_weather_daily', 'elevation', 'f'));
 END $$;
 
