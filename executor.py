@@ -83,7 +83,6 @@ pb2, pb2_grpc = _load_proto()
 
 # ---------------------------------------------------------------- configuration
 
-DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 256
@@ -98,7 +97,6 @@ CENSUS_INTERVAL = 0.2  # seconds between looks at which processes of a run are l
 FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # run ids and workspaces: one safe path segment
 ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-DEFAULT_ENV_ALLOW = "VPE_ALLOW_SYNTHETIC_WEATHER"
 # Never taken from a request, whatever VPE_TASK_ENV_ALLOW says: they change which code runs, where a task's
 # traffic goes or which certificates it trusts, or they are the executor's own values.
 RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV",
@@ -141,34 +139,124 @@ def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+def words(text: str) -> tuple[str, ...]:
+    """A list setting: names separated by spaces or commas."""
+    return tuple(re.findall(r"[^\s,]+", text))
+
+
+def folder(text: str) -> Path:
+    return Path(text).resolve()
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One executor setting: its Config field, environment variable, default (as the variable would spell it),
+    how its text is read, the least value allowed, the values allowed, where it is a flag, and its help."""
+    field: str
+    env: str
+    default: str
+    kind: Callable[[str], Any] = str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    flag: str = ""          # "all": --field-name on every command; "serve": on serve only; "": the variable only
+    help: str = ""
+    shown_default: str = ""  # the default as help tells it, where the value itself would mislead
+
+    @property
+    def option(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def read(self, args: argparse.Namespace | None) -> Any:
+        """The flag's value if given, else the variable's, else the default; a bad one ends the program with a
+        one-line message naming the setting."""
+        given = getattr(args, self.field, None) if self.flag else None
+        text = str(given) if given is not None else _env(self.env, self.default)
+        option = f" ({self.option})" if self.flag else ""
+        if self.choices and text not in self.choices:
+            raise SystemExit(f"executor.py: {self.env}{option} must be one of {', '.join(self.choices)}, "
+                             f"not {text!r}")
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if self.minimum is not None and (value is None or not self.minimum <= value < math.inf):
+            what = {int: "a whole number", float: "a number", parse_size: "a size such as 512M or 4G"}[self.kind]
+            raise SystemExit(f"executor.py: {self.env}{option} must be {what} >= {self.minimum}, not {text!r}")
+        return value
+
+    @property
+    def value(self) -> Any:
+        """The default, read as the setting would be."""
+        return self.kind(self.default)
+
+    def add_flag(self, parser: argparse.ArgumentParser) -> None:
+        kind = self.kind if self.kind in (int, float) else None
+        default = self.shown_default or self.default or "empty"
+        parser.add_argument(self.option, type=kind, choices=self.choices or None,
+                            help=f"{self.help} (env {self.env}, default {default})")
+
+
+# Every executor setting, once: Config's defaults, config_from and the serve/connection flags all come from here.
+SETTINGS = (
+    Setting("host", "VPE_EXECUTOR_HOST", "127.0.0.1", flag="all", help="address to bind / connect to"),
+    Setting("port", "VPE_EXECUTOR_PORT", "3170", int, 1, flag="all", help="port"),
+    Setting("token", "VPE_EXECUTOR_TOKEN", "", flag="all",
+            help="bearer token, empty = no auth; prefer the env variable, as flags show in ps"),
+    Setting("tls_cert", "VPE_EXECUTOR_TLS_CERT", "", flag="all",
+            help="PEM certificate; client: trusted if no CA given"),
+    Setting("tls_key", "VPE_EXECUTOR_TLS_KEY", "", flag="all", help="PEM private key"),
+    Setting("tls_ca", "VPE_EXECUTOR_TLS_CA", "", flag="all", help="PEM CA; server: require client certs signed by it"),
+    Setting("advertise", "VPE_EXECUTOR_ADVERTISE", "", flag="serve",
+            help="host:port clients reach this replica at, named in Started.replica for Attach and Cancel",
+            shown_default="this host's address and --port"),
+    Setting("home", "VPE_HOME", str(HERE / ".vpe"), folder, flag="serve",
+            help="state dir: envs/, buffer/, logs/executor/, logs/runs/, run/executor/",
+            shown_default=".vpe next to executor.py"),
+    Setting("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"), folder, flag="serve",
+            help="folder of env ymls", shown_default="<repo>/envs"),
+    Setting("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"), folder, flag="serve",
+            help="folder of task scripts", shown_default="<repo>/tasks"),
+    Setting("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1), int, 1, flag="serve",
+            help="runs at once", shown_default="cores"),
+    Setting("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32", int, 0, flag="serve", help="runs waiting for a slot"),
+    Setting("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1", float, 0, flag="serve",
+            help="seconds between SIGTERM and SIGKILL"),
+    Setting("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0, flag="serve",
+            help="seconds running tasks get on SIGTERM"),
+    Setting("containment", "VPE_EXECUTOR_CONTAINMENT", "auto", choices=("auto", "cgroup", "subreaper"), flag="serve",
+            help="how runs are contained", shown_default="auto: a cgroup per run where the executor may create "
+                                                         "them, else subreaper + /proc tracking"),
+    Setting("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto", choices=("auto", "conda", "venv"), flag="serve",
+            help="env backend", shown_default="auto: conda-family if on PATH, else venv"),
+    Setting("passthrough", "VPE_TASK_ENV_PASSTHROUGH",
+            "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL", words,
+            help="the executor's variables every task gets"),
+    Setting("env_allow", "VPE_TASK_ENV_ALLOW", "VPE_ALLOW_SYNTHETIC_WEATHER", words,
+            help="names (or fnmatch patterns) a request may set"),
+    Setting("run_log_max_bytes", "VPE_EXECUTOR_RUN_LOG_MAX", "64M", parse_size, 4096,
+            help="size of one run's event log"),
+    Setting("keep_days", "VPE_EXECUTOR_KEEP_DAYS", "14", float, 0, help="days logs and workspaces are kept"),
+    Setting("keep_log_bytes", "VPE_EXECUTOR_KEEP_LOGS", "2G", parse_size, 0, help="size the logs are pruned to"),
+    Setting("keep_buffer_bytes", "VPE_EXECUTOR_KEEP_BUFFER", "20G", parse_size, 0,
+            help="size the buffer is pruned to"),
+)
+
+
+def limit_settings(name: str) -> tuple[Setting, Setting]:
+    """The default and the cap of one per-run limit (LIMIT_SETTINGS), as settings."""
+    suffix, default, cap = LIMIT_SETTINGS[name]
+    kind = float if name == "cpu_seconds" else parse_size
+    var = f"VPE_EXECUTOR_RUN_{suffix}"
+    return Setting(name, var, default, kind, 1), Setting(name, f"{var}_CAP", cap, kind, 1)
+
+
 @dataclasses.dataclass
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 3170
-    token: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    advertise: str = ""     # host:port clients reach this replica at (Started.replica); empty = derived
-    home: Path = HERE / ".vpe"
-    envs_dir: Path = HERE / "envs"
-    tasks_dir: Path = HERE / "tasks"
-    max_concurrent: int = os.cpu_count() or 1
-    max_queue: int = 32
-    kill_grace: float = 1.0
-    shutdown_grace: float = 10.0
-    backend: str = "auto"
-    passthrough: tuple[str, ...] = tuple(DEFAULT_PASSTHROUGH.split())
-    env_allow: tuple[str, ...] = tuple(DEFAULT_ENV_ALLOW.split())  # names (or fnmatch patterns) a request may set
-    run_log_max_bytes: int = 64 * 1024 * 1024
-    containment: str = "auto"
+class ConfigBase:
+    """Config without the fields of SETTINGS: the per-run limits' defaults and caps, and what follows from both."""
     limit_defaults: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {name: float(parse_size(d)) for name, (_, d, _) in LIMIT_SETTINGS.items()})
+        default_factory=lambda: {name: float(limit_settings(name)[0].value) for name in LIMIT_SETTINGS})
     limit_caps: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {name: float(parse_size(c)) for name, (_, _, c) in LIMIT_SETTINGS.items()})
-    keep_days: float = 14.0
-    keep_log_bytes: int = 2 * 1024 ** 3
-    keep_buffer_bytes: int = 20 * 1024 ** 3
+        default_factory=lambda: {name: float(limit_settings(name)[1].value) for name in LIMIT_SETTINGS})
 
     @property
     def built_envs_dir(self) -> Path:
@@ -196,67 +284,24 @@ class Config:
         return self.advertise or advertised_address(self)
 
 
+# The executor's settings: a field per row of SETTINGS, its default the row's, plus ConfigBase's.
+Config = dataclasses.make_dataclass(
+    "Config", [(s.field, type(s.value), dataclasses.field(default=s.value)) for s in SETTINGS],
+    bases=(ConfigBase,), namespace={"__module__": __name__})
+
+
 def config_from(args: argparse.Namespace) -> Config:
     """Environment variables first, flags override."""
-    def pick(flag: str, var: str, default: str) -> str:
-        value = getattr(args, flag, None)
-        return str(value) if value is not None else _env(var, default)
-
-    def number(flag: str, var: str, default: str, kind: Callable[[str], Any], minimum: float) -> Any:
-        text = pick(flag, var, default)
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not minimum <= value < math.inf:
-            what = {int: "a whole number", float: "a number", parse_size: "a size such as 512M or 4G"}[kind]
-            option = f" (--{flag.replace('_', '-')})" if flag else ""
-            raise SystemExit(f"executor.py: {var}{option} must be {what} >= {minimum}, not {text!r}")
-        return value
-
-    def choice(flag: str, var: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = pick(flag, var, default)
-        if value not in allowed:
-            raise SystemExit(f"executor.py: {var} (--{flag}) must be one of {', '.join(allowed)}, not {value!r}")
-        return value
-
     limit_defaults, limit_caps = {}, {}
-    for name, (setting, default, cap) in LIMIT_SETTINGS.items():
-        kind = float if name == "cpu_seconds" else parse_size
-        var = f"VPE_EXECUTOR_RUN_{setting}"
-        limit_caps[name] = float(number("", f"{var}_CAP", cap, kind, 1))
-        limit_defaults[name] = float(number("", var, default, kind, 1))
+    for name in LIMIT_SETTINGS:
+        default, cap = limit_settings(name)
+        limit_caps[name] = float(cap.read(args))
+        limit_defaults[name] = float(default.read(args))
         if limit_defaults[name] > limit_caps[name]:
-            raise SystemExit(f"executor.py: {var}={limit_defaults[name]:g} is above {var}_CAP={limit_caps[name]:g}; "
-                             f"lower the default or raise the cap")
-
-    home = Path(pick("home", "VPE_HOME", str(HERE / ".vpe"))).resolve()
-    return Config(
-        host=pick("host", "VPE_EXECUTOR_HOST", "127.0.0.1"),
-        port=number("port", "VPE_EXECUTOR_PORT", "3170", int, 1),
-        token=pick("token", "VPE_EXECUTOR_TOKEN", ""),
-        tls_cert=pick("tls_cert", "VPE_EXECUTOR_TLS_CERT", ""),
-        tls_key=pick("tls_key", "VPE_EXECUTOR_TLS_KEY", ""),
-        tls_ca=pick("tls_ca", "VPE_EXECUTOR_TLS_CA", ""),
-        advertise=pick("advertise", "VPE_EXECUTOR_ADVERTISE", ""),
-        home=home,
-        envs_dir=Path(pick("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"))).resolve(),
-        tasks_dir=Path(pick("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"))).resolve(),
-        max_concurrent=number("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1), int, 1),
-        max_queue=number("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32", int, 0),
-        kill_grace=number("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1.0", float, 0),
-        shutdown_grace=number("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0),
-        backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
-        passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
-        env_allow=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_ALLOW", DEFAULT_ENV_ALLOW))),
-        run_log_max_bytes=number("", "VPE_EXECUTOR_RUN_LOG_MAX", "64M", parse_size, 4096),
-        containment=choice("containment", "VPE_EXECUTOR_CONTAINMENT", "auto", ("auto", "cgroup", "subreaper")),
-        limit_defaults=limit_defaults,
-        limit_caps=limit_caps,
-        keep_days=number("", "VPE_EXECUTOR_KEEP_DAYS", "14", float, 0),
-        keep_log_bytes=number("", "VPE_EXECUTOR_KEEP_LOGS", "2G", parse_size, 0),
-        keep_buffer_bytes=number("", "VPE_EXECUTOR_KEEP_BUFFER", "20G", parse_size, 0),
-    )
+            raise SystemExit(f"executor.py: {default.env}={limit_defaults[name]:g} is above "
+                             f"{cap.env}={limit_caps[name]:g}; lower the default or raise the cap")
+    return Config(**{setting.field: setting.read(args) for setting in SETTINGS},
+                  limit_defaults=limit_defaults, limit_caps=limit_caps)
 
 
 # ---------------------------------------------------------------- environments
@@ -2697,12 +2742,9 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     conn = argparse.ArgumentParser(add_help=False)
-    conn.add_argument("--host", help="address to bind / connect to (env VPE_EXECUTOR_HOST, default 127.0.0.1)")
-    conn.add_argument("--port", type=int, help="port (env VPE_EXECUTOR_PORT, default 3170)")
-    conn.add_argument("--token", help="bearer token; prefer env VPE_EXECUTOR_TOKEN (flags show in ps); empty = no auth")
-    conn.add_argument("--tls-cert", help="PEM certificate (env VPE_EXECUTOR_TLS_CERT); client: trusted if no CA given")
-    conn.add_argument("--tls-key", help="PEM private key (env VPE_EXECUTOR_TLS_KEY)")
-    conn.add_argument("--tls-ca", help="PEM CA (env VPE_EXECUTOR_TLS_CA); server: require client certs signed by it")
+    for setting in SETTINGS:
+        if setting.flag == "all":
+            setting.add_flag(conn)
     client = argparse.ArgumentParser(add_help=False, parents=[conn])
     client.add_argument("--timeout", type=float, default=5.0, help="RPC deadline in seconds (default 5)")
 
@@ -2714,23 +2756,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[conn], help="run the gRPC server (logs to stdout)",
                        description="Serve Ping/ListEnvs/Run/Cancel/Attach + grpc.health.v1 + reflection. Envs build in the "
                                    "background at start-up; SIGTERM stops gracefully.")
-    p.add_argument("--advertise", help="host:port clients reach this replica at, named in Started.replica for "
-                                       "Attach and Cancel (env VPE_EXECUTOR_ADVERTISE; default: this host's "
-                                       "address and --port)")
-    p.add_argument("--home", help="state dir (env VPE_HOME, default .vpe next to executor.py): envs/, buffer/, "
-                                  "logs/executor/, logs/runs/, run/executor/")
-    p.add_argument("--envs-dir", help="folder of env ymls (env VPE_EXECUTOR_ENVS_DIR, default <repo>/envs)")
-    p.add_argument("--tasks-dir", help="folder of task scripts (env VPE_EXECUTOR_TASKS_DIR, default <repo>/tasks)")
-    p.add_argument("--max-concurrent", type=int, help="runs at once (env VPE_EXECUTOR_MAX_CONCURRENT, default: cores)")
-    p.add_argument("--max-queue", type=int, help="runs waiting for a slot (env VPE_EXECUTOR_MAX_QUEUE, default 32)")
-    p.add_argument("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (env VPE_EXECUTOR_KILL_GRACE, default 1)")
-    p.add_argument("--shutdown-grace", type=float,
-                   help="seconds running tasks get on SIGTERM (env VPE_EXECUTOR_SHUTDOWN_GRACE, default 10)")
-    p.add_argument("--containment", choices=["auto", "cgroup", "subreaper"],
-                   help="how runs are contained (env VPE_EXECUTOR_CONTAINMENT, default auto: a cgroup per run where "
-                        "the executor may create them, else subreaper + /proc tracking)")
-    p.add_argument("--backend", choices=["auto", "conda", "venv"],
-                   help="env backend (env VPE_EXECUTOR_ENV_BACKEND, default auto: conda-family if on PATH, else venv)")
+    for setting in SETTINGS:
+        if setting.flag == "serve":
+            setting.add_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ping", parents=[client], help="check the server answers; print version and env states",
