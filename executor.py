@@ -81,6 +81,7 @@ def _load_proto():
 
 pb2, pb2_grpc = _load_proto()
 
+
 # ---------------------------------------------------------------- configuration
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -105,6 +106,12 @@ RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_
                      "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
 RESERVED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "BASH_FUNC_", "PIP_", "UV_", "CONDA")
 RESERVED_ENV_SUFFIX = "_PROXY"  # any case: http_proxy, HTTPS_PROXY, no_proxy, ...
+
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 # Per-run resource limits (RunLimits fields): the setting's name after VPE_EXECUTOR_RUN_, its default, its cap.
@@ -146,6 +153,10 @@ def words(text: str) -> tuple[str, ...]:
 
 def folder(text: str) -> Path:
     return Path(text).resolve()
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +301,15 @@ Config = dataclasses.make_dataclass(
     bases=(ConfigBase,), namespace={"__module__": __name__})
 
 
+def advertised_address(cfg: Config) -> str:
+    """This replica's address as others reach it: the bound host, or this host's address when bound to all."""
+    host = cfg.host
+    if host in ("0.0.0.0", "::", ""):
+        with contextlib.suppress(OSError):
+            host = socket.gethostbyname(socket.gethostname())
+    return f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
+
+
 def config_from(args: argparse.Namespace) -> Config:
     """Environment variables first, flags override."""
     limit_defaults, limit_caps = {}, {}
@@ -304,780 +324,300 @@ def config_from(args: argparse.Namespace) -> Config:
                   limit_defaults=limit_defaults, limit_caps=limit_caps)
 
 
-# ---------------------------------------------------------------- environments
+# ---------------------------------------------------------------- the service: ping.proto's RPCs, request checks
 
-class EnvSpecError(Exception):
-    """The yml cannot be built as written; the message says what to change."""
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
-class EnvBuildError(Exception):
-    """Building failed; the message says why and where the log is."""
-
-
-CONDA_BACKENDS = ("micromamba", "mamba", "conda")
-
-# Without conda, a yml's conda dependencies are translated for a venv. Data, not code: edit these tables.
-# conda name -> PyPI name where they differ: a subset of conda-forge's PyPI name mapping
-# (github.com/regro/cf-graph-countyfair, mappings/pypi/grayskull_pypi_mapping.yaml). psycopg2 ->
-# psycopg2-binary is our choice: the same module as a wheel, so no libpq headers or compiler are needed.
-CONDA_TO_PYPI = {
-    "psycopg2": "psycopg2-binary",
-    "pymysql": "PyMySQL",
-    "pytorch": "torch",
-    "py-opencv": "opencv-python",
-    "opencv": "opencv-python",
-    "py-xgboost": "xgboost",
-    "pytables": "tables",
-    "msgpack-python": "msgpack",
-    "python-graphviz": "graphviz",
-    "pyqt": "PyQt5",
-    "ruamel_yaml": "ruamel.yaml",
-}
-# Conda packages a venv does without, by why: what `conda env export` lists for a Python env on linux-64
-# besides the Python packages (names starting with "_" are conda metapackages and skipped too).
-CONDA_SKIPPED = {
-    "installer: the venv has its own": ("pip", "setuptools", "wheel"),
-    "system library: the OS has it, wheels bundle theirs": (
-        "openssl", "ca-certificates", "sqlite", "libsqlite", "zlib", "libzlib", "xz", "liblzma", "bzip2", "tk",
-        "ncurses", "readline", "libffi", "tzdata", "libuuid", "libnsl", "libxcrypt", "expat", "libexpat", "icu",
-        "krb5", "libedit"),
-    "C/C++ runtime: the OS has it": (
-        "libgcc-ng", "libgcc", "libstdcxx-ng", "libstdcxx", "libgomp", "ld_impl_linux-64", "libgfortran-ng",
-        "libgfortran5", "llvm-openmp"),
-    "BLAS: numpy and scipy wheels bundle OpenBLAS": (
-        "mkl", "intel-openmp", "blas", "libblas", "libcblas", "liblapack", "openblas", "libopenblas"),
-    "compiler: wheels need none": (
-        "gcc", "gxx", "gfortran", "gcc_linux-64", "gxx_linux-64", "gfortran_linux-64", "c-compiler",
-        "cxx-compiler", "fortran-compiler", "compilers", "binutils", "make"),
-}
-CUDA_WHY = ("conda-only CUDA; PyPI wheels that use CUDA (torch, jax, cupy-cuda12x) bundle their own: "
-            "list those under pip:")
-GDAL_WHY = ("PyPI has only GDAL's source, which needs the system's libgdal: install libgdal-dev, "
-            "list GDAL==<version> under pip:")
-# Conda packages with no PyPI counterpart a venv could use: a venv build that meets one fails, naming it.
-CONDA_REFUSED = {
-    "cudatoolkit": CUDA_WHY, "cudnn": CUDA_WHY, "nccl": CUDA_WHY,
-    "gdal": GDAL_WHY, "libgdal": GDAL_WHY,
-    "r-base": "R, not a Python package",
-}
-SKIP_WHY = {name: why for why, names in CONDA_SKIPPED.items() for name in names}
-METAPACKAGE_WHY = "conda metapackage"
-C_LIBRARY_WHY = "C/C++ library (not a py* build): a venv does not need it"
-
-INSTALLED, SKIPPED, REFUSED = "installed as", "skipped", "refused"
-
-MATCH_SPEC_RE = re.compile(r"(?:(?P<channel>[^\s:]+)::)?(?P<name>[A-Za-z0-9_][A-Za-z0-9_.+-]*)\s*"
-                           r"(?:\[(?P<brackets>[^\]]*)\])?\s*(?P<rest>.*)")
-BRACKET_FIELD_RE = re.compile(r"(\w+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|([^,\s]*))")
-PYTHON_VERSION_RE = re.compile(r"=?=?(\d+\.\d+)(\.\d+)?(?:\.?\*)?")
-VERSION_OPERATORS = ("==", "!=", ">=", "<=", ">", "<", "~=")
-
-
-@dataclasses.dataclass(frozen=True)
-class CondaDep:
-    spec: str       # as written in the yml
-    name: str       # lower case, without its channel
-    version: str    # conda's version spec ("2.1.4", "1.2.*", ">=1.2,<2"), "" for any
-    fuzzy: bool     # `pkg=1.2` means 1.2.*; `pkg=1.2=build` and `pkg 1.2` mean exactly 1.2
-    build: str      # the conda build string, "" when not given (e.g. `conda env export --from-history`)
-
-    def pip_specifier(self, yml: Path) -> str:
-        """The version as a PEP 440 specifier."""
-        parts = []
-        for part in filter(None, (p.strip() for p in self.version.split(","))):
-            if "|" in part:
-                raise EnvSpecError(f"{yml}: {self.spec!r}: pip has no 'or' between versions; pin one version")
-            if part.startswith(VERSION_OPERATORS):
-                parts.append(part)
-            elif part.endswith("*"):
-                parts.append("==" + part.rstrip(".*") + ".*")
-            else:
-                parts.append(f"=={part}.*" if self.fuzzy else f"=={part}")
-        return ",".join(parts)
-
-
-def parse_match_spec(text: str, yml: Path) -> CondaDep:
-    """conda's match specs: pkg, pkg=1.2 (any 1.2.*), pkg=1.2.3=build, pkg==1.2, pkg>=1.2,<2, pkg 1.2 build,
-    channel::pkg, pkg[version='>=1.2', build=py*]."""
-    m = MATCH_SPEC_RE.fullmatch(text.strip())
-    if not m:
-        raise EnvSpecError(f"{yml}: {text!r} is not a conda package spec; "
-                           f"write name, name=version or name=version=build")
-    rest, build, fuzzy = m["rest"].strip(), "", False
-    if m["brackets"]:
-        fields = {key: single or double or bare
-                  for key, single, double, bare in BRACKET_FIELD_RE.findall(m["brackets"])}
-        rest, build = rest or fields.get("version", ""), fields.get("build", "")
-    if rest.startswith("=") and not rest.startswith("=="):
-        rest, _, build = rest[1:].partition("=")
-        fuzzy = not build
-    elif " " in rest:
-        rest, _, build = rest.partition(" ")
-    build = build.strip()
-    return CondaDep(text.strip(), m["name"].lower(), rest.strip(), fuzzy, "" if build.startswith("*") else build)
-
-
-@dataclasses.dataclass(frozen=True)
-class EnvSpec:
-    name: str
-    path: Path
-    content: bytes
-    python: str | None                 # "3.12" or "3.12.2"; None: the executor's own Python
-    conda_deps: tuple[CondaDep, ...]   # every dependency outside pip:, python excluded
-    pip_packages: tuple[str, ...]
-
-    def digest(self, backend: str, plan: VenvPlan | None = None) -> str:
-        """Content, backend and, for a venv, the interpreter actually used and the translated requirements."""
-        key = backend.encode() + b"\0" + self.content + (b"\0" + plan.key().encode() if plan else b"")
-        return hashlib.sha256(key).hexdigest()[:12]
-
-
-def load_env_doc(path: Path) -> dict:
-    import yaml  # only the server needs it
-
-    try:
-        doc = yaml.safe_load(path.read_bytes()) or {}
-    except yaml.YAMLError as exc:
-        raise EnvSpecError(f"{path}: not valid YAML ({exc}); fix the file") from exc
-    if not isinstance(doc, dict):
-        raise EnvSpecError(f"{path}: expected a mapping with 'name', 'channels', 'dependencies'")
-    return doc
-
-
-def env_name_of(doc: dict, path: Path) -> str:
-    """conda's rule: the yml's `name:`, else (our addition) the file name. `prefix:` is ignored."""
-    return str(doc.get("name") or path.stem)
-
-
-def declared_env_name(path: Path) -> str:
-    try:
-        return env_name_of(load_env_doc(path), path)
-    except (EnvSpecError, OSError):
-        return path.stem  # the build reports what is wrong with the file
-
-
-def parse_python_request(dep: CondaDep, yml: Path) -> str | None:
-    if not dep.version:
-        return None
-    m = PYTHON_VERSION_RE.fullmatch(dep.version)
-    if not m:
-        raise EnvSpecError(f"{yml}: {dep.spec!r}: say which Python with python=X.Y or python=X.Y.Z (e.g. python=3.12)")
-    return m[1] + (m[2] or "")
-
-
-def parse_env_yml(path: Path) -> EnvSpec:
-    content = path.read_bytes()
-    doc = load_env_doc(path)
-    name = env_name_of(doc, path)
-    if not ENV_NAME_RE.fullmatch(name):
-        raise EnvSpecError(f"{path}: env name {name[:130]!r} must be 1-128 of A-Z a-z 0-9 _ . - (not starting "
-                           f"with . or -); change name:")
-    python: str | None = None
-    conda_deps: list[CondaDep] = []
-    pip_packages: list[str] = []
-    for dep in doc.get("dependencies") or []:
-        if isinstance(dep, dict) and set(dep) == {"pip"}:
-            for item in dep["pip"] or []:
-                item = str(item).strip()
-                if item.startswith("-"):
-                    raise EnvSpecError(f"{path}: pip option {item!r} is not supported; list package requirements only")
-                pip_packages.append(item)
-        elif isinstance(dep, (str, int, float)):
-            parsed = parse_match_spec(str(dep), path)
-            if parsed.name == "python":
-                python = parse_python_request(parsed, path)
-            else:
-                conda_deps.append(parsed)
-        else:
-            raise EnvSpecError(f"{path}: dependency {dep!r} is neither a conda package spec nor a pip: list")
-    return EnvSpec(name, path, content, python, tuple(conda_deps), tuple(pip_packages))
-
-
-def pypi_name(requirement: str) -> str:
-    """PEP 503 normalized project name of a requirement (a path or URL stays as it is)."""
-    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
-    return re.sub(r"[-_.]+", "-", m[1]).lower() if m else requirement
-
-
-@dataclasses.dataclass(frozen=True)
-class TranslatedDep:
-    outcome: str   # INSTALLED, SKIPPED or REFUSED
-    spec: str      # the conda line
-    name: str      # its conda package name
-    target: str    # INSTALLED: the pip requirement; otherwise why
-
-
-@dataclasses.dataclass(frozen=True)
-class Translation:
-    """What a venv build makes of a yml's conda dependencies, line by line."""
-    rows: tuple[TranslatedDep, ...]
-    pip_packages: tuple[str, ...]
-
-    @property
-    def requirements(self) -> list[str]:
-        return [r.target for r in self.rows if r.outcome == INSTALLED] + list(self.pip_packages)
-
-    @property
-    def seed_pip(self) -> bool:
-        return any(r.name == "pip" for r in self.rows)
-
-    def of(self, outcome: str) -> list[TranslatedDep]:
-        return [r for r in self.rows if r.outcome == outcome]
-
-    def log_lines(self) -> list[str]:
-        width = max((len(r.spec) for r in self.rows), default=0)
-        return ([f"  {r.spec:<{width}}  {r.outcome} {r.target}" for r in self.rows] +
-                [f"  pip: {' '.join(self.pip_packages) or '(none)'}"])
-
-    def summary_lines(self) -> list[str]:
-        lines = []
-        if self.of(INSTALLED):
-            lines.append("conda packages installed from PyPI as: " + ", ".join(
-                r.target + ("" if pypi_name(r.target) == pypi_name(r.name) else f" ({r.name})")
-                for r in self.of(INSTALLED)))
-        by_reason: dict[str, list[str]] = {}
-        for r in self.of(SKIPPED):
-            by_reason.setdefault(r.target, []).append(r.name)
-        lines += [f"skipped, {why}: {', '.join(names)}" for why, names in by_reason.items()]
-        lines += [f"refused: {r.spec} ({r.target})" for r in self.of(REFUSED)]
-        lines.append(f"pip: {', '.join(self.pip_packages) or '(none)'}")
-        return lines
-
-
-def classify_conda_dep(dep: CondaDep, listed: set[str]) -> tuple[str, str]:
-    """(outcome, PyPI name or why). The tables first; then a full export's build string tells a Python
-    package (py312h06a4308_0, pyhd3eb1b0_1) from a C/C++ library (h5eee18b_0, 1_gnu); without one
-    (--from-history), a package is assumed to be on PyPI under its name."""
-    if dep.name in CONDA_REFUSED:
-        return REFUSED, CONDA_REFUSED[dep.name]
-    if dep.name.startswith("_"):
-        return SKIPPED, METAPACKAGE_WHY
-    if dep.name in SKIP_WHY:
-        return SKIPPED, SKIP_WHY[dep.name]
-    base_of = dep.name.removesuffix("-base")
-    if base_of != dep.name and base_of in listed:
-        return SKIPPED, f"part of {base_of}, which is installed"
-    if dep.build and not dep.build.startswith("py"):
-        return SKIPPED, C_LIBRARY_WHY
-    return INSTALLED, CONDA_TO_PYPI.get(dep.name, base_of)
-
-
-def translate(spec: EnvSpec) -> Translation:
-    listed = {d.name for d in spec.conda_deps}
-    pinned_by_pip = {pypi_name(p) for p in spec.pip_packages}
-    rows = []
-    for dep in spec.conda_deps:
-        outcome, target = classify_conda_dep(dep, listed)
-        if outcome == INSTALLED and pypi_name(target) in pinned_by_pip:
-            outcome, target = SKIPPED, "the pip: list pins it"
-        elif outcome == INSTALLED:
-            target += dep.pip_specifier(spec.path)
-        rows.append(TranslatedDep(outcome, dep.spec, dep.name, target))
-    return Translation(tuple(rows), spec.pip_packages)
-
-
-@dataclasses.dataclass(frozen=True)
-class Interpreter:
-    path: str      # a real interpreter, not a venv's
-    version: str   # "3.12.1"
-    source: str    # where it was found, for the build log
-
-
-PYTHON_PROBE = ("import platform, sys; print(platform.python_version()); "
-                "print(getattr(sys, '_base_executable', sys.executable))")
-
-
-def probe_python(path: str) -> tuple[str, str]:
-    """(version, real interpreter) or EnvBuildError with the first line it printed."""
-    try:
-        result = subprocess.run([path, "-c", PYTHON_PROBE], capture_output=True, text=True, timeout=60,
-                                env=build_environment(), stdin=subprocess.DEVNULL)
-    except OSError as exc:
-        raise EnvBuildError(f"{path}: {exc.strerror}") from exc
-    lines = result.stdout.split("\n")
-    if result.returncode != 0 or len(lines) < 2:
-        raise EnvBuildError(f"{path}: {(result.stderr.strip().splitlines() or ['exit %d' % result.returncode])[0]}")
-    return lines[0], lines[1]
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version))
-
-
-def python_candidates(minor: str, uv: str | None) -> Iterator[tuple[str, str]]:
-    """Where people keep interpreters, in this order: PATH (pyenv's shims there refuse versions not
-    selected), the executor's own, pyenv's versions folder, uv's managed Pythons."""
-    for folder in _env("PATH").split(os.pathsep):
-        path = Path(folder or ".") / f"python{minor}"
-        if path.is_file() and os.access(path, os.X_OK):
-            yield str(path), "PATH"
-    yield getattr(sys, "_base_executable", sys.executable), "the executor's own Python"
-    versions = Path(_env("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    installed = [v for v in versions.glob(f"{minor}.*") if re.fullmatch(r"\d+\.\d+\.\d+", v.name)]
-    for folder in sorted(installed, key=lambda v: version_key(v.name), reverse=True):
-        yield str(folder / "bin" / f"python{minor}"), "pyenv"
-    if uv and (managed := uv_managed_python(uv, minor)):
-        yield managed, "uv's managed Pythons"
-
-
-def uv_managed_python(uv: str, version: str) -> str | None:
-    found = subprocess.run([uv, "python", "find", "--no-config", "--python-preference", "only-managed", version],
-                           capture_output=True, text=True, timeout=60, env=build_environment())
-    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
-
-
-def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str:
-    """uv's download (its default where the machine has internet), or why there is none."""
-    if not uv:
-        return "no uv to download it with"
-    if _env("UV_PYTHON_DOWNLOADS") == "never":
-        return "UV_PYTHON_DOWNLOADS=never"
-    env = {k: v for k, v in build_environment().items() if k != "UV_PYTHON_DOWNLOADS"}
-    result = subprocess.run([uv, "python", "install", "--no-config", request], capture_output=True, text=True,
-                            timeout=900, env=env, stdin=subprocess.DEVNULL)
-    log(f"$ uv python install {request}\n{result.stdout}{result.stderr}".rstrip())
-    if result.returncode != 0:
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")] or ["error: ?"]
-        return "uv could not download it: " + errors[0].removeprefix("error: ")
-    managed = uv_managed_python(uv, request)
-    if managed is None:
-        return "uv installed it but cannot find it"
-    version, real = probe_python(managed)
-    return Interpreter(real, version, "uv's managed Pythons (downloaded now)")
-
-
-def find_python(version: str | None, yml: Path, uv: str | None = None, log: Any = lambda line: None) -> Interpreter:
-    """The interpreter for `python=X.Y[.Z]`: the exact version if one is found, else the same X.Y."""
-    if version is None:
-        own = getattr(sys, "_base_executable", sys.executable)
-        return Interpreter(own, "%d.%d.%d" % sys.version_info[:3], "the executor's own Python (the yml pins none)")
-    minor = ".".join(version.split(".")[:2])
-    nearest: Interpreter | None = None
-    tried: list[str] = []
-    for path, source in python_candidates(minor, uv):
-        try:
-            found, real = probe_python(path)
-        except EnvBuildError as exc:
-            tried.append(str(exc))
-            continue
-        if found == version or (version == minor and found.startswith(minor + ".")):
-            return Interpreter(real, found, source)
-        if found.startswith(minor + ".") and nearest is None:
-            nearest = Interpreter(real, found, f"{source} (the yml pins {version}; the patch level differs)")
-        elif not found.startswith(minor + "."):
-            tried.append(f"{path}: Python {found}")
-    if nearest:
-        return nearest
-    downloaded = download_python(version, uv, log)
-    if isinstance(downloaded, Interpreter):
-        return downloaded
-    raise EnvBuildError(
-        f"Python {version} is not available (not on PATH, in pyenv's versions or among uv's managed Pythons; "
-        f"{downloaded}; tried: {'; '.join(dict.fromkeys(tried)) or 'nothing'}). Install it (`pyenv install {version}` "
-        f"or `uv python install {version}`), or change 'python={version}' in {yml}.")
-
-
-def find_uv() -> str | None:
-    beside_python = Path(sys.executable).parent / "uv"
-    return shutil.which("uv") or (str(beside_python) if beside_python.exists() else None)
-
-
-def detect_backend(choice: str) -> str:
-    if choice in ("auto", "conda"):
-        for tool in CONDA_BACKENDS:
-            if shutil.which(tool):
-                return tool
-        if choice == "conda":
-            raise SystemExit("--backend conda: none of micromamba, mamba, conda is on PATH")
-    return "venv+uv" if find_uv() else "venv+pip"
-
-
-@dataclasses.dataclass(frozen=True)
-class VenvPlan:
-    """How a venv backend builds a yml: which interpreter, which requirements."""
-    python: Interpreter
-    translation: Translation
-
-    def key(self) -> str:
-        return "\n".join([self.python.path, self.python.version, f"seed_pip={self.translation.seed_pip}",
-                          *self.translation.requirements])
-
-    def python_line(self) -> str:
-        return f"Python {self.python.version} from {self.python.source}: {self.python.path}"
-
-    def summary(self) -> str:
-        return "\n".join([self.python_line(), *self.translation.summary_lines()])
-
-    def short(self) -> str:
-        t = self.translation
-        return (f"Python {self.python.version}; conda: {len(t.of(INSTALLED))} from PyPI, {len(t.of(SKIPPED))} skipped; "
-                f"pip: {len(t.pip_packages)}")
-
-
-def plan_venv(spec: EnvSpec, uv: str | None, log: Any = lambda line: None) -> VenvPlan:
-    """Translate the conda dependencies (refusing those a venv cannot have), then find the interpreter."""
-    translation = translate(spec)
-    log("conda dependencies, translated for a venv (no conda/mamba/micromamba on PATH):")
-    for line in translation.log_lines():
-        log(line)
-    if refused := translation.of(REFUSED):
-        raise EnvSpecError(
-            f"{spec.path}: {'; '.join(f'{r.spec} ({r.target})' for r in refused)}: no PyPI counterpart, and no "
-            f"conda/mamba/micromamba is on PATH. Remove {'it' if len(refused) == 1 else 'them'}, list a PyPI "
-            f"equivalent under pip:, or install micromamba.")
-    plan = VenvPlan(find_python(spec.python, spec.path, uv, log), translation)
-    log(plan.python_line())
-    return plan
-
-
-def build_commands(backend: str, spec: EnvSpec, prefix: Path, plan: VenvPlan | None = None) -> list[list[str]]:
-    """The commands that build `spec` into `prefix` (which must not exist yet). Conda tools get the file as it is."""
-    if backend in CONDA_BACKENDS:
-        tool = shutil.which(backend) or backend
-        verb = ["create", "--yes"] if backend == "micromamba" else ["env", "create"]
-        return [[tool, *verb, "-p", str(prefix), "-f", str(spec.path)]]
-    plan = plan or plan_venv(spec, find_uv())
-    env_python = str(prefix / "bin" / "python")
-    requirements = plan.translation.requirements
-    if backend == "venv+uv":
-        uv = find_uv() or "uv"
-        # Copies, not uv's default hard links into its cache: seal_env's chmod must not reach the cache or
-        # other envs that share a file.
-        commands = [[uv, "venv", "--no-config", "--link-mode", "copy", "--python", plan.python.path,
-                     *(["--seed"] if plan.translation.seed_pip else []), str(prefix)]]
-        if requirements:
-            commands.append([uv, "pip", "install", "--no-config", "--link-mode", "copy", "--python", env_python,
-                             *requirements])
-    else:
-        commands = [[plan.python.path, "-m", "venv", str(prefix)]]
-        if requirements:
-            commands.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                             *requirements])
-    return commands
-
-
-def compile_command(prefix: Path) -> list[str]:
-    """Every module compiled at build time, so that no task run writes bytecode into the sealed env."""
-    compile_all = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)"
-    return [str(prefix / "bin" / "python"), "-c", compile_all, str(prefix / "lib")]
-
-
-NOT_ON_PYPI_RES = (re.compile(r"Because ([A-Za-z0-9._-]+) was not found in the package registry"),
-                   re.compile(r"No matching distribution found for ([A-Za-z0-9._-]+)"))
-
-
-def not_on_pypi(log_text: str, translation: Translation) -> list[str]:
-    """The conda lines whose translation the installer could not find on PyPI."""
-    missing = {pypi_name(m) for regex in NOT_ON_PYPI_RES for m in regex.findall(log_text)}
-    return [r.spec for r in translation.of(INSTALLED) if pypi_name(r.target) in missing]
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-READY_MARKER = ".vpe-ready"
-MANIFEST = ".vpe-manifest"
-
-
-def file_table(root: Path, describe: Any) -> dict[str, Any]:
-    """relative path -> describe(lstat) of everything under root (symlinks not followed), the manifest excepted."""
-    table = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: then it counts as removed
-                if rel != MANIFEST:
-                    table[rel] = describe(os.lstat(path), path)
-    return table
-
-
-def manifest_entry(st: os.stat_result, path: str) -> str:
-    """What survives a copy into a Docker layer: size, whole-second mtime, mode, symlink target."""
-    target = os.readlink(path) if os.path.islink(path) else ""
-    return f"{st.st_size}\t{int(st.st_mtime)}\t{st.st_mode:o}\t{target}"
-
-
-def snapshot_entry(st: os.stat_result, path: str) -> tuple[int, ...]:
-    """Any write, chmod, rename or utime, by root too, moves ctime (only a clock change could fake it)."""
-    return st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
-    changes = ([f"added {p}" for p in after.keys() - before.keys()] +
-               [f"removed {p}" for p in before.keys() - after.keys()] +
-               [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]])
-    return ", ".join(sorted(changes)[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
-
-
-def seal_env(prefix: Path) -> None:
-    """Read-only mode bits (they stop a task running as another user) and a manifest of every file.
-    Root ignores mode bits, so EnvManager compares the files with the manifest when it reuses a build,
-    and with a snapshot before every run."""
-    for folder, dirs, files in os.walk(prefix):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                os.chmod(path, os.lstat(path).st_mode & ~0o222)
-    manifest = file_table(prefix, manifest_entry)
-    (prefix / MANIFEST).write_text("".join(f"{rel}\t{entry}\n" for rel, entry in sorted(manifest.items())))
-    os.chmod(prefix / MANIFEST, 0o444)
-    os.chmod(prefix, prefix.stat().st_mode & ~0o222)
-
-
-def manifest_changes(prefix: Path) -> str:
-    """How the build's files differ from its manifest ("" when they do not)."""
-    try:
-        lines = (prefix / MANIFEST).read_text().splitlines()
-    except OSError:
-        return f"no {MANIFEST}"
-    recorded = dict(line.split("\t", 1) for line in lines if "\t" in line)
-    return describe_changes(recorded, file_table(prefix, manifest_entry))
-
-
-def remove_tree(path: Path) -> None:
-    """rmtree, after giving back the write bits seal_env took (an owner that is not root needs them)."""
-    if path.is_symlink() or not path.is_dir():
-        return
-    for folder, _, _ in os.walk(path):
-        with contextlib.suppress(OSError):
-            os.chmod(folder, os.lstat(folder).st_mode | 0o700)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclasses.dataclass
-class EnvRecord:
-    name: str
-    yml: Path
-    state: int = pb2.ENV_BUILDING
-    prefix: Path | None = None       # the ready env in use
-    spec_hash: str = ""
-    detail: str = "waiting to build"
-    stale: bool = False
-    refusal: str = ""                # why the yml is not built at all (two files claim its name)
-    summary: str = ""                # what a venv build made of the yml
-    snapshot: dict | None = None     # the ready env's files when it became ready
-
-
-class EnvManager:
-    """Builds every envs/*.yml once per content hash into $VPE_HOME/envs/<name>-<hash>, switching the
-    $VPE_HOME/envs/<name> symlink only after a complete build, so a failed build keeps the previous env.
-    An env is known by its yml's `name:` (else the file name); a built env is sealed, and one whose
-    files changed since (a task wrote into it) is rebuilt before the next run."""
-
-    def __init__(self, cfg: Config, backend: str):
+class ExecutorServicer(pb2_grpc.ExecutorServicer):
+    def __init__(self, cfg: Config, envs: EnvManager, containment: Containment):
         self._cfg = cfg
-        self.backend = backend
-        self._lock = threading.Lock()
-        self._records: dict[str, EnvRecord] = {}
-        self._build_procs: set[subprocess.Popen] = set()
-        self._stopping = threading.Event()
-        self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="env-build")
-        claims: dict[str, list[Path]] = {}
-        for yml in sorted(cfg.envs_dir.glob("*.yml")):
-            claims.setdefault(declared_env_name(yml), []).append(yml)
-        for name, ymls in claims.items():
-            if not ENV_NAME_RE.fullmatch(name):  # unsafe as a folder name: known by its file name, the build says why
-                self._records.update({yml.stem: EnvRecord(yml.stem, yml) for yml in ymls})
-                continue
-            duplicated = (f"{' and '.join(map(str, ymls))} all declare name: {name}; an env name must be unique, so "
-                          f"none of them is built: change name: in all but one") if len(ymls) > 1 else ""
-            self._records[name] = EnvRecord(name, ymls[0], refusal=duplicated)
+        self._envs = envs
+        self._containment = containment
+        self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
+        self._runs: dict[str, ActiveRun] = {}
+        self._runs_lock = threading.Lock()
+        self._kept = KeepAlive()
+        self.shutting_down = threading.Event()
 
-    def build_log(self, name: str) -> Path:
-        return self._cfg.logs_dir / f"env-{name}.log"
+    def Ping(self, request, context):
+        return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses(),
+                             containment=self._containment.mechanism)
 
-    def start_builds(self) -> None:
-        if not self._records:
-            log.warning("no envs: %s has no *.yml files", self._cfg.envs_dir)
-        for record in self._records.values():
-            self._pool.submit(self._build, record)
+    def ListEnvs(self, request, context):
+        return pb2.ListEnvsReply(envs=self._envs.statuses())
 
-    def stop(self) -> None:
-        self._stopping.set()
-        with self._lock:
-            procs = list(self._build_procs)
-        for proc in procs:
-            kill_group(proc.pid, signal.SIGKILL)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def statuses(self) -> list:
-        with self._lock:
-            records = [dataclasses.replace(r) for r in self._records.values()]
-        return [self._status(r) for r in records]
-
-    def _status(self, r: EnvRecord):
-        show_log = r.state != pb2.ENV_READY or r.stale
-        return pb2.EnvStatus(
-            name=r.name, state=r.state, spec_hash=r.spec_hash, backend=self.backend, detail=r.detail,
-            log_tail=tail(self.build_log(r.name)) if show_log else r.summary, log_path=str(self.build_log(r.name)),
-            stale=r.stale)
-
-    def lookup(self, name: str) -> EnvRecord | None:
-        """The env by name, checked first: a ready env whose files changed since it became ready is
-        taken out of service and rebuilt."""
-        with self._lock:
-            record = self._records.get(name)
-            if record is None:
-                return None
-            prefix, snapshot = record.prefix, record.snapshot
-        if prefix is not None and snapshot is not None:
-            changes = describe_changes(snapshot, file_table(prefix, snapshot_entry))
-            if changes:
-                self._rebuild_changed(record, prefix, changes)
-        with self._lock:
-            return dataclasses.replace(record)
-
-    def names(self) -> list[str]:
-        return sorted(self._records)
-
-    def _update(self, record: EnvRecord, **changes) -> None:
-        with self._lock:
-            for key, value in changes.items():
-                setattr(record, key, value)
-
-    def _rebuild_changed(self, record: EnvRecord, prefix: Path, changes: str) -> None:
-        with self._lock:
-            if record.prefix != prefix or self._stopping.is_set():
-                return  # another run noticed first, or the executor is stopping
-            record.state, record.prefix, record.snapshot, record.stale = pb2.ENV_BUILDING, None, None, False
-            record.detail = (f"rebuilding: its files changed after the build ({changes}); a task wrote into "
-                             f"{prefix}, and nothing may")
-        log.warning("env %s: files changed after the build (%s); removing %s and rebuilding",
-                    record.name, changes, prefix)
-        remove_tree(prefix)
-        self._pool.submit(self._build, record)
-
-    def _build(self, record: EnvRecord) -> None:
-        link = self._cfg.built_envs_dir / record.name
-        resolved = link.resolve()
-        previous = resolved if (link / READY_MARKER).exists() and not manifest_changes(resolved) else None
-        build_log = self.build_log(record.name)
+    def Run(self, request, context):
         try:
-            build_log.parent.mkdir(parents=True, exist_ok=True)
-            with build_log.open("w") as out:
-                self._build_logged(record, out)
-        except (EnvSpecError, EnvBuildError, OSError, subprocess.SubprocessError) as exc:
-            self._fail(record, previous, str(exc))
-        except Exception as exc:  # a bug must not leave the env "building" forever: say so and keep going
-            log.exception("env %s: build crashed", record.name)
-            self._fail(record, previous, f"internal error {exc!r}; see the executor log")
-
-    def _build_logged(self, record: EnvRecord, out) -> None:
-        def note(line: str) -> None:
-            out.write(line + "\n")
-            out.flush()
-
-        if record.refusal:
-            raise EnvSpecError(record.refusal)
-        spec = parse_env_yml(record.yml)
-        note(f"# env {spec.name} from {spec.path} with {self.backend}")
-        plan = None if self.backend in CONDA_BACKENDS else plan_venv(spec, find_uv(), note)
-        digest = spec.digest(self.backend, plan)
-        prefix = self._cfg.built_envs_dir / f"{record.name}-{digest}"
-        about = f"; {plan.short()}" if plan else ""
-        if (prefix / READY_MARKER).exists():
-            changed = manifest_changes(prefix)
-            if not changed:
-                note(f"# cached build {digest}: ready")
-                self._activate(record, prefix, digest, f"ready (cached build {digest}){about}", plan)
-                log.info("env %s: ready, cached build %s", record.name, digest)
-                return
-            note(f"# cached build {digest} changed since it was built ({changed}); rebuilding")
-        self._update(record, detail=f"building {digest} with {self.backend} (log: {self.build_log(record.name)})")
-        log.info("env %s: building %s with %s; log %s", record.name, digest, self.backend, self.build_log(record.name))
-        started = time.monotonic()
-        self._build_into(spec, plan, prefix, out)
-        took = time.monotonic() - started
-        self._activate(record, prefix, digest, f"ready (built {digest} in {took:.1f}s){about}", plan)
-        log.info("env %s: ready, built %s in %.1fs", record.name, digest, took)
-
-    def _build_into(self, spec: EnvSpec, plan: VenvPlan | None, prefix: Path, out) -> None:
-        remove_tree(prefix)  # a half-built leftover from a crash, or a cached build that was changed
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        for command in build_commands(self.backend, spec, prefix, plan):
-            self._run_build_step(command, out, spec, plan, prefix)
-        if (prefix / "bin" / "python").exists():  # a conda env may have no Python
-            self._run_build_step(compile_command(prefix), out, spec, plan, prefix)
-        (prefix / READY_MARKER).write_text(f"{spec.path}\n")
-        seal_env(prefix)
-
-    def _run_build_step(self, command: list[str], out, spec: EnvSpec, plan: VenvPlan | None, prefix: Path) -> None:
-        if self._stopping.is_set():
-            raise EnvBuildError("executor is shutting down")
-        out.write(f"$ {' '.join(command)}\n")
-        out.flush()
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=build_environment(), cwd=prefix.parent, start_new_session=True)
-        with self._lock:
-            self._build_procs.add(proc)
-        if self._stopping.is_set():  # stop() may have collected the build processes just before the add
-            kill_group(proc.pid, signal.SIGKILL)
+            keep_alive = validate_timeout(request.keep_alive_seconds, "keep_alive_seconds")
+            run = self._admit(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Run {request.run_id[:128]!r}")
+        if keep_alive:
+            self._kept.keep(run, keep_alive)
+            yield from self._follow(run.plan.run_id, 0, run, context)
+            return
+        if not context.add_callback(lambda: run.cancel("client went away")):
+            run.cancel("client went away")
         try:
-            code = proc.wait()
+            while True:
+                try:
+                    event = run.events.get(timeout=1)
+                except queue.Empty:
+                    if context.is_active():
+                        continue
+                    return  # the call is over (client gone, server stopping): never block this thread for good
+                yield event
+                if event.HasField("status"):
+                    return
         finally:
-            with self._lock:
-                self._build_procs.discard(proc)
-        if code != 0:
-            remove_tree(prefix)
-            missing = not_on_pypi(tail(self.build_log(spec.name), 200), plan.translation) if plan else []
-            raise EnvBuildError(
-                (f"{', '.join(missing)}: not on PyPI under the translated name; " if missing else "") +
-                f"`{Path(command[0]).name} {command[1]}` exited with {code}; "
-                f"see {self.build_log(spec.name)} and fix {spec.path}")
+            run.cancel("RPC ended")
 
-    def _activate(self, record: EnvRecord, prefix: Path, digest: str, detail: str, plan: VenvPlan | None) -> None:
-        link = prefix.parent / record.name
-        tmp_link = prefix.parent / f".{record.name}.{os.getpid()}.link"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(prefix.name)
-        os.replace(tmp_link, link)
-        for old in prefix.parent.glob(f"{record.name}-*"):
-            if old != prefix and re.fullmatch(rf"{re.escape(record.name)}-[0-9a-f]{{12}}", old.name):
-                remove_tree(old)
-        self._update(record, state=pb2.ENV_READY, prefix=prefix, spec_hash=digest, detail=detail, stale=False,
-                     summary=plan.summary() if plan else "", snapshot=file_table(prefix, snapshot_entry))
+    def Cancel(self, request, context):
+        try:
+            return self._cancel(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Cancel {request.run_id[:128]!r}")
 
-    def _fail(self, record: EnvRecord, previous: Path | None, reason: str) -> None:
-        log.error("env %s: build failed: %s", record.name, reason)
-        if previous is not None:
-            digest = previous.name.rsplit("-", 1)[-1]
-            self._update(record, state=pb2.ENV_READY, prefix=previous, spec_hash=digest, stale=True,
-                         snapshot=file_table(previous, snapshot_entry),
-                         detail=f"rebuild failed, still running the previous build {digest}: {reason}")
-        else:
-            self._update(record, state=pb2.ENV_FAILED, prefix=None, snapshot=None, detail=f"build failed: {reason}")
+    def _cancel(self, request):
+        with self._runs_lock:
+            run = self._runs.get(request.run_id)
+        if run is None:
+            return pb2.CancelReply(found=False, message=f"no run {request.run_id!r} is running or queued")
+        run.cancel("Cancel RPC")
+        return pb2.CancelReply(found=True, message=f"run {request.run_id!r} is being stopped")
+
+    def Attach(self, request, context):
+        try:
+            run = self._attachable(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Attach {request.run_id[:128]!r}")
+        yield from self._follow(request.run_id, request.from_seq, run, context)
+
+    def _attachable(self, request) -> ActiveRun | None:
+        """The live run Attach is after, or None for a finished one; refuses what cannot be attached to."""
+        run_id = validate_folder_name("run_id", request.run_id)
+        if request.from_seq < 0:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"from_seq={request.from_seq}; use 0 (the start) or the seq of the last event seen + 1")
+        with self._runs_lock:
+            run = self._runs.get(run_id)
+        if run is None and request.running_only:
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"no run {run_id!r} is running on this executor ({self._cfg.replica})")
+        if run is None and not final_status_logged(self._cfg, run_id):
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"run {run_id!r} is not held by this executor ({self._cfg.replica}) and no finished run of "
+                          "that id is logged here: it never ran here, runs on another replica (attach there: "
+                          "Started.replica), or the executor that ran it stopped before it ended")
+        return run
+
+    def _follow(self, run_id: str, from_seq: int, run: ActiveRun | None, context) -> Iterator[Any]:
+        """The run's events from its run log, from `from_seq` on: replayed, then (for a live `run`) followed until
+        it ends, ending with its status. The client counts as attached to a keep-alive run while it reads."""
+        if run is not None and self._kept.join(run):
+            if not context.add_callback(lambda: self._kept.leave(run)):
+                self._kept.leave(run)
+            self._kept.wait_until_logging(run, context.is_active)
+
+        def live() -> bool:
+            return context.is_active() and not run.over()
+
+        next_seq = from_seq
+        # The second reading catches a status written between the follower's last read and the run's end.
+        for follow in (live if run is not None else None, None):
+            try:
+                for seq, event in read_run_events(self._cfg, run_id, next_seq, follow=follow):
+                    next_seq = seq + 1
+                    yield event
+                    if event.HasField("status"):
+                        return
+            except Exception as exc:
+                abort_with(context, exc, f"Attach {run_id[:128]!r}")
+        if context.is_active():
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"run {run_id!r} ended without a final status in its log; "
+                                                       f"see the executor's log on {self._cfg.replica}")
+
+    def active_runs(self) -> list[ActiveRun]:
+        with self._runs_lock:
+            return list(self._runs.values())
+
+    def paths_in_use(self) -> set[Path]:
+        return {path for run in self.active_runs() for path in (run.plan.log_path, run.plan.run_dir)}
+
+    def _admit(self, request) -> ActiveRun:
+        if self.shutting_down.is_set():
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
+        plan = self._plan(request)
+        run = ActiveRun(plan, self._slots, self._cfg, self._containment, self._forget)
+        with self._runs_lock:
+            if plan.run_id in self._runs:
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                              f"run {plan.run_id!r} is still running (or some of its processes are); "
+                              f"use another run_id, or Cancel it and wait for its final status")
+            position = self._slots.reserve(run)
+            self._runs[plan.run_id] = run
+        run.start(position)
+        return run
+
+    def _forget(self, run: ActiveRun) -> None:
+        with self._runs_lock:
+            if self._runs.get(run.plan.run_id) is run:
+                del self._runs[run.plan.run_id]
+
+    def _plan(self, request) -> RunPlan:
+        prefix = self._ready_env(request.env)
+        script = resolve_task(self._cfg.tasks_dir, request.task)
+        validate_args(request.args)
+        extra = validate_env_vars(request.env_vars, self._cfg)
+        timeout = validate_timeout(request.timeout_seconds)
+        run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
+        workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
+        run_dir = self._cfg.buffer_dir / workspace
+        env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
+        argv = [str(prefix / "bin" / "python"), str(script), *request.args]
+        validate_exec_size(argv, env)
+        limits = validate_limits(request.limits, self._cfg)
+        return RunPlan(run_id, request.env, argv, env, run_dir, run_log_path(self._cfg, run_id), timeout, limits)
+
+    def _ready_env(self, name: str) -> Path:
+        record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
+        if record is None:
+            known = ", ".join(self._envs.names()) or "none"
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"unknown env {name[:128]!r}; known envs: {known} (one per {self._cfg.envs_dir}/<name>.yml)")
+        if record.state != pb2.ENV_READY or record.prefix is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"env {name!r} is not ready: {record.detail}; "
+                          f"check `executor.py envs` and {self._envs.build_log(name)}")
+        if not (record.prefix / "bin" / "python").exists():  # else the run would fail like a task, with 127
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"env {name!r} has no interpreter at {record.prefix / 'bin' / 'python'} (removed by hand?); "
+                          f"restart the executor to rebuild it")
+        return record.prefix
 
 
-# What an env build gets of the executor's environment: where to find tools, and what pip, uv and conda
-# need to reach their index (proxies, CA bundles, index and cache settings). Never the token, DSN or secrets.
-BUILD_ENV_NAMES = (
-    "PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYENV_ROOT", "XDG_CACHE_HOME", "XDG_DATA_HOME",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS", "PIP_CERT", "PIP_CACHE_DIR",
-    "PIP_DEFAULT_TIMEOUT", "UV_INDEX", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
-    "UV_CACHE_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_PYTHON_INSTALL_DIR",
-    "MAMBA_ROOT_PREFIX", "MAMBA_EXE", "CONDA_PKGS_DIRS", "CONDARC", "MAMBARC",
-)
+def abort_with(context, exc: Exception, call: str):
+    """A refusal keeps its code; anything else is a bug: logged once with its traceback, answered INTERNAL."""
+    if isinstance(exc, Refused):
+        context.abort(exc.code, str(exc))
+    log.exception("%s: unexpected error", call)
+    context.abort(grpc.StatusCode.INTERNAL, f"executor error ({type(exc).__name__}: {str(exc)[:200]}); "
+                                            f"the executor log has the details")
 
 
-def build_environment() -> dict[str, str]:
-    env = {name: os.environ[name] for name in BUILD_ENV_NAMES if name in os.environ}
-    env.setdefault("LANG", "C.UTF-8")
-    env["UV_PYTHON_DOWNLOADS"] = "never"  # a download is its own, logged step (download_python)
-    env["UV_NO_PROGRESS"] = "1"
-    env["CONDA_ALWAYS_COPY"] = env["MAMBA_ALWAYS_COPY"] = "true"  # as --link-mode copy for uv (build_commands)
-    return env
+def resolve_task(tasks_dir: Path, task: str) -> Path:
+    def refuse(why: str) -> Refused:
+        return Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"task {task[:200]!r} {why}; give a .py path relative to {tasks_dir}, e.g. ingestion/extract.py")
+
+    if not task:
+        raise refuse("is empty")
+    if "\0" in task or len(task) > 1024:
+        raise refuse("is not a valid path")
+    if task.startswith("/") or task.startswith("~"):
+        raise refuse("is absolute")
+    if ".." in Path(task).parts:
+        raise refuse("contains '..'")
+    if not task.endswith(".py"):
+        raise refuse("is not a .py script")
+    if any(len(part.encode()) > MAX_PATH_SEGMENT_BYTES for part in task.split("/")):
+        raise refuse(f"has a path segment longer than {MAX_PATH_SEGMENT_BYTES} bytes")
+    root = tasks_dir.resolve()
+    try:
+        script = (root / task).resolve()
+        if not script.is_relative_to(root):
+            raise refuse("resolves outside the tasks dir (symlink)")
+        if not script.is_file():
+            raise refuse("does not exist")
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name the file system refuses
+        raise refuse(f"cannot be resolved ({exc.strerror if isinstance(exc, OSError) else exc})") from None
+    return script
 
 
-# ---------------------------------------------------------------- processes
+def validate_args(args: Sequence[str]) -> None:
+    if len(args) > MAX_ARGS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(args)} args; at most {MAX_ARGS} are accepted")
+    for i, arg in enumerate(args):
+        if "\0" in arg or len(arg.encode()) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8); "
+                          f"pass data through a file in the run dir")
+
+
+def validate_env_vars(env_vars, cfg: Config) -> dict[str, str]:
+    """Only names on the allowlist, never a reserved one or one the executor passes through itself."""
+    if len(env_vars) > MAX_ENV_VARS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(env_vars)} env vars; at most {MAX_ENV_VARS} are accepted")
+    for name, value in env_vars.items():
+        if not ENV_VAR_NAME_RE.fullmatch(name):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var name {name[:130]!r} is invalid; use letters, digits and _, not starting with a digit")
+        if (name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES)
+                or name.upper().endswith(RESERVED_ENV_SUFFIX) or name in cfg.passthrough):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r} is the executor's to set and cannot come from a request "
+                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, "
+                          f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, *{RESERVED_ENV_SUFFIX}, "
+                          f"and VPE_TASK_ENV_PASSTHROUGH: {' '.join(cfg.passthrough) or 'none'})")
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.env_allow):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r} is not on the executor's allowlist "
+                          f"(VPE_TASK_ENV_ALLOW: {' '.join(cfg.env_allow) or 'empty'}); add it there to pass it")
+        if "\0" in value or len(value.encode()) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8)")
+    return dict(env_vars)
+
+
+def validate_exec_size(argv: Sequence[str], env: dict[str, str]) -> None:
+    """What execve would refuse with E2BIG is refused here, before the run takes a slot."""
+    size = sum(len(arg.encode()) + 1 for arg in argv) + sum(len(f"{k}={v}".encode()) + 1 for k, v in env.items())
+    if size > MAX_EXEC_BYTES:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"args and env vars take {size} bytes; at most {MAX_EXEC_BYTES} are accepted in all; "
+                      f"pass data through a file in the run dir")
+
+
+def validate_limits(requested, cfg: Config) -> dict[str, float]:
+    """The request's limits, its 0s replaced by the executor's defaults; above a cap is refused."""
+    limits = {}
+    for name, (setting, _, _) in LIMIT_SETTINGS.items():
+        value = getattr(requested, name)
+        if not math.isfinite(value) or value < 0 or value > cfg.limit_caps[name]:
+            show = format_size if name.endswith("_bytes") else "{:g}".format
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"limits.{name}={value:g} is invalid: use 0 (the default, {show(cfg.limit_defaults[name])}) "
+                          f"or up to the executor's cap {show(cfg.limit_caps[name])} (VPE_EXECUTOR_RUN_{setting}_CAP)")
+        limits[name] = float(value) or cfg.limit_defaults[name]
+    return limits
+
+
+def validate_timeout(seconds: float, field: str = "timeout_seconds") -> float:
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMEOUT_SECONDS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"{field}={seconds} is invalid; use 0 (none) or a number of seconds up to {MAX_TIMEOUT_SECONDS}")
+    return seconds
+
+
+def validate_folder_name(field: str, value: str) -> str:
+    """run_id and workspace name a folder under the buffer: one path segment, never '.', '..' or absolute."""
+    if not FOLDER_NAME_RE.fullmatch(value):
+        default = "a generated one" if field == "run_id" else "the run_id"
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"{field} {value[:140]!r} is invalid; use 1-128 of A-Z a-z 0-9 _ . - (not starting with '.' or '-'), "
+                      f"or leave it empty for {default}")
+    return value
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------- runs: processes, cages, event logs, retention
 
 def kill_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -1201,12 +741,6 @@ def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Itera
                 yield record["seq"], event
             if kind == "status":
                 return
-
-
-class Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class Slots:
@@ -2044,301 +1578,780 @@ def final_status_logged(cfg: Config, run_id: str) -> bool:
     return False
 
 
-def advertised_address(cfg: Config) -> str:
-    """This replica's address as others reach it: the bound host, or this host's address when bound to all."""
-    host = cfg.host
-    if host in ("0.0.0.0", "::", ""):
-        with contextlib.suppress(OSError):
-            host = socket.gethostbyname(socket.gethostname())
-    return f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
+# ---------------------------------------------------------------- environments
+
+class EnvSpecError(Exception):
+    """The yml cannot be built as written; the message says what to change."""
 
 
-# ---------------------------------------------------------------- the service
-
-class ExecutorServicer(pb2_grpc.ExecutorServicer):
-    def __init__(self, cfg: Config, envs: EnvManager, containment: Containment):
-        self._cfg = cfg
-        self._envs = envs
-        self._containment = containment
-        self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
-        self._runs: dict[str, ActiveRun] = {}
-        self._runs_lock = threading.Lock()
-        self._kept = KeepAlive()
-        self.shutting_down = threading.Event()
-
-    def Ping(self, request, context):
-        return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses(),
-                             containment=self._containment.mechanism)
-
-    def ListEnvs(self, request, context):
-        return pb2.ListEnvsReply(envs=self._envs.statuses())
-
-    def Run(self, request, context):
-        try:
-            keep_alive = validate_timeout(request.keep_alive_seconds, "keep_alive_seconds")
-            run = self._admit(request)
-        except Exception as exc:
-            abort_with(context, exc, f"Run {request.run_id[:128]!r}")
-        if keep_alive:
-            self._kept.keep(run, keep_alive)
-            yield from self._follow(run.plan.run_id, 0, run, context)
-            return
-        if not context.add_callback(lambda: run.cancel("client went away")):
-            run.cancel("client went away")
-        try:
-            while True:
-                try:
-                    event = run.events.get(timeout=1)
-                except queue.Empty:
-                    if context.is_active():
-                        continue
-                    return  # the call is over (client gone, server stopping): never block this thread for good
-                yield event
-                if event.HasField("status"):
-                    return
-        finally:
-            run.cancel("RPC ended")
-
-    def Cancel(self, request, context):
-        try:
-            return self._cancel(request)
-        except Exception as exc:
-            abort_with(context, exc, f"Cancel {request.run_id[:128]!r}")
-
-    def _cancel(self, request):
-        with self._runs_lock:
-            run = self._runs.get(request.run_id)
-        if run is None:
-            return pb2.CancelReply(found=False, message=f"no run {request.run_id!r} is running or queued")
-        run.cancel("Cancel RPC")
-        return pb2.CancelReply(found=True, message=f"run {request.run_id!r} is being stopped")
-
-    def Attach(self, request, context):
-        try:
-            run = self._attachable(request)
-        except Exception as exc:
-            abort_with(context, exc, f"Attach {request.run_id[:128]!r}")
-        yield from self._follow(request.run_id, request.from_seq, run, context)
-
-    def _attachable(self, request) -> ActiveRun | None:
-        """The live run Attach is after, or None for a finished one; refuses what cannot be attached to."""
-        run_id = validate_folder_name("run_id", request.run_id)
-        if request.from_seq < 0:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"from_seq={request.from_seq}; use 0 (the start) or the seq of the last event seen + 1")
-        with self._runs_lock:
-            run = self._runs.get(run_id)
-        if run is None and request.running_only:
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"no run {run_id!r} is running on this executor ({self._cfg.replica})")
-        if run is None and not final_status_logged(self._cfg, run_id):
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"run {run_id!r} is not held by this executor ({self._cfg.replica}) and no finished run of "
-                          "that id is logged here: it never ran here, runs on another replica (attach there: "
-                          "Started.replica), or the executor that ran it stopped before it ended")
-        return run
-
-    def _follow(self, run_id: str, from_seq: int, run: ActiveRun | None, context) -> Iterator[Any]:
-        """The run's events from its run log, from `from_seq` on: replayed, then (for a live `run`) followed until
-        it ends, ending with its status. The client counts as attached to a keep-alive run while it reads."""
-        if run is not None and self._kept.join(run):
-            if not context.add_callback(lambda: self._kept.leave(run)):
-                self._kept.leave(run)
-            self._kept.wait_until_logging(run, context.is_active)
-
-        def live() -> bool:
-            return context.is_active() and not run.over()
-
-        next_seq = from_seq
-        # The second reading catches a status written between the follower's last read and the run's end.
-        for follow in (live if run is not None else None, None):
-            try:
-                for seq, event in read_run_events(self._cfg, run_id, next_seq, follow=follow):
-                    next_seq = seq + 1
-                    yield event
-                    if event.HasField("status"):
-                        return
-            except Exception as exc:
-                abort_with(context, exc, f"Attach {run_id[:128]!r}")
-        if context.is_active():
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"run {run_id!r} ended without a final status in its log; "
-                                                       f"see the executor's log on {self._cfg.replica}")
-
-    def active_runs(self) -> list[ActiveRun]:
-        with self._runs_lock:
-            return list(self._runs.values())
-
-    def paths_in_use(self) -> set[Path]:
-        return {path for run in self.active_runs() for path in (run.plan.log_path, run.plan.run_dir)}
-
-    def _admit(self, request) -> ActiveRun:
-        if self.shutting_down.is_set():
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
-        plan = self._plan(request)
-        run = ActiveRun(plan, self._slots, self._cfg, self._containment, self._forget)
-        with self._runs_lock:
-            if plan.run_id in self._runs:
-                raise Refused(grpc.StatusCode.ALREADY_EXISTS,
-                              f"run {plan.run_id!r} is still running (or some of its processes are); "
-                              f"use another run_id, or Cancel it and wait for its final status")
-            position = self._slots.reserve(run)
-            self._runs[plan.run_id] = run
-        run.start(position)
-        return run
-
-    def _forget(self, run: ActiveRun) -> None:
-        with self._runs_lock:
-            if self._runs.get(run.plan.run_id) is run:
-                del self._runs[run.plan.run_id]
-
-    def _plan(self, request) -> RunPlan:
-        prefix = self._ready_env(request.env)
-        script = resolve_task(self._cfg.tasks_dir, request.task)
-        validate_args(request.args)
-        extra = validate_env_vars(request.env_vars, self._cfg)
-        timeout = validate_timeout(request.timeout_seconds)
-        run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
-        workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
-        run_dir = self._cfg.buffer_dir / workspace
-        env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
-        argv = [str(prefix / "bin" / "python"), str(script), *request.args]
-        validate_exec_size(argv, env)
-        limits = validate_limits(request.limits, self._cfg)
-        return RunPlan(run_id, request.env, argv, env, run_dir, run_log_path(self._cfg, run_id), timeout, limits)
-
-    def _ready_env(self, name: str) -> Path:
-        record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
-        if record is None:
-            known = ", ".join(self._envs.names()) or "none"
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"unknown env {name[:128]!r}; known envs: {known} (one per {self._cfg.envs_dir}/<name>.yml)")
-        if record.state != pb2.ENV_READY or record.prefix is None:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"env {name!r} is not ready: {record.detail}; "
-                          f"check `executor.py envs` and {self._envs.build_log(name)}")
-        if not (record.prefix / "bin" / "python").exists():  # else the run would fail like a task, with 127
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"env {name!r} has no interpreter at {record.prefix / 'bin' / 'python'} (removed by hand?); "
-                          f"restart the executor to rebuild it")
-        return record.prefix
+class EnvBuildError(Exception):
+    """Building failed; the message says why and where the log is."""
 
 
-def abort_with(context, exc: Exception, call: str):
-    """A refusal keeps its code; anything else is a bug: logged once with its traceback, answered INTERNAL."""
-    if isinstance(exc, Refused):
-        context.abort(exc.code, str(exc))
-    log.exception("%s: unexpected error", call)
-    context.abort(grpc.StatusCode.INTERNAL, f"executor error ({type(exc).__name__}: {str(exc)[:200]}); "
-                                            f"the executor log has the details")
+CONDA_BACKENDS = ("micromamba", "mamba", "conda")
+
+# Without conda, a yml's conda dependencies are translated for a venv. Data, not code: edit these tables.
+# conda name -> PyPI name where they differ: a subset of conda-forge's PyPI name mapping
+# (github.com/regro/cf-graph-countyfair, mappings/pypi/grayskull_pypi_mapping.yaml). psycopg2 ->
+# psycopg2-binary is our choice: the same module as a wheel, so no libpq headers or compiler are needed.
+CONDA_TO_PYPI = {
+    "psycopg2": "psycopg2-binary",
+    "pymysql": "PyMySQL",
+    "pytorch": "torch",
+    "py-opencv": "opencv-python",
+    "opencv": "opencv-python",
+    "py-xgboost": "xgboost",
+    "pytables": "tables",
+    "msgpack-python": "msgpack",
+    "python-graphviz": "graphviz",
+    "pyqt": "PyQt5",
+    "ruamel_yaml": "ruamel.yaml",
+}
+# Conda packages a venv does without, by why: what `conda env export` lists for a Python env on linux-64
+# besides the Python packages (names starting with "_" are conda metapackages and skipped too).
+CONDA_SKIPPED = {
+    "installer: the venv has its own": ("pip", "setuptools", "wheel"),
+    "system library: the OS has it, wheels bundle theirs": (
+        "openssl", "ca-certificates", "sqlite", "libsqlite", "zlib", "libzlib", "xz", "liblzma", "bzip2", "tk",
+        "ncurses", "readline", "libffi", "tzdata", "libuuid", "libnsl", "libxcrypt", "expat", "libexpat", "icu",
+        "krb5", "libedit"),
+    "C/C++ runtime: the OS has it": (
+        "libgcc-ng", "libgcc", "libstdcxx-ng", "libstdcxx", "libgomp", "ld_impl_linux-64", "libgfortran-ng",
+        "libgfortran5", "llvm-openmp"),
+    "BLAS: numpy and scipy wheels bundle OpenBLAS": (
+        "mkl", "intel-openmp", "blas", "libblas", "libcblas", "liblapack", "openblas", "libopenblas"),
+    "compiler: wheels need none": (
+        "gcc", "gxx", "gfortran", "gcc_linux-64", "gxx_linux-64", "gfortran_linux-64", "c-compiler",
+        "cxx-compiler", "fortran-compiler", "compilers", "binutils", "make"),
+}
+CUDA_WHY = ("conda-only CUDA; PyPI wheels that use CUDA (torch, jax, cupy-cuda12x) bundle their own: "
+            "list those under pip:")
+GDAL_WHY = ("PyPI has only GDAL's source, which needs the system's libgdal: install libgdal-dev, "
+            "list GDAL==<version> under pip:")
+# Conda packages with no PyPI counterpart a venv could use: a venv build that meets one fails, naming it.
+CONDA_REFUSED = {
+    "cudatoolkit": CUDA_WHY, "cudnn": CUDA_WHY, "nccl": CUDA_WHY,
+    "gdal": GDAL_WHY, "libgdal": GDAL_WHY,
+    "r-base": "R, not a Python package",
+}
+SKIP_WHY = {name: why for why, names in CONDA_SKIPPED.items() for name in names}
+METAPACKAGE_WHY = "conda metapackage"
+C_LIBRARY_WHY = "C/C++ library (not a py* build): a venv does not need it"
+
+INSTALLED, SKIPPED, REFUSED = "installed as", "skipped", "refused"
+
+MATCH_SPEC_RE = re.compile(r"(?:(?P<channel>[^\s:]+)::)?(?P<name>[A-Za-z0-9_][A-Za-z0-9_.+-]*)\s*"
+                           r"(?:\[(?P<brackets>[^\]]*)\])?\s*(?P<rest>.*)")
+BRACKET_FIELD_RE = re.compile(r"(\w+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|([^,\s]*))")
+PYTHON_VERSION_RE = re.compile(r"=?=?(\d+\.\d+)(\.\d+)?(?:\.?\*)?")
+VERSION_OPERATORS = ("==", "!=", ">=", "<=", ">", "<", "~=")
 
 
-def resolve_task(tasks_dir: Path, task: str) -> Path:
-    def refuse(why: str) -> Refused:
-        return Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"task {task[:200]!r} {why}; give a .py path relative to {tasks_dir}, e.g. ingestion/extract.py")
+@dataclasses.dataclass(frozen=True)
+class CondaDep:
+    spec: str       # as written in the yml
+    name: str       # lower case, without its channel
+    version: str    # conda's version spec ("2.1.4", "1.2.*", ">=1.2,<2"), "" for any
+    fuzzy: bool     # `pkg=1.2` means 1.2.*; `pkg=1.2=build` and `pkg 1.2` mean exactly 1.2
+    build: str      # the conda build string, "" when not given (e.g. `conda env export --from-history`)
 
-    if not task:
-        raise refuse("is empty")
-    if "\0" in task or len(task) > 1024:
-        raise refuse("is not a valid path")
-    if task.startswith("/") or task.startswith("~"):
-        raise refuse("is absolute")
-    if ".." in Path(task).parts:
-        raise refuse("contains '..'")
-    if not task.endswith(".py"):
-        raise refuse("is not a .py script")
-    if any(len(part.encode()) > MAX_PATH_SEGMENT_BYTES for part in task.split("/")):
-        raise refuse(f"has a path segment longer than {MAX_PATH_SEGMENT_BYTES} bytes")
-    root = tasks_dir.resolve()
+    def pip_specifier(self, yml: Path) -> str:
+        """The version as a PEP 440 specifier."""
+        parts = []
+        for part in filter(None, (p.strip() for p in self.version.split(","))):
+            if "|" in part:
+                raise EnvSpecError(f"{yml}: {self.spec!r}: pip has no 'or' between versions; pin one version")
+            if part.startswith(VERSION_OPERATORS):
+                parts.append(part)
+            elif part.endswith("*"):
+                parts.append("==" + part.rstrip(".*") + ".*")
+            else:
+                parts.append(f"=={part}.*" if self.fuzzy else f"=={part}")
+        return ",".join(parts)
+
+
+def parse_match_spec(text: str, yml: Path) -> CondaDep:
+    """conda's match specs: pkg, pkg=1.2 (any 1.2.*), pkg=1.2.3=build, pkg==1.2, pkg>=1.2,<2, pkg 1.2 build,
+    channel::pkg, pkg[version='>=1.2', build=py*]."""
+    m = MATCH_SPEC_RE.fullmatch(text.strip())
+    if not m:
+        raise EnvSpecError(f"{yml}: {text!r} is not a conda package spec; "
+                           f"write name, name=version or name=version=build")
+    rest, build, fuzzy = m["rest"].strip(), "", False
+    if m["brackets"]:
+        fields = {key: single or double or bare
+                  for key, single, double, bare in BRACKET_FIELD_RE.findall(m["brackets"])}
+        rest, build = rest or fields.get("version", ""), fields.get("build", "")
+    if rest.startswith("=") and not rest.startswith("=="):
+        rest, _, build = rest[1:].partition("=")
+        fuzzy = not build
+    elif " " in rest:
+        rest, _, build = rest.partition(" ")
+    build = build.strip()
+    return CondaDep(text.strip(), m["name"].lower(), rest.strip(), fuzzy, "" if build.startswith("*") else build)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    name: str
+    path: Path
+    content: bytes
+    python: str | None                 # "3.12" or "3.12.2"; None: the executor's own Python
+    conda_deps: tuple[CondaDep, ...]   # every dependency outside pip:, python excluded
+    pip_packages: tuple[str, ...]
+
+    def digest(self, backend: str, plan: VenvPlan | None = None) -> str:
+        """Content, backend and, for a venv, the interpreter actually used and the translated requirements."""
+        key = backend.encode() + b"\0" + self.content + (b"\0" + plan.key().encode() if plan else b"")
+        return hashlib.sha256(key).hexdigest()[:12]
+
+
+def load_env_doc(path: Path) -> dict:
+    import yaml  # only the server needs it
+
     try:
-        script = (root / task).resolve()
-        if not script.is_relative_to(root):
-            raise refuse("resolves outside the tasks dir (symlink)")
-        if not script.is_file():
-            raise refuse("does not exist")
-    except (OSError, RuntimeError) as exc:  # a symlink loop, a name the file system refuses
-        raise refuse(f"cannot be resolved ({exc.strerror if isinstance(exc, OSError) else exc})") from None
-    return script
+        doc = yaml.safe_load(path.read_bytes()) or {}
+    except yaml.YAMLError as exc:
+        raise EnvSpecError(f"{path}: not valid YAML ({exc}); fix the file") from exc
+    if not isinstance(doc, dict):
+        raise EnvSpecError(f"{path}: expected a mapping with 'name', 'channels', 'dependencies'")
+    return doc
 
 
-def validate_args(args: Sequence[str]) -> None:
-    if len(args) > MAX_ARGS:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(args)} args; at most {MAX_ARGS} are accepted")
-    for i, arg in enumerate(args):
-        if "\0" in arg or len(arg.encode()) > MAX_STRING_BYTES:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8); "
-                          f"pass data through a file in the run dir")
+def env_name_of(doc: dict, path: Path) -> str:
+    """conda's rule: the yml's `name:`, else (our addition) the file name. `prefix:` is ignored."""
+    return str(doc.get("name") or path.stem)
 
 
-def validate_env_vars(env_vars, cfg: Config) -> dict[str, str]:
-    """Only names on the allowlist, never a reserved one or one the executor passes through itself."""
-    if len(env_vars) > MAX_ENV_VARS:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(env_vars)} env vars; at most {MAX_ENV_VARS} are accepted")
-    for name, value in env_vars.items():
-        if not ENV_VAR_NAME_RE.fullmatch(name):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var name {name[:130]!r} is invalid; use letters, digits and _, not starting with a digit")
-        if (name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES)
-                or name.upper().endswith(RESERVED_ENV_SUFFIX) or name in cfg.passthrough):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r} is the executor's to set and cannot come from a request "
-                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, "
-                          f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, *{RESERVED_ENV_SUFFIX}, "
-                          f"and VPE_TASK_ENV_PASSTHROUGH: {' '.join(cfg.passthrough) or 'none'})")
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.env_allow):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r} is not on the executor's allowlist "
-                          f"(VPE_TASK_ENV_ALLOW: {' '.join(cfg.env_allow) or 'empty'}); add it there to pass it")
-        if "\0" in value or len(value.encode()) > MAX_STRING_BYTES:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8)")
-    return dict(env_vars)
+def declared_env_name(path: Path) -> str:
+    try:
+        return env_name_of(load_env_doc(path), path)
+    except (EnvSpecError, OSError):
+        return path.stem  # the build reports what is wrong with the file
 
 
-def validate_exec_size(argv: Sequence[str], env: dict[str, str]) -> None:
-    """What execve would refuse with E2BIG is refused here, before the run takes a slot."""
-    size = sum(len(arg.encode()) + 1 for arg in argv) + sum(len(f"{k}={v}".encode()) + 1 for k, v in env.items())
-    if size > MAX_EXEC_BYTES:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"args and env vars take {size} bytes; at most {MAX_EXEC_BYTES} are accepted in all; "
-                      f"pass data through a file in the run dir")
+def parse_python_request(dep: CondaDep, yml: Path) -> str | None:
+    if not dep.version:
+        return None
+    m = PYTHON_VERSION_RE.fullmatch(dep.version)
+    if not m:
+        raise EnvSpecError(f"{yml}: {dep.spec!r}: say which Python with python=X.Y or python=X.Y.Z (e.g. python=3.12)")
+    return m[1] + (m[2] or "")
 
 
-def validate_limits(requested, cfg: Config) -> dict[str, float]:
-    """The request's limits, its 0s replaced by the executor's defaults; above a cap is refused."""
-    limits = {}
-    for name, (setting, _, _) in LIMIT_SETTINGS.items():
-        value = getattr(requested, name)
-        if not math.isfinite(value) or value < 0 or value > cfg.limit_caps[name]:
-            show = format_size if name.endswith("_bytes") else "{:g}".format
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"limits.{name}={value:g} is invalid: use 0 (the default, {show(cfg.limit_defaults[name])}) "
-                          f"or up to the executor's cap {show(cfg.limit_caps[name])} (VPE_EXECUTOR_RUN_{setting}_CAP)")
-        limits[name] = float(value) or cfg.limit_defaults[name]
-    return limits
+def parse_env_yml(path: Path) -> EnvSpec:
+    content = path.read_bytes()
+    doc = load_env_doc(path)
+    name = env_name_of(doc, path)
+    if not ENV_NAME_RE.fullmatch(name):
+        raise EnvSpecError(f"{path}: env name {name[:130]!r} must be 1-128 of A-Z a-z 0-9 _ . - (not starting "
+                           f"with . or -); change name:")
+    python: str | None = None
+    conda_deps: list[CondaDep] = []
+    pip_packages: list[str] = []
+    for dep in doc.get("dependencies") or []:
+        if isinstance(dep, dict) and set(dep) == {"pip"}:
+            for item in dep["pip"] or []:
+                item = str(item).strip()
+                if item.startswith("-"):
+                    raise EnvSpecError(f"{path}: pip option {item!r} is not supported; list package requirements only")
+                pip_packages.append(item)
+        elif isinstance(dep, (str, int, float)):
+            parsed = parse_match_spec(str(dep), path)
+            if parsed.name == "python":
+                python = parse_python_request(parsed, path)
+            else:
+                conda_deps.append(parsed)
+        else:
+            raise EnvSpecError(f"{path}: dependency {dep!r} is neither a conda package spec nor a pip: list")
+    return EnvSpec(name, path, content, python, tuple(conda_deps), tuple(pip_packages))
 
 
-def validate_timeout(seconds: float, field: str = "timeout_seconds") -> float:
-    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMEOUT_SECONDS:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"{field}={seconds} is invalid; use 0 (none) or a number of seconds up to {MAX_TIMEOUT_SECONDS}")
-    return seconds
+def pypi_name(requirement: str) -> str:
+    """PEP 503 normalized project name of a requirement (a path or URL stays as it is)."""
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", m[1]).lower() if m else requirement
 
 
-def validate_folder_name(field: str, value: str) -> str:
-    """run_id and workspace name a folder under the buffer: one path segment, never '.', '..' or absolute."""
-    if not FOLDER_NAME_RE.fullmatch(value):
-        default = "a generated one" if field == "run_id" else "the run_id"
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"{field} {value[:140]!r} is invalid; use 1-128 of A-Z a-z 0-9 _ . - (not starting with '.' or '-'), "
-                      f"or leave it empty for {default}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class TranslatedDep:
+    outcome: str   # INSTALLED, SKIPPED or REFUSED
+    spec: str      # the conda line
+    name: str      # its conda package name
+    target: str    # INSTALLED: the pip requirement; otherwise why
 
 
-def new_run_id() -> str:
-    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+@dataclasses.dataclass(frozen=True)
+class Translation:
+    """What a venv build makes of a yml's conda dependencies, line by line."""
+    rows: tuple[TranslatedDep, ...]
+    pip_packages: tuple[str, ...]
 
+    @property
+    def requirements(self) -> list[str]:
+        return [r.target for r in self.rows if r.outcome == INSTALLED] + list(self.pip_packages)
+
+    @property
+    def seed_pip(self) -> bool:
+        return any(r.name == "pip" for r in self.rows)
+
+    def of(self, outcome: str) -> list[TranslatedDep]:
+        return [r for r in self.rows if r.outcome == outcome]
+
+    def log_lines(self) -> list[str]:
+        width = max((len(r.spec) for r in self.rows), default=0)
+        return ([f"  {r.spec:<{width}}  {r.outcome} {r.target}" for r in self.rows] +
+                [f"  pip: {' '.join(self.pip_packages) or '(none)'}"])
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        if self.of(INSTALLED):
+            lines.append("conda packages installed from PyPI as: " + ", ".join(
+                r.target + ("" if pypi_name(r.target) == pypi_name(r.name) else f" ({r.name})")
+                for r in self.of(INSTALLED)))
+        by_reason: dict[str, list[str]] = {}
+        for r in self.of(SKIPPED):
+            by_reason.setdefault(r.target, []).append(r.name)
+        lines += [f"skipped, {why}: {', '.join(names)}" for why, names in by_reason.items()]
+        lines += [f"refused: {r.spec} ({r.target})" for r in self.of(REFUSED)]
+        lines.append(f"pip: {', '.join(self.pip_packages) or '(none)'}")
+        return lines
+
+
+def classify_conda_dep(dep: CondaDep, listed: set[str]) -> tuple[str, str]:
+    """(outcome, PyPI name or why). The tables first; then a full export's build string tells a Python
+    package (py312h06a4308_0, pyhd3eb1b0_1) from a C/C++ library (h5eee18b_0, 1_gnu); without one
+    (--from-history), a package is assumed to be on PyPI under its name."""
+    if dep.name in CONDA_REFUSED:
+        return REFUSED, CONDA_REFUSED[dep.name]
+    if dep.name.startswith("_"):
+        return SKIPPED, METAPACKAGE_WHY
+    if dep.name in SKIP_WHY:
+        return SKIPPED, SKIP_WHY[dep.name]
+    base_of = dep.name.removesuffix("-base")
+    if base_of != dep.name and base_of in listed:
+        return SKIPPED, f"part of {base_of}, which is installed"
+    if dep.build and not dep.build.startswith("py"):
+        return SKIPPED, C_LIBRARY_WHY
+    return INSTALLED, CONDA_TO_PYPI.get(dep.name, base_of)
+
+
+def translate(spec: EnvSpec) -> Translation:
+    listed = {d.name for d in spec.conda_deps}
+    pinned_by_pip = {pypi_name(p) for p in spec.pip_packages}
+    rows = []
+    for dep in spec.conda_deps:
+        outcome, target = classify_conda_dep(dep, listed)
+        if outcome == INSTALLED and pypi_name(target) in pinned_by_pip:
+            outcome, target = SKIPPED, "the pip: list pins it"
+        elif outcome == INSTALLED:
+            target += dep.pip_specifier(spec.path)
+        rows.append(TranslatedDep(outcome, dep.spec, dep.name, target))
+    return Translation(tuple(rows), spec.pip_packages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interpreter:
+    path: str      # a real interpreter, not a venv's
+    version: str   # "3.12.1"
+    source: str    # where it was found, for the build log
+
+
+PYTHON_PROBE = ("import platform, sys; print(platform.python_version()); "
+                "print(getattr(sys, '_base_executable', sys.executable))")
+
+
+def probe_python(path: str) -> tuple[str, str]:
+    """(version, real interpreter) or EnvBuildError with the first line it printed."""
+    try:
+        result = subprocess.run([path, "-c", PYTHON_PROBE], capture_output=True, text=True, timeout=60,
+                                env=build_environment(), stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise EnvBuildError(f"{path}: {exc.strerror}") from exc
+    lines = result.stdout.split("\n")
+    if result.returncode != 0 or len(lines) < 2:
+        raise EnvBuildError(f"{path}: {(result.stderr.strip().splitlines() or ['exit %d' % result.returncode])[0]}")
+    return lines[0], lines[1]
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def python_candidates(minor: str, uv: str | None) -> Iterator[tuple[str, str]]:
+    """Where people keep interpreters, in this order: PATH (pyenv's shims there refuse versions not
+    selected), the executor's own, pyenv's versions folder, uv's managed Pythons."""
+    for folder in _env("PATH").split(os.pathsep):
+        path = Path(folder or ".") / f"python{minor}"
+        if path.is_file() and os.access(path, os.X_OK):
+            yield str(path), "PATH"
+    yield getattr(sys, "_base_executable", sys.executable), "the executor's own Python"
+    versions = Path(_env("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    installed = [v for v in versions.glob(f"{minor}.*") if re.fullmatch(r"\d+\.\d+\.\d+", v.name)]
+    for folder in sorted(installed, key=lambda v: version_key(v.name), reverse=True):
+        yield str(folder / "bin" / f"python{minor}"), "pyenv"
+    if uv and (managed := uv_managed_python(uv, minor)):
+        yield managed, "uv's managed Pythons"
+
+
+def uv_managed_python(uv: str, version: str) -> str | None:
+    found = subprocess.run([uv, "python", "find", "--no-config", "--python-preference", "only-managed", version],
+                           capture_output=True, text=True, timeout=60, env=build_environment())
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
+
+
+def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str:
+    """uv's download (its default where the machine has internet), or why there is none."""
+    if not uv:
+        return "no uv to download it with"
+    if _env("UV_PYTHON_DOWNLOADS") == "never":
+        return "UV_PYTHON_DOWNLOADS=never"
+    env = {k: v for k, v in build_environment().items() if k != "UV_PYTHON_DOWNLOADS"}
+    result = subprocess.run([uv, "python", "install", "--no-config", request], capture_output=True, text=True,
+                            timeout=900, env=env, stdin=subprocess.DEVNULL)
+    log(f"$ uv python install {request}\n{result.stdout}{result.stderr}".rstrip())
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")] or ["error: ?"]
+        return "uv could not download it: " + errors[0].removeprefix("error: ")
+    managed = uv_managed_python(uv, request)
+    if managed is None:
+        return "uv installed it but cannot find it"
+    version, real = probe_python(managed)
+    return Interpreter(real, version, "uv's managed Pythons (downloaded now)")
+
+
+def find_python(version: str | None, yml: Path, uv: str | None = None, log: Any = lambda line: None) -> Interpreter:
+    """The interpreter for `python=X.Y[.Z]`: the exact version if one is found, else the same X.Y."""
+    if version is None:
+        own = getattr(sys, "_base_executable", sys.executable)
+        return Interpreter(own, "%d.%d.%d" % sys.version_info[:3], "the executor's own Python (the yml pins none)")
+    minor = ".".join(version.split(".")[:2])
+    nearest: Interpreter | None = None
+    tried: list[str] = []
+    for path, source in python_candidates(minor, uv):
+        try:
+            found, real = probe_python(path)
+        except EnvBuildError as exc:
+            tried.append(str(exc))
+            continue
+        if found == version or (version == minor and found.startswith(minor + ".")):
+            return Interpreter(real, found, source)
+        if found.startswith(minor + ".") and nearest is None:
+            nearest = Interpreter(real, found, f"{source} (the yml pins {version}; the patch level differs)")
+        elif not found.startswith(minor + "."):
+            tried.append(f"{path}: Python {found}")
+    if nearest:
+        return nearest
+    downloaded = download_python(version, uv, log)
+    if isinstance(downloaded, Interpreter):
+        return downloaded
+    raise EnvBuildError(
+        f"Python {version} is not available (not on PATH, in pyenv's versions or among uv's managed Pythons; "
+        f"{downloaded}; tried: {'; '.join(dict.fromkeys(tried)) or 'nothing'}). Install it (`pyenv install {version}` "
+        f"or `uv python install {version}`), or change 'python={version}' in {yml}.")
+
+
+def find_uv() -> str | None:
+    beside_python = Path(sys.executable).parent / "uv"
+    return shutil.which("uv") or (str(beside_python) if beside_python.exists() else None)
+
+
+def detect_backend(choice: str) -> str:
+    if choice in ("auto", "conda"):
+        for tool in CONDA_BACKENDS:
+            if shutil.which(tool):
+                return tool
+        if choice == "conda":
+            raise SystemExit("--backend conda: none of micromamba, mamba, conda is on PATH")
+    return "venv+uv" if find_uv() else "venv+pip"
+
+
+@dataclasses.dataclass(frozen=True)
+class VenvPlan:
+    """How a venv backend builds a yml: which interpreter, which requirements."""
+    python: Interpreter
+    translation: Translation
+
+    def key(self) -> str:
+        return "\n".join([self.python.path, self.python.version, f"seed_pip={self.translation.seed_pip}",
+                          *self.translation.requirements])
+
+    def python_line(self) -> str:
+        return f"Python {self.python.version} from {self.python.source}: {self.python.path}"
+
+    def summary(self) -> str:
+        return "\n".join([self.python_line(), *self.translation.summary_lines()])
+
+    def short(self) -> str:
+        t = self.translation
+        return (f"Python {self.python.version}; conda: {len(t.of(INSTALLED))} from PyPI, {len(t.of(SKIPPED))} skipped; "
+                f"pip: {len(t.pip_packages)}")
+
+
+def plan_venv(spec: EnvSpec, uv: str | None, log: Any = lambda line: None) -> VenvPlan:
+    """Translate the conda dependencies (refusing those a venv cannot have), then find the interpreter."""
+    translation = translate(spec)
+    log("conda dependencies, translated for a venv (no conda/mamba/micromamba on PATH):")
+    for line in translation.log_lines():
+        log(line)
+    if refused := translation.of(REFUSED):
+        raise EnvSpecError(
+            f"{spec.path}: {'; '.join(f'{r.spec} ({r.target})' for r in refused)}: no PyPI counterpart, and no "
+            f"conda/mamba/micromamba is on PATH. Remove {'it' if len(refused) == 1 else 'them'}, list a PyPI "
+            f"equivalent under pip:, or install micromamba.")
+    plan = VenvPlan(find_python(spec.python, spec.path, uv, log), translation)
+    log(plan.python_line())
+    return plan
+
+
+def build_commands(backend: str, spec: EnvSpec, prefix: Path, plan: VenvPlan | None = None) -> list[list[str]]:
+    """The commands that build `spec` into `prefix` (which must not exist yet). Conda tools get the file as it is."""
+    if backend in CONDA_BACKENDS:
+        tool = shutil.which(backend) or backend
+        verb = ["create", "--yes"] if backend == "micromamba" else ["env", "create"]
+        return [[tool, *verb, "-p", str(prefix), "-f", str(spec.path)]]
+    plan = plan or plan_venv(spec, find_uv())
+    env_python = str(prefix / "bin" / "python")
+    requirements = plan.translation.requirements
+    if backend == "venv+uv":
+        uv = find_uv() or "uv"
+        # Copies, not uv's default hard links into its cache: seal_env's chmod must not reach the cache or
+        # other envs that share a file.
+        commands = [[uv, "venv", "--no-config", "--link-mode", "copy", "--python", plan.python.path,
+                     *(["--seed"] if plan.translation.seed_pip else []), str(prefix)]]
+        if requirements:
+            commands.append([uv, "pip", "install", "--no-config", "--link-mode", "copy", "--python", env_python,
+                             *requirements])
+    else:
+        commands = [[plan.python.path, "-m", "venv", str(prefix)]]
+        if requirements:
+            commands.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                             *requirements])
+    return commands
+
+
+def compile_command(prefix: Path) -> list[str]:
+    """Every module compiled at build time, so that no task run writes bytecode into the sealed env."""
+    compile_all = "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)"
+    return [str(prefix / "bin" / "python"), "-c", compile_all, str(prefix / "lib")]
+
+
+NOT_ON_PYPI_RES = (re.compile(r"Because ([A-Za-z0-9._-]+) was not found in the package registry"),
+                   re.compile(r"No matching distribution found for ([A-Za-z0-9._-]+)"))
+
+
+def not_on_pypi(log_text: str, translation: Translation) -> list[str]:
+    """The conda lines whose translation the installer could not find on PyPI."""
+    missing = {pypi_name(m) for regex in NOT_ON_PYPI_RES for m in regex.findall(log_text)}
+    return [r.spec for r in translation.of(INSTALLED) if pypi_name(r.target) in missing]
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+READY_MARKER = ".vpe-ready"
+MANIFEST = ".vpe-manifest"
+
+
+def file_table(root: Path, describe: Any) -> dict[str, Any]:
+    """relative path -> describe(lstat) of everything under root (symlinks not followed), the manifest excepted."""
+    table = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: then it counts as removed
+                if rel != MANIFEST:
+                    table[rel] = describe(os.lstat(path), path)
+    return table
+
+
+def manifest_entry(st: os.stat_result, path: str) -> str:
+    """What survives a copy into a Docker layer: size, whole-second mtime, mode, symlink target."""
+    target = os.readlink(path) if os.path.islink(path) else ""
+    return f"{st.st_size}\t{int(st.st_mtime)}\t{st.st_mode:o}\t{target}"
+
+
+def snapshot_entry(st: os.stat_result, path: str) -> tuple[int, ...]:
+    """Any write, chmod, rename or utime, by root too, moves ctime (only a clock change could fake it)."""
+    return st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    changes = ([f"added {p}" for p in after.keys() - before.keys()] +
+               [f"removed {p}" for p in before.keys() - after.keys()] +
+               [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]])
+    return ", ".join(sorted(changes)[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+
+
+def seal_env(prefix: Path) -> None:
+    """Read-only mode bits (they stop a task running as another user) and a manifest of every file.
+    Root ignores mode bits, so EnvManager compares the files with the manifest when it reuses a build,
+    and with a snapshot before every run."""
+    for folder, dirs, files in os.walk(prefix):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.lstat(path).st_mode & ~0o222)
+    manifest = file_table(prefix, manifest_entry)
+    (prefix / MANIFEST).write_text("".join(f"{rel}\t{entry}\n" for rel, entry in sorted(manifest.items())))
+    os.chmod(prefix / MANIFEST, 0o444)
+    os.chmod(prefix, prefix.stat().st_mode & ~0o222)
+
+
+def manifest_changes(prefix: Path) -> str:
+    """How the build's files differ from its manifest ("" when they do not)."""
+    try:
+        lines = (prefix / MANIFEST).read_text().splitlines()
+    except OSError:
+        return f"no {MANIFEST}"
+    recorded = dict(line.split("\t", 1) for line in lines if "\t" in line)
+    return describe_changes(recorded, file_table(prefix, manifest_entry))
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree, after giving back the write bits seal_env took (an owner that is not root needs them)."""
+    if path.is_symlink() or not path.is_dir():
+        return
+    for folder, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, os.lstat(folder).st_mode | 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class EnvRecord:
+    name: str
+    yml: Path
+    state: int = pb2.ENV_BUILDING
+    prefix: Path | None = None       # the ready env in use
+    spec_hash: str = ""
+    detail: str = "waiting to build"
+    stale: bool = False
+    refusal: str = ""                # why the yml is not built at all (two files claim its name)
+    summary: str = ""                # what a venv build made of the yml
+    snapshot: dict | None = None     # the ready env's files when it became ready
+
+
+class EnvManager:
+    """Builds every envs/*.yml once per content hash into $VPE_HOME/envs/<name>-<hash>, switching the
+    $VPE_HOME/envs/<name> symlink only after a complete build, so a failed build keeps the previous env.
+    An env is known by its yml's `name:` (else the file name); a built env is sealed, and one whose
+    files changed since (a task wrote into it) is rebuilt before the next run."""
+
+    def __init__(self, cfg: Config, backend: str):
+        self._cfg = cfg
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._records: dict[str, EnvRecord] = {}
+        self._build_procs: set[subprocess.Popen] = set()
+        self._stopping = threading.Event()
+        self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="env-build")
+        claims: dict[str, list[Path]] = {}
+        for yml in sorted(cfg.envs_dir.glob("*.yml")):
+            claims.setdefault(declared_env_name(yml), []).append(yml)
+        for name, ymls in claims.items():
+            if not ENV_NAME_RE.fullmatch(name):  # unsafe as a folder name: known by its file name, the build says why
+                self._records.update({yml.stem: EnvRecord(yml.stem, yml) for yml in ymls})
+                continue
+            duplicated = (f"{' and '.join(map(str, ymls))} all declare name: {name}; an env name must be unique, so "
+                          f"none of them is built: change name: in all but one") if len(ymls) > 1 else ""
+            self._records[name] = EnvRecord(name, ymls[0], refusal=duplicated)
+
+    def build_log(self, name: str) -> Path:
+        return self._cfg.logs_dir / f"env-{name}.log"
+
+    def start_builds(self) -> None:
+        if not self._records:
+            log.warning("no envs: %s has no *.yml files", self._cfg.envs_dir)
+        for record in self._records.values():
+            self._pool.submit(self._build, record)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            procs = list(self._build_procs)
+        for proc in procs:
+            kill_group(proc.pid, signal.SIGKILL)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def statuses(self) -> list:
+        with self._lock:
+            records = [dataclasses.replace(r) for r in self._records.values()]
+        return [self._status(r) for r in records]
+
+    def _status(self, r: EnvRecord):
+        show_log = r.state != pb2.ENV_READY or r.stale
+        return pb2.EnvStatus(
+            name=r.name, state=r.state, spec_hash=r.spec_hash, backend=self.backend, detail=r.detail,
+            log_tail=tail(self.build_log(r.name)) if show_log else r.summary, log_path=str(self.build_log(r.name)),
+            stale=r.stale)
+
+    def lookup(self, name: str) -> EnvRecord | None:
+        """The env by name, checked first: a ready env whose files changed since it became ready is
+        taken out of service and rebuilt."""
+        with self._lock:
+            record = self._records.get(name)
+            if record is None:
+                return None
+            prefix, snapshot = record.prefix, record.snapshot
+        if prefix is not None and snapshot is not None:
+            changes = describe_changes(snapshot, file_table(prefix, snapshot_entry))
+            if changes:
+                self._rebuild_changed(record, prefix, changes)
+        with self._lock:
+            return dataclasses.replace(record)
+
+    def names(self) -> list[str]:
+        return sorted(self._records)
+
+    def _update(self, record: EnvRecord, **changes) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(record, key, value)
+
+    def _rebuild_changed(self, record: EnvRecord, prefix: Path, changes: str) -> None:
+        with self._lock:
+            if record.prefix != prefix or self._stopping.is_set():
+                return  # another run noticed first, or the executor is stopping
+            record.state, record.prefix, record.snapshot, record.stale = pb2.ENV_BUILDING, None, None, False
+            record.detail = (f"rebuilding: its files changed after the build ({changes}); a task wrote into "
+                             f"{prefix}, and nothing may")
+        log.warning("env %s: files changed after the build (%s); removing %s and rebuilding",
+                    record.name, changes, prefix)
+        remove_tree(prefix)
+        self._pool.submit(self._build, record)
+
+    def _build(self, record: EnvRecord) -> None:
+        link = self._cfg.built_envs_dir / record.name
+        resolved = link.resolve()
+        previous = resolved if (link / READY_MARKER).exists() and not manifest_changes(resolved) else None
+        build_log = self.build_log(record.name)
+        try:
+            build_log.parent.mkdir(parents=True, exist_ok=True)
+            with build_log.open("w") as out:
+                self._build_logged(record, out)
+        except (EnvSpecError, EnvBuildError, OSError, subprocess.SubprocessError) as exc:
+            self._fail(record, previous, str(exc))
+        except Exception as exc:  # a bug must not leave the env "building" forever: say so and keep going
+            log.exception("env %s: build crashed", record.name)
+            self._fail(record, previous, f"internal error {exc!r}; see the executor log")
+
+    def _build_logged(self, record: EnvRecord, out) -> None:
+        def note(line: str) -> None:
+            out.write(line + "\n")
+            out.flush()
+
+        if record.refusal:
+            raise EnvSpecError(record.refusal)
+        spec = parse_env_yml(record.yml)
+        note(f"# env {spec.name} from {spec.path} with {self.backend}")
+        plan = None if self.backend in CONDA_BACKENDS else plan_venv(spec, find_uv(), note)
+        digest = spec.digest(self.backend, plan)
+        prefix = self._cfg.built_envs_dir / f"{record.name}-{digest}"
+        about = f"; {plan.short()}" if plan else ""
+        if (prefix / READY_MARKER).exists():
+            changed = manifest_changes(prefix)
+            if not changed:
+                note(f"# cached build {digest}: ready")
+                self._activate(record, prefix, digest, f"ready (cached build {digest}){about}", plan)
+                log.info("env %s: ready, cached build %s", record.name, digest)
+                return
+            note(f"# cached build {digest} changed since it was built ({changed}); rebuilding")
+        self._update(record, detail=f"building {digest} with {self.backend} (log: {self.build_log(record.name)})")
+        log.info("env %s: building %s with %s; log %s", record.name, digest, self.backend, self.build_log(record.name))
+        started = time.monotonic()
+        self._build_into(spec, plan, prefix, out)
+        took = time.monotonic() - started
+        self._activate(record, prefix, digest, f"ready (built {digest} in {took:.1f}s){about}", plan)
+        log.info("env %s: ready, built %s in %.1fs", record.name, digest, took)
+
+    def _build_into(self, spec: EnvSpec, plan: VenvPlan | None, prefix: Path, out) -> None:
+        remove_tree(prefix)  # a half-built leftover from a crash, or a cached build that was changed
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for command in build_commands(self.backend, spec, prefix, plan):
+            self._run_build_step(command, out, spec, plan, prefix)
+        if (prefix / "bin" / "python").exists():  # a conda env may have no Python
+            self._run_build_step(compile_command(prefix), out, spec, plan, prefix)
+        (prefix / READY_MARKER).write_text(f"{spec.path}\n")
+        seal_env(prefix)
+
+    def _run_build_step(self, command: list[str], out, spec: EnvSpec, plan: VenvPlan | None, prefix: Path) -> None:
+        if self._stopping.is_set():
+            raise EnvBuildError("executor is shutting down")
+        out.write(f"$ {' '.join(command)}\n")
+        out.flush()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=build_environment(), cwd=prefix.parent, start_new_session=True)
+        with self._lock:
+            self._build_procs.add(proc)
+        if self._stopping.is_set():  # stop() may have collected the build processes just before the add
+            kill_group(proc.pid, signal.SIGKILL)
+        try:
+            code = proc.wait()
+        finally:
+            with self._lock:
+                self._build_procs.discard(proc)
+        if code != 0:
+            remove_tree(prefix)
+            missing = not_on_pypi(tail(self.build_log(spec.name), 200), plan.translation) if plan else []
+            raise EnvBuildError(
+                (f"{', '.join(missing)}: not on PyPI under the translated name; " if missing else "") +
+                f"`{Path(command[0]).name} {command[1]}` exited with {code}; "
+                f"see {self.build_log(spec.name)} and fix {spec.path}")
+
+    def _activate(self, record: EnvRecord, prefix: Path, digest: str, detail: str, plan: VenvPlan | None) -> None:
+        link = prefix.parent / record.name
+        tmp_link = prefix.parent / f".{record.name}.{os.getpid()}.link"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(prefix.name)
+        os.replace(tmp_link, link)
+        for old in prefix.parent.glob(f"{record.name}-*"):
+            if old != prefix and re.fullmatch(rf"{re.escape(record.name)}-[0-9a-f]{{12}}", old.name):
+                remove_tree(old)
+        self._update(record, state=pb2.ENV_READY, prefix=prefix, spec_hash=digest, detail=detail, stale=False,
+                     summary=plan.summary() if plan else "", snapshot=file_table(prefix, snapshot_entry))
+
+    def _fail(self, record: EnvRecord, previous: Path | None, reason: str) -> None:
+        log.error("env %s: build failed: %s", record.name, reason)
+        if previous is not None:
+            digest = previous.name.rsplit("-", 1)[-1]
+            self._update(record, state=pb2.ENV_READY, prefix=previous, spec_hash=digest, stale=True,
+                         snapshot=file_table(previous, snapshot_entry),
+                         detail=f"rebuild failed, still running the previous build {digest}: {reason}")
+        else:
+            self._update(record, state=pb2.ENV_FAILED, prefix=None, snapshot=None, detail=f"build failed: {reason}")
+
+
+# What an env build gets of the executor's environment: where to find tools, and what pip, uv and conda
+# need to reach their index (proxies, CA bundles, index and cache settings). Never the token, DSN or secrets.
+BUILD_ENV_NAMES = (
+    "PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYENV_ROOT", "XDG_CACHE_HOME", "XDG_DATA_HOME",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS", "PIP_CERT", "PIP_CACHE_DIR",
+    "PIP_DEFAULT_TIMEOUT", "UV_INDEX", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
+    "UV_CACHE_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_PYTHON_INSTALL_DIR",
+    "MAMBA_ROOT_PREFIX", "MAMBA_EXE", "CONDA_PKGS_DIRS", "CONDARC", "MAMBARC",
+)
+
+
+def build_environment() -> dict[str, str]:
+    env = {name: os.environ[name] for name in BUILD_ENV_NAMES if name in os.environ}
+    env.setdefault("LANG", "C.UTF-8")
+    env["UV_PYTHON_DOWNLOADS"] = "never"  # a download is its own, logged step (download_python)
+    env["UV_NO_PROGRESS"] = "1"
+    env["CONDA_ALWAYS_COPY"] = env["MAMBA_ALWAYS_COPY"] = "true"  # as --link-mode copy for uv (build_commands)
+    return env
+
+
+# ---------------------------------------------------------------- the server: auth, TLS, serve, shut down
 
 class TokenAuth(grpc.ServerInterceptor):
     """`authorization: Bearer <token>` on every call except the standard health check."""
@@ -2370,10 +2383,6 @@ def _refusing_handler(handler, code: grpc.StatusCode, message: str):
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _read(path: str) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
 def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
     if not (cfg.tls_cert or cfg.tls_key):
         return None
@@ -2382,12 +2391,6 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
     ca = _read(cfg.tls_ca)
     return grpc.ssl_server_credentials([(_read(cfg.tls_key), _read(cfg.tls_cert))], root_certificates=ca,
                                        require_client_auth=ca is not None)
-
-
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 def serve(cfg: Config) -> int:
