@@ -16,6 +16,11 @@ VPE_RUN_DIR, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_
 VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL), then the request's env vars
 whose names VPE_TASK_ENV_ALLOW allows (never a reserved name: PATH, HOME, BASH_ENV, PYTHON*, LD_*, proxies, CA bundles, the VPE_* above, ...).
 Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them).
+
+Contents, in order: configuration (SETTINGS: every setting once; Config); the service (ExecutorServicer:
+ping.proto's RPCs, and the checks of a request); runs (processes, cages, event logs, retention, runs that
+outlive their client); environments (env ymls, builds, the conda-to-PyPI tables); the server (auth, TLS,
+serve, shut down); the client (ExecutorClient, channels, replicas); the CLI.
 """
 from __future__ import annotations
 
