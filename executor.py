@@ -12,7 +12,7 @@ A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own session and ca
 $VPE_HOME/buffer/<workspace> (the request's workspace, default its run_id; runs of one pipeline run share it),
 and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin), HOME (its own,
 <workspace>/.home/<run_id>), LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID,
-VPE_RUN_DIR, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default:
+VPE_WORKSPACE, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default:
 VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL), then the request's env vars
 whose names VPE_TASK_ENV_ALLOW allows (never a reserved name: PATH, HOME, BASH_ENV, PYTHON*, LD_*, proxies, CA bundles, the VPE_* above, ...).
 Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them).
@@ -105,7 +105,7 @@ ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # Never taken from a request, whatever VPE_TASK_ENV_ALLOW says: they change which code runs, where a task's
 # traffic goes or which certificates it trusts, or they are the executor's own values.
-RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV",
+RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_WORKSPACE", "VPE_BUFFER", "VPE_ENV",
                      "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH", "TMPDIR", "GCONV_PATH",
                      "LOCPATH", "NODE_OPTIONS", "PERL5LIB", "PERL5OPT", "RUBYOPT", "SSL_CERT_FILE", "SSL_CERT_DIR",
                      "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
@@ -451,7 +451,7 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
             return list(self._runs.values())
 
     def paths_in_use(self) -> set[Path]:
-        return {path for run in self.active_runs() for path in (run.plan.log_path, run.plan.run_dir)}
+        return {path for run in self.active_runs() for path in (run.plan.log_path, run.plan.workspace_dir)}
 
     def _admit(self, request) -> ActiveRun:
         if self.shutting_down.is_set():
@@ -481,12 +481,12 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         timeout = validate_timeout(request.timeout_seconds)
         run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
         workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
-        run_dir = self._cfg.buffer_dir / workspace
-        env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
+        workspace_dir = self._cfg.buffer_dir / workspace
+        env = task_environment(self._cfg, request.env, prefix, run_id, workspace_dir, extra)
         argv = [str(prefix / "bin" / "python"), str(script), *request.args]
         validate_exec_size(argv, env)
         limits = validate_limits(request.limits, self._cfg)
-        return RunPlan(run_id, request.env, argv, env, run_dir, run_log_path(self._cfg, run_id), timeout, limits)
+        return RunPlan(run_id, request.env, argv, env, workspace_dir, run_log_path(self._cfg, run_id), timeout, limits)
 
     def _ready_env(self, name: str) -> Path:
         record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
@@ -550,7 +550,7 @@ def validate_args(args: Sequence[str]) -> None:
         if "\0" in arg or len(arg.encode()) > MAX_STRING_BYTES:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8); "
-                          f"pass data through a file in the run dir")
+                          f"pass data through a file in the workspace")
 
 
 def validate_env_vars(env_vars, cfg: Config) -> dict[str, str]:
@@ -584,7 +584,7 @@ def validate_exec_size(argv: Sequence[str], env: dict[str, str]) -> None:
     if size > MAX_EXEC_BYTES:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                       f"args and env vars take {size} bytes; at most {MAX_EXEC_BYTES} are accepted in all; "
-                      f"pass data through a file in the run dir")
+                      f"pass data through a file in the workspace")
 
 
 def validate_limits(requested, cfg: Config) -> dict[str, float]:
@@ -629,18 +629,18 @@ def kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_dir: Path,
+def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, workspace_dir: Path,
                      extra: dict[str, str]) -> dict[str, str]:
     """Minimal and explicit: nothing else of the executor's environment reaches a task."""
     env = {
         "PATH": f"{prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(task_home(run_dir, run_id)),
+        "HOME": str(task_home(workspace_dir, run_id)),
         "LANG": _env("LANG", "C.UTF-8"),
         "TZ": _env("TZ", "UTC"),
         "PYTHONUNBUFFERED": "1",
         "VPE_ENV": env_name,
         "VPE_RUN_ID": run_id,
-        "VPE_RUN_DIR": str(run_dir),
+        "VPE_WORKSPACE": str(workspace_dir),
         "VPE_BUFFER": str(cfg.buffer_dir),
     }
     env.update({name: os.environ[name] for name in cfg.passthrough if name in os.environ})
@@ -648,9 +648,9 @@ def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_
     return env
 
 
-def task_home(run_dir: Path, run_id: str) -> Path:
+def task_home(workspace_dir: Path, run_id: str) -> Path:
     """Each run's own HOME, inside its workspace: dotfiles and caches a task writes die with the workspace."""
-    return run_dir / ".home" / run_id
+    return workspace_dir / ".home" / run_id
 
 
 def _now_timestamp() -> Timestamp:
@@ -799,7 +799,7 @@ class RunPlan:
     env_name: str
     argv: list[str]
     env: dict[str, str]
-    run_dir: Path
+    workspace_dir: Path
     log_path: Path
     timeout: float
     limits: dict[str, float]
@@ -1306,12 +1306,12 @@ class ActiveRun:
 
     def _run_process(self, status) -> None:
         plan = self.plan
-        task_home(plan.run_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
+        task_home(plan.workspace_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
         cage = self._containment.cage(plan.run_id, plan.env)
         try:
             cage.create(plan.limits)
             started = time.monotonic()
-            proc = subprocess.Popen(cage.command(plan.argv, plan.limits), cwd=plan.run_dir, env=plan.env,
+            proc = subprocess.Popen(cage.command(plan.argv, plan.limits), cwd=plan.workspace_dir, env=plan.env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
             try:
@@ -1319,7 +1319,7 @@ class ActiveRun:
                 self._containment.remember(cage, plan.log_path)
                 self.process_started.set()
                 self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
-                                               run_dir=str(plan.run_dir), replica=self._cfg.replica))
+                                               workspace_dir=str(plan.workspace_dir), replica=self._cfg.replica))
                 log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
                 status.timed_out, status.ended_by = self._pump(proc, cage, started)
             except BaseException:  # e.g. the run log's disk is full: no process may outlive its supervisor
@@ -2504,7 +2504,7 @@ class ExecutorClient:
             limits: dict[str, float] | None = None, keep_alive_seconds: float = 0.0):
         """Iterator of RunEvent (line / queued / started, then one status). Call .cancel() on it to stop
         the run (the executor kills all its processes), unless keep_alive_seconds > 0: then the run goes on
-        that long without a client, for an Attach to pick up. Runs given the same workspace share a run dir.
+        that long without a client, for an Attach to pick up. Runs given the same workspace share its folder.
         `limits` takes RunLimits fields (memory_bytes, cpu_seconds, processes, open_files, output_bytes)."""
         request = pb2.RunRequest(env=env, task=task, args=list(args), env_vars=env_vars or {},
                                  timeout_seconds=timeout_seconds, run_id=run_id, workspace=workspace,
@@ -2715,8 +2715,9 @@ def print_events(cfg: Config, call, verbose: bool, first=None) -> int:
             elif kind == "queued":
                 print(f"[executor] {event.queued.message}", file=sys.stderr)
             elif kind == "started" and verbose:
-                print(f"[executor] run {event.started.run_id} pid {event.started.pid} dir {event.started.run_dir} "
-                      f"log {event.started.log_path} on {event.started.replica}", file=sys.stderr)
+                started = event.started
+                print(f"[executor] run {started.run_id} pid {started.pid} workspace {started.workspace_dir} "
+                      f"log {started.log_path} on {started.replica}", file=sys.stderr)
             elif kind == "status":
                 if verbose or event.status.timed_out or event.status.cancelled or event.status.ended_by:
                     print(f"[executor] {describe_status(event.status)}", file=sys.stderr)
@@ -2790,7 +2791,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, help="kill the task after this many seconds (default 0 = none)")
     p.add_argument("--run-id", default="", help="run id (default: generated)")
     p.add_argument("--workspace", default="",
-                   help="run dir buffer/WORKSPACE, shared with other runs given the same one (default: the run id)")
+                   help="work in buffer/WORKSPACE, shared with other runs given the same one (default: the run id)")
     p.add_argument("--keep-alive", type=float, default=0.0,
                    help="keep the run going this many seconds after this client is lost, for `attach` (default 0)")
     p.add_argument("--memory", dest="memory_bytes", type=parse_size, metavar="SIZE",
