@@ -56,7 +56,7 @@ def crawl(python: str, url: str, folder: Path, cache: Path, batch_size: int) -> 
     """(API calls the server counted, wall seconds) for one crawl run."""
     before = stats(url)["calls"]
     started = time.monotonic()
-    subprocess.run([python, str(TASKS / "crawl.py"), "--url", url, "--run-dir", str(folder), "--cache-dir", str(cache),
+    subprocess.run([python, str(TASKS / "crawl.py"), "--url", url, "--workspace", str(folder), "--cache-dir", str(cache),
                     "--batch-size", str(batch_size), *NO_RATE_LIMIT], check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return stats(url)["calls"] - before, time.monotonic() - started

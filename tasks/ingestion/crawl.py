@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """crawl: hourly weather and soil for every window from the Open-Meteo historical archive API.
 
-Reads every extract's windows-*.csv in the run folder (a window that several
+Reads every extract's windows-*.csv in the workspace (a window that several
 extracts list, e.g. the same catalog as CSV and XLSX, counts once); writes
 hourly.csv (24 rows per window), failed_windows.csv (each with its reason),
 pending_windows.csv and crawl_summary.json. A window whose day the archive does
@@ -42,7 +42,7 @@ import requests
 
 from common import (CRAWL_SUMMARY, FAILED_COLUMNS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, HOURLY_VARIABLES,
                     PENDING_WINDOWS, WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir,
-                    extract_files, log, query_warehouse, run_folder, run_step, warehouse_dsn, write_csv)
+                    extract_files, log, query_warehouse, run_step, warehouse_dsn, workspace, write_csv)
 
 REAL_ARCHIVE_URL = "https://archive-api.open-meteo.com/v1/archive"
 CUSTOMER_ARCHIVE_URL = "https://customer-archive-api.open-meteo.com/v1/archive"
@@ -487,7 +487,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    folder, _ = run_folder(args, create=False, needs=WINDOWS.format(name="*"))
+    folder, _ = workspace(args, create=False, needs=WINDOWS.format(name="*"))
     windows = distinct_windows(list(extract_files(folder, WINDOWS).values()))
     if args.pending_from_warehouse:
         windows = with_pending(windows, warehouse_pending(warehouse_dsn("--pending-from-warehouse")))

@@ -17,8 +17,8 @@ for the source, the newest edit loaded from it, and reads everything when there
 is none). Each event gets two one-day windows at its
 location: the event day, and the same calendar day one year earlier (the
 non-event sample). Writes events-NAME.csv, windows-NAME.csv and
-rejects-NAME.jsonl into the run folder (NAME from --name), so extracts of several
-catalogs can run at the same time into one run folder; crawl and load read all.
+rejects-NAME.jsonl into the workspace (NAME from --name), so extracts of several
+catalogs can run at the same time into one workspace; crawl and load read all.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from common import (EVENT_COLUMNS, EVENTS, EXTRACT_NAME, REJECTS, REPO, WINDOW_COLUMNS, WINDOWS, Progress,
-                    StepFailed, add_run_arguments, atomic_write, log, query_warehouse, run_folder, run_step,
-                    warehouse_dsn, write_csv)
+                    StepFailed, add_run_arguments, atomic_write, log, query_warehouse, run_step,
+                    warehouse_dsn, workspace, write_csv)
 
 REAL_LAYER_URL = "https://gis.earthdata.nasa.gov/gis01/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0"
 LAYER_URL = re.compile(r"/FeatureServer/\d+/?$", re.IGNORECASE)
@@ -335,7 +335,7 @@ def cell_text(value: object) -> str:
 
 
 def fetch(source: str, folder: Path, name: str) -> Path:
-    """A local path as is; an http(s) URL downloaded into the run folder."""
+    """A local path as is; an http(s) URL downloaded into the workspace."""
     if urlsplit(source).scheme not in ("http", "https"):
         return local_path(source)
     import requests
@@ -355,7 +355,7 @@ def fetch(source: str, folder: Path, name: str) -> Path:
 
 def local_path(source: str) -> Path:
     """Relative paths that are not under the working dir are taken from the repo: a task run by the executor
-    works in its run folder, yet `tasks/ingestion/demo_catalog.csv` should still name the demo."""
+    works in its workspace, yet `tasks/ingestion/demo_catalog.csv` should still name the demo."""
     path = Path(source)
     if path.is_file():
         return path
@@ -661,7 +661,7 @@ def parse_args() -> argparse.Namespace:
                                        "path not found under the working dir is taken relative to the repo")
     parser.add_argument("--name", default="catalog", type=extract_name,
                         help="names this extract's files (events-NAME.csv, windows-NAME.csv, rejects-NAME.jsonl); "
-                             "give each extract into one run folder its own (letters, digits, _ and -; "
+                             "give each extract into one workspace its own (letters, digits, _ and -; "
                              "default: %(default)s)")
     parser.add_argument("--since", type=parse_since, metavar="TIMESTAMP",
                         help="only reports created or edited after this ISO date/timestamp, UTC unless it has an "
@@ -707,7 +707,7 @@ def open_source(args: argparse.Namespace, folder: Path) -> tuple[str, str, list[
 
 def main() -> int:
     args = parse_args()
-    folder, _ = run_folder(args, create=True, needs=EVENTS.format(name="*"))
+    folder, _ = workspace(args, create=True, needs=EVENTS.format(name="*"))
     source, shown, header, rows = open_source(args, folder)
     catalog = detect_format(shown, header)
     if args.since and catalog is LEGACY:
