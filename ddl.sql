@@ -149,7 +149,7 @@ CREATE UNLOGGED TABLE IF NOT EXISTS staging.landslide_event (
     run_id         text,
     source         text,
     row_number     integer,
-    event_id       text,
+    catalog_id     text,
     event_date     date,
     event_time     time,
     time_text      text,
@@ -169,7 +169,7 @@ CREATE UNLOGGED TABLE IF NOT EXISTS staging.landslide_event (
 -- conversion per value).
 CREATE UNLOGGED TABLE IF NOT EXISTS staging.weather_hourly (
     run_id                        text,
-    event_id                      text,
+    catalog_id                    text,
     is_event                      boolean,
     latitude                      numeric,
     longitude                     numeric,
@@ -326,7 +326,7 @@ ALTER TABLE staging.weather_hourly ADD COLUMN IF NOT EXISTS timezone text;
 
 CREATE UNLOGGED TABLE IF NOT EXISTS staging.pending_window (
     run_id      text,
-    event_id    text,
+    catalog_id  text,
     is_event    boolean,
     latitude    double precision,
     longitude   double precision,
@@ -357,6 +357,37 @@ CREATE SCHEMA IF NOT EXISTS scratch AUTHORIZATION vpe_reader;
 INSERT INTO schema_version (version, description)
 VALUES (3, 'one row per place-hour (weather_hour), local and UTC event times, report versions, '
            'watermarks, pending windows, least-privilege roles')
+ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------
+-- Version 4: the catalog's key is catalog_id everywhere, staging included
+-- (it was event_id there, after the current export's column).
+
+-- Staging columns of version 3 or older: renamed in place, once. Staged rows
+-- live only within a load, but a leftover of a crashed one keeps its values.
+DO $$
+DECLARE
+    staging_table text;
+BEGIN
+    FOREACH staging_table IN ARRAY '{landslide_event,weather_hourly,pending_window}'::text[] LOOP
+        IF EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = 'staging' AND table_name = staging_table AND column_name = 'event_id') THEN
+            EXECUTE format('ALTER TABLE staging.%I RENAME COLUMN event_id TO catalog_id', staging_table);
+        END IF;
+    END LOOP;
+END $$;
+
+-- The loads' rejects of version 3 or older, keyed and explained by the old
+-- name: renamed too, so that the same bad row loaded again is recognised
+-- (source, row_key and reason are rejected_rows' natural key).
+UPDATE rejected_rows
+SET row_key = regexp_replace(row_key, '^event_id ', 'catalog_id '),
+    reason = regexp_replace(reason, '^(repeats )?event_id ', '\1catalog_id ')
+WHERE row_key LIKE 'event_id %'
+  AND NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 4);
+
+INSERT INTO schema_version (version, description)
+VALUES (4, 'the catalog key is catalog_id in staging and in the loads'' rejects')
 ON CONFLICT (version) DO NOTHING;
 
 COMMIT;

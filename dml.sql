@@ -9,10 +9,23 @@
 --   Every staged row of that run ends up either in the tables (new, updated
 --   or already present) or in rejected_rows with a reason; the run's staging
 --   rows are then deleted.
+--
+-- Contents (each a `-- =====` banner below):
+--   rebuild             what every apply drops and creates anew
+--   column lists        the hourly measurements and daily features, named once
+--   staging candidates  staged rows shaped like the tables' columns
+--   rejects and counts  constraints -> reject reasons, rejected_rows, counts
+--   merges              merge_locations, merge_events, merge_weather, merge_pending
+--   load_staging        the one function a load calls
+--   watermark and keys  source_watermark, location_keeps_its_hours
+--   views               for people at psql
+--   grants
 
 SET client_min_messages = warning;
 
 BEGIN;
+
+-- ===== rebuild =====
 
 -- Views hold no data: they are rebuilt on every apply so that a changed
 -- column list or type takes effect (CREATE OR REPLACE VIEW cannot do that).
@@ -27,6 +40,23 @@ DROP FUNCTION IF EXISTS staging.soil_depths, staging.merge_instants(),
 -- Its result columns changed in version 3; it is re-granted below.
 DROP FUNCTION IF EXISTS load_staging(text);
 
+-- ===== column lists =====
+
+-- The columns of p_relation after p_after, as p_alias.column, in order. The
+-- hourly measurements are weather_hour's columns after observed_at (ddl.sql
+-- lists them, with their checks); the daily features are
+-- window_weather_daily's after elevation (its lateral query defines them).
+-- The views and the insert that repeat a list are written with this.
+CREATE OR REPLACE FUNCTION staging.columns_after(p_relation regclass, p_after name, p_alias text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT string_agg(format('%I.%I', p_alias, a.attname), ', ' ORDER BY a.attnum)
+    FROM pg_attribute a
+    WHERE a.attrelid = p_relation AND NOT a.attisdropped
+      AND a.attnum > (SELECT attnum FROM pg_attribute WHERE attrelid = p_relation AND attname = p_after)
+$$;
+
+-- ===== staging candidates =====
+
 -- Staged rows shaped like the tables' columns (same names), so the tables'
 -- own CHECK and NOT NULL constraints can be evaluated on them before anything
 -- is inserted. Coordinates are rounded here as they are stored (they are the
@@ -38,7 +68,7 @@ SELECT s.ctid AS staging_ctid,
        s.run_id,
        s.source,
        s.row_number,
-       nullif(btrim(s.event_id), '') AS catalog_id,
+       nullif(btrim(s.catalog_id), '') AS catalog_id,
        s.event_date,
        s.event_time,
        nullif(btrim(s.time_text), '') AS time_text,
@@ -79,10 +109,13 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT p_event - '{staging_ctid,run_id,source,row_number,elevation,landslide_event_id,location_id,version,stored_last_edited}'::text[]
 $$;
 
+DO $$
+BEGIN
+    EXECUTE format($view$
 CREATE VIEW staging.weather_candidate AS
 SELECT s.ctid AS staging_ctid,
        s.run_id,
-       s.event_id,
+       s.catalog_id,
        s.is_event,
        s.window_date,
        s.observed_at,
@@ -90,25 +123,22 @@ SELECT s.ctid AS staging_ctid,
        round(s.latitude, 6) AS latitude,
        round(s.longitude, 6) AS longitude,
        s.elevation,
-       s.temperature_2m,
-       s.relative_humidity_2m,
-       s.precipitation,
-       s.rain,
-       s.soil_temperature_0_to_7cm, s.soil_temperature_7_to_28cm,
-       s.soil_temperature_28_to_100cm, s.soil_temperature_100_to_255cm,
-       s.soil_moisture_0_to_7cm, s.soil_moisture_7_to_28cm,
-       s.soil_moisture_28_to_100cm, s.soil_moisture_100_to_255cm
-FROM staging.weather_hourly s;
+       %s
+FROM staging.weather_hourly s
+    $view$, staging.columns_after('weather_hour', 'observed_at', 's'));
+END $$;
 
 CREATE VIEW staging.pending_window_candidate AS
 SELECT s.ctid AS staging_ctid,
        s.run_id,
-       nullif(btrim(s.event_id), '') AS event_id,
+       nullif(btrim(s.catalog_id), '') AS catalog_id,
        s.is_event,
        round(s.latitude::numeric, 6) AS latitude,
        round(s.longitude::numeric, 6) AS longitude,
        s.window_date
 FROM staging.pending_window s;
+
+-- ===== rejects and counts =====
 
 -- An instant as rejects and messages show it: 2019-03-10T14:00Z.
 CREATE OR REPLACE FUNCTION staging.utc_text(p_instant timestamptz) RETURNS text
@@ -223,6 +253,8 @@ BEGIN
         updated = c.updated + excluded.updated, rejected = c.rejected + excluded.rejected;
 END $$;
 
+-- ===== merges =====
+
 -- Inserts the places in pg_temp.load_place (one row per coordinate pair) and
 -- fills gaps (elevation, country, ...) in places already known; never
 -- overwrites a stored value, except a time zone of 'GMT'/'UTC' (what a crawl
@@ -268,7 +300,7 @@ BEGIN
     -- A catalog id twice in one batch with other values (identical rows were
     -- staged once): the newest version counts, among equals the first row.
     INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
-    SELECT 'landslide_event', staging_ctid, format('repeats event_id %s of row %s', catalog_id, first_row)
+    SELECT 'landslide_event', staging_ctid, format('repeats catalog_id %s of row %s', catalog_id, first_row)
     FROM (SELECT c.staging_ctid, c.catalog_id,
                  row_number() OVER w AS nth, first_value(c.row_number) OVER w AS first_row
           FROM staging.landslide_event_candidate c
@@ -302,7 +334,7 @@ BEGIN
     )
     INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
     SELECT 'landslide_event', staging_ctid,
-           format('event_id %s: this version (%s) is not newer than the stored one (last edited %s), which is kept',
+           format('catalog_id %s: this version (%s) is not newer than the stored one (last edited %s), which is kept',
                   catalog_id, coalesce('last edited ' || staging.utc_text(last_edited), 'undated'),
                   staging.utc_text(stored_last_edited))
     FROM older
@@ -310,7 +342,7 @@ BEGIN
 
     n_rejected := staging.record_rejects(
         'landslide_event', p_run_id, $q$coalesce(s.source, 'landslide catalog')$q$,
-        $q$coalesce(nullif(concat_ws(' ', 'event_id ' || s.event_id, 'row ' || s.row_number), ''), 'unidentified row')$q$);
+        $q$coalesce(nullif(concat_ws(' ', 'catalog_id ' || s.catalog_id, 'row ' || s.row_number), ''), 'unidentified row')$q$);
 
     -- Several events at one place: the first catalog row describes the place.
     INSERT INTO pg_temp.load_place
@@ -402,20 +434,20 @@ BEGIN
         SELECT 'weather_hourly', staging_ctid, reason
         FROM (SELECT c.staging_ctid,
                      coalesce(c.violation,
-                         CASE WHEN c.event_id IS NULL THEN 'event_id is missing'
+                         CASE WHEN c.catalog_id IS NULL THEN 'catalog_id is missing'
                               WHEN e.landslide_event_id IS NULL
-                                  THEN format('event_id %%s is not in landslide_event (its catalog row is missing or was rejected)', c.event_id)
+                                  THEN format('catalog_id %%s is not in landslide_event (its catalog row is missing or was rejected)', c.catalog_id)
                               WHEN c.is_event AND c.window_date <> e.event_date
                                   THEN format('event window_date %%s is not the date of event %%s (%%s)',
-                                              c.window_date, c.event_id, e.event_date)
+                                              c.window_date, c.catalog_id, e.event_date)
                               WHEN NOT c.is_event AND c.window_date >= e.event_date
                                   THEN format('non-event window_date %%s is not before the date of event %%s (%%s)',
-                                              c.window_date, c.event_id, e.event_date)
+                                              c.window_date, c.catalog_id, e.event_date)
                               WHEN c.timezone IS NOT NULL AND z.name IS NULL
                                   THEN format('timezone %%s is not in the tz database', c.timezone)
                          END) AS reason
               FROM (SELECT *, coalesce(%s) AS violation FROM staging.weather_candidate WHERE run_id = $1) c
-              LEFT JOIN landslide_event e ON e.catalog_id = c.event_id
+              LEFT JOIN landslide_event e ON e.catalog_id = c.catalog_id
               LEFT JOIN (SELECT name FROM pg_timezone_names) z ON z.name = c.timezone) r
         WHERE reason IS NOT NULL$sql$, checks)
     USING p_run_id;
@@ -424,13 +456,13 @@ BEGIN
     DROP TABLE IF EXISTS pg_temp.load_window;
     EXECUTE format($sql$
         CREATE TEMP TABLE load_window ON COMMIT DROP AS
-        SELECT e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date,
+        SELECT e.landslide_event_id, c.catalog_id, c.is_event, c.latitude, c.longitude, c.window_date,
                min(c.observed_at) AS first_hour, max(c.observed_at) AS last_hour,
                min(c.elevation) AS elevation, min(c.timezone) AS timezone, count(*) AS hours
         FROM staging.weather_candidate c
-        JOIN landslide_event e ON e.catalog_id = c.event_id
+        JOIN landslide_event e ON e.catalog_id = c.catalog_id
         WHERE c.run_id = $1 %s
-        GROUP BY e.landslide_event_id, c.event_id, c.is_event, c.latitude, c.longitude, c.window_date$sql$,
+        GROUP BY e.landslide_event_id, c.catalog_id, c.is_event, c.latitude, c.longitude, c.window_date$sql$,
         staging.accepted_rows_sql(n_rejected))
     USING p_run_id;
 
@@ -453,9 +485,9 @@ BEGIN
         USING expected x
         WHERE lw.landslide_event_id = x.landslide_event_id AND lw.is_event = x.is_event
           AND (lw.latitude, lw.longitude, lw.window_date) IS DISTINCT FROM (x.latitude, x.longitude, x.window_date)
-        RETURNING lw.event_id, lw.is_event, lw.latitude, lw.longitude, lw.window_date,
+        RETURNING lw.catalog_id, lw.is_event, lw.latitude, lw.longitude, lw.window_date,
                   format('the %s window of event %s is at (%s, %s) on %s, this row says (%s, %s) on %s',
-                         CASE WHEN lw.is_event THEN 'event' ELSE 'non-event' END, lw.event_id, x.latitude,
+                         CASE WHEN lw.is_event THEN 'event' ELSE 'non-event' END, lw.catalog_id, x.latitude,
                          x.longitude, x.window_date, lw.latitude, lw.longitude, lw.window_date) AS reason
     )
     INSERT INTO pg_temp.load_conflict SELECT * FROM conflicting;
@@ -464,15 +496,15 @@ BEGIN
         SELECT 'weather_hourly', c.staging_ctid, k.reason
         FROM staging.weather_candidate c
         JOIN pg_temp.load_conflict k
-          ON (c.event_id, c.is_event, c.latitude, c.longitude, c.window_date)
-           = (k.event_id, k.is_event, k.latitude, k.longitude, k.window_date)
+          ON (c.catalog_id, c.is_event, c.latitude, c.longitude, c.window_date)
+           = (k.catalog_id, k.is_event, k.latitude, k.longitude, k.window_date)
         WHERE c.run_id = p_run_id
         ON CONFLICT DO NOTHING;
     END IF;
 
     n_rejected := staging.record_rejects(
         'weather_hourly', p_run_id, $q$'open-meteo'$q$,
-        $q$format('event_id %s %s %s', coalesce(s.event_id, '?'),
+        $q$format('catalog_id %s %s %s', coalesce(s.catalog_id, '?'),
                  CASE s.is_event WHEN true THEN 'event' WHEN false THEN 'non-event' ELSE '?' END,
                  coalesce(staging.utc_text(s.observed_at), '?'))$q$);
 
@@ -506,16 +538,13 @@ BEGIN
     -- once: ON CONFLICT. The usual batch, new hours only, skips its cost (a
     -- quarter of the INSERT) with a plain INSERT, redone with ON CONFLICT if
     -- an hour turns out to be there twice.
-    insert_hours := $sql$
+    insert_hours := format($sql$
         INSERT INTO weather_hour
-        SELECT l.location_id, c.observed_at, c.temperature_2m, c.relative_humidity_2m, c.precipitation, c.rain,
-               c.soil_temperature_0_to_7cm, c.soil_temperature_7_to_28cm,
-               c.soil_temperature_28_to_100cm, c.soil_temperature_100_to_255cm,
-               c.soil_moisture_0_to_7cm, c.soil_moisture_7_to_28cm,
-               c.soil_moisture_28_to_100cm, c.soil_moisture_100_to_255cm
+        SELECT l.location_id, c.observed_at, %s
         FROM staging.weather_candidate c
         JOIN location l ON l.latitude = c.latitude AND l.longitude = c.longitude
-        WHERE c.run_id = $1 $sql$ || staging.accepted_rows_sql(n_rejected);
+        WHERE c.run_id = $1 %s$sql$,
+        staging.columns_after('weather_hour', 'observed_at', 'c'), staging.accepted_rows_sql(n_rejected));
     n_new := NULL;
     IF NOT EXISTS (SELECT 1 FROM pg_temp.load_window w
                    JOIN location l ON l.latitude = w.latitude AND l.longitude = w.longitude
@@ -550,15 +579,15 @@ BEGIN
                                       p_run_id);
     INSERT INTO pg_temp.load_reject (staging_table, staging_ctid, reason)
     SELECT 'pending_window', c.staging_ctid,
-           CASE WHEN c.event_id IS NULL THEN 'event_id is missing'
-                ELSE format('event_id %s is not in landslide_event (its catalog row is missing or was rejected)',
-                            c.event_id) END
+           CASE WHEN c.catalog_id IS NULL THEN 'catalog_id is missing'
+                ELSE format('catalog_id %s is not in landslide_event (its catalog row is missing or was rejected)',
+                            c.catalog_id) END
     FROM staging.pending_window_candidate c
-    WHERE c.run_id = p_run_id AND NOT EXISTS (SELECT 1 FROM landslide_event e WHERE e.catalog_id = c.event_id)
+    WHERE c.run_id = p_run_id AND NOT EXISTS (SELECT 1 FROM landslide_event e WHERE e.catalog_id = c.catalog_id)
     ON CONFLICT DO NOTHING;
     n_rejected := staging.record_rejects(
         'pending_window', p_run_id, $q$'crawl pending windows'$q$,
-        $q$format('event_id %s %s %s', coalesce(s.event_id, '?'),
+        $q$format('catalog_id %s %s %s', coalesce(s.catalog_id, '?'),
                  CASE s.is_event WHEN true THEN 'event' WHEN false THEN 'non-event' ELSE '?' END,
                  coalesce(s.window_date::text, '?'))$q$);
 
@@ -566,7 +595,7 @@ BEGIN
         SELECT DISTINCT ON (e.landslide_event_id, c.is_event)
                e.landslide_event_id, c.is_event, c.latitude, c.longitude, c.window_date
         FROM staging.pending_window_candidate c
-        JOIN landslide_event e ON e.catalog_id = c.event_id
+        JOIN landslide_event e ON e.catalog_id = c.catalog_id
         WHERE c.run_id = p_run_id
           AND NOT EXISTS (SELECT 1 FROM pg_temp.load_reject r
                           WHERE r.staging_table = 'pending_window' AND r.staging_ctid = c.staging_ctid)
@@ -600,6 +629,8 @@ CREATE OR REPLACE FUNCTION staging.settle_event_zones() RETURNS void LANGUAGE sq
     WHERE l.location_id = e.location_id AND e.timezone IS DISTINCT FROM l.timezone
 $$;
 
+-- ===== load_staging =====
+
 -- Merges one run's staged rows into the tables, set-based, in the caller's
 -- transaction. Returns one row per target table: rows inserted, rows updated
 -- (a newer version of a report), rows that were already there (or came twice
@@ -627,7 +658,7 @@ BEGIN
         latitude numeric, longitude numeric, elevation numeric,
         country text, near text, continent_code text, timezone text) ON COMMIT DROP;
     CREATE TEMP TABLE IF NOT EXISTS load_conflict (
-        event_id text, is_event boolean, latitude numeric, longitude numeric, window_date date,
+        catalog_id text, is_event boolean, latitude numeric, longitude numeric, window_date date,
         reason text) ON COMMIT DROP;
     TRUNCATE pg_temp.load_reject, pg_temp.load_count, pg_temp.load_place, pg_temp.load_conflict;
 
@@ -644,6 +675,8 @@ BEGIN
     ORDER BY array_position('{landslide_event,location,weather_window,weather_hour,pending_window}'::text[],
                             c.target);
 END $$;
+
+-- ===== watermark and keys =====
 
 -- The newest last_edited among the reports loaded from a source (a catalog
 -- file's name or the ArcGIS layer URL); NULL when nothing dated came from it.
@@ -666,7 +699,9 @@ END $$;
 CREATE OR REPLACE TRIGGER location_keeps_its_hours BEFORE DELETE ON location
 FOR EACH ROW EXECUTE FUNCTION location_keeps_its_hours();
 
--- Views for people at psql.
+-- ===== views =====
+
+-- For people at psql.
 
 -- The hourly rows in their old shapes, for queries written against version 2.
 CREATE VIEW weather_data AS
@@ -687,6 +722,9 @@ WHERE d.temperature IS NOT NULL OR d.moisture IS NOT NULL;
 
 -- Every hourly row with its place and calendar parts: in UTC, and in the
 -- place's own zone (NULL until the crawl has named it).
+DO $$
+BEGIN
+    EXECUTE format($view$
 CREATE VIEW hourly_weather AS
 SELECT h.location_id,
        l.latitude,
@@ -699,13 +737,11 @@ SELECT h.location_id,
        (h.observed_at AT TIME ZONE l.timezone)::date AS local_date,
        extract(hour FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_hour,
        extract(isodow FROM h.observed_at AT TIME ZONE l.timezone)::smallint AS local_iso_weekday,
-       h.temperature_2m, h.relative_humidity_2m, h.precipitation, h.rain,
-       h.soil_temperature_0_to_7cm, h.soil_temperature_7_to_28cm,
-       h.soil_temperature_28_to_100cm, h.soil_temperature_100_to_255cm,
-       h.soil_moisture_0_to_7cm, h.soil_moisture_7_to_28cm,
-       h.soil_moisture_28_to_100cm, h.soil_moisture_100_to_255cm
+       %s
 FROM weather_hour h
-JOIN location l ON l.location_id = h.location_id;
+JOIN location l ON l.location_id = h.location_id
+    $view$, staging.columns_after('weather_hour', 'observed_at', 'h'));
+END $$;
 
 -- One row per crawled window (an event's day or its non-event sample) with
 -- the day's weather: sums of precipitation and rain, mean and max air
@@ -719,16 +755,7 @@ SELECT w.weather_window_id,
        l.latitude,
        l.longitude,
        l.elevation,
-       wx.hours_observed,
-       wx.precipitation_sum,
-       wx.rain_sum,
-       wx.temperature_2m_mean,
-       wx.temperature_2m_max,
-       wx.relative_humidity_2m_mean,
-       wx.soil_moisture_0_to_7cm_max,
-       wx.soil_moisture_7_to_28cm_max,
-       wx.soil_moisture_28_to_100cm_max,
-       wx.soil_moisture_100_to_255cm_max
+       wx.*
 FROM weather_window w
 JOIN landslide_event e ON e.landslide_event_id = w.landslide_event_id
 JOIN location l ON l.location_id = w.location_id
@@ -752,6 +779,9 @@ CROSS JOIN LATERAL (
 -- place; instant is UTC, and the event_hour_* columns are the weather of the
 -- hour it falls in (NULL while the time or the zone is unknown).
 -- landslide_type is landslide_category's version-2 name.
+DO $$
+BEGIN
+    EXECUTE format($view$
 CREATE VIEW event_weather_daily AS
 SELECT e.catalog_id,
        e.event_date,
@@ -766,16 +796,7 @@ SELECT e.catalog_id,
        l.latitude,
        l.longitude,
        l.elevation,
-       f.hours_observed,
-       f.precipitation_sum,
-       f.rain_sum,
-       f.temperature_2m_mean,
-       f.temperature_2m_max,
-       f.relative_humidity_2m_mean,
-       f.soil_moisture_0_to_7cm_max,
-       f.soil_moisture_7_to_28cm_max,
-       f.soil_moisture_28_to_100cm_max,
-       f.soil_moisture_100_to_255cm_max,
+       %s,
        e.landslide_category,
        e.landslide_trigger,
        e.landslide_setting,
@@ -791,10 +812,16 @@ SELECT e.catalog_id,
 FROM landslide_event e
 JOIN location l ON l.location_id = e.location_id
 LEFT JOIN window_weather_daily f ON f.landslide_event_id = e.landslide_event_id AND f.is_event
-LEFT JOIN weather_hour h ON h.location_id = e.location_id AND h.observed_at = date_trunc('hour', e.instant);
+LEFT JOIN weather_hour h ON h.location_id = e.location_id AND h.observed_at = date_trunc('hour', e.instant)
+    $view$,
+        staging.columns_after('window_weather_daily', 'elevation', 'f'));
+END $$;
 
 -- Training set: every crawled day labelled 'event' or 'non-event', same
 -- features. catalog_id says which event a non-event day was sampled for.
+DO $$
+BEGIN
+    EXECUTE format($view$
 CREATE VIEW training_days AS
 SELECT CASE WHEN f.is_event THEN 'event' ELSE 'non-event' END AS label,
        f.catalog_id,
@@ -802,17 +829,13 @@ SELECT CASE WHEN f.is_event THEN 'event' ELSE 'non-event' END AS label,
        f.latitude,
        f.longitude,
        f.elevation,
-       f.hours_observed,
-       f.precipitation_sum,
-       f.rain_sum,
-       f.temperature_2m_mean,
-       f.temperature_2m_max,
-       f.relative_humidity_2m_mean,
-       f.soil_moisture_0_to_7cm_max,
-       f.soil_moisture_7_to_28cm_max,
-       f.soil_moisture_28_to_100cm_max,
-       f.soil_moisture_100_to_255cm_max
-FROM window_weather_daily f;
+       %s
+FROM window_weather_daily f
+    $view$,
+        staging.columns_after('window_weather_daily', 'elevation', 'f'));
+END $$;
+
+-- ===== grants =====
 
 -- Grants (ddl.sql creates the roles): renewed on every apply, since the
 -- views and load_staging above are new objects each time.

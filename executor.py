@@ -12,10 +12,15 @@ A task runs as `<env>/bin/python tasks/<task> ARGS...` in its own session and ca
 $VPE_HOME/buffer/<workspace> (the request's workspace, default its run_id; runs of one pipeline run share it),
 and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/bin:/bin), HOME (its own,
 <workspace>/.home/<run_id>), LANG (default C.UTF-8), TZ (default UTC), PYTHONUNBUFFERED=1, VPE_ENV, VPE_RUN_ID,
-VPE_RUN_DIR, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default:
+VPE_WORKSPACE, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default:
 VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL), then the request's env vars
 whose names VPE_TASK_ENV_ALLOW allows (never a reserved name: PATH, HOME, BASH_ENV, PYTHON*, LD_*, proxies, CA bundles, the VPE_* above, ...).
 Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them).
+
+Contents, in order: configuration (SETTINGS: every setting once; Config); the service (ExecutorServicer:
+ping.proto's RPCs, and the checks of a request); runs (processes, cages, event logs, retention, runs that
+outlive their client); environments (env ymls, builds, the conda-to-PyPI tables); the server (auth, TLS,
+serve, shut down); the client (ExecutorClient, channels, replicas); the CLI.
 """
 from __future__ import annotations
 
@@ -81,9 +86,9 @@ def _load_proto():
 
 pb2, pb2_grpc = _load_proto()
 
+
 # ---------------------------------------------------------------- configuration
 
-DEFAULT_PASSTHROUGH = "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARGS = 1024
 MAX_ENV_VARS = 256
@@ -98,15 +103,20 @@ CENSUS_INTERVAL = 0.2  # seconds between looks at which processes of a run are l
 FOLDER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # run ids and workspaces: one safe path segment
 ENV_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ENV_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-DEFAULT_ENV_ALLOW = "VPE_ALLOW_SYNTHETIC_WEATHER"
 # Never taken from a request, whatever VPE_TASK_ENV_ALLOW says: they change which code runs, where a task's
 # traffic goes or which certificates it trusts, or they are the executor's own values.
-RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_RUN_DIR", "VPE_BUFFER", "VPE_ENV",
+RESERVED_ENV_VARS = {"PATH", "HOME", "PYTHONUNBUFFERED", "VPE_RUN_ID", "VPE_WORKSPACE", "VPE_BUFFER", "VPE_ENV",
                      "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH", "TMPDIR", "GCONV_PATH",
                      "LOCPATH", "NODE_OPTIONS", "PERL5LIB", "PERL5OPT", "RUBYOPT", "SSL_CERT_FILE", "SSL_CERT_DIR",
                      "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
 RESERVED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "BASH_FUNC_", "PIP_", "UV_", "CONDA")
 RESERVED_ENV_SUFFIX = "_PROXY"  # any case: http_proxy, HTTPS_PROXY, no_proxy, ...
+
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 # Per-run resource limits (RunLimits fields): the setting's name after VPE_EXECUTOR_RUN_, its default, its cap.
@@ -141,34 +151,128 @@ def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+def words(text: str) -> tuple[str, ...]:
+    """A list setting: names separated by spaces or commas."""
+    return tuple(re.findall(r"[^\s,]+", text))
+
+
+def folder(text: str) -> Path:
+    return Path(text).resolve()
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One executor setting: its Config field, environment variable, default (as the variable would spell it),
+    how its text is read, the least value allowed, the values allowed, where it is a flag, and its help."""
+    field: str
+    env: str
+    default: str
+    kind: Callable[[str], Any] = str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    flag: str = ""          # "all": --field-name on every command; "serve": on serve only; "": the variable only
+    help: str = ""
+    shown_default: str = ""  # the default as help tells it, where the value itself would mislead
+
+    @property
+    def option(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def read(self, args: argparse.Namespace | None) -> Any:
+        """The flag's value if given, else the variable's, else the default; a bad one ends the program with a
+        one-line message naming the setting."""
+        given = getattr(args, self.field, None) if self.flag else None
+        text = str(given) if given is not None else _env(self.env, self.default)
+        option = f" ({self.option})" if self.flag else ""
+        if self.choices and text not in self.choices:
+            raise SystemExit(f"executor.py: {self.env}{option} must be one of {', '.join(self.choices)}, "
+                             f"not {text!r}")
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if self.minimum is not None and (value is None or not self.minimum <= value < math.inf):
+            what = {int: "a whole number", float: "a number", parse_size: "a size such as 512M or 4G"}[self.kind]
+            raise SystemExit(f"executor.py: {self.env}{option} must be {what} >= {self.minimum}, not {text!r}")
+        return value
+
+    @property
+    def value(self) -> Any:
+        """The default, read as the setting would be."""
+        return self.kind(self.default)
+
+    def add_flag(self, parser: argparse.ArgumentParser) -> None:
+        kind = self.kind if self.kind in (int, float) else None
+        default = self.shown_default or self.default or "empty"
+        parser.add_argument(self.option, type=kind, choices=self.choices or None,
+                            help=f"{self.help} (env {self.env}, default {default})")
+
+
+# Every executor setting, once: Config's defaults, config_from and the serve/connection flags all come from here.
+SETTINGS = (
+    Setting("host", "VPE_EXECUTOR_HOST", "127.0.0.1", flag="all", help="address to bind / connect to"),
+    Setting("port", "VPE_EXECUTOR_PORT", "3170", int, 1, flag="all", help="port"),
+    Setting("token", "VPE_EXECUTOR_TOKEN", "", flag="all",
+            help="bearer token, empty = no auth; prefer the env variable, as flags show in ps"),
+    Setting("tls_cert", "VPE_EXECUTOR_TLS_CERT", "", flag="all",
+            help="PEM certificate; client: trusted if no CA given"),
+    Setting("tls_key", "VPE_EXECUTOR_TLS_KEY", "", flag="all", help="PEM private key"),
+    Setting("tls_ca", "VPE_EXECUTOR_TLS_CA", "", flag="all", help="PEM CA; server: require client certs signed by it"),
+    Setting("advertise", "VPE_EXECUTOR_ADVERTISE", "", flag="serve",
+            help="host:port clients reach this replica at, named in Started.replica for Attach and Cancel",
+            shown_default="this host's address and --port"),
+    Setting("home", "VPE_HOME", str(HERE / ".vpe"), folder, flag="serve",
+            help="state dir: envs/, buffer/, logs/executor/, logs/runs/, run/executor/",
+            shown_default=".vpe next to executor.py"),
+    Setting("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"), folder, flag="serve",
+            help="folder of env ymls", shown_default="<repo>/envs"),
+    Setting("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"), folder, flag="serve",
+            help="folder of task scripts", shown_default="<repo>/tasks"),
+    Setting("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1), int, 1, flag="serve",
+            help="runs at once", shown_default="cores"),
+    Setting("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32", int, 0, flag="serve", help="runs waiting for a slot"),
+    Setting("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1", float, 0, flag="serve",
+            help="seconds between SIGTERM and SIGKILL"),
+    Setting("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0, flag="serve",
+            help="seconds running tasks get on SIGTERM"),
+    Setting("containment", "VPE_EXECUTOR_CONTAINMENT", "auto", choices=("auto", "cgroup", "subreaper"), flag="serve",
+            help="how runs are contained", shown_default="auto: a cgroup per run where the executor may create "
+                                                         "them, else subreaper + /proc tracking"),
+    Setting("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto", choices=("auto", "conda", "venv"), flag="serve",
+            help="env backend", shown_default="auto: conda-family if on PATH, else venv"),
+    Setting("passthrough", "VPE_TASK_ENV_PASSTHROUGH",
+            "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL", words,
+            help="the executor's variables every task gets"),
+    Setting("env_allow", "VPE_TASK_ENV_ALLOW", "VPE_ALLOW_SYNTHETIC_WEATHER", words,
+            help="names (or fnmatch patterns) a request may set"),
+    Setting("run_log_max_bytes", "VPE_EXECUTOR_RUN_LOG_MAX", "64M", parse_size, 4096,
+            help="size of one run's event log"),
+    Setting("keep_days", "VPE_EXECUTOR_KEEP_DAYS", "14", float, 0, help="days logs and workspaces are kept"),
+    Setting("keep_log_bytes", "VPE_EXECUTOR_KEEP_LOGS", "2G", parse_size, 0, help="size the logs are pruned to"),
+    Setting("keep_buffer_bytes", "VPE_EXECUTOR_KEEP_BUFFER", "20G", parse_size, 0,
+            help="size the buffer is pruned to"),
+)
+
+
+def limit_settings(name: str) -> tuple[Setting, Setting]:
+    """The default and the cap of one per-run limit (LIMIT_SETTINGS), as settings."""
+    suffix, default, cap = LIMIT_SETTINGS[name]
+    kind = float if name == "cpu_seconds" else parse_size
+    var = f"VPE_EXECUTOR_RUN_{suffix}"
+    return Setting(name, var, default, kind, 1), Setting(name, f"{var}_CAP", cap, kind, 1)
+
+
 @dataclasses.dataclass
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 3170
-    token: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    advertise: str = ""     # host:port clients reach this replica at (Started.replica); empty = derived
-    home: Path = HERE / ".vpe"
-    envs_dir: Path = HERE / "envs"
-    tasks_dir: Path = HERE / "tasks"
-    max_concurrent: int = os.cpu_count() or 1
-    max_queue: int = 32
-    kill_grace: float = 1.0
-    shutdown_grace: float = 10.0
-    backend: str = "auto"
-    passthrough: tuple[str, ...] = tuple(DEFAULT_PASSTHROUGH.split())
-    env_allow: tuple[str, ...] = tuple(DEFAULT_ENV_ALLOW.split())  # names (or fnmatch patterns) a request may set
-    run_log_max_bytes: int = 64 * 1024 * 1024
-    containment: str = "auto"
+class ConfigBase:
+    """Config without the fields of SETTINGS: the per-run limits' defaults and caps, and what follows from both."""
     limit_defaults: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {name: float(parse_size(d)) for name, (_, d, _) in LIMIT_SETTINGS.items()})
+        default_factory=lambda: {name: float(limit_settings(name)[0].value) for name in LIMIT_SETTINGS})
     limit_caps: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {name: float(parse_size(c)) for name, (_, _, c) in LIMIT_SETTINGS.items()})
-    keep_days: float = 14.0
-    keep_log_bytes: int = 2 * 1024 ** 3
-    keep_buffer_bytes: int = 20 * 1024 ** 3
+        default_factory=lambda: {name: float(limit_settings(name)[1].value) for name in LIMIT_SETTINGS})
 
     @property
     def built_envs_dir(self) -> Path:
@@ -196,67 +300,1287 @@ class Config:
         return self.advertise or advertised_address(self)
 
 
+# The executor's settings: a field per row of SETTINGS, its default the row's, plus ConfigBase's.
+Config = dataclasses.make_dataclass(
+    "Config", [(s.field, type(s.value), dataclasses.field(default=s.value)) for s in SETTINGS],
+    bases=(ConfigBase,), namespace={"__module__": __name__})
+
+
+def advertised_address(cfg: Config) -> str:
+    """This replica's address as others reach it: the bound host, or this host's address when bound to all."""
+    host = cfg.host
+    if host in ("0.0.0.0", "::", ""):
+        with contextlib.suppress(OSError):
+            host = socket.gethostbyname(socket.gethostname())
+    return f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
+
+
 def config_from(args: argparse.Namespace) -> Config:
     """Environment variables first, flags override."""
-    def pick(flag: str, var: str, default: str) -> str:
-        value = getattr(args, flag, None)
-        return str(value) if value is not None else _env(var, default)
-
-    def number(flag: str, var: str, default: str, kind: Callable[[str], Any], minimum: float) -> Any:
-        text = pick(flag, var, default)
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not minimum <= value < math.inf:
-            what = {int: "a whole number", float: "a number", parse_size: "a size such as 512M or 4G"}[kind]
-            option = f" (--{flag.replace('_', '-')})" if flag else ""
-            raise SystemExit(f"executor.py: {var}{option} must be {what} >= {minimum}, not {text!r}")
-        return value
-
-    def choice(flag: str, var: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = pick(flag, var, default)
-        if value not in allowed:
-            raise SystemExit(f"executor.py: {var} (--{flag}) must be one of {', '.join(allowed)}, not {value!r}")
-        return value
-
     limit_defaults, limit_caps = {}, {}
-    for name, (setting, default, cap) in LIMIT_SETTINGS.items():
-        kind = float if name == "cpu_seconds" else parse_size
-        var = f"VPE_EXECUTOR_RUN_{setting}"
-        limit_caps[name] = float(number("", f"{var}_CAP", cap, kind, 1))
-        limit_defaults[name] = float(number("", var, default, kind, 1))
+    for name in LIMIT_SETTINGS:
+        default, cap = limit_settings(name)
+        limit_caps[name] = float(cap.read(args))
+        limit_defaults[name] = float(default.read(args))
         if limit_defaults[name] > limit_caps[name]:
-            raise SystemExit(f"executor.py: {var}={limit_defaults[name]:g} is above {var}_CAP={limit_caps[name]:g}; "
-                             f"lower the default or raise the cap")
+            raise SystemExit(f"executor.py: {default.env}={limit_defaults[name]:g} is above "
+                             f"{cap.env}={limit_caps[name]:g}; lower the default or raise the cap")
+    return Config(**{setting.field: setting.read(args) for setting in SETTINGS},
+                  limit_defaults=limit_defaults, limit_caps=limit_caps)
 
-    home = Path(pick("home", "VPE_HOME", str(HERE / ".vpe"))).resolve()
-    return Config(
-        host=pick("host", "VPE_EXECUTOR_HOST", "127.0.0.1"),
-        port=number("port", "VPE_EXECUTOR_PORT", "3170", int, 1),
-        token=pick("token", "VPE_EXECUTOR_TOKEN", ""),
-        tls_cert=pick("tls_cert", "VPE_EXECUTOR_TLS_CERT", ""),
-        tls_key=pick("tls_key", "VPE_EXECUTOR_TLS_KEY", ""),
-        tls_ca=pick("tls_ca", "VPE_EXECUTOR_TLS_CA", ""),
-        advertise=pick("advertise", "VPE_EXECUTOR_ADVERTISE", ""),
-        home=home,
-        envs_dir=Path(pick("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"))).resolve(),
-        tasks_dir=Path(pick("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"))).resolve(),
-        max_concurrent=number("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1), int, 1),
-        max_queue=number("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32", int, 0),
-        kill_grace=number("kill_grace", "VPE_EXECUTOR_KILL_GRACE", "1.0", float, 0),
-        shutdown_grace=number("shutdown_grace", "VPE_EXECUTOR_SHUTDOWN_GRACE", "10", float, 0),
-        backend=pick("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto"),
-        passthrough=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_PASSTHROUGH", DEFAULT_PASSTHROUGH))),
-        env_allow=tuple(re.findall(r"[^\s,]+", _env("VPE_TASK_ENV_ALLOW", DEFAULT_ENV_ALLOW))),
-        run_log_max_bytes=number("", "VPE_EXECUTOR_RUN_LOG_MAX", "64M", parse_size, 4096),
-        containment=choice("containment", "VPE_EXECUTOR_CONTAINMENT", "auto", ("auto", "cgroup", "subreaper")),
-        limit_defaults=limit_defaults,
-        limit_caps=limit_caps,
-        keep_days=number("", "VPE_EXECUTOR_KEEP_DAYS", "14", float, 0),
-        keep_log_bytes=number("", "VPE_EXECUTOR_KEEP_LOGS", "2G", parse_size, 0),
-        keep_buffer_bytes=number("", "VPE_EXECUTOR_KEEP_BUFFER", "20G", parse_size, 0),
-    )
+
+# ---------------------------------------------------------------- the service: ping.proto's RPCs, request checks
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ExecutorServicer(pb2_grpc.ExecutorServicer):
+    def __init__(self, cfg: Config, envs: EnvManager, containment: Containment):
+        self._cfg = cfg
+        self._envs = envs
+        self._containment = containment
+        self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
+        self._runs: dict[str, ActiveRun] = {}
+        self._runs_lock = threading.Lock()
+        self._kept = KeepAlive()
+        self.shutting_down = threading.Event()
+
+    def Ping(self, request, context):
+        return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses(),
+                             containment=self._containment.mechanism)
+
+    def ListEnvs(self, request, context):
+        return pb2.ListEnvsReply(envs=self._envs.statuses())
+
+    def Run(self, request, context):
+        try:
+            keep_alive = validate_timeout(request.keep_alive_seconds, "keep_alive_seconds")
+            run = self._admit(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Run {request.run_id[:128]!r}")
+        if keep_alive:
+            self._kept.keep(run, keep_alive)
+            yield from self._follow(run.plan.run_id, 0, run, context)
+            return
+        if not context.add_callback(lambda: run.cancel("client went away")):
+            run.cancel("client went away")
+        try:
+            while True:
+                try:
+                    event = run.events.get(timeout=1)
+                except queue.Empty:
+                    if context.is_active():
+                        continue
+                    return  # the call is over (client gone, server stopping): never block this thread for good
+                yield event
+                if event.HasField("status"):
+                    return
+        finally:
+            run.cancel("RPC ended")
+
+    def Cancel(self, request, context):
+        try:
+            return self._cancel(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Cancel {request.run_id[:128]!r}")
+
+    def _cancel(self, request):
+        with self._runs_lock:
+            run = self._runs.get(request.run_id)
+        if run is None:
+            return pb2.CancelReply(found=False, message=f"no run {request.run_id!r} is running or queued")
+        run.cancel("Cancel RPC")
+        return pb2.CancelReply(found=True, message=f"run {request.run_id!r} is being stopped")
+
+    def Attach(self, request, context):
+        try:
+            run = self._attachable(request)
+        except Exception as exc:
+            abort_with(context, exc, f"Attach {request.run_id[:128]!r}")
+        yield from self._follow(request.run_id, request.from_seq, run, context)
+
+    def _attachable(self, request) -> ActiveRun | None:
+        """The live run Attach is after, or None for a finished one; refuses what cannot be attached to."""
+        run_id = validate_folder_name("run_id", request.run_id)
+        if request.from_seq < 0:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"from_seq={request.from_seq}; use 0 (the start) or the seq of the last event seen + 1")
+        with self._runs_lock:
+            run = self._runs.get(run_id)
+        if run is None and request.running_only:
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"no run {run_id!r} is running on this executor ({self._cfg.replica})")
+        if run is None and not final_status_logged(self._cfg, run_id):
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"run {run_id!r} is not held by this executor ({self._cfg.replica}) and no finished run of "
+                          "that id is logged here: it never ran here, runs on another replica (attach there: "
+                          "Started.replica), or the executor that ran it stopped before it ended")
+        return run
+
+    def _follow(self, run_id: str, from_seq: int, run: ActiveRun | None, context) -> Iterator[Any]:
+        """The run's events from its run log, from `from_seq` on: replayed, then (for a live `run`) followed until
+        it ends, ending with its status. The client counts as attached to a keep-alive run while it reads."""
+        if run is not None and self._kept.join(run):
+            if not context.add_callback(lambda: self._kept.leave(run)):
+                self._kept.leave(run)
+            self._kept.wait_until_logging(run, context.is_active)
+
+        def live() -> bool:
+            return context.is_active() and not run.over()
+
+        next_seq = from_seq
+        # The second reading catches a status written between the follower's last read and the run's end.
+        for follow in (live if run is not None else None, None):
+            try:
+                for seq, event in read_run_events(self._cfg, run_id, next_seq, follow=follow):
+                    next_seq = seq + 1
+                    yield event
+                    if event.HasField("status"):
+                        return
+            except Exception as exc:
+                abort_with(context, exc, f"Attach {run_id[:128]!r}")
+        if context.is_active():
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"run {run_id!r} ended without a final status in its log; "
+                                                       f"see the executor's log on {self._cfg.replica}")
+
+    def active_runs(self) -> list[ActiveRun]:
+        with self._runs_lock:
+            return list(self._runs.values())
+
+    def paths_in_use(self) -> set[Path]:
+        return {path for run in self.active_runs() for path in (run.plan.log_path, run.plan.workspace_dir)}
+
+    def _admit(self, request) -> ActiveRun:
+        if self.shutting_down.is_set():
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
+        plan = self._plan(request)
+        run = ActiveRun(plan, self._slots, self._cfg, self._containment, self._forget)
+        with self._runs_lock:
+            if plan.run_id in self._runs:
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                              f"run {plan.run_id!r} is still running (or some of its processes are); "
+                              f"use another run_id, or Cancel it and wait for its final status")
+            position = self._slots.reserve(run)
+            self._runs[plan.run_id] = run
+        run.start(position)
+        return run
+
+    def _forget(self, run: ActiveRun) -> None:
+        with self._runs_lock:
+            if self._runs.get(run.plan.run_id) is run:
+                del self._runs[run.plan.run_id]
+
+    def _plan(self, request) -> RunPlan:
+        prefix = self._ready_env(request.env)
+        script = resolve_task(self._cfg.tasks_dir, request.task)
+        validate_args(request.args)
+        extra = validate_env_vars(request.env_vars, self._cfg)
+        timeout = validate_timeout(request.timeout_seconds)
+        run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
+        workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
+        workspace_dir = self._cfg.buffer_dir / workspace
+        env = task_environment(self._cfg, request.env, prefix, run_id, workspace_dir, extra)
+        argv = [str(prefix / "bin" / "python"), str(script), *request.args]
+        validate_exec_size(argv, env)
+        limits = validate_limits(request.limits, self._cfg)
+        return RunPlan(run_id, request.env, argv, env, workspace_dir, run_log_path(self._cfg, run_id), timeout, limits)
+
+    def _ready_env(self, name: str) -> Path:
+        record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
+        if record is None:
+            known = ", ".join(self._envs.names()) or "none"
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"unknown env {name[:128]!r}; known envs: {known} (one per {self._cfg.envs_dir}/<name>.yml)")
+        if record.state != pb2.ENV_READY or record.prefix is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"env {name!r} is not ready: {record.detail}; "
+                          f"check `executor.py envs` and {self._envs.build_log(name)}")
+        if not (record.prefix / "bin" / "python").exists():  # else the run would fail like a task, with 127
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"env {name!r} has no interpreter at {record.prefix / 'bin' / 'python'} (removed by hand?); "
+                          f"restart the executor to rebuild it")
+        return record.prefix
+
+
+def abort_with(context, exc: Exception, call: str):
+    """A refusal keeps its code; anything else is a bug: logged once with its traceback, answered INTERNAL."""
+    if isinstance(exc, Refused):
+        context.abort(exc.code, str(exc))
+    log.exception("%s: unexpected error", call)
+    context.abort(grpc.StatusCode.INTERNAL, f"executor error ({type(exc).__name__}: {str(exc)[:200]}); "
+                                            f"the executor log has the details")
+
+
+def resolve_task(tasks_dir: Path, task: str) -> Path:
+    def refuse(why: str) -> Refused:
+        return Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"task {task[:200]!r} {why}; give a .py path relative to {tasks_dir}, e.g. ingestion/extract.py")
+
+    if not task:
+        raise refuse("is empty")
+    if "\0" in task or len(task) > 1024:
+        raise refuse("is not a valid path")
+    if task.startswith("/") or task.startswith("~"):
+        raise refuse("is absolute")
+    if ".." in Path(task).parts:
+        raise refuse("contains '..'")
+    if not task.endswith(".py"):
+        raise refuse("is not a .py script")
+    if any(len(part.encode()) > MAX_PATH_SEGMENT_BYTES for part in task.split("/")):
+        raise refuse(f"has a path segment longer than {MAX_PATH_SEGMENT_BYTES} bytes")
+    root = tasks_dir.resolve()
+    try:
+        script = (root / task).resolve()
+        if not script.is_relative_to(root):
+            raise refuse("resolves outside the tasks dir (symlink)")
+        if not script.is_file():
+            raise refuse("does not exist")
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name the file system refuses
+        raise refuse(f"cannot be resolved ({exc.strerror if isinstance(exc, OSError) else exc})") from None
+    return script
+
+
+def validate_args(args: Sequence[str]) -> None:
+    if len(args) > MAX_ARGS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(args)} args; at most {MAX_ARGS} are accepted")
+    for i, arg in enumerate(args):
+        if "\0" in arg or len(arg.encode()) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8); "
+                          f"pass data through a file in the workspace")
+
+
+def validate_env_vars(env_vars, cfg: Config) -> dict[str, str]:
+    """Only names on the allowlist, never a reserved one or one the executor passes through itself."""
+    if len(env_vars) > MAX_ENV_VARS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(env_vars)} env vars; at most {MAX_ENV_VARS} are accepted")
+    for name, value in env_vars.items():
+        if not ENV_VAR_NAME_RE.fullmatch(name):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var name {name[:130]!r} is invalid; use letters, digits and _, not starting with a digit")
+        if (name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES)
+                or name.upper().endswith(RESERVED_ENV_SUFFIX) or name in cfg.passthrough):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r} is the executor's to set and cannot come from a request "
+                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, "
+                          f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, *{RESERVED_ENV_SUFFIX}, "
+                          f"and VPE_TASK_ENV_PASSTHROUGH: {' '.join(cfg.passthrough) or 'none'})")
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.env_allow):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r} is not on the executor's allowlist "
+                          f"(VPE_TASK_ENV_ALLOW: {' '.join(cfg.env_allow) or 'empty'}); add it there to pass it")
+        if "\0" in value or len(value.encode()) > MAX_STRING_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8)")
+    return dict(env_vars)
+
+
+def validate_exec_size(argv: Sequence[str], env: dict[str, str]) -> None:
+    """What execve would refuse with E2BIG is refused here, before the run takes a slot."""
+    size = sum(len(arg.encode()) + 1 for arg in argv) + sum(len(f"{k}={v}".encode()) + 1 for k, v in env.items())
+    if size > MAX_EXEC_BYTES:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"args and env vars take {size} bytes; at most {MAX_EXEC_BYTES} are accepted in all; "
+                      f"pass data through a file in the workspace")
+
+
+def validate_limits(requested, cfg: Config) -> dict[str, float]:
+    """The request's limits, its 0s replaced by the executor's defaults; above a cap is refused."""
+    limits = {}
+    for name, (setting, _, _) in LIMIT_SETTINGS.items():
+        value = getattr(requested, name)
+        if not math.isfinite(value) or value < 0 or value > cfg.limit_caps[name]:
+            show = format_size if name.endswith("_bytes") else "{:g}".format
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"limits.{name}={value:g} is invalid: use 0 (the default, {show(cfg.limit_defaults[name])}) "
+                          f"or up to the executor's cap {show(cfg.limit_caps[name])} (VPE_EXECUTOR_RUN_{setting}_CAP)")
+        limits[name] = float(value) or cfg.limit_defaults[name]
+    return limits
+
+
+def validate_timeout(seconds: float, field: str = "timeout_seconds") -> float:
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMEOUT_SECONDS:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"{field}={seconds} is invalid; use 0 (none) or a number of seconds up to {MAX_TIMEOUT_SECONDS}")
+    return seconds
+
+
+def validate_folder_name(field: str, value: str) -> str:
+    """run_id and workspace name a folder under the buffer: one path segment, never '.', '..' or absolute."""
+    if not FOLDER_NAME_RE.fullmatch(value):
+        default = "a generated one" if field == "run_id" else "the run_id"
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"{field} {value[:140]!r} is invalid; use 1-128 of A-Z a-z 0-9 _ . - (not starting with '.' or '-'), "
+                      f"or leave it empty for {default}")
+    return value
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------- runs: processes, cages, event logs, retention
+
+def kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, workspace_dir: Path,
+                     extra: dict[str, str]) -> dict[str, str]:
+    """Minimal and explicit: nothing else of the executor's environment reaches a task."""
+    env = {
+        "PATH": f"{prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(task_home(workspace_dir, run_id)),
+        "LANG": _env("LANG", "C.UTF-8"),
+        "TZ": _env("TZ", "UTC"),
+        "PYTHONUNBUFFERED": "1",
+        "VPE_ENV": env_name,
+        "VPE_RUN_ID": run_id,
+        "VPE_WORKSPACE": str(workspace_dir),
+        "VPE_BUFFER": str(cfg.buffer_dir),
+    }
+    env.update({name: os.environ[name] for name in cfg.passthrough if name in os.environ})
+    env.update(extra)
+    return env
+
+
+def task_home(workspace_dir: Path, run_id: str) -> Path:
+    """Each run's own HOME, inside its workspace: dotfiles and caches a task writes die with the workspace."""
+    return workspace_dir / ".home" / run_id
+
+
+def _now_timestamp() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def run_log_path(cfg: Config, run_id: str) -> Path:
+    return cfg.run_logs_dir / f"{run_id}.jsonl"
+
+
+class RunLog:
+    """A run's events as JSON lines, in the order its Run stream carries them, e.g.
+        {"seq": 3, "time": "2026-11-27T16:00:00.1Z", "kind": "line",
+         "line": {"stream": "STDOUT", "text": "hello", "timestamp": "2026-11-27T16:00:00.1Z"}}
+    `kind` names the RunEvent field that is set (queued, started, line, status) and holds that message in proto
+    JSON. `seq` counts every event of the run from 0, lines kept out by the size cap too, so a reader can resume
+    from a position. Lines beyond max_bytes are not written; one last stderr line says how many were dropped."""
+
+    def __init__(self, path: Path, max_bytes: int, append: bool = False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._next_seq = last_seq(path) + 1 if append else 0
+        self._file = path.open("ab" if append else "wb")
+        self._max_bytes = max_bytes
+        self._written = self._file.tell()
+        self.dropped_lines = self.dropped_bytes = 0
+
+    def write(self, event, capped: bool = True) -> int:
+        """Appends `event`; returns its seq."""
+        kind = event.WhichOneof("event")
+        record = {"seq": self._next_seq, "time": _now_timestamp().ToJsonString(), "kind": kind,
+                  kind: json_format.MessageToDict(getattr(event, kind), preserving_proto_field_name=True)}
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        self._next_seq += 1
+        if capped and kind == "line" and self._written + len(data) > self._max_bytes:
+            self.dropped_lines += 1
+            self.dropped_bytes += len(event.line.text.encode()) + 1
+        else:
+            self._file.write(data)
+            self._written += len(data)
+        return record["seq"]
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def last_seq(path: Path) -> int:
+    """The seq of a run log's last complete record; -1 if it has none."""
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_LINE_CHARS * 8))
+        for line in reversed(f.read().split(b"\n")):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return int(json.loads(line)["seq"])
+    return -1
+
+
+def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
+                    follow: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any]]:
+    """(seq, RunEvent) pairs of run `run_id` from position `from_seq` on, as its run log holds them, ending with
+    its status. Without `follow` it stops at the end of what is written so far; with it, it waits for more while
+    follow() is true (e.g. context.is_active). Refuses at once (not at the first next()): INVALID_ARGUMENT for a
+    malformed run id, NOT_FOUND when no log exists (unknown run, or pruned by retention)."""
+    validate_folder_name("run_id", run_id)
+    try:
+        log_file = run_log_path(cfg, run_id).open("rb")
+    except FileNotFoundError:
+        raise Refused(grpc.StatusCode.NOT_FOUND,
+                      f"no run {run_id!r} is known: no log in {cfg.run_logs_dir} (never run here, or pruned)") from None
+    return _replay(log_file, from_seq, follow)
+
+
+def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Iterator[tuple[int, Any]]:
+    with log_file:
+        pending = b""
+        while True:
+            pending += log_file.readline()
+            if not pending.endswith(b"\n"):  # the end of what is written so far
+                if follow is None or not follow():
+                    return
+                time.sleep(0.1)
+                continue
+            record = json.loads(pending)
+            pending = b""
+            kind = record["kind"]
+            if record["seq"] >= from_seq:
+                event = json_format.ParseDict({kind: record[kind], "seq": record["seq"]}, pb2.RunEvent(),
+                                              ignore_unknown_fields=True)
+                yield record["seq"], event
+            if kind == "status":
+                return
+
+
+class Slots:
+    """At most `limit` runs at once; up to `max_queue` more wait in FIFO order."""
+
+    def __init__(self, limit: int, max_queue: int):
+        self._limit, self._max_queue = limit, max_queue
+        self._cond = threading.Condition()
+        self._running = 0
+        self._waiting: deque[object] = deque()
+
+    def reserve(self, ticket: object) -> int:
+        """0 = may start now; n > 0 = queued at position n. Refuses when the queue is full."""
+        with self._cond:
+            if self._running < self._limit and not self._waiting:
+                self._running += 1
+                return 0
+            if len(self._waiting) >= self._max_queue:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self._running} runs are running and {len(self._waiting)} are queued (the limit); "
+                              f"retry later or raise --max-queue / --max-concurrent")
+            self._waiting.append(ticket)
+            return len(self._waiting)
+
+    def wait_turn(self, ticket: object, cancelled: threading.Event) -> bool:
+        with self._cond:
+            while not cancelled.is_set():
+                if self._waiting[0] is ticket and self._running < self._limit:
+                    self._waiting.popleft()
+                    self._running += 1
+                    self._cond.notify_all()
+                    return True
+                self._cond.wait(0.5)
+            self._waiting.remove(ticket)
+            self._cond.notify_all()
+            return False
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    run_id: str
+    env_name: str
+    argv: list[str]
+    env: dict[str, str]
+    workspace_dir: Path
+    log_path: Path
+    timeout: float
+    limits: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    start: int  # clock ticks after boot: with the pid, it names one process even after its pid is reused
+    rss_bytes: int
+    zombie: bool
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return ProcInfo(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), int(fields[21]) * PAGE_SIZE,
+                    fields[0] in ("Z", "X"))
+
+
+def all_processes() -> list[ProcInfo]:
+    infos = (proc_info(int(name)) for name in os.listdir("/proc") if name.isdigit())
+    return [info for info in infos if info is not None]
+
+
+def environ_has(pid: int, entries: frozenset[bytes]) -> bool:
+    if not entries:
+        return False
+    try:
+        return entries <= set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    except OSError:
+        return False
+
+
+def same_process(pid: int, start: int) -> bool:
+    info = proc_info(pid)
+    return info is not None and info.start == start and not info.zombie
+
+
+def _write(path: Path, value: object) -> None:
+    path.write_text(f"{value}\n")
+
+
+def _counter(path: Path, name: str) -> int:
+    """A 'name N' line of a cgroup file such as memory.oom_control or pids.events; 0 if absent."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name and value.strip().isdigit():
+                return int(value)
+    return 0
+
+
+# The task's first process runs this, then becomes the task (exec): it joins the run's cgroups and takes its
+# rlimits before any code of the task runs. Not preexec_fn, which may crash a child forked by a threaded
+# server; and a shell, not Python, because it costs a millisecond rather than an interpreter start.
+CAGE_WRAPPER = """\
+cpu=$1 cpu_hard=$2 files=$3; shift 3
+while [ "$1" != -- ]; do
+  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
+  shift
+done
+shift
+ulimit -t "$cpu_hard" && ulimit -S -t "$cpu" && ulimit -n "$files" || {
+  echo "[executor] cannot set the run's limits" >&2; exit 126; }
+unset PWD
+exec "$@"
+"""
+
+
+def within_hard_limit(kind: int, value: int) -> int:
+    """What a child may set: an unprivileged process cannot raise its hard limit (children inherit the executor's)."""
+    ceiling = resource.getrlimit(kind)[1]
+    return value if ceiling == resource.RLIM_INFINITY else min(value, ceiling)
+
+
+class Cage:
+    """Every process of one run. With cgroups: the run's cgroup in the pids, memory and freezer hierarchies, which
+    the task joins before it runs and no descendant can leave. Without: what /proc shows, i.e. the task's process
+    group and session, its descendants, and every process whose environment carries the run's marker (its
+    VPE_RUN_ID and VPE_BUFFER), which children inherit through setsid and double forks."""
+
+    def __init__(self, run_id: str, marker: frozenset[bytes], cgroups: dict[str, Path], thorough: bool = False):
+        self.run_id = run_id
+        self.marker = marker
+        self.cgroups = cgroups
+        self.thorough = thorough  # cgroups and /proc both: for runs a dead executor left
+        self.leader: tuple[int, int] | None = None  # (pid, start)
+        self._seen: dict[int, int] = {}  # pid -> start of members found by tracking, so their zombies get reaped
+
+    def record(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "marker": sorted(m.decode() for m in self.marker),
+                "cgroups": {name: str(path) for name, path in self.cgroups.items()}, "leader": self.leader}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Cage":
+        cage = cls(record["run_id"], frozenset(m.encode() for m in record["marker"]),
+                   {name: Path(path) for name, path in record["cgroups"].items()}, thorough=True)
+        cage.leader = tuple(record["leader"]) if record.get("leader") else None
+        return cage
+
+    def create(self, limits: dict[str, float]) -> None:
+        for folder in self.cgroups.values():
+            folder.mkdir(exist_ok=True)
+        if memory := self.cgroups.get("memory"):
+            _write(memory / "memory.limit_in_bytes", int(limits["memory_bytes"]))
+            if (memory / "memory.memsw.limit_in_bytes").exists():  # swap must not stretch the limit
+                _write(memory / "memory.memsw.limit_in_bytes", int(limits["memory_bytes"]))
+        if pids := self.cgroups.get("pids"):
+            _write(pids / "pids.max", int(limits["processes"]))
+
+    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
+        """argv behind CAGE_WRAPPER. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named in the
+        status) comes before SIGKILL."""
+        cpu = math.ceil(limits["cpu_seconds"])
+        numbers = (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
+                   within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
+        procs = [str(folder / "cgroup.procs") for folder in self.cgroups.values()]
+        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, numbers), *procs, "--", *argv]
+
+    def set_leader(self, pid: int) -> None:
+        info = proc_info(pid)
+        self.leader = (pid, info.start if info else 0)
+
+    def members(self) -> set[int]:
+        found = self._cgroup_members() if self.cgroups else set()
+        if self.thorough or not self.cgroups:
+            found |= {info.pid for info in self.tracked()}
+        return found
+
+    def _cgroup_members(self) -> set[int]:
+        if not self.cgroups:
+            return set()
+        with contextlib.suppress(FileNotFoundError):
+            return {int(pid) for pid in (next(iter(self.cgroups.values())) / "cgroup.procs").read_text().split()}
+        return set()
+
+    def tracked(self) -> list[ProcInfo]:
+        """The run's live processes as /proc shows them; reaps the zombies among them that are the executor's
+        (as child subreaper it inherits orphans) and not the task's first process, which its Popen reaps."""
+        me = os.getpid()
+        leader_pid = self._leader_group()
+        born_after = self.leader[1] if self.leader else 0  # nothing older than the task can descend from it
+        procs = [p for p in all_processes() if p.pid != me and p.start >= born_after]
+        children: dict[int, list[ProcInfo]] = {}
+        for p in procs:
+            children.setdefault(p.ppid, []).append(p)
+        found = {p.pid: p for p in procs if p.pgid == leader_pid or p.sid == leader_pid or p.pid == leader_pid
+                 or self._seen.get(p.pid) == p.start or (not p.zombie and environ_has(p.pid, self.marker))}
+        todo = list(found)
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child.pid not in found:
+                    found[child.pid] = child
+                    todo.append(child.pid)
+        live = []
+        for p in found.values():
+            if not p.zombie:
+                self._seen[p.pid] = p.start
+                live.append(p)
+            elif p.ppid == me and p.pid != leader_pid and self._seen.pop(p.pid, None) == p.start:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p.pid, os.WNOHANG)
+        return live
+
+    def _leader_group(self) -> int:
+        """The task's group and session id while its first process exists (a zombie too): only then can that id
+        not have been handed to an unrelated process. -1 otherwise."""
+        info = proc_info(self.leader[0]) if self.leader else None
+        return info.pid if info and info.start == self.leader[1] else -1
+
+    def signal(self, sig: int) -> None:
+        if (group := self._leader_group()) > 0:
+            kill_group(group, sig)  # reaches the task even before it has joined its cgroup
+        for pid in self.members():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL for every process; with a freezer they are frozen first, so none can fork a child that misses it."""
+        freezer = self.cgroups.get("freezer")
+        if freezer:
+            with contextlib.suppress(OSError):
+                _write(freezer / "freezer.state", "FROZEN")
+                deadline = time.monotonic() + 1
+                while (freezer / "freezer.state").read_text().strip() != "FROZEN" and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        self.signal(signal.SIGKILL)
+        if freezer:
+            with contextlib.suppress(OSError):
+                _write(freezer / "freezer.state", "THAWED")
+
+    def kill_all(self, within: float = 5.0) -> int:
+        """Kills until no process is left (or `within` seconds pass); returns how many there were at first."""
+        count = len(self.members())
+        deadline = time.monotonic() + within
+        while self.members() and time.monotonic() < deadline:
+            self.kill()
+            time.sleep(0.05)
+        return count
+
+    def census(self, limits: dict[str, float]) -> tuple[bool, str]:
+        """(whether any process of the run is left, the limit it is over or ''). With cgroups the kernel
+        enforces the limits; without, the executor checks memory and process count from /proc."""
+        if self.cgroups:
+            return bool(self._cgroup_members()), ""
+        live = self.tracked()
+        if sum(p.rss_bytes for p in live) > limits["memory_bytes"]:
+            return True, f"killed: memory limit {format_size(limits['memory_bytes'])}"
+        if len(live) > limits["processes"]:
+            return True, f"killed: process limit {limits['processes']:.0f}"
+        return bool(live), ""
+
+    def verdict(self, limits: dict[str, float], returncode: int) -> str:
+        """Which limit ended the run, as the kernel saw it ('' for none)."""
+        if (memory := self.cgroups.get("memory")) and _counter(memory / "memory.oom_control", "oom_kill"):
+            return f"killed: memory limit {format_size(limits['memory_bytes'])}"
+        if returncode == -signal.SIGXCPU:
+            return f"killed: cpu time limit {limits['cpu_seconds']:g} s"
+        if (pids := self.cgroups.get("pids")) and returncode and _counter(pids / "pids.events", "max"):
+            return f"failed: process limit {limits['processes']:.0f} reached (a fork was refused)"
+        return ""
+
+    def remove(self) -> None:
+        for folder in self.cgroups.values():
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_CONTROLLERS = ("pids", "memory", "freezer")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Containment:
+    """Keeps each run's processes together, records live runs under $VPE_HOME/run/executor/<executor>/ and, at
+    start, kills what executors that died without stopping (kill -9, OOM killer, power loss) left running.
+
+    A cgroup per run where the executor may create them (v1 pids, memory and freezer hierarchies, e.g. as root),
+    else the executor becomes child subreaper and tracks descendants through /proc."""
+
+    def __init__(self, cfg: Config):
+        self._cfg = cfg
+        me = proc_info(os.getpid())
+        self.identity = f"{me.pid}-{me.start}"
+        self._records_root = cfg.home / "run" / "executor"
+        self._records = self._records_root / self.identity
+        self._bases = self._cgroup_bases() if cfg.containment in ("auto", "cgroup") else {}
+        if cfg.containment == "cgroup" and not self._bases:
+            raise SystemExit("executor.py: VPE_EXECUTOR_CONTAINMENT=cgroup, but no writable pids, memory and freezer "
+                             "cgroup (v1) hierarchies are mounted; run as root or use auto")
+        if self._bases:
+            self.mechanism = "cgroup: one per run in the pids, memory and freezer hierarchies"
+        else:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            self.mechanism = ("subreaper: no writable cgroups, descendants tracked through /proc "
+                              "(a process that clears its environment and leaves the run's session can escape)")
+        self._records.mkdir(parents=True, exist_ok=True)
+
+    def _cgroup_bases(self) -> dict[str, Path]:
+        bases = {}
+        for controller in CGROUP_CONTROLLERS:
+            home = home_cgroup(self._cfg.home, controller)
+            try:
+                if home is None:
+                    raise OSError(f"no {controller} hierarchy")
+                (home / self.identity).mkdir(parents=True, exist_ok=True)
+                bases[controller] = home / self.identity
+            except OSError as exc:
+                log.info("no per-run cgroups (%s): tracking descendants through /proc instead", exc)
+                for base in bases.values():
+                    with contextlib.suppress(OSError):
+                        base.rmdir()
+                return {}
+        return bases
+
+    def cage(self, run_id: str, env: dict[str, str]) -> Cage:
+        marker = frozenset(f"{name}={env[name]}".encode() for name in ("VPE_RUN_ID", "VPE_BUFFER"))
+        return Cage(run_id, marker, {name: base / f"run-{run_id}" for name, base in self._bases.items()})
+
+    def remember(self, cage: Cage, log_path: Path) -> None:
+        record = self._records / f"{cage.run_id}.json"
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**cage.record(), "log_path": str(log_path)}))
+        os.replace(tmp, record)
+
+    def forget(self, cage: Cage) -> None:
+        (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""
+        with contextlib.suppress(OSError):
+            self._records.rmdir()
+        for base in self._bases.values():
+            with contextlib.suppress(OSError):
+                base.rmdir()
+
+    def recover(self) -> list[str]:
+        """Kills every process of the runs that dead executors of this VPE_HOME left behind, reports each such run
+        as lost in its run log, and removes their records and cgroups. Returns the lost runs' ids."""
+        lost = []
+        for records in self._records_root.glob("*-*"):
+            if records == self._records or self._executor_alive(records.name):
+                continue
+            for path in sorted(records.glob("*.json")):
+                try:
+                    record = json.loads(path.read_text())
+                    cage = Cage.from_record(record)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("%s: unreadable run record (%s); its cgroups, if any, are cleaned up below", path, exc)
+                else:
+                    killed = cage.kill_all()
+                    cage.remove()
+                    report_lost(record, records.name.split("-")[0], killed)
+                    lost.append(record["run_id"])
+                path.unlink(missing_ok=True)
+            shutil.rmtree(records, ignore_errors=True)
+        self._remove_dead_cgroups()
+        return lost
+
+    def _remove_dead_cgroups(self) -> None:
+        """Cgroups of dead executors that no record names (it died between creating one and recording the run)."""
+        homes = {controller: base.parent for controller, base in self._bases.items()}
+        for home in homes.values():
+            for executor in [p for p in home.iterdir() if p.is_dir() and p.name != self.identity]:
+                if self._executor_alive(executor.name):
+                    continue
+                for run in [p for p in executor.iterdir() if p.is_dir()]:
+                    cage = Cage(run.name, frozenset(), {c: h / executor.name / run.name for c, h in homes.items()})
+                    cage.kill_all()
+                    cage.remove()
+                with contextlib.suppress(OSError):
+                    executor.rmdir()
+
+    @staticmethod
+    def _executor_alive(identity: str) -> bool:
+        pid, _, start = identity.partition("-")
+        return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
+
+
+def home_cgroup(home: Path, controller: str) -> Path | None:
+    """<controller mount>/<this process's cgroup>/vpe-<hash of VPE_HOME>: where the executors of `home` keep their
+    runs' cgroups, one folder per executor (<pid>-<start>)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        mount = CGROUP_ROOT / controller
+        if controller in controllers.split(",") and (mount / "cgroup.procs").exists():
+            return mount / path.lstrip("/") / f"vpe-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+    return None
+
+
+def report_lost(record: dict[str, Any], executor_pid: str, killed: int) -> None:
+    reason = (f"lost: the executor (pid {executor_pid}) stopped while the run went on; "
+              f"the next executor killed its {killed} remaining processes")
+    log.warning("run %s: %s", record["run_id"], reason)
+    log_path = Path(record["log_path"])
+    status = pb2.RunStatus(run_id=record["run_id"], log_path=str(log_path), ended_by=reason)
+    with contextlib.suppress(OSError):
+        run_log = RunLog(log_path, 0, append=True)
+        run_log.write(pb2.RunEvent(status=status), capped=False)
+        run_log.close()
+
+
+class EventQueue(queue.Queue):
+    """A run's events not yet sent to its client. put never blocks: its producer checks over_bound() and stops
+    reading the task (or, while the run is being stopped, only logs the lines)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.text_chars = 0
+
+    def _put(self, event) -> None:
+        self.text_chars += len(event.line.text)
+        super()._put(event)
+
+    def _get(self):
+        event = super()._get()
+        self.text_chars -= len(event.line.text)
+        return event
+
+    def over_bound(self) -> bool:
+        return self.qsize() >= MAX_BUFFERED_EVENTS or self.text_chars >= MAX_BUFFERED_TEXT
+
+
+class ActiveRun:
+    """One run: a supervisor thread waits for a slot, starts the task in its cage, reads both pipes, enforces
+    timeout, cancel and limits, logs every event and queues it for the RPC. The run, with its slot and its id,
+    lasts until the task's process has exited and no other process of its cage is left."""
+
+    def __init__(self, plan: RunPlan, slots: Slots, cfg: Config, containment: Containment,
+                 on_end: Callable[["ActiveRun"], None]):
+        self.plan = plan
+        self._slots = slots
+        self._cfg = cfg
+        self._containment = containment
+        self._on_end = on_end
+        self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
+        self.events = EventQueue()
+        self.dropped_events = 0
+        self._draining = False  # being stopped: output is read without back-pressure
+        self._cancel_reason = ""
+        self._cancelled = threading.Event()
+        self.process_started = threading.Event()
+        # Wakes _pump on cancel. It exists only while _pump runs, so a refused or queued run holds no fds;
+        # the lock keeps cancel from writing to it after it is closed (fd reuse).
+        self._wake_lock = threading.Lock()
+        self._wake_w: int | None = None
+        self._thread = threading.Thread(target=self._supervise, name=f"run-{plan.run_id}", daemon=True)
+
+    def start(self, position: int) -> None:
+        self._position = position
+        self._thread.start()
+
+    def over(self) -> bool:
+        """The supervisor is done: the final status is in the run log (unless writing it failed)."""
+        return not self._thread.is_alive()
+
+    def cancel(self, reason: str) -> None:
+        with self._wake_lock:
+            if self._cancelled.is_set():
+                return
+            self._cancel_reason = reason
+            self._draining = True
+            self._cancelled.set()
+            if self._wake_w is not None:
+                os.write(self._wake_w, b"c")
+        self._slots.wake()
+
+    def _emit(self, capped: bool = True, **fields) -> None:
+        event = pb2.RunEvent(**fields)
+        seq = self._log(lambda run_log: run_log.write(event, capped))
+        if seq is not None:
+            event.seq = seq
+        if not event.HasField("line"):
+            self._log(RunLog.flush)
+        # A run being stopped has its output drained without back-pressure, and its client may be gone:
+        # lines beyond the bound are only logged.
+        if event.HasField("line") and self._draining and self.events.over_bound():
+            self.dropped_events += 1
+        else:
+            self.events.put(event)
+
+    def _log(self, action: Callable[[RunLog], Any]) -> Any:
+        """`action`'s result on the run log, or None: a run log that cannot be written (a full disk) is given up;
+        the stream goes on."""
+        if self._run_log is None:
+            return None
+        try:
+            return action(self._run_log)
+        except OSError as exc:
+            log.error("run %s: cannot write its log %s (%s); streaming on without it", self.plan.run_id,
+                      self.plan.log_path, exc)
+            with contextlib.suppress(OSError):
+                self._run_log.close()
+            self._run_log = None
+
+    def _supervise(self) -> None:
+        started = time.monotonic()
+        status = pb2.RunStatus(run_id=self.plan.run_id, log_path=str(self.plan.log_path))
+        holds_slot = self._position == 0  # admitted straight into a free slot
+        try:
+            self._run_log = RunLog(self.plan.log_path, self._cfg.run_log_max_bytes)
+            holds_slot = holds_slot or self._wait_for_slot()
+            if holds_slot:
+                self._run_process(status)
+            else:
+                status.cancelled = True
+        except Exception as exc:  # the stream must still end with a status
+            log.exception("run %s: supervisor failed", self.plan.run_id)
+            status.ended_by = f"executor error: {exc}"
+        finally:
+            if holds_slot:
+                self._slots.release()
+            status.duration_seconds = time.monotonic() - started
+            self._on_end(self)  # the run id is free again before its client hears that the run is over
+            self._finish(status)
+
+    def _finish(self, status) -> None:
+        if self._run_log is not None and self._run_log.dropped_lines:
+            self._emit(capped=False, line=pb2.OutputLine(
+                stream=pb2.STDERR, timestamp=_now_timestamp(),
+                text=f"[executor] the run log keeps {format_size(self._cfg.run_log_max_bytes)}: "
+                     f"{self._run_log.dropped_lines} later lines ({format_size(self._run_log.dropped_bytes)}) "
+                     f"were streamed but not logged"))
+        if self.dropped_events:
+            log.info("run %s: %d lines only logged, not queued for its client (the run was being stopped)",
+                     self.plan.run_id, self.dropped_events)
+        self._emit(status=status)
+        self._log(RunLog.close)
+
+    def _wait_for_slot(self) -> bool:
+        self._emit(queued=pb2.Queued(
+            position=self._position,
+            message=f"queued at position {self._position}: all run slots are busy; starts when one frees up"))
+        return self._slots.wait_turn(self, self._cancelled)
+
+    def _run_process(self, status) -> None:
+        plan = self.plan
+        task_home(plan.workspace_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
+        cage = self._containment.cage(plan.run_id, plan.env)
+        try:
+            cage.create(plan.limits)
+            started = time.monotonic()
+            proc = subprocess.Popen(cage.command(plan.argv, plan.limits), cwd=plan.workspace_dir, env=plan.env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+            try:
+                cage.set_leader(proc.pid)
+                self._containment.remember(cage, plan.log_path)
+                self.process_started.set()
+                self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
+                                               workspace_dir=str(plan.workspace_dir), replica=self._cfg.replica))
+                log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
+                status.timed_out, status.ended_by = self._pump(proc, cage, started)
+            except BaseException:  # e.g. the run log's disk is full: no process may outlive its supervisor
+                cage.kill_all()
+                proc.wait()
+                raise
+            rc = proc.wait()
+            status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
+        finally:
+            cage.remove()
+            self._containment.forget(cage)
+        status.cancelled = self._cancelled.is_set()
+        if rc < 0:
+            status.signal = -rc
+        else:
+            status.exit_code = rc
+        extra = (" (timed out)" if status.timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled
+                 else f" ({status.ended_by})" if status.ended_by else "")
+        log.info("run %s: %s%s after %.3fs", plan.run_id, f"signal {-rc}" if rc < 0 else f"exit {rc}", extra,
+                 time.monotonic() - started)
+
+    def _pump(self, proc: subprocess.Popen, cage: Cage, started: float) -> tuple[bool, str]:
+        """Forwards output until the task's process has exited, both pipes are closed and no other process of
+        the run is left. Returns (timed_out, ended_by)."""
+        deadline = started + self.plan.timeout if self.plan.timeout else math.inf
+        limits = self.plan.limits
+        timed_out, ended_by = False, ""
+        stopping, kill_at = False, math.inf
+        exited, exited_at = False, math.inf
+        others_left, census_at = True, 0.0
+        output_bytes = 0
+        partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
+        pidfd = os.pidfd_open(proc.pid)
+        wake_r, wake_w = os.pipe()
+        with self._wake_lock:
+            self._wake_w = wake_w
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, pb2.STDOUT)
+        sel.register(proc.stderr, selectors.EVENT_READ, pb2.STDERR)
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        open_pipes = 2
+        try:
+            while True:  # ends at a census that finds the task exited, its pipes closed and no process left
+                now = time.monotonic()
+                if now >= census_at:
+                    census_at = now + CENSUS_INTERVAL
+                    others_left, over = cage.census(limits)
+                    ended_by = ended_by or over
+                    if exited and not open_pipes and not others_left:
+                        break
+                    if exited and not others_left and open_pipes and now > exited_at + self._cfg.kill_grace + 1:
+                        log.warning("run %s: its pipes stay open with none of its processes left; closing them",
+                                    self.plan.run_id)
+                        break
+                timed_out = timed_out or now >= deadline
+                stop_reason = ("timeout" if timed_out else "cancel" if self._cancelled.is_set() else
+                               "limit" if ended_by else
+                               "leftover" if exited and others_left and now >= exited_at + 0.05 else "")
+                if stop_reason and not stopping:
+                    if stop_reason == "leftover":
+                        log.info("run %s: its task exited; stopping the processes it left", self.plan.run_id)
+                    stopping = self._draining = True
+                    cage.signal(signal.SIGTERM)
+                    kill_at = now + self._cfg.kill_grace
+                if now >= kill_at:
+                    cage.kill()
+                    kill_at = now + CENSUS_INTERVAL  # again, until none is left
+                # A slow client: stop reading, so the task blocks on write. Not while stopping it: the client may be
+                # gone, and the pipes must be drained to see them close.
+                if self.events.over_bound() and not stopping and not self._cancelled.is_set():
+                    time.sleep(0.05)
+                    continue
+                due = min(census_at, kill_at, deadline if not timed_out else math.inf,
+                          exited_at + 0.05 if not stopping else math.inf)
+                for key, _ in sel.select(max(0.0, due - now)):
+                    if key.data == "exit":
+                        sel.unregister(pidfd)
+                        exited, exited_at = True, time.monotonic()
+                        census_at = 0.0  # who is left decides whether the run is over: look now
+                    elif key.data == "wake":
+                        os.read(wake_r, 64)
+                    else:
+                        chunk = os.read(key.fd, 65536)
+                        if not chunk:
+                            sel.unregister(key.fileobj)
+                            open_pipes -= 1
+                            census_at = 0.0
+                            chunk = b"\n" if partial[key.data] else b""
+                        output_bytes += len(chunk)
+                        if output_bytes > limits["output_bytes"] and not ended_by:
+                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
+                        self._forward(key.data, partial, chunk)
+        finally:
+            with self._wake_lock:
+                self._wake_w = None
+            sel.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            os.close(pidfd)
+            proc.stdout.close()
+            proc.stderr.close()
+        return timed_out, ended_by
+
+    def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
+        data = partial[stream] + chunk
+        *lines, partial[stream] = data.split(b"\n")
+        if len(partial[stream]) > MAX_LINE_CHARS:
+            lines.append(partial[stream])
+            partial[stream] = b""
+        timestamp = _now_timestamp()
+        for raw in lines:
+            text = raw.decode("utf-8", "replace")
+            for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
+                self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
+        self._log(RunLog.flush)
+
+
+CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
+RETENTION_INTERVAL = 3600.0
+
+
+def tree_usage(path: Path) -> tuple[int, float]:
+    """(bytes, newest mtime) of a file or folder tree."""
+    try:
+        top = path.lstat()
+    except OSError:
+        return 0, 0.0
+    size, newest = top.st_size, top.st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    info = os.lstat(os.path.join(folder, name))
+                    size += info.st_size
+                    newest = max(newest, info.st_mtime)
+    return size, newest
+
+
+def prune(paths: list[Path], keep_days: float, keep_bytes: int) -> tuple[int, int]:
+    """Deletes those of `paths` older than keep_days, then the oldest until the rest fit in keep_bytes.
+    Returns (how many, bytes) were deleted."""
+    usage = sorted(((tree_usage(p), p) for p in paths), key=lambda item: item[0][1])  # oldest first
+    total = sum(size for (size, _), _ in usage)
+    cutoff = time.time() - keep_days * 86400
+    count = freed = 0
+    for (size, newest), path in usage:
+        if newest >= cutoff and total <= keep_bytes:
+            break
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        total, count, freed = total - size, count + 1, freed + size
+    return count, freed
+
+
+def apply_retention(cfg: Config, busy: Callable[[], set[Path]]) -> None:
+    """Run logs and workspaces: by age and total size, never what a live run uses, never the crawl cache."""
+    in_use = busy()
+    logs = [p for p in cfg.run_logs_dir.glob("*.jsonl") if p not in in_use]
+    workspaces = [p for p in cfg.buffer_dir.iterdir() if p.is_dir() and p.name != CRAWL_CACHE and p not in in_use]
+    for what, paths, keep_bytes in (("run logs", logs, cfg.keep_log_bytes),
+                                     ("workspaces", workspaces, cfg.keep_buffer_bytes)):
+        count, freed = prune(paths, cfg.keep_days, keep_bytes)
+        if count:
+            log.info("retention: removed %d %s (%s): older than %g days or beyond %s", count, what,
+                     format_size(freed), cfg.keep_days, format_size(keep_bytes))
+
+
+# ---------------------------------------------------------------- runs that outlive their client
+
+@dataclasses.dataclass(eq=False)
+class KeptRun:
+    seconds: float
+    clients: int = 0
+    timer: threading.Timer | None = None
+    # Set at the run's first event: its run log is open. Before that, the log of an earlier run of the same id
+    # (an Airflow retry reuses it) may still be on disk.
+    logging: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class KeepAlive:
+    """Runs whose Run asked for keep_alive_seconds: their clients (the Run caller, Attach callers) read the run
+    log, while a keeper thread drains the run's event queue (nobody else reads it, so a lost client never stalls
+    the task). When the last client has gone, the run is cancelled after its keep-alive unless one attaches first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[ActiveRun, KeptRun] = {}
+
+    def keep(self, run: ActiveRun, seconds: float) -> None:
+        with self._lock:
+            self._runs[run] = KeptRun(seconds)
+        threading.Thread(target=self._drain, args=(run,), name=f"keep-{run.plan.run_id}", daemon=True).start()
+
+    def join(self, run: ActiveRun) -> bool:
+        """Counts a client in; False if `run` is not kept alive (its Run client alone decides)."""
+        with self._lock:
+            kept = self._runs.get(run)
+            if kept is None:
+                return False
+            kept.clients += 1
+            timer, kept.timer = kept.timer, None
+        if timer:
+            timer.cancel()
+        return True
+
+    def leave(self, run: ActiveRun) -> None:
+        with self._lock:
+            kept = self._runs.get(run)
+            if kept is None:
+                return
+            kept.clients -= 1
+            if kept.clients:
+                return
+            kept.timer = threading.Timer(kept.seconds, self._expire, (run,))
+            kept.timer.daemon = True
+            kept.timer.start()
+
+    def _expire(self, run: ActiveRun) -> None:
+        with self._lock:
+            kept = self._runs.get(run)
+            # A client may have attached (and gone again, arming a newer timer) while this one fired.
+            if kept is None or kept.clients or kept.timer is not threading.current_thread():
+                return
+        log.info("run %s: no client for %.0fs (its keep_alive_seconds): cancelling it", run.plan.run_id, kept.seconds)
+        run.cancel(f"no client attached for {kept.seconds:g}s (keep_alive_seconds)")
+
+    def wait_until_logging(self, run: ActiveRun, waiting: Callable[[], bool]) -> None:
+        with self._lock:
+            kept = self._runs.get(run)
+        while kept and waiting() and not kept.logging.wait(0.5):
+            pass
+
+    def _drain(self, run: ActiveRun) -> None:
+        with self._lock:
+            logging_started = self._runs[run].logging
+        event = run.events.get()
+        logging_started.set()
+        while not event.HasField("status"):
+            event = run.events.get()
+        with self._lock:
+            kept = self._runs.pop(run)
+        if kept.timer:
+            kept.timer.cancel()
+
+
+def final_status_logged(cfg: Config, run_id: str) -> bool:
+    """Whether the run log of `run_id` ends with its final status (the status is always its last record)."""
+    if not FOLDER_NAME_RE.fullmatch(run_id):
+        return False
+    try:
+        with run_log_path(cfg, run_id).open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    except OSError:
+        return False
+    with contextlib.suppress(ValueError):
+        return json.loads(last).get("kind") == "status"
+    return False
 
 
 # ---------------------------------------------------------------- environments
@@ -1032,1268 +2356,7 @@ def build_environment() -> dict[str, str]:
     return env
 
 
-# ---------------------------------------------------------------- processes
-
-def kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, run_dir: Path,
-                     extra: dict[str, str]) -> dict[str, str]:
-    """Minimal and explicit: nothing else of the executor's environment reaches a task."""
-    env = {
-        "PATH": f"{prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(task_home(run_dir, run_id)),
-        "LANG": _env("LANG", "C.UTF-8"),
-        "TZ": _env("TZ", "UTC"),
-        "PYTHONUNBUFFERED": "1",
-        "VPE_ENV": env_name,
-        "VPE_RUN_ID": run_id,
-        "VPE_RUN_DIR": str(run_dir),
-        "VPE_BUFFER": str(cfg.buffer_dir),
-    }
-    env.update({name: os.environ[name] for name in cfg.passthrough if name in os.environ})
-    env.update(extra)
-    return env
-
-
-def task_home(run_dir: Path, run_id: str) -> Path:
-    """Each run's own HOME, inside its workspace: dotfiles and caches a task writes die with the workspace."""
-    return run_dir / ".home" / run_id
-
-
-def _now_timestamp() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-def run_log_path(cfg: Config, run_id: str) -> Path:
-    return cfg.run_logs_dir / f"{run_id}.jsonl"
-
-
-class RunLog:
-    """A run's events as JSON lines, in the order its Run stream carries them, e.g.
-        {"seq": 3, "time": "2026-11-27T16:00:00.1Z", "kind": "line",
-         "line": {"stream": "STDOUT", "text": "hello", "timestamp": "2026-11-27T16:00:00.1Z"}}
-    `kind` names the RunEvent field that is set (queued, started, line, status) and holds that message in proto
-    JSON. `seq` counts every event of the run from 0, lines kept out by the size cap too, so a reader can resume
-    from a position. Lines beyond max_bytes are not written; one last stderr line says how many were dropped."""
-
-    def __init__(self, path: Path, max_bytes: int, append: bool = False):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._next_seq = last_seq(path) + 1 if append else 0
-        self._file = path.open("ab" if append else "wb")
-        self._max_bytes = max_bytes
-        self._written = self._file.tell()
-        self.dropped_lines = self.dropped_bytes = 0
-
-    def write(self, event, capped: bool = True) -> int:
-        """Appends `event`; returns its seq."""
-        kind = event.WhichOneof("event")
-        record = {"seq": self._next_seq, "time": _now_timestamp().ToJsonString(), "kind": kind,
-                  kind: json_format.MessageToDict(getattr(event, kind), preserving_proto_field_name=True)}
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        self._next_seq += 1
-        if capped and kind == "line" and self._written + len(data) > self._max_bytes:
-            self.dropped_lines += 1
-            self.dropped_bytes += len(event.line.text.encode()) + 1
-        else:
-            self._file.write(data)
-            self._written += len(data)
-        return record["seq"]
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def last_seq(path: Path) -> int:
-    """The seq of a run log's last complete record; -1 if it has none."""
-    with contextlib.suppress(OSError), path.open("rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_LINE_CHARS * 8))
-        for line in reversed(f.read().split(b"\n")):
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                return int(json.loads(line)["seq"])
-    return -1
-
-
-def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
-                    follow: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any]]:
-    """(seq, RunEvent) pairs of run `run_id` from position `from_seq` on, as its run log holds them, ending with
-    its status. Without `follow` it stops at the end of what is written so far; with it, it waits for more while
-    follow() is true (e.g. context.is_active). Refuses at once (not at the first next()): INVALID_ARGUMENT for a
-    malformed run id, NOT_FOUND when no log exists (unknown run, or pruned by retention)."""
-    validate_folder_name("run_id", run_id)
-    try:
-        log_file = run_log_path(cfg, run_id).open("rb")
-    except FileNotFoundError:
-        raise Refused(grpc.StatusCode.NOT_FOUND,
-                      f"no run {run_id!r} is known: no log in {cfg.run_logs_dir} (never run here, or pruned)") from None
-    return _replay(log_file, from_seq, follow)
-
-
-def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Iterator[tuple[int, Any]]:
-    with log_file:
-        pending = b""
-        while True:
-            pending += log_file.readline()
-            if not pending.endswith(b"\n"):  # the end of what is written so far
-                if follow is None or not follow():
-                    return
-                time.sleep(0.1)
-                continue
-            record = json.loads(pending)
-            pending = b""
-            kind = record["kind"]
-            if record["seq"] >= from_seq:
-                event = json_format.ParseDict({kind: record[kind], "seq": record["seq"]}, pb2.RunEvent(),
-                                              ignore_unknown_fields=True)
-                yield record["seq"], event
-            if kind == "status":
-                return
-
-
-class Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class Slots:
-    """At most `limit` runs at once; up to `max_queue` more wait in FIFO order."""
-
-    def __init__(self, limit: int, max_queue: int):
-        self._limit, self._max_queue = limit, max_queue
-        self._cond = threading.Condition()
-        self._running = 0
-        self._waiting: deque[object] = deque()
-
-    def reserve(self, ticket: object) -> int:
-        """0 = may start now; n > 0 = queued at position n. Refuses when the queue is full."""
-        with self._cond:
-            if self._running < self._limit and not self._waiting:
-                self._running += 1
-                return 0
-            if len(self._waiting) >= self._max_queue:
-                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{self._running} runs are running and {len(self._waiting)} are queued (the limit); "
-                              f"retry later or raise --max-queue / --max-concurrent")
-            self._waiting.append(ticket)
-            return len(self._waiting)
-
-    def wait_turn(self, ticket: object, cancelled: threading.Event) -> bool:
-        with self._cond:
-            while not cancelled.is_set():
-                if self._waiting[0] is ticket and self._running < self._limit:
-                    self._waiting.popleft()
-                    self._running += 1
-                    self._cond.notify_all()
-                    return True
-                self._cond.wait(0.5)
-            self._waiting.remove(ticket)
-            self._cond.notify_all()
-            return False
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def release(self) -> None:
-        with self._cond:
-            self._running -= 1
-            self._cond.notify_all()
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    run_id: str
-    env_name: str
-    argv: list[str]
-    env: dict[str, str]
-    run_dir: Path
-    log_path: Path
-    timeout: float
-    limits: dict[str, float]
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcInfo:
-    pid: int
-    ppid: int
-    pgid: int
-    sid: int
-    start: int  # clock ticks after boot: with the pid, it names one process even after its pid is reused
-    rss_bytes: int
-    zombie: bool
-
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def proc_info(pid: int) -> ProcInfo | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return ProcInfo(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), int(fields[21]) * PAGE_SIZE,
-                    fields[0] in ("Z", "X"))
-
-
-def all_processes() -> list[ProcInfo]:
-    infos = (proc_info(int(name)) for name in os.listdir("/proc") if name.isdigit())
-    return [info for info in infos if info is not None]
-
-
-def environ_has(pid: int, entries: frozenset[bytes]) -> bool:
-    if not entries:
-        return False
-    try:
-        return entries <= set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-    except OSError:
-        return False
-
-
-def same_process(pid: int, start: int) -> bool:
-    info = proc_info(pid)
-    return info is not None and info.start == start and not info.zombie
-
-
-def _write(path: Path, value: object) -> None:
-    path.write_text(f"{value}\n")
-
-
-def _counter(path: Path, name: str) -> int:
-    """A 'name N' line of a cgroup file such as memory.oom_control or pids.events; 0 if absent."""
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == name and value.strip().isdigit():
-                return int(value)
-    return 0
-
-
-# The task's first process runs this, then becomes the task (exec): it joins the run's cgroups and takes its
-# rlimits before any code of the task runs. Not preexec_fn, which may crash a child forked by a threaded
-# server; and a shell, not Python, because it costs a millisecond rather than an interpreter start.
-CAGE_WRAPPER = """\
-cpu=$1 cpu_hard=$2 files=$3; shift 3
-while [ "$1" != -- ]; do
-  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
-  shift
-done
-shift
-ulimit -t "$cpu_hard" && ulimit -S -t "$cpu" && ulimit -n "$files" || {
-  echo "[executor] cannot set the run's limits" >&2; exit 126; }
-unset PWD
-exec "$@"
-"""
-
-
-def within_hard_limit(kind: int, value: int) -> int:
-    """What a child may set: an unprivileged process cannot raise its hard limit (children inherit the executor's)."""
-    ceiling = resource.getrlimit(kind)[1]
-    return value if ceiling == resource.RLIM_INFINITY else min(value, ceiling)
-
-
-class Cage:
-    """Every process of one run. With cgroups: the run's cgroup in the pids, memory and freezer hierarchies, which
-    the task joins before it runs and no descendant can leave. Without: what /proc shows, i.e. the task's process
-    group and session, its descendants, and every process whose environment carries the run's marker (its
-    VPE_RUN_ID and VPE_BUFFER), which children inherit through setsid and double forks."""
-
-    def __init__(self, run_id: str, marker: frozenset[bytes], cgroups: dict[str, Path], thorough: bool = False):
-        self.run_id = run_id
-        self.marker = marker
-        self.cgroups = cgroups
-        self.thorough = thorough  # cgroups and /proc both: for runs a dead executor left
-        self.leader: tuple[int, int] | None = None  # (pid, start)
-        self._seen: dict[int, int] = {}  # pid -> start of members found by tracking, so their zombies get reaped
-
-    def record(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "marker": sorted(m.decode() for m in self.marker),
-                "cgroups": {name: str(path) for name, path in self.cgroups.items()}, "leader": self.leader}
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "Cage":
-        cage = cls(record["run_id"], frozenset(m.encode() for m in record["marker"]),
-                   {name: Path(path) for name, path in record["cgroups"].items()}, thorough=True)
-        cage.leader = tuple(record["leader"]) if record.get("leader") else None
-        return cage
-
-    def create(self, limits: dict[str, float]) -> None:
-        for folder in self.cgroups.values():
-            folder.mkdir(exist_ok=True)
-        if memory := self.cgroups.get("memory"):
-            _write(memory / "memory.limit_in_bytes", int(limits["memory_bytes"]))
-            if (memory / "memory.memsw.limit_in_bytes").exists():  # swap must not stretch the limit
-                _write(memory / "memory.memsw.limit_in_bytes", int(limits["memory_bytes"]))
-        if pids := self.cgroups.get("pids"):
-            _write(pids / "pids.max", int(limits["processes"]))
-
-    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
-        """argv behind CAGE_WRAPPER. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named in the
-        status) comes before SIGKILL."""
-        cpu = math.ceil(limits["cpu_seconds"])
-        numbers = (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
-                   within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
-        procs = [str(folder / "cgroup.procs") for folder in self.cgroups.values()]
-        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, numbers), *procs, "--", *argv]
-
-    def set_leader(self, pid: int) -> None:
-        info = proc_info(pid)
-        self.leader = (pid, info.start if info else 0)
-
-    def members(self) -> set[int]:
-        found = self._cgroup_members() if self.cgroups else set()
-        if self.thorough or not self.cgroups:
-            found |= {info.pid for info in self.tracked()}
-        return found
-
-    def _cgroup_members(self) -> set[int]:
-        if not self.cgroups:
-            return set()
-        with contextlib.suppress(FileNotFoundError):
-            return {int(pid) for pid in (next(iter(self.cgroups.values())) / "cgroup.procs").read_text().split()}
-        return set()
-
-    def tracked(self) -> list[ProcInfo]:
-        """The run's live processes as /proc shows them; reaps the zombies among them that are the executor's
-        (as child subreaper it inherits orphans) and not the task's first process, which its Popen reaps."""
-        me = os.getpid()
-        leader_pid = self._leader_group()
-        born_after = self.leader[1] if self.leader else 0  # nothing older than the task can descend from it
-        procs = [p for p in all_processes() if p.pid != me and p.start >= born_after]
-        children: dict[int, list[ProcInfo]] = {}
-        for p in procs:
-            children.setdefault(p.ppid, []).append(p)
-        found = {p.pid: p for p in procs if p.pgid == leader_pid or p.sid == leader_pid or p.pid == leader_pid
-                 or self._seen.get(p.pid) == p.start or (not p.zombie and environ_has(p.pid, self.marker))}
-        todo = list(found)
-        while todo:
-            for child in children.get(todo.pop(), ()):
-                if child.pid not in found:
-                    found[child.pid] = child
-                    todo.append(child.pid)
-        live = []
-        for p in found.values():
-            if not p.zombie:
-                self._seen[p.pid] = p.start
-                live.append(p)
-            elif p.ppid == me and p.pid != leader_pid and self._seen.pop(p.pid, None) == p.start:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(p.pid, os.WNOHANG)
-        return live
-
-    def _leader_group(self) -> int:
-        """The task's group and session id while its first process exists (a zombie too): only then can that id
-        not have been handed to an unrelated process. -1 otherwise."""
-        info = proc_info(self.leader[0]) if self.leader else None
-        return info.pid if info and info.start == self.leader[1] else -1
-
-    def signal(self, sig: int) -> None:
-        if (group := self._leader_group()) > 0:
-            kill_group(group, sig)  # reaches the task even before it has joined its cgroup
-        for pid in self.members():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL for every process; with a freezer they are frozen first, so none can fork a child that misses it."""
-        freezer = self.cgroups.get("freezer")
-        if freezer:
-            with contextlib.suppress(OSError):
-                _write(freezer / "freezer.state", "FROZEN")
-                deadline = time.monotonic() + 1
-                while (freezer / "freezer.state").read_text().strip() != "FROZEN" and time.monotonic() < deadline:
-                    time.sleep(0.01)
-        self.signal(signal.SIGKILL)
-        if freezer:
-            with contextlib.suppress(OSError):
-                _write(freezer / "freezer.state", "THAWED")
-
-    def kill_all(self, within: float = 5.0) -> int:
-        """Kills until no process is left (or `within` seconds pass); returns how many there were at first."""
-        count = len(self.members())
-        deadline = time.monotonic() + within
-        while self.members() and time.monotonic() < deadline:
-            self.kill()
-            time.sleep(0.05)
-        return count
-
-    def census(self, limits: dict[str, float]) -> tuple[bool, str]:
-        """(whether any process of the run is left, the limit it is over or ''). With cgroups the kernel
-        enforces the limits; without, the executor checks memory and process count from /proc."""
-        if self.cgroups:
-            return bool(self._cgroup_members()), ""
-        live = self.tracked()
-        if sum(p.rss_bytes for p in live) > limits["memory_bytes"]:
-            return True, f"killed: memory limit {format_size(limits['memory_bytes'])}"
-        if len(live) > limits["processes"]:
-            return True, f"killed: process limit {limits['processes']:.0f}"
-        return bool(live), ""
-
-    def verdict(self, limits: dict[str, float], returncode: int) -> str:
-        """Which limit ended the run, as the kernel saw it ('' for none)."""
-        if (memory := self.cgroups.get("memory")) and _counter(memory / "memory.oom_control", "oom_kill"):
-            return f"killed: memory limit {format_size(limits['memory_bytes'])}"
-        if returncode == -signal.SIGXCPU:
-            return f"killed: cpu time limit {limits['cpu_seconds']:g} s"
-        if (pids := self.cgroups.get("pids")) and returncode and _counter(pids / "pids.events", "max"):
-            return f"failed: process limit {limits['processes']:.0f} reached (a fork was refused)"
-        return ""
-
-    def remove(self) -> None:
-        for folder in self.cgroups.values():
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_CONTROLLERS = ("pids", "memory", "freezer")
-PR_SET_CHILD_SUBREAPER = 36
-
-
-class Containment:
-    """Keeps each run's processes together, records live runs under $VPE_HOME/run/executor/<executor>/ and, at
-    start, kills what executors that died without stopping (kill -9, OOM killer, power loss) left running.
-
-    A cgroup per run where the executor may create them (v1 pids, memory and freezer hierarchies, e.g. as root),
-    else the executor becomes child subreaper and tracks descendants through /proc."""
-
-    def __init__(self, cfg: Config):
-        self._cfg = cfg
-        me = proc_info(os.getpid())
-        self.identity = f"{me.pid}-{me.start}"
-        self._records_root = cfg.home / "run" / "executor"
-        self._records = self._records_root / self.identity
-        self._bases = self._cgroup_bases() if cfg.containment in ("auto", "cgroup") else {}
-        if cfg.containment == "cgroup" and not self._bases:
-            raise SystemExit("executor.py: VPE_EXECUTOR_CONTAINMENT=cgroup, but no writable pids, memory and freezer "
-                             "cgroup (v1) hierarchies are mounted; run as root or use auto")
-        if self._bases:
-            self.mechanism = "cgroup: one per run in the pids, memory and freezer hierarchies"
-        else:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-            self.mechanism = ("subreaper: no writable cgroups, descendants tracked through /proc "
-                              "(a process that clears its environment and leaves the run's session can escape)")
-        self._records.mkdir(parents=True, exist_ok=True)
-
-    def _cgroup_bases(self) -> dict[str, Path]:
-        bases = {}
-        for controller in CGROUP_CONTROLLERS:
-            home = home_cgroup(self._cfg.home, controller)
-            try:
-                if home is None:
-                    raise OSError(f"no {controller} hierarchy")
-                (home / self.identity).mkdir(parents=True, exist_ok=True)
-                bases[controller] = home / self.identity
-            except OSError as exc:
-                log.info("no per-run cgroups (%s): tracking descendants through /proc instead", exc)
-                for base in bases.values():
-                    with contextlib.suppress(OSError):
-                        base.rmdir()
-                return {}
-        return bases
-
-    def cage(self, run_id: str, env: dict[str, str]) -> Cage:
-        marker = frozenset(f"{name}={env[name]}".encode() for name in ("VPE_RUN_ID", "VPE_BUFFER"))
-        return Cage(run_id, marker, {name: base / f"run-{run_id}" for name, base in self._bases.items()})
-
-    def remember(self, cage: Cage, log_path: Path) -> None:
-        record = self._records / f"{cage.run_id}.json"
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**cage.record(), "log_path": str(log_path)}))
-        os.replace(tmp, record)
-
-    def forget(self, cage: Cage) -> None:
-        (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
-
-    def stop(self) -> None:
-        """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""
-        with contextlib.suppress(OSError):
-            self._records.rmdir()
-        for base in self._bases.values():
-            with contextlib.suppress(OSError):
-                base.rmdir()
-
-    def recover(self) -> list[str]:
-        """Kills every process of the runs that dead executors of this VPE_HOME left behind, reports each such run
-        as lost in its run log, and removes their records and cgroups. Returns the lost runs' ids."""
-        lost = []
-        for records in self._records_root.glob("*-*"):
-            if records == self._records or self._executor_alive(records.name):
-                continue
-            for path in sorted(records.glob("*.json")):
-                try:
-                    record = json.loads(path.read_text())
-                    cage = Cage.from_record(record)
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    log.warning("%s: unreadable run record (%s); its cgroups, if any, are cleaned up below", path, exc)
-                else:
-                    killed = cage.kill_all()
-                    cage.remove()
-                    report_lost(record, records.name.split("-")[0], killed)
-                    lost.append(record["run_id"])
-                path.unlink(missing_ok=True)
-            shutil.rmtree(records, ignore_errors=True)
-        self._remove_dead_cgroups()
-        return lost
-
-    def _remove_dead_cgroups(self) -> None:
-        """Cgroups of dead executors that no record names (it died between creating one and recording the run)."""
-        homes = {controller: base.parent for controller, base in self._bases.items()}
-        for home in homes.values():
-            for executor in [p for p in home.iterdir() if p.is_dir() and p.name != self.identity]:
-                if self._executor_alive(executor.name):
-                    continue
-                for run in [p for p in executor.iterdir() if p.is_dir()]:
-                    cage = Cage(run.name, frozenset(), {c: h / executor.name / run.name for c, h in homes.items()})
-                    cage.kill_all()
-                    cage.remove()
-                with contextlib.suppress(OSError):
-                    executor.rmdir()
-
-    @staticmethod
-    def _executor_alive(identity: str) -> bool:
-        pid, _, start = identity.partition("-")
-        return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
-
-
-def home_cgroup(home: Path, controller: str) -> Path | None:
-    """<controller mount>/<this process's cgroup>/vpe-<hash of VPE_HOME>: where the executors of `home` keep their
-    runs' cgroups, one folder per executor (<pid>-<start>)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        mount = CGROUP_ROOT / controller
-        if controller in controllers.split(",") and (mount / "cgroup.procs").exists():
-            return mount / path.lstrip("/") / f"vpe-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
-    return None
-
-
-def report_lost(record: dict[str, Any], executor_pid: str, killed: int) -> None:
-    reason = (f"lost: the executor (pid {executor_pid}) stopped while the run went on; "
-              f"the next executor killed its {killed} remaining processes")
-    log.warning("run %s: %s", record["run_id"], reason)
-    log_path = Path(record["log_path"])
-    status = pb2.RunStatus(run_id=record["run_id"], log_path=str(log_path), ended_by=reason)
-    with contextlib.suppress(OSError):
-        run_log = RunLog(log_path, 0, append=True)
-        run_log.write(pb2.RunEvent(status=status), capped=False)
-        run_log.close()
-
-
-class EventQueue(queue.Queue):
-    """A run's events not yet sent to its client. put never blocks: its producer checks over_bound() and stops
-    reading the task (or, while the run is being stopped, only logs the lines)."""
-
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
-        self.text_chars = 0
-
-    def _put(self, event) -> None:
-        self.text_chars += len(event.line.text)
-        super()._put(event)
-
-    def _get(self):
-        event = super()._get()
-        self.text_chars -= len(event.line.text)
-        return event
-
-    def over_bound(self) -> bool:
-        return self.qsize() >= MAX_BUFFERED_EVENTS or self.text_chars >= MAX_BUFFERED_TEXT
-
-
-class ActiveRun:
-    """One run: a supervisor thread waits for a slot, starts the task in its cage, reads both pipes, enforces
-    timeout, cancel and limits, logs every event and queues it for the RPC. The run, with its slot and its id,
-    lasts until the task's process has exited and no other process of its cage is left."""
-
-    def __init__(self, plan: RunPlan, slots: Slots, cfg: Config, containment: Containment,
-                 on_end: Callable[["ActiveRun"], None]):
-        self.plan = plan
-        self._slots = slots
-        self._cfg = cfg
-        self._containment = containment
-        self._on_end = on_end
-        self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
-        self.events = EventQueue()
-        self.dropped_events = 0
-        self._draining = False  # being stopped: output is read without back-pressure
-        self._cancel_reason = ""
-        self._cancelled = threading.Event()
-        self.process_started = threading.Event()
-        # Wakes _pump on cancel. It exists only while _pump runs, so a refused or queued run holds no fds;
-        # the lock keeps cancel from writing to it after it is closed (fd reuse).
-        self._wake_lock = threading.Lock()
-        self._wake_w: int | None = None
-        self._thread = threading.Thread(target=self._supervise, name=f"run-{plan.run_id}", daemon=True)
-
-    def start(self, position: int) -> None:
-        self._position = position
-        self._thread.start()
-
-    def over(self) -> bool:
-        """The supervisor is done: the final status is in the run log (unless writing it failed)."""
-        return not self._thread.is_alive()
-
-    def cancel(self, reason: str) -> None:
-        with self._wake_lock:
-            if self._cancelled.is_set():
-                return
-            self._cancel_reason = reason
-            self._draining = True
-            self._cancelled.set()
-            if self._wake_w is not None:
-                os.write(self._wake_w, b"c")
-        self._slots.wake()
-
-    def _emit(self, capped: bool = True, **fields) -> None:
-        event = pb2.RunEvent(**fields)
-        seq = self._log(lambda run_log: run_log.write(event, capped))
-        if seq is not None:
-            event.seq = seq
-        if not event.HasField("line"):
-            self._log(RunLog.flush)
-        # A run being stopped has its output drained without back-pressure, and its client may be gone:
-        # lines beyond the bound are only logged.
-        if event.HasField("line") and self._draining and self.events.over_bound():
-            self.dropped_events += 1
-        else:
-            self.events.put(event)
-
-    def _log(self, action: Callable[[RunLog], Any]) -> Any:
-        """`action`'s result on the run log, or None: a run log that cannot be written (a full disk) is given up;
-        the stream goes on."""
-        if self._run_log is None:
-            return None
-        try:
-            return action(self._run_log)
-        except OSError as exc:
-            log.error("run %s: cannot write its log %s (%s); streaming on without it", self.plan.run_id,
-                      self.plan.log_path, exc)
-            with contextlib.suppress(OSError):
-                self._run_log.close()
-            self._run_log = None
-
-    def _supervise(self) -> None:
-        started = time.monotonic()
-        status = pb2.RunStatus(run_id=self.plan.run_id, log_path=str(self.plan.log_path))
-        holds_slot = self._position == 0  # admitted straight into a free slot
-        try:
-            self._run_log = RunLog(self.plan.log_path, self._cfg.run_log_max_bytes)
-            holds_slot = holds_slot or self._wait_for_slot()
-            if holds_slot:
-                self._run_process(status)
-            else:
-                status.cancelled = True
-        except Exception as exc:  # the stream must still end with a status
-            log.exception("run %s: supervisor failed", self.plan.run_id)
-            status.ended_by = f"executor error: {exc}"
-        finally:
-            if holds_slot:
-                self._slots.release()
-            status.duration_seconds = time.monotonic() - started
-            self._on_end(self)  # the run id is free again before its client hears that the run is over
-            self._finish(status)
-
-    def _finish(self, status) -> None:
-        if self._run_log is not None and self._run_log.dropped_lines:
-            self._emit(capped=False, line=pb2.OutputLine(
-                stream=pb2.STDERR, timestamp=_now_timestamp(),
-                text=f"[executor] the run log keeps {format_size(self._cfg.run_log_max_bytes)}: "
-                     f"{self._run_log.dropped_lines} later lines ({format_size(self._run_log.dropped_bytes)}) "
-                     f"were streamed but not logged"))
-        if self.dropped_events:
-            log.info("run %s: %d lines only logged, not queued for its client (the run was being stopped)",
-                     self.plan.run_id, self.dropped_events)
-        self._emit(status=status)
-        self._log(RunLog.close)
-
-    def _wait_for_slot(self) -> bool:
-        self._emit(queued=pb2.Queued(
-            position=self._position,
-            message=f"queued at position {self._position}: all run slots are busy; starts when one frees up"))
-        return self._slots.wait_turn(self, self._cancelled)
-
-    def _run_process(self, status) -> None:
-        plan = self.plan
-        task_home(plan.run_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
-        cage = self._containment.cage(plan.run_id, plan.env)
-        try:
-            cage.create(plan.limits)
-            started = time.monotonic()
-            proc = subprocess.Popen(cage.command(plan.argv, plan.limits), cwd=plan.run_dir, env=plan.env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
-            try:
-                cage.set_leader(proc.pid)
-                self._containment.remember(cage, plan.log_path)
-                self.process_started.set()
-                self._emit(started=pb2.Started(run_id=plan.run_id, pid=proc.pid, log_path=str(plan.log_path),
-                                               run_dir=str(plan.run_dir), replica=self._cfg.replica))
-                log.info("run %s: started pid %d: %s", plan.run_id, proc.pid, " ".join(plan.argv))
-                status.timed_out, status.ended_by = self._pump(proc, cage, started)
-            except BaseException:  # e.g. the run log's disk is full: no process may outlive its supervisor
-                cage.kill_all()
-                proc.wait()
-                raise
-            rc = proc.wait()
-            status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
-        finally:
-            cage.remove()
-            self._containment.forget(cage)
-        status.cancelled = self._cancelled.is_set()
-        if rc < 0:
-            status.signal = -rc
-        else:
-            status.exit_code = rc
-        extra = (" (timed out)" if status.timed_out else f" (cancelled: {self._cancel_reason})" if status.cancelled
-                 else f" ({status.ended_by})" if status.ended_by else "")
-        log.info("run %s: %s%s after %.3fs", plan.run_id, f"signal {-rc}" if rc < 0 else f"exit {rc}", extra,
-                 time.monotonic() - started)
-
-    def _pump(self, proc: subprocess.Popen, cage: Cage, started: float) -> tuple[bool, str]:
-        """Forwards output until the task's process has exited, both pipes are closed and no other process of
-        the run is left. Returns (timed_out, ended_by)."""
-        deadline = started + self.plan.timeout if self.plan.timeout else math.inf
-        limits = self.plan.limits
-        timed_out, ended_by = False, ""
-        stopping, kill_at = False, math.inf
-        exited, exited_at = False, math.inf
-        others_left, census_at = True, 0.0
-        output_bytes = 0
-        partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
-        pidfd = os.pidfd_open(proc.pid)
-        wake_r, wake_w = os.pipe()
-        with self._wake_lock:
-            self._wake_w = wake_w
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, pb2.STDOUT)
-        sel.register(proc.stderr, selectors.EVENT_READ, pb2.STDERR)
-        sel.register(pidfd, selectors.EVENT_READ, "exit")
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
-        open_pipes = 2
-        try:
-            while True:  # ends at a census that finds the task exited, its pipes closed and no process left
-                now = time.monotonic()
-                if now >= census_at:
-                    census_at = now + CENSUS_INTERVAL
-                    others_left, over = cage.census(limits)
-                    ended_by = ended_by or over
-                    if exited and not open_pipes and not others_left:
-                        break
-                    if exited and not others_left and open_pipes and now > exited_at + self._cfg.kill_grace + 1:
-                        log.warning("run %s: its pipes stay open with none of its processes left; closing them",
-                                    self.plan.run_id)
-                        break
-                timed_out = timed_out or now >= deadline
-                stop_reason = ("timeout" if timed_out else "cancel" if self._cancelled.is_set() else
-                               "limit" if ended_by else
-                               "leftover" if exited and others_left and now >= exited_at + 0.05 else "")
-                if stop_reason and not stopping:
-                    if stop_reason == "leftover":
-                        log.info("run %s: its task exited; stopping the processes it left", self.plan.run_id)
-                    stopping = self._draining = True
-                    cage.signal(signal.SIGTERM)
-                    kill_at = now + self._cfg.kill_grace
-                if now >= kill_at:
-                    cage.kill()
-                    kill_at = now + CENSUS_INTERVAL  # again, until none is left
-                # A slow client: stop reading, so the task blocks on write. Not while stopping it: the client may be
-                # gone, and the pipes must be drained to see them close.
-                if self.events.over_bound() and not stopping and not self._cancelled.is_set():
-                    time.sleep(0.05)
-                    continue
-                due = min(census_at, kill_at, deadline if not timed_out else math.inf,
-                          exited_at + 0.05 if not stopping else math.inf)
-                for key, _ in sel.select(max(0.0, due - now)):
-                    if key.data == "exit":
-                        sel.unregister(pidfd)
-                        exited, exited_at = True, time.monotonic()
-                        census_at = 0.0  # who is left decides whether the run is over: look now
-                    elif key.data == "wake":
-                        os.read(wake_r, 64)
-                    else:
-                        chunk = os.read(key.fd, 65536)
-                        if not chunk:
-                            sel.unregister(key.fileobj)
-                            open_pipes -= 1
-                            census_at = 0.0
-                            chunk = b"\n" if partial[key.data] else b""
-                        output_bytes += len(chunk)
-                        if output_bytes > limits["output_bytes"] and not ended_by:
-                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
-                        self._forward(key.data, partial, chunk)
-        finally:
-            with self._wake_lock:
-                self._wake_w = None
-            sel.close()
-            os.close(wake_r)
-            os.close(wake_w)
-            os.close(pidfd)
-            proc.stdout.close()
-            proc.stderr.close()
-        return timed_out, ended_by
-
-    def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
-        data = partial[stream] + chunk
-        *lines, partial[stream] = data.split(b"\n")
-        if len(partial[stream]) > MAX_LINE_CHARS:
-            lines.append(partial[stream])
-            partial[stream] = b""
-        timestamp = _now_timestamp()
-        for raw in lines:
-            text = raw.decode("utf-8", "replace")
-            for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
-                self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
-        self._log(RunLog.flush)
-
-
-CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
-RETENTION_INTERVAL = 3600.0
-
-
-def tree_usage(path: Path) -> tuple[int, float]:
-    """(bytes, newest mtime) of a file or folder tree."""
-    try:
-        top = path.lstat()
-    except OSError:
-        return 0, 0.0
-    size, newest = top.st_size, top.st_mtime
-    if path.is_dir() and not path.is_symlink():
-        for folder, dirs, files in os.walk(path):
-            for name in dirs + files:
-                with contextlib.suppress(OSError):
-                    info = os.lstat(os.path.join(folder, name))
-                    size += info.st_size
-                    newest = max(newest, info.st_mtime)
-    return size, newest
-
-
-def prune(paths: list[Path], keep_days: float, keep_bytes: int) -> tuple[int, int]:
-    """Deletes those of `paths` older than keep_days, then the oldest until the rest fit in keep_bytes.
-    Returns (how many, bytes) were deleted."""
-    usage = sorted(((tree_usage(p), p) for p in paths), key=lambda item: item[0][1])  # oldest first
-    total = sum(size for (size, _), _ in usage)
-    cutoff = time.time() - keep_days * 86400
-    count = freed = 0
-    for (size, newest), path in usage:
-        if newest >= cutoff and total <= keep_bytes:
-            break
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        total, count, freed = total - size, count + 1, freed + size
-    return count, freed
-
-
-def apply_retention(cfg: Config, busy: Callable[[], set[Path]]) -> None:
-    """Run logs and workspaces: by age and total size, never what a live run uses, never the crawl cache."""
-    in_use = busy()
-    logs = [p for p in cfg.run_logs_dir.glob("*.jsonl") if p not in in_use]
-    workspaces = [p for p in cfg.buffer_dir.iterdir() if p.is_dir() and p.name != CRAWL_CACHE and p not in in_use]
-    for what, paths, keep_bytes in (("run logs", logs, cfg.keep_log_bytes),
-                                     ("workspaces", workspaces, cfg.keep_buffer_bytes)):
-        count, freed = prune(paths, cfg.keep_days, keep_bytes)
-        if count:
-            log.info("retention: removed %d %s (%s): older than %g days or beyond %s", count, what,
-                     format_size(freed), cfg.keep_days, format_size(keep_bytes))
-
-
-# ---------------------------------------------------------------- runs that outlive their client
-
-@dataclasses.dataclass(eq=False)
-class KeptRun:
-    seconds: float
-    clients: int = 0
-    timer: threading.Timer | None = None
-    # Set at the run's first event: its run log is open. Before that, the log of an earlier run of the same id
-    # (an Airflow retry reuses it) may still be on disk.
-    logging: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-
-class KeepAlive:
-    """Runs whose Run asked for keep_alive_seconds: their clients (the Run caller, Attach callers) read the run
-    log, while a keeper thread drains the run's event queue (nobody else reads it, so a lost client never stalls
-    the task). When the last client has gone, the run is cancelled after its keep-alive unless one attaches first."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._runs: dict[ActiveRun, KeptRun] = {}
-
-    def keep(self, run: ActiveRun, seconds: float) -> None:
-        with self._lock:
-            self._runs[run] = KeptRun(seconds)
-        threading.Thread(target=self._drain, args=(run,), name=f"keep-{run.plan.run_id}", daemon=True).start()
-
-    def join(self, run: ActiveRun) -> bool:
-        """Counts a client in; False if `run` is not kept alive (its Run client alone decides)."""
-        with self._lock:
-            kept = self._runs.get(run)
-            if kept is None:
-                return False
-            kept.clients += 1
-            timer, kept.timer = kept.timer, None
-        if timer:
-            timer.cancel()
-        return True
-
-    def leave(self, run: ActiveRun) -> None:
-        with self._lock:
-            kept = self._runs.get(run)
-            if kept is None:
-                return
-            kept.clients -= 1
-            if kept.clients:
-                return
-            kept.timer = threading.Timer(kept.seconds, self._expire, (run,))
-            kept.timer.daemon = True
-            kept.timer.start()
-
-    def _expire(self, run: ActiveRun) -> None:
-        with self._lock:
-            kept = self._runs.get(run)
-            # A client may have attached (and gone again, arming a newer timer) while this one fired.
-            if kept is None or kept.clients or kept.timer is not threading.current_thread():
-                return
-        log.info("run %s: no client for %.0fs (its keep_alive_seconds): cancelling it", run.plan.run_id, kept.seconds)
-        run.cancel(f"no client attached for {kept.seconds:g}s (keep_alive_seconds)")
-
-    def wait_until_logging(self, run: ActiveRun, waiting: Callable[[], bool]) -> None:
-        with self._lock:
-            kept = self._runs.get(run)
-        while kept and waiting() and not kept.logging.wait(0.5):
-            pass
-
-    def _drain(self, run: ActiveRun) -> None:
-        with self._lock:
-            logging_started = self._runs[run].logging
-        event = run.events.get()
-        logging_started.set()
-        while not event.HasField("status"):
-            event = run.events.get()
-        with self._lock:
-            kept = self._runs.pop(run)
-        if kept.timer:
-            kept.timer.cancel()
-
-
-def final_status_logged(cfg: Config, run_id: str) -> bool:
-    """Whether the run log of `run_id` ends with its final status (the status is always its last record)."""
-    if not FOLDER_NAME_RE.fullmatch(run_id):
-        return False
-    try:
-        with run_log_path(cfg, run_id).open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
-    except OSError:
-        return False
-    with contextlib.suppress(ValueError):
-        return json.loads(last).get("kind") == "status"
-    return False
-
-
-def advertised_address(cfg: Config) -> str:
-    """This replica's address as others reach it: the bound host, or this host's address when bound to all."""
-    host = cfg.host
-    if host in ("0.0.0.0", "::", ""):
-        with contextlib.suppress(OSError):
-            host = socket.gethostbyname(socket.gethostname())
-    return f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
-
-
-# ---------------------------------------------------------------- the service
-
-class ExecutorServicer(pb2_grpc.ExecutorServicer):
-    def __init__(self, cfg: Config, envs: EnvManager, containment: Containment):
-        self._cfg = cfg
-        self._envs = envs
-        self._containment = containment
-        self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
-        self._runs: dict[str, ActiveRun] = {}
-        self._runs_lock = threading.Lock()
-        self._kept = KeepAlive()
-        self.shutting_down = threading.Event()
-
-    def Ping(self, request, context):
-        return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses(),
-                             containment=self._containment.mechanism)
-
-    def ListEnvs(self, request, context):
-        return pb2.ListEnvsReply(envs=self._envs.statuses())
-
-    def Run(self, request, context):
-        try:
-            keep_alive = validate_timeout(request.keep_alive_seconds, "keep_alive_seconds")
-            run = self._admit(request)
-        except Exception as exc:
-            abort_with(context, exc, f"Run {request.run_id[:128]!r}")
-        if keep_alive:
-            self._kept.keep(run, keep_alive)
-            yield from self._follow(run.plan.run_id, 0, run, context)
-            return
-        if not context.add_callback(lambda: run.cancel("client went away")):
-            run.cancel("client went away")
-        try:
-            while True:
-                try:
-                    event = run.events.get(timeout=1)
-                except queue.Empty:
-                    if context.is_active():
-                        continue
-                    return  # the call is over (client gone, server stopping): never block this thread for good
-                yield event
-                if event.HasField("status"):
-                    return
-        finally:
-            run.cancel("RPC ended")
-
-    def Cancel(self, request, context):
-        try:
-            return self._cancel(request)
-        except Exception as exc:
-            abort_with(context, exc, f"Cancel {request.run_id[:128]!r}")
-
-    def _cancel(self, request):
-        with self._runs_lock:
-            run = self._runs.get(request.run_id)
-        if run is None:
-            return pb2.CancelReply(found=False, message=f"no run {request.run_id!r} is running or queued")
-        run.cancel("Cancel RPC")
-        return pb2.CancelReply(found=True, message=f"run {request.run_id!r} is being stopped")
-
-    def Attach(self, request, context):
-        try:
-            run = self._attachable(request)
-        except Exception as exc:
-            abort_with(context, exc, f"Attach {request.run_id[:128]!r}")
-        yield from self._follow(request.run_id, request.from_seq, run, context)
-
-    def _attachable(self, request) -> ActiveRun | None:
-        """The live run Attach is after, or None for a finished one; refuses what cannot be attached to."""
-        run_id = validate_folder_name("run_id", request.run_id)
-        if request.from_seq < 0:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"from_seq={request.from_seq}; use 0 (the start) or the seq of the last event seen + 1")
-        with self._runs_lock:
-            run = self._runs.get(run_id)
-        if run is None and request.running_only:
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"no run {run_id!r} is running on this executor ({self._cfg.replica})")
-        if run is None and not final_status_logged(self._cfg, run_id):
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"run {run_id!r} is not held by this executor ({self._cfg.replica}) and no finished run of "
-                          "that id is logged here: it never ran here, runs on another replica (attach there: "
-                          "Started.replica), or the executor that ran it stopped before it ended")
-        return run
-
-    def _follow(self, run_id: str, from_seq: int, run: ActiveRun | None, context) -> Iterator[Any]:
-        """The run's events from its run log, from `from_seq` on: replayed, then (for a live `run`) followed until
-        it ends, ending with its status. The client counts as attached to a keep-alive run while it reads."""
-        if run is not None and self._kept.join(run):
-            if not context.add_callback(lambda: self._kept.leave(run)):
-                self._kept.leave(run)
-            self._kept.wait_until_logging(run, context.is_active)
-
-        def live() -> bool:
-            return context.is_active() and not run.over()
-
-        next_seq = from_seq
-        # The second reading catches a status written between the follower's last read and the run's end.
-        for follow in (live if run is not None else None, None):
-            try:
-                for seq, event in read_run_events(self._cfg, run_id, next_seq, follow=follow):
-                    next_seq = seq + 1
-                    yield event
-                    if event.HasField("status"):
-                        return
-            except Exception as exc:
-                abort_with(context, exc, f"Attach {run_id[:128]!r}")
-        if context.is_active():
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"run {run_id!r} ended without a final status in its log; "
-                                                       f"see the executor's log on {self._cfg.replica}")
-
-    def active_runs(self) -> list[ActiveRun]:
-        with self._runs_lock:
-            return list(self._runs.values())
-
-    def paths_in_use(self) -> set[Path]:
-        return {path for run in self.active_runs() for path in (run.plan.log_path, run.plan.run_dir)}
-
-    def _admit(self, request) -> ActiveRun:
-        if self.shutting_down.is_set():
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
-        plan = self._plan(request)
-        run = ActiveRun(plan, self._slots, self._cfg, self._containment, self._forget)
-        with self._runs_lock:
-            if plan.run_id in self._runs:
-                raise Refused(grpc.StatusCode.ALREADY_EXISTS,
-                              f"run {plan.run_id!r} is still running (or some of its processes are); "
-                              f"use another run_id, or Cancel it and wait for its final status")
-            position = self._slots.reserve(run)
-            self._runs[plan.run_id] = run
-        run.start(position)
-        return run
-
-    def _forget(self, run: ActiveRun) -> None:
-        with self._runs_lock:
-            if self._runs.get(run.plan.run_id) is run:
-                del self._runs[run.plan.run_id]
-
-    def _plan(self, request) -> RunPlan:
-        prefix = self._ready_env(request.env)
-        script = resolve_task(self._cfg.tasks_dir, request.task)
-        validate_args(request.args)
-        extra = validate_env_vars(request.env_vars, self._cfg)
-        timeout = validate_timeout(request.timeout_seconds)
-        run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
-        workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
-        run_dir = self._cfg.buffer_dir / workspace
-        env = task_environment(self._cfg, request.env, prefix, run_id, run_dir, extra)
-        argv = [str(prefix / "bin" / "python"), str(script), *request.args]
-        validate_exec_size(argv, env)
-        limits = validate_limits(request.limits, self._cfg)
-        return RunPlan(run_id, request.env, argv, env, run_dir, run_log_path(self._cfg, run_id), timeout, limits)
-
-    def _ready_env(self, name: str) -> Path:
-        record = self._envs.lookup(name) if ENV_NAME_RE.fullmatch(name) else None
-        if record is None:
-            known = ", ".join(self._envs.names()) or "none"
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"unknown env {name[:128]!r}; known envs: {known} (one per {self._cfg.envs_dir}/<name>.yml)")
-        if record.state != pb2.ENV_READY or record.prefix is None:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"env {name!r} is not ready: {record.detail}; "
-                          f"check `executor.py envs` and {self._envs.build_log(name)}")
-        if not (record.prefix / "bin" / "python").exists():  # else the run would fail like a task, with 127
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"env {name!r} has no interpreter at {record.prefix / 'bin' / 'python'} (removed by hand?); "
-                          f"restart the executor to rebuild it")
-        return record.prefix
-
-
-def abort_with(context, exc: Exception, call: str):
-    """A refusal keeps its code; anything else is a bug: logged once with its traceback, answered INTERNAL."""
-    if isinstance(exc, Refused):
-        context.abort(exc.code, str(exc))
-    log.exception("%s: unexpected error", call)
-    context.abort(grpc.StatusCode.INTERNAL, f"executor error ({type(exc).__name__}: {str(exc)[:200]}); "
-                                            f"the executor log has the details")
-
-
-def resolve_task(tasks_dir: Path, task: str) -> Path:
-    def refuse(why: str) -> Refused:
-        return Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"task {task[:200]!r} {why}; give a .py path relative to {tasks_dir}, e.g. ingestion/extract.py")
-
-    if not task:
-        raise refuse("is empty")
-    if "\0" in task or len(task) > 1024:
-        raise refuse("is not a valid path")
-    if task.startswith("/") or task.startswith("~"):
-        raise refuse("is absolute")
-    if ".." in Path(task).parts:
-        raise refuse("contains '..'")
-    if not task.endswith(".py"):
-        raise refuse("is not a .py script")
-    if any(len(part.encode()) > MAX_PATH_SEGMENT_BYTES for part in task.split("/")):
-        raise refuse(f"has a path segment longer than {MAX_PATH_SEGMENT_BYTES} bytes")
-    root = tasks_dir.resolve()
-    try:
-        script = (root / task).resolve()
-        if not script.is_relative_to(root):
-            raise refuse("resolves outside the tasks dir (symlink)")
-        if not script.is_file():
-            raise refuse("does not exist")
-    except (OSError, RuntimeError) as exc:  # a symlink loop, a name the file system refuses
-        raise refuse(f"cannot be resolved ({exc.strerror if isinstance(exc, OSError) else exc})") from None
-    return script
-
-
-def validate_args(args: Sequence[str]) -> None:
-    if len(args) > MAX_ARGS:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(args)} args; at most {MAX_ARGS} are accepted")
-    for i, arg in enumerate(args):
-        if "\0" in arg or len(arg.encode()) > MAX_STRING_BYTES:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"args[{i}] contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8); "
-                          f"pass data through a file in the run dir")
-
-
-def validate_env_vars(env_vars, cfg: Config) -> dict[str, str]:
-    """Only names on the allowlist, never a reserved one or one the executor passes through itself."""
-    if len(env_vars) > MAX_ENV_VARS:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{len(env_vars)} env vars; at most {MAX_ENV_VARS} are accepted")
-    for name, value in env_vars.items():
-        if not ENV_VAR_NAME_RE.fullmatch(name):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var name {name[:130]!r} is invalid; use letters, digits and _, not starting with a digit")
-        if (name in RESERVED_ENV_VARS or name.startswith(RESERVED_ENV_PREFIXES)
-                or name.upper().endswith(RESERVED_ENV_SUFFIX) or name in cfg.passthrough):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r} is the executor's to set and cannot come from a request "
-                          f"(reserved: {', '.join(sorted(RESERVED_ENV_VARS))}, "
-                          f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, *{RESERVED_ENV_SUFFIX}, "
-                          f"and VPE_TASK_ENV_PASSTHROUGH: {' '.join(cfg.passthrough) or 'none'})")
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.env_allow):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r} is not on the executor's allowlist "
-                          f"(VPE_TASK_ENV_ALLOW: {' '.join(cfg.env_allow) or 'empty'}); add it there to pass it")
-        if "\0" in value or len(value.encode()) > MAX_STRING_BYTES:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"env var {name!r}: value contains a NUL byte or is longer than {MAX_STRING_BYTES} bytes (UTF-8)")
-    return dict(env_vars)
-
-
-def validate_exec_size(argv: Sequence[str], env: dict[str, str]) -> None:
-    """What execve would refuse with E2BIG is refused here, before the run takes a slot."""
-    size = sum(len(arg.encode()) + 1 for arg in argv) + sum(len(f"{k}={v}".encode()) + 1 for k, v in env.items())
-    if size > MAX_EXEC_BYTES:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"args and env vars take {size} bytes; at most {MAX_EXEC_BYTES} are accepted in all; "
-                      f"pass data through a file in the run dir")
-
-
-def validate_limits(requested, cfg: Config) -> dict[str, float]:
-    """The request's limits, its 0s replaced by the executor's defaults; above a cap is refused."""
-    limits = {}
-    for name, (setting, _, _) in LIMIT_SETTINGS.items():
-        value = getattr(requested, name)
-        if not math.isfinite(value) or value < 0 or value > cfg.limit_caps[name]:
-            show = format_size if name.endswith("_bytes") else "{:g}".format
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"limits.{name}={value:g} is invalid: use 0 (the default, {show(cfg.limit_defaults[name])}) "
-                          f"or up to the executor's cap {show(cfg.limit_caps[name])} (VPE_EXECUTOR_RUN_{setting}_CAP)")
-        limits[name] = float(value) or cfg.limit_defaults[name]
-    return limits
-
-
-def validate_timeout(seconds: float, field: str = "timeout_seconds") -> float:
-    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMEOUT_SECONDS:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"{field}={seconds} is invalid; use 0 (none) or a number of seconds up to {MAX_TIMEOUT_SECONDS}")
-    return seconds
-
-
-def validate_folder_name(field: str, value: str) -> str:
-    """run_id and workspace name a folder under the buffer: one path segment, never '.', '..' or absolute."""
-    if not FOLDER_NAME_RE.fullmatch(value):
-        default = "a generated one" if field == "run_id" else "the run_id"
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"{field} {value[:140]!r} is invalid; use 1-128 of A-Z a-z 0-9 _ . - (not starting with '.' or '-'), "
-                      f"or leave it empty for {default}")
-    return value
-
-
-def new_run_id() -> str:
-    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-
+# ---------------------------------------------------------------- the server: auth, TLS, serve, shut down
 
 class TokenAuth(grpc.ServerInterceptor):
     """`authorization: Bearer <token>` on every call except the standard health check."""
@@ -2325,10 +2388,6 @@ def _refusing_handler(handler, code: grpc.StatusCode, message: str):
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _read(path: str) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
 def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
     if not (cfg.tls_cert or cfg.tls_key):
         return None
@@ -2337,12 +2396,6 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
     ca = _read(cfg.tls_ca)
     return grpc.ssl_server_credentials([(_read(cfg.tls_key), _read(cfg.tls_cert))], root_certificates=ca,
                                        require_client_auth=ca is not None)
-
-
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 def serve(cfg: Config) -> int:
@@ -2451,7 +2504,7 @@ class ExecutorClient:
             limits: dict[str, float] | None = None, keep_alive_seconds: float = 0.0):
         """Iterator of RunEvent (line / queued / started, then one status). Call .cancel() on it to stop
         the run (the executor kills all its processes), unless keep_alive_seconds > 0: then the run goes on
-        that long without a client, for an Attach to pick up. Runs given the same workspace share a run dir.
+        that long without a client, for an Attach to pick up. Runs given the same workspace share its folder.
         `limits` takes RunLimits fields (memory_bytes, cpu_seconds, processes, open_files, output_bytes)."""
         request = pb2.RunRequest(env=env, task=task, args=list(args), env_vars=env_vars or {},
                                  timeout_seconds=timeout_seconds, run_id=run_id, workspace=workspace,
@@ -2669,8 +2722,9 @@ def print_events(cfg: Config, call, verbose: bool, first=None) -> int:
             elif kind == "queued":
                 print(f"[executor] {event.queued.message}", file=sys.stderr)
             elif kind == "started" and verbose:
-                print(f"[executor] run {event.started.run_id} pid {event.started.pid} dir {event.started.run_dir} "
-                      f"log {event.started.log_path} on {event.started.replica}", file=sys.stderr)
+                started = event.started
+                print(f"[executor] run {started.run_id} pid {started.pid} workspace {started.workspace_dir} "
+                      f"log {started.log_path} on {started.replica}", file=sys.stderr)
             elif kind == "status":
                 if verbose or event.status.timed_out or event.status.cancelled or event.status.ended_by:
                     print(f"[executor] {describe_status(event.status)}", file=sys.stderr)
@@ -2704,12 +2758,9 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     conn = argparse.ArgumentParser(add_help=False)
-    conn.add_argument("--host", help="address to bind / connect to (env VPE_EXECUTOR_HOST, default 127.0.0.1)")
-    conn.add_argument("--port", type=int, help="port (env VPE_EXECUTOR_PORT, default 3170)")
-    conn.add_argument("--token", help="bearer token; prefer env VPE_EXECUTOR_TOKEN (flags show in ps); empty = no auth")
-    conn.add_argument("--tls-cert", help="PEM certificate (env VPE_EXECUTOR_TLS_CERT); client: trusted if no CA given")
-    conn.add_argument("--tls-key", help="PEM private key (env VPE_EXECUTOR_TLS_KEY)")
-    conn.add_argument("--tls-ca", help="PEM CA (env VPE_EXECUTOR_TLS_CA); server: require client certs signed by it")
+    for setting in SETTINGS:
+        if setting.flag == "all":
+            setting.add_flag(conn)
     client = argparse.ArgumentParser(add_help=False, parents=[conn])
     client.add_argument("--timeout", type=float, default=5.0, help="RPC deadline in seconds (default 5)")
 
@@ -2721,23 +2772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[conn], help="run the gRPC server (logs to stdout)",
                        description="Serve Ping/ListEnvs/Run/Cancel/Attach + grpc.health.v1 + reflection. Envs build in the "
                                    "background at start-up; SIGTERM stops gracefully.")
-    p.add_argument("--advertise", help="host:port clients reach this replica at, named in Started.replica for "
-                                       "Attach and Cancel (env VPE_EXECUTOR_ADVERTISE; default: this host's "
-                                       "address and --port)")
-    p.add_argument("--home", help="state dir (env VPE_HOME, default .vpe next to executor.py): envs/, buffer/, "
-                                  "logs/executor/, logs/runs/, run/executor/")
-    p.add_argument("--envs-dir", help="folder of env ymls (env VPE_EXECUTOR_ENVS_DIR, default <repo>/envs)")
-    p.add_argument("--tasks-dir", help="folder of task scripts (env VPE_EXECUTOR_TASKS_DIR, default <repo>/tasks)")
-    p.add_argument("--max-concurrent", type=int, help="runs at once (env VPE_EXECUTOR_MAX_CONCURRENT, default: cores)")
-    p.add_argument("--max-queue", type=int, help="runs waiting for a slot (env VPE_EXECUTOR_MAX_QUEUE, default 32)")
-    p.add_argument("--kill-grace", type=float, help="seconds between SIGTERM and SIGKILL (env VPE_EXECUTOR_KILL_GRACE, default 1)")
-    p.add_argument("--shutdown-grace", type=float,
-                   help="seconds running tasks get on SIGTERM (env VPE_EXECUTOR_SHUTDOWN_GRACE, default 10)")
-    p.add_argument("--containment", choices=["auto", "cgroup", "subreaper"],
-                   help="how runs are contained (env VPE_EXECUTOR_CONTAINMENT, default auto: a cgroup per run where "
-                        "the executor may create them, else subreaper + /proc tracking)")
-    p.add_argument("--backend", choices=["auto", "conda", "venv"],
-                   help="env backend (env VPE_EXECUTOR_ENV_BACKEND, default auto: conda-family if on PATH, else venv)")
+    for setting in SETTINGS:
+        if setting.flag == "serve":
+            setting.add_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ping", parents=[client], help="check the server answers; print version and env states",
@@ -2761,7 +2798,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, help="kill the task after this many seconds (default 0 = none)")
     p.add_argument("--run-id", default="", help="run id (default: generated)")
     p.add_argument("--workspace", default="",
-                   help="run dir buffer/WORKSPACE, shared with other runs given the same one (default: the run id)")
+                   help="work in buffer/WORKSPACE, shared with other runs given the same one (default: the run id)")
     p.add_argument("--keep-alive", type=float, default=0.0,
                    help="keep the run going this many seconds after this client is lost, for `attach` (default 0)")
     p.add_argument("--memory", dest="memory_bytes", type=parse_size, metavar="SIZE",

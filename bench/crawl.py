@@ -37,7 +37,7 @@ def default_python() -> str:
 def write_windows(folder: Path, count: int) -> None:
     """count/2 events at scattered places, each with its event day and the day one year earlier."""
     rng = random.Random(42)
-    lines = ["event_id,is_event,latitude,longitude,window_date"]
+    lines = ["catalog_id,is_event,latitude,longitude,window_date"]
     for event in range(count // 2):
         lat, lon = round(rng.uniform(-55, 65), 4), round(rng.uniform(-180, 180), 4)
         year, month, day = rng.randint(2000, 2023), rng.randint(1, 12), rng.randint(1, 28)
@@ -56,7 +56,7 @@ def crawl(python: str, url: str, folder: Path, cache: Path, batch_size: int) -> 
     """(API calls the server counted, wall seconds) for one crawl run."""
     before = stats(url)["calls"]
     started = time.monotonic()
-    subprocess.run([python, str(TASKS / "crawl.py"), "--url", url, "--run-dir", str(folder), "--cache-dir", str(cache),
+    subprocess.run([python, str(TASKS / "crawl.py"), "--url", url, "--workspace", str(folder), "--cache-dir", str(cache),
                     "--batch-size", str(batch_size), *NO_RATE_LIMIT], check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return stats(url)["calls"] - before, time.monotonic() - started

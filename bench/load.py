@@ -52,12 +52,12 @@ SEED_SCHEMA = ROOT / "tests" / "fixtures" / "warehouse_v2"
 HOURS_PER_WINDOW = 24
 ZONE = "Asia/Kathmandu"
 
-EVENT_COLUMNS = "run_id source row_number event_id event_date latitude longitude".split()
+EVENT_COLUMNS = "run_id source row_number catalog_id event_date latitude longitude".split()
 MEASUREMENTS = ("temperature_2m relative_humidity_2m precipitation rain "
                 "soil_temperature_0_to_7cm soil_temperature_7_to_28cm soil_temperature_28_to_100cm "
                 "soil_temperature_100_to_255cm soil_moisture_0_to_7cm soil_moisture_7_to_28cm "
                 "soil_moisture_28_to_100cm soil_moisture_100_to_255cm").split()
-SEED_WEATHER_COLUMNS = ["run_id", "event_id", "is_event", "latitude", "longitude", "elevation", "window_date",
+SEED_WEATHER_COLUMNS = ["run_id", "catalog_id", "is_event", "latitude", "longitude", "elevation", "window_date",
                         "observed_at", *MEASUREMENTS]
 WEATHER_COLUMNS = [*SEED_WEATHER_COLUMNS, "timezone"]
 
@@ -111,16 +111,16 @@ def generate(rows: int, seed: int) -> tuple[list[tuple], list[tuple]]:
     events, weather = [], []
     n_events = max(1, rows // (2 * HOURS_PER_WINDOW))
     for n in range(n_events):
-        event_id = str(n + 1)
+        catalog_id = str(n + 1)
         lat, lon = round(rng.uniform(-60, 70), 4), round(rng.uniform(-180, 180), 4)
         day = dt.date(2001, 1, 1) + dt.timedelta(days=rng.randrange(20 * 365))
-        events.append(("bench", "bench.csv", n + 2, event_id, day, lat, lon))
+        events.append(("bench", "bench.csv", n + 2, catalog_id, day, lat, lon))
         for is_event, window in ((True, day), (False, day.replace(year=day.year - 1, day=min(day.day, 28)))):
             start = dt.datetime.combine(window, dt.time(), dt.timezone.utc)
             for hour in range(HOURS_PER_WINDOW):
                 temperature = round(rng.uniform(-10, 35), 1)
                 weather.append((
-                    "bench", event_id, is_event, lat, lon, 250.0, window, start + dt.timedelta(hours=hour),
+                    "bench", catalog_id, is_event, lat, lon, 250.0, window, start + dt.timedelta(hours=hour),
                     temperature, float(rng.randrange(20, 101)), round(rng.uniform(0, 5), 1),
                     round(rng.uniform(0, 4), 1),
                     *(round(temperature - depth, 1) for depth in (0.5, 1.0, 1.5, 2.0)),

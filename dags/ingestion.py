@@ -3,8 +3,8 @@
 
 Every step runs on the executor, inside the `ingestion` environment
 (`envs/ingestion.yml`), as a script from `tasks/ingestion/`; its output streams
-into the task's log. The steps of one DAG run share a working folder on the
-executor, so each finds what the one before it wrote.
+into the task's log. The steps of one DAG run share a workspace (a folder on
+the executor), so each finds what the one before it wrote.
 
 1. **extract** runs once per catalog source, in parallel (param `sources`: a
    list of paths relative to the repo, absolute paths on the executor's machine,

@@ -6,10 +6,12 @@ run in the Airflow task: each output line lands in the task log as it is
 printed, the exit status decides success, and killing the Airflow task (marked
 failed, cleared, execution_timeout) kills the remote process group.
 
-A task instance has one remote run id for all its tries, and its runs outlive
-the worker for `keep_alive`: a try that starts while the run an earlier try
-left behind is still running attaches to it instead of starting it again
-(like the KubernetesPodOperator's `reattach_on_restart`). With
+Words: a "run" is the executor's run of one task instance (one run id for all
+its tries); a "DAG run" is Airflow's; the tasks of one DAG run share a
+workspace, a folder on the executor. The run outlives the worker for
+`keep_alive`: a try that starts while the run an earlier try left behind is
+still running attaches to it instead of starting it again (like the
+KubernetesPodOperator's `reattach_on_restart`). With
 `deferrable=True` the worker slot is freed once the run has started and
 `ExecutorRunTrigger` follows it from the triggerer.
 """
@@ -107,8 +109,8 @@ def log_event(logger: Any, event: Any, stderr_tail: deque[str]) -> Any:
     elif kind == "queued":
         logger.info("[executor] %s", event.queued.message)
     elif kind == "started":
-        logger.info("[executor] run %s started: pid %s, folder %s, log %s, on executor %s", event.started.run_id,
-                    event.started.pid, event.started.run_dir, event.started.log_path, event.started.replica)
+        logger.info("[executor] run %s started: pid %s, workspace %s, log %s, on executor %s", event.started.run_id,
+                    event.started.pid, event.started.workspace_dir, event.started.log_path, event.started.replica)
     elif kind == "status":
         return event.status
     return None
@@ -124,9 +126,9 @@ def run_summary(status: Any) -> dict[str, Any]:
 class ExecutorOperator(BaseOperator):
     """Runs `script` (a path under tasks/) with `args` in the executor's `env` environment.
 
-    All tasks of one DAG run share one working folder on the executor (their
-    workspace), so a step finds the files the steps before it wrote. The remote
-    run is killed when `execution_timeout` passes, and `keep_alive` after the
+    All tasks of one DAG run share one workspace on the executor, so a step
+    finds the files the steps before it wrote. The task instance's run is
+    killed when `execution_timeout` passes, and `keep_alive` after the
     Airflow task is lost without being killed (a lost worker, a triggerer
     restart) unless a new try attaches first. `deferrable=True` waits in the
     triggerer instead of a worker slot. `limits` bounds the run (executor
@@ -206,7 +208,7 @@ class ExecutorOperator(BaseOperator):
         timeout = self.execution_timeout.total_seconds() if self.execution_timeout else 0.0
         self._call = executor_client(self.grpc_conn_id).run(
             self.env, self.script, self.args, self.env_vars, timeout, self._run_id,
-            workspace=safe_id(ti.dag_id, ti.run_id), limits=self.limits,
+            workspace=safe_id(ti.dag_id, ti.run_id), limits=self.limits,  # ti.run_id: the DAG run's
             keep_alive_seconds=self.keep_alive.total_seconds())
         return self._call
 

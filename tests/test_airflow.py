@@ -56,7 +56,7 @@ sys.exit(3)
 SLEEP_TASK = '''
 import os, subprocess, time
 child = subprocess.Popen(["sleep", "600"])
-with open(os.path.join(os.environ["VPE_RUN_DIR"], "pids"), "w") as f:
+with open(os.path.join(os.environ["VPE_WORKSPACE"], "pids"), "w") as f:
     f.write(f"{os.getpid()} {child.pid}")
 print("sleeping", flush=True)
 time.sleep(600)

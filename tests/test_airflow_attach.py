@@ -45,7 +45,7 @@ vpe_attach_retry()
 vpe_attach_deferred()
 '''
 
-# Appends its pid to <run dir>/<name>.pids (a restarted run would add a second line), then ticks until a
+# Appends its pid to <workspace>/<name>.pids (a restarted run would add a second line), then ticks until a
 # <name>.release file appears; <name> is argv[1], default "tick".
 UNTIL_RELEASED = '''
 import os, sys, time

@@ -37,7 +37,7 @@ def counts_line(rows: int, events: int, rejects: int) -> str:
 
 
 def events_by_id(path: Path) -> dict[str, dict[str, str]]:
-    return {event["event_id"]: event for event in read_csv(path)}
+    return {event["catalog_id"]: event for event in read_csv(path)}
 
 
 def without(rows: list[dict[str, str]], *names: str) -> list[dict[str, str]]:
@@ -206,7 +206,7 @@ def test_layer_read_pages_through_and_matches_the_export(ingestion_python: str, 
     assert {e["source"] for e in live} == {url}
     assert without(live, "source", "row_number") == without(read_csv(run / "events-file.csv"), "source", "row_number")
     by_id = events_by_id(run / "events-live.csv")
-    assert (by_id["684"]["event_date"], by_id["684"]["time_text"], by_id["684"]["event_id"]) == (
+    assert (by_id["684"]["event_date"], by_id["684"]["time_text"], by_id["684"]["catalog_id"]) == (
         "2008-08-01", "12:00:00 AM", "684")
 
 
@@ -307,7 +307,7 @@ def test_windows_the_archive_cannot_serve_yet_are_pending(ingestion_python: str,
         assert api_calls(url)["locations"] == 2, "pending windows are not asked for"
     run = workdir / "run"
     with (run / "pending_windows.csv").open(newline="", encoding="utf-8") as handle:
-        assert next(csv.reader(handle)) == ["event_id", "is_event", "latitude", "longitude", "window_date"]
+        assert next(csv.reader(handle)) == ["catalog_id", "is_event", "latitude", "longitude", "window_date"]
     assert [w["window_date"] for w in read_csv(run / "pending_windows.csv")] == days[1:3]
     assert read_csv(run / "failed_windows.csv") == [] and len(read_csv(run / "hourly.csv")) == 2 * 24
     summary = json.loads((run / "crawl_summary.json").read_text())
@@ -348,7 +348,7 @@ def test_the_api_key_goes_with_every_call(ingestion_python: str, workdir: Path) 
 
 
 def test_with_an_api_key_the_customer_endpoint_and_its_limits_apply(ingestion_python: str, workdir: Path) -> None:
-    (workdir / "run" / "windows-catalog.csv").write_text("event_id,is_event,latitude,longitude,window_date\n")
+    (workdir / "run" / "windows-catalog.csv").write_text("catalog_id,is_event,latitude,longitude,window_date\n")
     out = ok(step(ingestion_python, "crawl.py", workdir=workdir, env={"OPEN_METEO_API_KEY": "k"}))
     assert "from https://customer-archive-api.open-meteo.com/v1/archive with the API key" in out
     help_text = ok(step(ingestion_python, "crawl.py", "--help", workdir=workdir))

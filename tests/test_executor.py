@@ -311,17 +311,17 @@ def test_task_environment_is_minimal_and_explicit(client, server):
                                         run_id="env-check"))
     seen = json.loads(lines_of(events, pb2.STDOUT)[0])
     env = seen["env"]
-    run_dir = server.home / "buffer" / "env-check"
+    workspace_dir = server.home / "buffer" / "env-check"
     assert seen["args"] == ["a b", "--flag"]
-    assert seen["cwd"] == str(run_dir)
+    assert seen["cwd"] == str(workspace_dir)
     assert env["PATH"].split(":")[0] == str(server.home / "envs" / "six_a" / "bin") or \
         env["PATH"].split(":")[0].startswith(str(server.home / "envs" / "six_a-"))
-    assert env["VPE_RUN_ID"] == "env-check" and env["VPE_RUN_DIR"] == str(run_dir)
+    assert env["VPE_RUN_ID"] == "env-check" and env["VPE_WORKSPACE"] == str(workspace_dir)
     assert env["VPE_BUFFER"] == str(server.home / "buffer") and env["PYTHONUNBUFFERED"] == "1"
     assert env["VPE_WAREHOUSE_DSN"] == "postgresql://x@127.0.0.1/w"  # passed through by default
     assert env["MY_SETTING"] == "42"
     assert "NOT_PASSED" not in env
-    assert set(env) <= {"PATH", "HOME", "LANG", "TZ", "PYTHONUNBUFFERED", "VPE_ENV", "VPE_RUN_ID", "VPE_RUN_DIR",
+    assert set(env) <= {"PATH", "HOME", "LANG", "TZ", "PYTHONUNBUFFERED", "VPE_ENV", "VPE_RUN_ID", "VPE_WORKSPACE",
                         "VPE_BUFFER", "VPE_WAREHOUSE_DSN", "OPEN_METEO_ARCHIVE_URL", "MY_SETTING"}
 
 
@@ -341,13 +341,13 @@ def test_runs_given_one_workspace_share_its_folder_and_keep_their_own_logs(clien
     events, status = collect(client.run("six_a", "t/append.py", run_id="crawl", workspace=workspace))
     results["crawl"] = events, status
 
-    run_dir = server.home / "buffer" / workspace
+    workspace_dir = server.home / "buffer" / workspace
     for run_id, (events, status) in results.items():
         assert status.exit_code == 0, lines_of(events)
-        assert events[0].started.run_dir == str(run_dir)
-        assert json.loads(lines_of(events, pb2.STDOUT)[0])["cwd"] == str(run_dir)
+        assert events[0].started.workspace_dir == str(workspace_dir)
+        assert json.loads(lines_of(events, pb2.STDOUT)[0])["cwd"] == str(workspace_dir)
         assert status.log_path == str(server.home / "logs" / "runs" / f"{run_id}.jsonl")
-    assert sorted((run_dir / "shared.txt").read_text().split()) == ["crawl", "extract-csv", "extract-xlsx"]
+    assert sorted((workspace_dir / "shared.txt").read_text().split()) == ["crawl", "extract-csv", "extract-xlsx"]
     assert json.loads(lines_of(results["crawl"][0])[0])["lines"][-1] == "crawl"
     assert not (server.home / "buffer" / "crawl").exists(), "a run with a workspace makes no folder of its own"
 
@@ -479,7 +479,7 @@ HOSTILE_RUNS = [
     ("override PATH", run_request(env_vars={"PATH": "/tmp"}), grpc.StatusCode.INVALID_ARGUMENT),
     ("LD_PRELOAD", run_request(env_vars={"LD_PRELOAD": "/tmp/x.so"}), grpc.StatusCode.INVALID_ARGUMENT),
     ("PYTHONSTARTUP", run_request(env_vars={"PYTHONSTARTUP": "/tmp/x.py"}), grpc.StatusCode.INVALID_ARGUMENT),
-    ("override VPE_RUN_DIR", run_request(env_vars={"VPE_RUN_DIR": "/"}), grpc.StatusCode.INVALID_ARGUMENT),
+    ("override VPE_WORKSPACE", run_request(env_vars={"VPE_WORKSPACE": "/"}), grpc.StatusCode.INVALID_ARGUMENT),
     ("NUL in env value", run_request(env_vars={"A": "x\0y"}), grpc.StatusCode.INVALID_ARGUMENT),
     ("too many env vars", run_request(env_vars={f"V{i}": "1" for i in range(300)}), grpc.StatusCode.INVALID_ARGUMENT),
     ("negative timeout", run_request(timeout_seconds=-1), grpc.StatusCode.INVALID_ARGUMENT),

@@ -87,12 +87,12 @@ def workdir(tmp_path: Path) -> Path:
 
 def step(python: str, script: str, *args: str, workdir: Path, env: dict[str, str] | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs one step by hand, the way a user would, in its own buffer (cache) and run folder."""
+    """Runs one step by hand, the way a user would, in its own buffer (cache) and workspace."""
     base = {k: v for k, v in os.environ.items()
-            if k not in ("VPE_RUN_DIR", "VPE_RUN_ID", "VPE_WAREHOUSE_DSN", "OPEN_METEO_ARCHIVE_URL")}
+            if k not in ("VPE_WORKSPACE", "VPE_RUN_ID", "VPE_WAREHOUSE_DSN", "OPEN_METEO_ARCHIVE_URL")}
     return subprocess.run(
         [python, str(TASKS / script), *args],
-        env={**base, "VPE_BUFFER": str(workdir / "buffer"), "VPE_RUN_DIR": str(workdir / "run"), **(env or {})},
+        env={**base, "VPE_BUFFER": str(workdir / "buffer"), "VPE_WORKSPACE": str(workdir / "run"), **(env or {})},
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=cwd)
 
 
@@ -148,19 +148,19 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
     assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in out
     events, rejects = read_csv(run / "events-catalog.csv"), read_rejects(run / "rejects-catalog.jsonl")
     assert len(events) + len(rejects) == DEMO_ROWS == len(read_csv(DEMO))
-    by_id = {e["event_id"]: e for e in events}
+    by_id = {e["catalog_id"]: e for e in events}
     assert by_id["101"]["continent_code"] == "NA" and by_id["101"]["event_time"] == "10:37:00"
     assert (by_id["103"]["time_text"], by_id["103"]["event_time"]) == ("Overnight", "")
     assert by_id["103"]["near"] == "Kedārnāth" and by_id["101"]["landslide_size"] == "very_large"
     windows = read_csv(run / "windows-catalog.csv")
     assert len(windows) == 2 * len(events)
-    assert {(w["is_event"], w["window_date"]) for w in windows if w["event_id"] == "106"} == {
+    assert {(w["is_event"], w["window_date"]) for w in windows if w["catalog_id"] == "106"} == {
         ("true", "2012-02-29"), ("false", "2011-02-28")}
 
     out = ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
     assert "SYNTHETIC" in out
     hourly = read_csv(run / "hourly.csv")
-    per_window = Counter((h["event_id"], h["is_event"]) for h in hourly)
+    per_window = Counter((h["catalog_id"], h["is_event"]) for h in hourly)
     assert len(per_window) == len(windows) and set(per_window.values()) == {24}
     assert all(h[name] != "" for h in hourly for name in h), "every variable has a value"
     assert read_csv(run / "failed_windows.csv") == []
@@ -200,12 +200,12 @@ def test_demo_catalog_end_to_end_then_rerun_adds_nothing(ingestion_python: str, 
                       "(SELECT count(*) FROM soil), (SELECT count(*) FROM rejected_rows)") == totals
 
 
-def test_by_hand_the_later_steps_find_extracts_run_folder(ingestion_python: str, api: str, workdir: Path) -> None:
-    env = {"VPE_RUN_DIR": ""}
+def test_by_hand_the_later_steps_find_extracts_workspace(ingestion_python: str, api: str, workdir: Path) -> None:
+    env = {"VPE_WORKSPACE": ""}
     out = ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir, env=env))
-    folder = re.search(r"run folder (\S+)", out).group(1)
+    folder = re.search(r"workspace (\S+) \(run id", out).group(1)
     assert Path(folder).parent == workdir / "buffer" and Path(folder).name.startswith("manual-")
-    assert f"run folder {folder}" in ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir, env=env))
+    assert f"workspace {folder}" in ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir, env=env))
 
 
 def test_demo_csv_and_xlsx_give_identical_events_and_relative_paths_fall_back_to_the_repo(
@@ -259,7 +259,7 @@ def test_extract_names_must_be_safe_file_name_parts(ingestion_python: str, workd
     assert not list((workdir / "run").iterdir())
 
 
-def test_load_refuses_a_run_folder_with_an_unfinished_extract(ingestion_python: str, workdir: Path) -> None:
+def test_load_refuses_a_workspace_with_an_unfinished_extract(ingestion_python: str, workdir: Path) -> None:
     run = workdir / "run"
     ok(step(ingestion_python, "extract.py", "--name", "csv", str(DEMO), workdir=workdir))
     ok(step(ingestion_python, "extract.py", "--name", "xlsx", str(DEMO_XLSX), workdir=workdir))
@@ -344,7 +344,7 @@ def test_missing_input_file_is_a_clear_error(ingestion_python: str, workdir: Pat
     assert result.returncode == 1 and "does not exist" in result.stderr
 
 
-def test_catalog_from_a_url_is_downloaded_into_the_run_folder(ingestion_python: str, workdir: Path) -> None:
+def test_catalog_from_a_url_is_downloaded_into_the_workspace(ingestion_python: str, workdir: Path) -> None:
     shutil.copy(DEMO, workdir / "catalog.csv")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=workdir,
@@ -402,7 +402,7 @@ def test_xlsx_with_two_catalog_sheets_asks_which(ingestion_python: str, workdir:
 
 def write_windows(workdir: Path, days: list[str]) -> None:
     rows = [f"e{i},true,{10 + i * 0.5},{20 + i * 0.25},{day}" for i, day in enumerate(days)]
-    (workdir / "run" / "windows-catalog.csv").write_text("event_id,is_event,latitude,longitude,window_date\n"
+    (workdir / "run" / "windows-catalog.csv").write_text("catalog_id,is_event,latitude,longitude,window_date\n"
                                                   + "\n".join(rows) + "\n")
 
 
@@ -566,12 +566,12 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
         workspace = home / "buffer" / "dag-1"
         for kind in ("csv", "xlsx"):
             assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in first[f"extract_{kind}"]
-            assert f"run folder {workspace} (run id dag-1-extract_{kind})" in first[f"extract_{kind}"]
+            assert f"workspace {workspace} (run id dag-1-extract_{kind})" in first[f"extract_{kind}"]
         assert not (home / "buffer" / "dag-1-crawl").exists()
         windows = 2 * DEMO_EVENTS
         assert f"{windows} windows in windows-csv.csv, windows-xlsx.csv; {windows} listed again" in first["crawl"]
         hourly = read_csv(workspace / "hourly.csv")
-        assert len(hourly) == windows * 24 and len({(h["event_id"], h["is_event"], h["observed_at"]) for h in hourly}) \
+        assert len(hourly) == windows * 24 and len({(h["catalog_id"], h["is_event"], h["observed_at"]) for h in hourly}) \
             == len(hourly), "each window's hours once"
         assert load_counts(first["load"])["landslide_event"] == (DEMO_EVENTS, 0, 0, 0)
         assert (f"event rows: {2 * DEMO_EVENTS} in events-csv.csv, events-xlsx.csv = {DEMO_EVENTS} copies of an "

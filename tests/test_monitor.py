@@ -70,7 +70,7 @@ def http(url: str, body: dict | None = None) -> dict:
 def write_places(workdir: Path, windows: list[tuple[str, float]]) -> None:
     """One event window per (day, longitude); crawl asks for each place's local day (timezone=auto)."""
     rows = [f"e{i},true,45.0,{lon},{day}" for i, (day, lon) in enumerate(windows)]
-    (workdir / "run" / "windows-catalog.csv").write_text("event_id,is_event,latitude,longitude,window_date\n"
+    (workdir / "run" / "windows-catalog.csv").write_text("catalog_id,is_event,latitude,longitude,window_date\n"
                                                           + "\n".join(rows) + "\n")
 
 

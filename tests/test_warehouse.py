@@ -14,11 +14,11 @@ from conftest import bootstrap
 
 UTC = dt.timezone.utc
 TARGETS = ["landslide_event", "location", "weather_window", "weather_hour", "pending_window"]
-EVENT_COLUMNS = ["run_id", "source", "row_number", "event_id", "event_date", "event_time", "time_text", "last_edited",
+EVENT_COLUMNS = ["run_id", "source", "row_number", "catalog_id", "event_date", "event_time", "time_text", "last_edited",
                  "title", "country", "country_code", "admin_division", "near", "continent_code", "location_accuracy",
                  "hazard_type", "landslide_category", "landslide_trigger", "landslide_size", "landslide_setting",
                  "fatalities", "injuries", "source_link", "latitude", "longitude", "elevation"]
-WEATHER_COLUMNS = ["run_id", "event_id", "is_event", "latitude", "longitude", "elevation", "window_date",
+WEATHER_COLUMNS = ["run_id", "catalog_id", "is_event", "latitude", "longitude", "elevation", "window_date",
                    "observed_at", "timezone", "temperature_2m", "relative_humidity_2m", "precipitation", "rain",
                    *(f"soil_{kind}_{depth}cm" for kind in ("temperature", "moisture")
                      for depth in ("0_to_7", "7_to_28", "28_to_100", "100_to_255"))]
@@ -27,8 +27,8 @@ SOIL_DEPTHS = 4
 Row = dict[str, Any]
 
 
-def event(event_id: str, day: dt.date, lat: float, lon: float, **values: Any) -> Row:
-    return {"source": "catalog.csv", "row_number": int(event_id) + 1, "event_id": event_id, "event_date": day,
+def event(catalog_id: str, day: dt.date, lat: float, lon: float, **values: Any) -> Row:
+    return {"source": "catalog.csv", "row_number": int(catalog_id) + 1, "catalog_id": catalog_id, "event_date": day,
             "event_time": None, "time_text": None, "country": "Peru", "near": "Huancabamba",
             "continent_code": "SA", "hazard_type": "landslide", "landslide_category": "Landslide",
             "landslide_size": "Medium", "latitude": lat, "longitude": lon, "elevation": None, **values}
@@ -40,7 +40,7 @@ def weather_day(ev: Row, is_event: bool, hours: int = 24, **values: Any) -> list
     start = dt.datetime.combine(day, dt.time(), UTC)
     rows = []
     for hour in range(hours):
-        row = {"event_id": ev["event_id"], "is_event": is_event, "latitude": ev["latitude"],
+        row = {"catalog_id": ev["catalog_id"], "is_event": is_event, "latitude": ev["latitude"],
                "longitude": ev["longitude"], "elevation": 120.0, "window_date": day,
                "observed_at": start + dt.timedelta(hours=hour), "temperature_2m": 10.0 + hour,
                "relative_humidity_2m": 80.0, "precipitation": 0.5, "rain": 0.4}
@@ -128,7 +128,7 @@ def test_applying_the_schema_twice_to_an_empty_warehouse_changes_nothing(
         before = snapshot(conn), schema_shape(conn)
         bootstrap("migrate", env=env)
         assert (snapshot(conn), schema_shape(conn)) == before
-        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,)]
         assert all(count == 0 for table, (count, _) in before[0].items() if table != "public.schema_version")
 
 
@@ -201,25 +201,25 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_is_loaded(warehouse) ->
     reasons = dict(conn.execute("SELECT row_key, reason FROM rejected_rows WHERE run_id = 'run-bad'").fetchall())
     stamp = "2019-03-10T{:02d}:00Z".format
     assert reasons == {
-        "event_id 10 row 11": "violates location_latitude_range (latitude=95.000000)",
-        "event_id 11 row 12": "violates landslide_event_continent_code_known (continent_code=XX)",
-        "event_id 12 row 13": "event_date is missing (landslide_event.event_date is NOT NULL)",
-        "event_id 13 row 14": "latitude is missing (location.latitude is NOT NULL)",
-        "event_id 1 row 99": "repeats event_id 1 of row 2",
-        f"event_id 1 event {stamp(0)}": "violates weather_hour_relative_humidity_2m_range (relative_humidity_2m=130.0)",
-        f"event_id 1 event {stamp(1)}": "violates weather_hour_precipitation_range (precipitation=-1.0)",
-        f"event_id 1 event {stamp(2)}":
+        "catalog_id 10 row 11": "violates location_latitude_range (latitude=95.000000)",
+        "catalog_id 11 row 12": "violates landslide_event_continent_code_known (continent_code=XX)",
+        "catalog_id 12 row 13": "event_date is missing (landslide_event.event_date is NOT NULL)",
+        "catalog_id 13 row 14": "latitude is missing (location.latitude is NOT NULL)",
+        "catalog_id 1 row 99": "repeats catalog_id 1 of row 2",
+        f"catalog_id 1 event {stamp(0)}": "violates weather_hour_relative_humidity_2m_range (relative_humidity_2m=130.0)",
+        f"catalog_id 1 event {stamp(1)}": "violates weather_hour_precipitation_range (precipitation=-1.0)",
+        f"catalog_id 1 event {stamp(2)}":
             "violates weather_hour_soil_moisture_7_to_28cm_range (soil_moisture_7_to_28cm=1.7)",
-        "event_id 1 event ?": "observed_at is missing (weather_hour.observed_at is NOT NULL)",
-        f"event_id 1 event {stamp(4)}": "violates location_latitude_range (latitude=NaN)",
-        "event_id 404 event 2019-05-05T00:00Z":
-            "event_id 404 is not in landslide_event (its catalog row is missing or was rejected)",
-        "event_id 1 non-event 2018-03-10T00:00Z":
+        "catalog_id 1 event ?": "observed_at is missing (weather_hour.observed_at is NOT NULL)",
+        f"catalog_id 1 event {stamp(4)}": "violates location_latitude_range (latitude=NaN)",
+        "catalog_id 404 event 2019-05-05T00:00Z":
+            "catalog_id 404 is not in landslide_event (its catalog row is missing or was rejected)",
+        "catalog_id 1 non-event 2018-03-10T00:00Z":
             "non-event window_date 2019-03-13 is not before the date of event 1 (2019-03-10)",
-        "event_id 1 non-event 2018-03-10T01:00Z":
+        "catalog_id 1 non-event 2018-03-10T01:00Z":
             "non-event window_date 2019-03-13 is not before the date of event 1 (2019-03-10)",
     }
-    raw = conn.execute("SELECT raw FROM rejected_rows WHERE row_key = 'event_id 11 row 12'").fetchone()[0]
+    raw = conn.execute("SELECT raw FROM rejected_rows WHERE row_key = 'catalog_id 11 row 12'").fetchone()[0]
     assert raw["continent_code"] == "XX" and raw["near"] == "Huancabamba"
     assert conn.execute("SELECT catalog_id FROM landslide_event").fetchall() == [("1",)]
     assert conn.execute("SELECT hours_observed FROM event_weather_daily").fetchall() == [(19,)]
@@ -270,7 +270,7 @@ def test_views_summarise_each_day_as_computed_by_hand(warehouse) -> None:
                       soil_temperature_100_to_255cm=None, soil_moisture_100_to_255cm=None)
     year_before = weather_day(slide, False, hours=3, temperature_2m=lambda h: 1.0 + h, precipitation=0.0,
                               rain=0.0, relative_humidity_2m=50.0, soil_moisture_0_to_7cm=0.2)
-    twin_day = [{**h, "event_id": "2"} for h in day]
+    twin_day = [{**h, "catalog_id": "2"} for h in day]
     following = weather_day(next_day, True, hours=2, temperature_2m=40.0, precipitation=9.0)
 
     load(conn, "run-1", [slide, twin, next_day, american], day + year_before + twin_day + following)

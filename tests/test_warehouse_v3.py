@@ -68,7 +68,7 @@ def load_v2(conn: psycopg.Connection, run_id: str, events: list[dict], weather: 
                                      ("staging.weather_hourly", V2_WEATHER_COLUMNS, weather)):
             with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
-                    values = {**row, "landslide_type": row.get("landslide_category")}
+                    values = {**row, "event_id": row.get("catalog_id"), "landslide_type": row.get("landslide_category")}
                     copy.write_row([run_id if c == "run_id" else values.get(c) for c in columns])
         cur.execute("SELECT * FROM load_staging(%s)", (run_id,))
 
@@ -120,7 +120,7 @@ def test_a_populated_v2_warehouse_upgrades_in_place_and_keeps_every_measurement_
     bootstrap("migrate", env=env)
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,)]
         assert v3_hours(conn) == hours
         assert conn.execute(f"SELECT {EVENT_FACTS}, landslide_category FROM landslide_event ORDER BY 1"
                             ).fetchall() == [(*e[:-1], e[-1].lower()) for e in events]
@@ -158,6 +158,47 @@ def test_an_upgraded_warehouse_has_the_shape_of_a_new_one(empty_db: tuple[str, d
     bootstrap("migrate", env={**env, "VPE_WAREHOUSE_DB": fresh.rsplit("/", 1)[1]})
     with psycopg.connect(fresh, autocommit=True) as conn:
         assert schema_shape(conn) == upgraded
+
+
+# ------------------------------------------------------------------ upgrade from version 3
+
+def staging_key_columns(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute("SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                        "JOIN information_schema.tables t USING (table_schema, table_name) "
+                        "WHERE c.table_schema = 'staging' AND t.table_type = 'BASE TABLE' "
+                        "AND c.column_name IN ('event_id', 'catalog_id') ORDER BY 1").fetchall()
+
+
+def test_a_v3_warehouse_renames_its_staging_key_and_still_knows_its_rejects(warehouse) -> None:
+    conn, env = warehouse
+    ev = EVENTS[0]
+    bad_hours = [*weather_day(ev, True, hours=1, relative_humidity_2m=130.0),
+                 *weather_day(event("404", ev["event_date"], 1.0, 1.0), True, hours=1)]
+    load(conn, "events", [ev])
+    load(conn, "crawl-1", [], bad_hours)
+    stage(conn, "crashed", [ev])
+    rejects = conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall()
+    assert rejects == [
+        ("open-meteo", f"catalog_id 1 event {ev['event_date']}T00:00Z",
+         "violates weather_hour_relative_humidity_2m_range (relative_humidity_2m=130.0)"),
+        ("open-meteo", f"catalog_id 404 event {ev['event_date']}T00:00Z",
+         "catalog_id 404 is not in landslide_event (its catalog row is missing or was rejected)")]
+    # Back to version 3: staging and the loads' rejects named the key event_id.
+    conn.execute("DELETE FROM schema_version WHERE version = 4")
+    conn.execute("UPDATE rejected_rows SET row_key = replace(row_key, 'catalog_id ', 'event_id '), "
+                 "reason = replace(reason, 'catalog_id ', 'event_id ')")
+    for table in ("landslide_event", "weather_hourly", "pending_window"):
+        conn.execute(f"ALTER TABLE staging.{table} RENAME COLUMN catalog_id TO event_id")
+
+    bootstrap("migrate", env=env)
+
+    assert staging_key_columns(conn) == [("landslide_event", "catalog_id"), ("pending_window", "catalog_id"),
+                                         ("weather_hourly", "catalog_id")]
+    assert conn.execute("SELECT catalog_id FROM staging.landslide_event WHERE run_id = 'crashed'").fetchall() == [
+        ("1",)]
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (4,)
+    assert load(conn, "crawl-2", [], bad_hours)["weather_hour"] == (0, 0, 0, 2)
+    assert conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall() == rejects
 
 
 # ------------------------------------------------------------------ local and UTC event times
@@ -232,9 +273,9 @@ def test_a_newer_version_updates_the_event_and_an_older_or_undated_one_is_reject
                            "FROM landslide_event_history").fetchall()
     assert history == [("7", at("2020-02-03T10:00+00:00"), "Slide A", "v2")]
     assert [r for (r,) in conn.execute("SELECT reason FROM rejected_rows ORDER BY run_id")] == [
-        "event_id 7: this version (undated) is not newer than the stored one (last edited 2021-05-06T07:08Z), "
+        "catalog_id 7: this version (undated) is not newer than the stored one (last edited 2021-05-06T07:08Z), "
         "which is kept",
-        "event_id 7: this version (last edited 2020-02-03T10:00Z) is not newer than the stored one "
+        "catalog_id 7: this version (last edited 2020-02-03T10:00Z) is not newer than the stored one "
         "(last edited 2021-05-06T07:08Z), which is kept",
     ]
 
@@ -246,7 +287,7 @@ def test_two_versions_of_one_report_in_one_batch_keep_the_newest(warehouse) -> N
     assert load(conn, "run", [older, newer])["landslide_event"] == (1, 0, 0, 1)
     assert conn.execute("SELECT title FROM landslide_event").fetchone() == ("new",)
     assert conn.execute("SELECT row_key, reason FROM rejected_rows").fetchall() == [
-        ("event_id 7 row 8", "repeats event_id 7 of row 30")]
+        ("catalog_id 7 row 8", "repeats catalog_id 7 of row 30")]
 
 
 def test_an_edit_that_moves_the_event_drops_its_old_windows_and_zone(warehouse) -> None:
@@ -284,7 +325,7 @@ def test_watermark_per_source_is_the_newest_loaded_last_edited(warehouse) -> Non
 # ------------------------------------------------------------------ pending windows
 
 def stage_pending(conn: psycopg.Connection, run_id: str, rows: list[tuple]) -> None:
-    with conn.cursor().copy("COPY staging.pending_window (run_id, event_id, is_event, latitude, longitude, "
+    with conn.cursor().copy("COPY staging.pending_window (run_id, catalog_id, is_event, latitude, longitude, "
                             "window_date) FROM STDIN") as copy:
         for row in rows:
             copy.write_row((run_id, *row))
@@ -314,7 +355,7 @@ def test_pending_windows_wait_in_the_warehouse_until_their_hours_load(warehouse)
     load(conn, "crawl-3", [], weather_day(ev, True))
     assert conn.execute("SELECT is_event, window_date FROM pending_window").fetchall() == [(False, year_before)]
     assert conn.execute("SELECT reason FROM rejected_rows WHERE source = 'crawl pending windows'").fetchall() == [
-        ("event_id 404 is not in landslide_event (its catalog row is missing or was rejected)",)]
+        ("catalog_id 404 is not in landslide_event (its catalog row is missing or was rejected)",)]
 
 
 # ------------------------------------------------------------------ concurrent loads

@@ -1,4 +1,4 @@
-"""What the three ingestion steps share: the run folder and its files, logging, progress, failure."""
+"""What the three ingestion steps share: the workspace and its files, logging, progress, failure."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +23,8 @@ HOURLY_VARIABLES = (
     "soil_moisture_0_to_7cm", "soil_moisture_7_to_28cm",
     "soil_moisture_28_to_100cm", "soil_moisture_100_to_255cm",
 )
-# Files in the run folder; the CSV headers are the staging tables' columns (minus run_id).
-# Each extract writes its own three, named by its --name, so extracts of several catalogs can share one run folder.
+# Files in the workspace (the folder of one DAG run); the CSV headers are the staging tables' columns (minus run_id).
+# Each extract writes its own three, named by its --name, so extracts of several catalogs can share one workspace.
 EVENTS = "events-{name}.csv"
 WINDOWS = "windows-{name}.csv"
 REJECTS = "rejects-{name}.jsonl"
@@ -33,12 +33,12 @@ HOURLY = "hourly.csv"
 FAILED_WINDOWS = "failed_windows.csv"
 PENDING_WINDOWS = "pending_windows.csv"
 CRAWL_SUMMARY = "crawl_summary.json"
-EVENT_COLUMNS = ("source", "row_number", "event_id", "event_date", "event_time", "time_text", "last_edited",
+EVENT_COLUMNS = ("source", "row_number", "catalog_id", "event_date", "event_time", "time_text", "last_edited",
                  "title", "country", "country_code", "admin_division", "near", "continent_code",
                  "location_accuracy", "hazard_type", "landslide_category", "landslide_trigger", "landslide_size",
                  "landslide_setting", "fatalities", "injuries", "source_link", "latitude", "longitude", "elevation")
-WINDOW_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "window_date")
-HOURLY_COLUMNS = ("event_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
+WINDOW_COLUMNS = ("catalog_id", "is_event", "latitude", "longitude", "window_date")
+HOURLY_COLUMNS = ("catalog_id", "is_event", "latitude", "longitude", "elevation", "window_date", "observed_at",
                   "timezone", *HOURLY_VARIABLES)
 FAILED_COLUMNS = (*WINDOW_COLUMNS, "reason")
 
@@ -61,38 +61,38 @@ def buffer_dir() -> Path:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, with_run_id: bool = False) -> None:
-    parser.add_argument("--run-dir", type=Path, default=os.environ.get("VPE_RUN_DIR") or None,
-                        help="the run's folder (default: $VPE_RUN_DIR; by hand: extract makes "
+    parser.add_argument("--workspace", type=Path, default=os.environ.get("VPE_WORKSPACE") or None,
+                        help="the workspace folder (default: $VPE_WORKSPACE; by hand: extract makes "
                              "<buffer>/manual-<timestamp>, the later steps take the newest one)")
     if with_run_id:
         parser.add_argument("--run-id", default=os.environ.get("VPE_RUN_ID") or None,
-                            help="run id (default: $VPE_RUN_ID, else the run folder's name)")
+                            help="run id (default: $VPE_RUN_ID, else the workspace's name)")
 
 
 def extract_files(folder: Path, template: str) -> dict[str, Path]:
-    """Every extract's file of one kind (EVENTS, WINDOWS or REJECTS) in the run folder, by extract name, sorted."""
+    """Every extract's file of one kind (EVENTS, WINDOWS or REJECTS) in the workspace, by extract name, sorted."""
     prefix, suffix = template.split("{name}")
     return {path.name[len(prefix):-len(suffix)]: path for path in sorted(folder.glob(f"{prefix}*{suffix}"))}
 
 
-def run_folder(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path, str]:
-    """The run folder and run id; `needs` is a glob pattern some file of the folder must match.
+def workspace(args: argparse.Namespace, create: bool, needs: str) -> tuple[Path, str]:
+    """The workspace and run id; `needs` is a glob pattern some file of the folder must match.
     By hand, extract starts a new folder and the later steps take the newest."""
-    folder = args.run_dir
+    folder = args.workspace
     if folder is None and create:
         folder = buffer_dir() / f"manual-{datetime.now():%Y%m%d-%H%M%S}"
     elif folder is None:
         candidates = sorted(buffer_dir().glob(f"manual-*/{needs}"))
         if not candidates:
-            raise StepFailed(f"no run folder with {needs} under {buffer_dir()}: run extract first or pass --run-dir")
+            raise StepFailed(f"no workspace with {needs} under {buffer_dir()}: run extract first or pass --workspace")
         folder = candidates[-1].parent
     folder = Path(folder)
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     elif not any(folder.glob(needs)):
-        raise StepFailed(f"{folder} has no {needs}: run the previous step for this run folder first")
+        raise StepFailed(f"{folder} has no {needs}: run the previous step for this workspace first")
     run_id = getattr(args, "run_id", None) or os.environ.get("VPE_RUN_ID") or folder.name
-    log.info("run folder %s (run id %s)", folder, run_id)
+    log.info("workspace %s (run id %s)", folder, run_id)
     return folder, run_id
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """crawl: hourly weather and soil for every window from the Open-Meteo historical archive API.
 
-Reads every extract's windows-*.csv in the run folder (a window that several
+Reads every extract's windows-*.csv in the workspace (a window that several
 extracts list, e.g. the same catalog as CSV and XLSX, counts once); writes
 hourly.csv (24 rows per window), failed_windows.csv (each with its reason),
 pending_windows.csv and crawl_summary.json. A window whose day the archive does
@@ -42,7 +42,7 @@ import requests
 
 from common import (CRAWL_SUMMARY, FAILED_COLUMNS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, HOURLY_VARIABLES,
                     PENDING_WINDOWS, WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir,
-                    extract_files, log, query_warehouse, run_folder, run_step, warehouse_dsn, write_csv)
+                    extract_files, log, query_warehouse, run_step, warehouse_dsn, workspace, write_csv)
 
 REAL_ARCHIVE_URL = "https://archive-api.open-meteo.com/v1/archive"
 CUSTOMER_ARCHIVE_URL = "https://customer-archive-api.open-meteo.com/v1/archive"
@@ -63,7 +63,7 @@ Key = tuple[float, float, str]  # latitude, longitude, day: what the API is aske
 
 @dataclass(frozen=True)
 class Window:
-    event_id: str
+    catalog_id: str
     is_event: str
     latitude: float
     longitude: float
@@ -378,7 +378,7 @@ def read_windows(path: Path) -> list[Window]:
         if tuple(reader.fieldnames or ()) != WINDOW_COLUMNS:
             raise StepFailed(f"{path} has columns {reader.fieldnames}, expected {list(WINDOW_COLUMNS)}: rerun extract")
         try:
-            return [Window(r["event_id"], r["is_event"], float(r["latitude"]), float(r["longitude"]), r["window_date"])
+            return [Window(r["catalog_id"], r["is_event"], float(r["latitude"]), float(r["longitude"]), r["window_date"])
                     for r in reader]
         except (TypeError, ValueError) as error:
             raise StepFailed(f"{path} line {reader.line_num} is malformed ({error}): rerun extract") from None
@@ -406,8 +406,8 @@ def warehouse_pending(dsn: str) -> list[Window]:
 def with_pending(windows: list[Window], pending: list[Window]) -> list[Window]:
     """This run's windows plus the warehouse's pending ones; an event this run lists again (perhaps edited to
     another place or day) keeps this run's window."""
-    listed = {(w.event_id, w.is_event) for w in windows}
-    added = [w for w in pending if (w.event_id, w.is_event) not in listed]
+    listed = {(w.catalog_id, w.is_event) for w in windows}
+    added = [w for w in pending if (w.catalog_id, w.is_event) not in listed]
     log.info("%d windows pending in the warehouse: %d added, %d listed by this run already",
              len(pending), len(added), len(pending) - len(added))
     return windows + added
@@ -424,7 +424,7 @@ def observed_at(local: str, offset_seconds: int) -> str:
 def window_rows(window: Window, entry: dict) -> Iterator[tuple]:
     hourly = entry["hourly"]
     for hour, local in enumerate(hourly["time"]):
-        yield (window.event_id, window.is_event, window.latitude, window.longitude, entry["elevation"], window.day,
+        yield (window.catalog_id, window.is_event, window.latitude, window.longitude, entry["elevation"], window.day,
                observed_at(local, entry["utc_offset_seconds"]), entry["timezone"],
                *(hourly[name][hour] for name in HOURLY_VARIABLES))
 
@@ -438,10 +438,10 @@ def write_outputs(folder: Path, windows: list[Window], cache: Cache, failed: dic
     write_csv(folder / HOURLY, HOURLY_COLUMNS, (row for w in done for row in window_rows(w, entries[w.key])))
     pending = [w for w in windows if not entries.get(w.key) and w.key in waiting]
     write_csv(folder / PENDING_WINDOWS, WINDOW_COLUMNS,
-              ((w.event_id, w.is_event, w.latitude, w.longitude, w.day) for w in pending))
+              ((w.catalog_id, w.is_event, w.latitude, w.longitude, w.day) for w in pending))
     missing = [w for w in windows if not entries.get(w.key) and w.key not in waiting]
     write_csv(folder / FAILED_WINDOWS, FAILED_COLUMNS,
-              ((w.event_id, w.is_event, w.latitude, w.longitude, w.day, failed.get(w.key, not_fetched))
+              ((w.catalog_id, w.is_event, w.latitude, w.longitude, w.day, failed.get(w.key, not_fetched))
                for w in missing))
     return len(done), len(missing), len(pending), any(entries[w.key].get("synthetic") for w in done)
 
@@ -487,7 +487,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    folder, _ = run_folder(args, create=False, needs=WINDOWS.format(name="*"))
+    folder, _ = workspace(args, create=False, needs=WINDOWS.format(name="*"))
     windows = distinct_windows(list(extract_files(folder, WINDOWS).values()))
     if args.pending_from_warehouse:
         windows = with_pending(windows, warehouse_pending(warehouse_dsn("--pending-from-warehouse")))

@@ -6,7 +6,9 @@ recognised by its header: the legacy 2007-2016 export (id, date, time, ...) or
 the current COOLR export (event_id, event_date, ..., last_edited_date); or live,
 from NASA's ArcGIS layer (a URL ending in /FeatureServer/<n>, or `live` for
 $VPE_GLC_LAYER_URL), read page by page through its query API. Both formats map
-onto one set of event columns (common.EVENT_COLUMNS).
+onto one set of event columns (common.EVENT_COLUMNS); the catalog's own key
+(`id` in the legacy export, `event_id` in the current one and the layer) is
+renamed to catalog_id here, once, and goes by that name from here on.
 
 Every data row becomes an event or a rejected row with its reason; the counts are
 printed and add up (with --since, rows not created or edited after it are
@@ -15,8 +17,8 @@ for the source, the newest edit loaded from it, and reads everything when there
 is none). Each event gets two one-day windows at its
 location: the event day, and the same calendar day one year earlier (the
 non-event sample). Writes events-NAME.csv, windows-NAME.csv and
-rejects-NAME.jsonl into the run folder (NAME from --name), so extracts of several
-catalogs can run at the same time into one run folder; crawl and load read all.
+rejects-NAME.jsonl into the workspace (NAME from --name), so extracts of several
+catalogs can run at the same time into one workspace; crawl and load read all.
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from common import (EVENT_COLUMNS, EVENTS, EXTRACT_NAME, REJECTS, REPO, WINDOW_COLUMNS, WINDOWS, Progress,
-                    StepFailed, add_run_arguments, atomic_write, log, query_warehouse, run_folder, run_step,
-                    warehouse_dsn, write_csv)
+                    StepFailed, add_run_arguments, atomic_write, log, query_warehouse, run_step,
+                    warehouse_dsn, workspace, write_csv)
 
 REAL_LAYER_URL = "https://gis.earthdata.nasa.gov/gis01/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0"
 LAYER_URL = re.compile(r"/FeatureServer/\d+/?$", re.IGNORECASE)
@@ -77,20 +79,20 @@ class Rejected(Exception):
 @dataclass
 class Event:
     row: Row
-    event_id: str
+    catalog_id: str
     day: date
     latitude: float
     longitude: float
     values: dict[str, str]  # the shared columns as text
 
     def record(self, source: str) -> tuple:
-        fixed = {"source": source, "row_number": self.row.number, "event_id": self.event_id,
+        fixed = {"source": source, "row_number": self.row.number, "catalog_id": self.catalog_id,
                  "event_date": self.day.isoformat(), "latitude": self.latitude, "longitude": self.longitude}
         return tuple(fixed[name] if name in fixed else self.values.get(name) or None for name in EVENT_COLUMNS)
 
     def windows(self) -> list[tuple]:
-        return [(self.event_id, "true", self.latitude, self.longitude, self.day.isoformat()),
-                (self.event_id, "false", self.latitude, self.longitude, one_year_earlier(self.day).isoformat())]
+        return [(self.catalog_id, "true", self.latitude, self.longitude, self.day.isoformat()),
+                (self.catalog_id, "false", self.latitude, self.longitude, one_year_earlier(self.day).isoformat())]
 
 
 def one_year_earlier(day: date) -> date:
@@ -151,7 +153,7 @@ def legacy_shared(v: dict[str, str]) -> dict[str, str]:
     """The legacy 2007-2016 export's names for the shared columns (CONTRACTS C1)."""
     get = functools.partial(stripped, v)
     return {
-        "event_id": catalog_id(v["id"]), "title": get("nearest_places"),
+        "catalog_id": catalog_id(v["id"]), "title": get("nearest_places"),
         "country": get("countryname") or get("country"), "country_code": get("countrycode").upper(),
         "admin_division": get("adminname1"), "near": get("near"),
         "continent_code": v["continentcode"].strip(),  # as written: "NA" is North America, not a null
@@ -169,7 +171,7 @@ def current_shared(v: dict[str, str]) -> dict[str, str]:
     get = functools.partial(stripped, v)
     country_code = get("country_code").upper()
     return {
-        "event_id": catalog_id(v["event_id"]), "title": get("event_title"), "country": get("country_name"),
+        "catalog_id": catalog_id(v["event_id"]), "title": get("event_title"), "country": get("country_name"),
         "country_code": country_code, "admin_division": get("admin_division_name"),
         "near": get("gazeteer_closest_point"), "continent_code": continent_of(country_code),
         "location_accuracy": location_accuracy(get("location_accuracy")), "hazard_type": "",
@@ -333,7 +335,7 @@ def cell_text(value: object) -> str:
 
 
 def fetch(source: str, folder: Path, name: str) -> Path:
-    """A local path as is; an http(s) URL downloaded into the run folder."""
+    """A local path as is; an http(s) URL downloaded into the workspace."""
     if urlsplit(source).scheme not in ("http", "https"):
         return local_path(source)
     import requests
@@ -353,7 +355,7 @@ def fetch(source: str, folder: Path, name: str) -> Path:
 
 def local_path(source: str) -> Path:
     """Relative paths that are not under the working dir are taken from the repo: a task run by the executor
-    works in its run folder, yet `tasks/ingestion/demo_catalog.csv` should still name the demo."""
+    works in its workspace, yet `tasks/ingestion/demo_catalog.csv` should still name the demo."""
     path = Path(source)
     if path.is_file():
         return path
@@ -599,7 +601,7 @@ def to_event(row: Row, catalog: CatalogFormat, last_day: date) -> Event:
         raise Rejected(f"date in the future: {day} (no place on Earth has reached it yet)")
     latitude = parse_coordinate(v["latitude"], "latitude", 90)
     longitude = parse_coordinate(v["longitude"], "longitude", 180)
-    return Event(row, shared["event_id"], day, latitude, longitude, shared)
+    return Event(row, shared["catalog_id"], day, latitude, longitude, shared)
 
 
 @dataclass
@@ -619,9 +621,9 @@ def split_rows(rows: Iterator[Row], catalog: CatalogFormat, source: str, since: 
             continue
         try:
             event = to_event(row, catalog, last_day)
-            if event.event_id in first_row_of:
-                raise Rejected(f"duplicate id: {event.event_id} (first in row {first_row_of[event.event_id]})")
-            first_row_of[event.event_id] = row.number
+            if event.catalog_id in first_row_of:
+                raise Rejected(f"duplicate id: {event.catalog_id} (first in row {first_row_of[event.catalog_id]})")
+            first_row_of[event.catalog_id] = row.number
             split.events.append(event)
         except Rejected as reason:
             raw = {key: value for key, value in row.values.items() if key != "__fields__"}
@@ -659,7 +661,7 @@ def parse_args() -> argparse.Namespace:
                                        "path not found under the working dir is taken relative to the repo")
     parser.add_argument("--name", default="catalog", type=extract_name,
                         help="names this extract's files (events-NAME.csv, windows-NAME.csv, rejects-NAME.jsonl); "
-                             "give each extract into one run folder its own (letters, digits, _ and -; "
+                             "give each extract into one workspace its own (letters, digits, _ and -; "
                              "default: %(default)s)")
     parser.add_argument("--since", type=parse_since, metavar="TIMESTAMP",
                         help="only reports created or edited after this ISO date/timestamp, UTC unless it has an "
@@ -705,7 +707,7 @@ def open_source(args: argparse.Namespace, folder: Path) -> tuple[str, str, list[
 
 def main() -> int:
     args = parse_args()
-    folder, _ = run_folder(args, create=True, needs=EVENTS.format(name="*"))
+    folder, _ = workspace(args, create=True, needs=EVENTS.format(name="*"))
     source, shown, header, rows = open_source(args, folder)
     catalog = detect_format(shown, header)
     if args.since and catalog is LEGACY:

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from common import (CRAWL_SUMMARY, EVENT_COLUMNS, EVENTS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, PENDING_WINDOWS,
                     REJECTS, WINDOW_COLUMNS, Progress, StepFailed, add_run_arguments, connect_warehouse, extract_files,
-                    log, query_warehouse, run_folder, run_step)
+                    log, query_warehouse, run_step, workspace)
 
 STAGING_TABLES = ("staging.landslide_event", "staging.weather_hourly", "staging.pending_window")
 # What makes two extracts' rows the same event: everything but where it was read from.
@@ -139,7 +139,7 @@ def check_extracts_complete(folder: Path) -> None:
     """Each extract writes its events file first and its rejects file last: both or it did not finish."""
     names = {kind: set(extract_files(folder, kind)) for kind in (EVENTS, REJECTS)}
     if not names[EVENTS]:
-        raise StepFailed(f"{folder} has no {EVENTS.format(name='*')}: run extract and crawl for this run folder first")
+        raise StepFailed(f"{folder} has no {EVENTS.format(name='*')}: run extract and crawl for this workspace first")
     unfinished = names[EVENTS] ^ names[REJECTS]
     if unfinished:
         raise StepFailed(f"extract --name {', '.join(sorted(unfinished))} did not finish in {folder} (its events and "
@@ -179,7 +179,7 @@ def main() -> int:
     args = parse_args()
     if not args.dsn:
         raise StepFailed("no warehouse DSN: set VPE_WAREHOUSE_DSN (./bootstrap.sh exports it) or pass --dsn")
-    folder, run_id = run_folder(args, create=False, needs=HOURLY)
+    folder, run_id = workspace(args, create=False, needs=HOURLY)
     check_extracts_complete(folder)
     summary_path = folder / CRAWL_SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
