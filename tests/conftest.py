@@ -210,7 +210,11 @@ class AirflowAPI:
     def task_state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
         return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["state"]
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
-        log = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
-                                  f"?map_index={map_index}")
-        return json.dumps(log)
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int | None = None,
+                 map_index: int = -1) -> str:
+        """One try's log; by default the latest try's, as the UI shows it (a retried or resumed task's
+        first try need not be the one that did the work)."""
+        instance = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        if try_number is None:
+            try_number = self.request("GET", instance + (f"/{map_index}" if map_index >= 0 else ""))["try_number"]
+        return json.dumps(self.request("GET", f"{instance}/logs/{try_number}?map_index={map_index}"))
