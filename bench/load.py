@@ -52,14 +52,22 @@ SEED_SCHEMA = ROOT / "tests" / "fixtures" / "warehouse_v2"
 HOURS_PER_WINDOW = 24
 ZONE = "Asia/Kathmandu"
 
-EVENT_COLUMNS = "run_id source row_number catalog_id event_date latitude longitude".split()
 MEASUREMENTS = ("temperature_2m relative_humidity_2m precipitation rain "
                 "soil_temperature_0_to_7cm soil_temperature_7_to_28cm soil_temperature_28_to_100cm "
                 "soil_temperature_100_to_255cm soil_moisture_0_to_7cm soil_moisture_7_to_28cm "
                 "soil_moisture_28_to_100cm soil_moisture_100_to_255cm").split()
-SEED_WEATHER_COLUMNS = ["run_id", "catalog_id", "is_event", "latitude", "longitude", "elevation", "window_date",
+# The seed's staging (version 2) names the catalog key event_id; today's names it catalog_id.
+SEED_EVENT_COLUMNS = "run_id source row_number event_id event_date latitude longitude".split()
+SEED_WEATHER_COLUMNS = ["run_id", "event_id", "is_event", "latitude", "longitude", "elevation", "window_date",
                         "observed_at", *MEASUREMENTS]
-WEATHER_COLUMNS = [*SEED_WEATHER_COLUMNS, "timezone"]
+
+
+def todays_names(columns: list[str]) -> list[str]:
+    return ["catalog_id" if name == "event_id" else name for name in columns]
+
+
+EVENT_COLUMNS = todays_names(SEED_EVENT_COLUMNS)
+WEATHER_COLUMNS = [*todays_names(SEED_WEATHER_COLUMNS), "timezone"]
 
 # The seed's loading style: every inserted row fans out at once, row by row.
 SEED_TRIGGER_SQL = """
@@ -223,7 +231,7 @@ def load_per_row(dsn: str, events: list[tuple], weather: list[tuple], commit_eac
               f"VALUES ({', '.join(['%s'] * len(SEED_WEATHER_COLUMNS))})")
     with psycopg.connect(dsn) as conn:
         conn.execute(SEED_TRIGGER_SQL)
-        copy_rows(conn, "staging.landslide_event", EVENT_COLUMNS, events)
+        copy_rows(conn, "staging.landslide_event", SEED_EVENT_COLUMNS, events)
         conn.execute("SELECT * FROM load_staging('bench')")
         conn.commit()
         conn.autocommit = commit_each_row
