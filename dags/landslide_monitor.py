@@ -64,11 +64,12 @@ def warehouse_asset(table: str) -> Asset:
 def landslide_monitor() -> None:
     extract = ExecutorOperator(task_id="extract", env="ingestion", script="ingestion/extract.py",
                                args=["live", "--name", "live", "--since", "warehouse"])
-    # The first run crawls the whole catalog's weather under the free tier's daily limit.
+    # The first run crawls the whole catalog's weather under the free tier's daily limit: it waits in
+    # the triggerer (deferrable), not in a worker slot.
     crawl = ExecutorOperator(task_id="crawl", env="ingestion", script="ingestion/crawl.py",
                              args=["--pending-from-warehouse", "--archive-lag-days",
                                    "{{ params.archive_lag_days }}"],
-                             execution_timeout=timedelta(hours=12))
+                             execution_timeout=timedelta(hours=12), deferrable=True)
     load = ExecutorOperator(task_id="load", env="ingestion", script="ingestion/load.py",
                             outlets=[warehouse_asset(table) for table in WAREHOUSE_TABLES])
 
