@@ -27,7 +27,8 @@ Commands:
   migrate            apply ddl.sql and dml.sql to the warehouse (up does this too)
   airflow [ARGS...]  the airflow CLI, configured for this stack (e.g. airflow dags list)
   executor [ARGS...] the executor's CLI, configured for this stack (e.g. executor envs)
-  test [ARGS...]     install the test tools and run the test suite (ARGS go to pytest)
+  test [ARGS...]     install the test tools and run the test suite, or the test files ARGS name
+                     (ARGS go to pytest)
   config             print the resolved configuration and mode
 
 Options:
@@ -244,9 +245,14 @@ cmd_airflow() { exec "$VPE_VENV/bin/airflow" "$@"; }
 
 cmd_executor() { exec "$VPE_VENV/bin/python" "$ROOT/executor.py" "$@"; }
 
+# Runs the whole suite, or only the test files/nodes named in ARGS (pytest's own options pass through).
 cmd_test() {
   ensure_venv "$ROOT/requirements-test.txt"
   cd "$ROOT"
+  local arg
+  for arg in "$@"; do
+    [ -e "${arg%%::*}" ] && exec "$VPE_VENV/bin/python" -m pytest "$@"
+  done
   exec "$VPE_VENV/bin/python" -m pytest tests "$@"
 }
 
