@@ -160,6 +160,13 @@ def folder(text: str) -> Path:
     return Path(text).resolve()
 
 
+def event_seq(text: str) -> int:
+    """A position in a run's event log, as AttachRequest.from_seq (int64) takes it."""
+    if not re.fullmatch(r"\d+", text) or int(text) >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is no event seq: use 0 (the start) or the last seq seen + 1")
+    return int(text)
+
+
 def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
@@ -715,7 +722,7 @@ def last_seq(path: Path) -> int:
 def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
                     follow: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any]]:
     """(seq, RunEvent) pairs of run `run_id` from position `from_seq` on, as its run log holds them, ending with
-    its status. Without `follow` it stops at the end of what is written so far; with it, it waits for more while
+    its status (sent again when `from_seq` is past it). Without `follow` it stops at the end of what is written so far; with it, it waits for more while
     follow() is true (e.g. context.is_active). Refuses at once (not at the first next()): INVALID_ARGUMENT for a
     malformed run id, NOT_FOUND when no log exists (unknown run, or pruned by retention)."""
     validate_folder_name("run_id", run_id)
@@ -740,7 +747,8 @@ def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Itera
             record = json.loads(pending)
             pending = b""
             kind = record["kind"]
-            if record["seq"] >= from_seq:
+            # The status comes even from a position past it: a resuming client must learn how the run ended.
+            if record["seq"] >= from_seq or kind == "status":
                 event = json_format.ParseDict({kind: record[kind], "seq": record["seq"]}, pb2.RunEvent(),
                                               ignore_unknown_fields=True)
                 yield record["seq"], event
@@ -2816,7 +2824,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "until it ends; exit like `run`. Leaving (Ctrl-C) does not stop the run. With "
                                    "replicas behind one name, asks each address it resolves to.")
     p.add_argument("run_id", help="the run's id (given with run --run-id, or printed by run -v)")
-    p.add_argument("--from", dest="from_seq", type=int, default=0, help="first event to print (default: the start)")
+    p.add_argument("--from", "--from-seq", dest="from_seq", type=event_seq, default=0, metavar="SEQ",
+                   help="first event to print (default: 0, the start); to resume, the last seq seen + 1")
     p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
     p.set_defaults(func=cmd_attach)
 
