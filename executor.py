@@ -1215,6 +1215,8 @@ class ActiveRun:
         self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
         self.events = EventQueue()
         self.dropped_events = 0
+        self._output_left = plan.limits["output_bytes"]  # what the client and the run log may still get of it
+        self.output_over = False  # the output limit is reached: the rest of the task's output is discarded
         self._draining = False  # being stopped: output is read without back-pressure
         self._cancel_reason = ""
         self._cancelled = threading.Event()
@@ -1358,7 +1360,6 @@ class ActiveRun:
         stopping, kill_at = False, math.inf
         exited, exited_at = False, math.inf
         others_left, census_at = True, 0.0
-        output_bytes = 0
         partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
         pidfd = os.pidfd_open(proc.pid)
         wake_r, wake_w = os.pipe()
@@ -1417,10 +1418,9 @@ class ActiveRun:
                             open_pipes -= 1
                             census_at = 0.0
                             chunk = b"\n" if partial[key.data] else b""
-                        output_bytes += len(chunk)
-                        if output_bytes > limits["output_bytes"] and not ended_by:
-                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
                         self._forward(key.data, partial, chunk)
+                        if self.output_over and not ended_by:
+                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
         finally:
             with self._wake_lock:
                 self._wake_w = None
@@ -1433,17 +1433,40 @@ class ActiveRun:
         return timed_out, ended_by
 
     def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
+        """Sends the complete lines of `chunk` (very long ones split), keeps the rest for the next one. Past the
+        output limit the task's output is still read, so that it never blocks on a full pipe, but discarded."""
+        if self.output_over:
+            return
         data = partial[stream] + chunk
         *lines, partial[stream] = data.split(b"\n")
         if len(partial[stream]) > MAX_LINE_CHARS:
             lines.append(partial[stream])
             partial[stream] = b""
         timestamp = _now_timestamp()
-        for raw in lines:
-            text = raw.decode("utf-8", "replace")
-            for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
-                self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
+        texts = (raw.decode("utf-8", "replace") for raw in lines)
+        for piece in (text[start:start + MAX_LINE_CHARS] for text in texts
+                      for start in range(0, max(len(text), 1), MAX_LINE_CHARS)):
+            if not self._send_output(stream, piece, timestamp):
+                break
         self._log(RunLog.flush)
+
+    def _send_output(self, stream: int, text: str, timestamp: Timestamp) -> bool:
+        """Sends one output line within the output limit, counted as the client prints it (UTF-8 and a newline).
+        The line that crosses the limit still goes, cut to MAX_LINE_CHARS bytes, then a line saying the limit is
+        reached, and False says that nothing more may go."""
+        size = len(text.encode()) + 1
+        if size <= self._output_left:
+            self._output_left -= size
+            self._emit(line=pb2.OutputLine(stream=stream, text=text, timestamp=timestamp))
+            return True
+        self.output_over = True
+        crossing = text.encode()[:MAX_LINE_CHARS - 1].decode("utf-8", "ignore")
+        self._emit(line=pb2.OutputLine(stream=stream, text=crossing, timestamp=timestamp))
+        self._emit(capped=False, line=pb2.OutputLine(
+            stream=pb2.STDERR, timestamp=_now_timestamp(),
+            text=f"[executor] output limit {format_size(self.plan.limits['output_bytes'])} reached: "
+                 f"the run is stopped and the rest of its output discarded (RunLimits.output_bytes, run --output)"))
+        return False
 
 
 CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
