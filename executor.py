@@ -683,6 +683,8 @@ class RunLog:
         self.path = path
         self._next_seq = last_seq(path) + 1 if append else 0
         self._file = path.open("ab" if append else "wb")
+        if append and not ends_a_line(path):  # a record torn by a crash must not swallow the next one
+            self._file.write(b"\n")
         self._max_bytes = max_bytes
         self._written = self._file.tell()
         self.dropped_lines = self.dropped_bytes = 0
@@ -707,6 +709,15 @@ class RunLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or ends with a newline."""
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def last_seq(path: Path) -> int:
@@ -744,8 +755,11 @@ def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Itera
                     return
                 time.sleep(0.1)
                 continue
-            record = json.loads(pending)
-            pending = b""
+            line, pending = pending, b""
+            try:
+                record = json.loads(line)
+            except ValueError:  # a record torn by a crash; the log goes on after it
+                continue
             kind = record["kind"]
             # The status comes even from a position past it: a resuming client must learn how the run ended.
             if record["seq"] >= from_seq or kind == "status":

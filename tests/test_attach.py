@@ -82,6 +82,20 @@ def test_attach_past_the_end_of_a_live_run_follows_it_from_there_and_ends_with_i
     assert ended.status == status and list(far) == [ended]
 
 
+def test_a_lost_runs_status_appended_after_a_torn_record_is_replayed(client, server):
+    """A crash (kill -9, power cut) can leave a run log's last record half written; the next executor appends
+    the run's `lost` status (report_lost) after it."""
+    collect(client.run("six_a", "c/lines.py", ["2"], run_id="whole"))
+    runs = server.home / "logs" / "runs"
+    *records, _ = (runs / "whole.jsonl").read_bytes().splitlines(keepends=True)  # started, line 0, line 1
+    torn = runs / "torn.jsonl"
+    torn.write_bytes(b"".join(records[:-1]) + records[-1][:20])
+    executor.report_lost({"run_id": "torn", "log_path": str(torn)}, "1", 0)
+    replay, status = collect(client.attach("torn"))
+    assert status.ended_by.startswith("lost:") and lines_of(replay) == ["line 0"]
+    assert list(client.attach("torn", from_seq=replay[-1].seq + 1))[0].status == status
+
+
 def test_attach_refusals_are_clean_status_codes(client):
     collect(client.run("six_a", "c/lines.py", ["1"], run_id="attach-done"))
     cases = [("no-such-run", {}, grpc.StatusCode.NOT_FOUND, "no-such-run"),
