@@ -733,9 +733,10 @@ def last_seq(path: Path) -> int:
 def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
                     follow: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any]]:
     """(seq, RunEvent) pairs of run `run_id` from position `from_seq` on, as its run log holds them, ending with
-    its status (sent again when `from_seq` is past it). Without `follow` it stops at the end of what is written so far; with it, it waits for more while
-    follow() is true (e.g. context.is_active). Refuses at once (not at the first next()): INVALID_ARGUMENT for a
-    malformed run id, NOT_FOUND when no log exists (unknown run, or pruned by retention)."""
+    its status (sent again when `from_seq` is past it). Without `follow` it stops at the end of what is written
+    so far; with it, it waits for more while follow() is true (e.g. context.is_active). Refuses at once (not at
+    the first next()): INVALID_ARGUMENT for a malformed run id, NOT_FOUND when no log exists (unknown run, or
+    pruned by retention)."""
     validate_folder_name("run_id", run_id)
     try:
         log_file = run_log_path(cfg, run_id).open("rb")
@@ -1230,7 +1231,7 @@ class ActiveRun:
         self.events = EventQueue()
         self.dropped_events = 0
         self._output_left = plan.limits["output_bytes"]  # what the client and the run log may still get of it
-        self.output_over = False  # the output limit is reached: the rest of the task's output is discarded
+        self._output_over = False  # the output limit is reached: the rest of the task's output is discarded
         self._draining = False  # being stopped: output is read without back-pressure
         self._cancel_reason = ""
         self._cancelled = threading.Event()
@@ -1433,7 +1434,7 @@ class ActiveRun:
                             census_at = 0.0
                             chunk = b"\n" if partial[key.data] else b""
                         self._forward(key.data, partial, chunk)
-                        if self.output_over and not ended_by:
+                        if self._output_over and not ended_by:
                             ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
         finally:
             with self._wake_lock:
@@ -1449,7 +1450,7 @@ class ActiveRun:
     def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
         """Sends the complete lines of `chunk` (very long ones split), keeps the rest for the next one. Past the
         output limit the task's output is still read, so that it never blocks on a full pipe, but discarded."""
-        if self.output_over:
+        if self._output_over:
             return
         data = partial[stream] + chunk
         *lines, partial[stream] = data.split(b"\n")
@@ -1473,7 +1474,7 @@ class ActiveRun:
             self._output_left -= size
             self._emit(line=pb2.OutputLine(stream=stream, text=text, timestamp=timestamp))
             return True
-        self.output_over = True
+        self._output_over = True
         crossing = text.encode()[:MAX_LINE_CHARS - 1].decode("utf-8", "ignore")
         self._emit(line=pb2.OutputLine(stream=stream, text=crossing, timestamp=timestamp))
         self._emit(capped=False, line=pb2.OutputLine(

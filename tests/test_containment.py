@@ -333,8 +333,12 @@ def test_a_run_over_its_memory_limit_ends_with_a_status_naming_it(contained):
 
 
 def test_a_run_over_its_output_limit_is_stopped_and_says_so(contained):
-    events, status = run_limited(contained, "c/lines.py", ["forever"], output_bytes=100_000)
-    assert status.ended_by == "killed: output limit 97.7 KiB" and status.WhichOneof("outcome") == "signal"
+    for task in ("c/lines.py", "c/wide_lines.py"):  # short lines; 16,000-character ones
+        events, status = run_limited(contained, task, ["forever"], output_bytes=100_000)
+        assert status.ended_by == "killed: output limit 97.7 KiB" and status.WhichOneof("outcome") == "signal"
+        *output, marker = lines_of(events)
+        assert marker.startswith("[executor] output limit 97.7 KiB reached")
+        assert 100_000 - 16_001 < printed_bytes(output) <= 100_000 + 16 * 1024, task
 
 
 def printed_bytes(lines: list[str]) -> int:
