@@ -160,6 +160,13 @@ def folder(text: str) -> Path:
     return Path(text).resolve()
 
 
+def event_seq(text: str) -> int:
+    """A position in a run's event log, as AttachRequest.from_seq (int64) takes it."""
+    if not re.fullmatch(r"\d+", text) or int(text) >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is no event seq: use 0 (the start) or the last seq seen + 1")
+    return int(text)
+
+
 def _read(path: str) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
@@ -676,6 +683,8 @@ class RunLog:
         self.path = path
         self._next_seq = last_seq(path) + 1 if append else 0
         self._file = path.open("ab" if append else "wb")
+        if append and not ends_a_line(path):  # a record torn by a crash must not swallow the next one
+            self._file.write(b"\n")
         self._max_bytes = max_bytes
         self._written = self._file.tell()
         self.dropped_lines = self.dropped_bytes = 0
@@ -702,6 +711,15 @@ class RunLog:
         self._file.close()
 
 
+def ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or ends with a newline."""
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def last_seq(path: Path) -> int:
     """The seq of a run log's last complete record; -1 if it has none."""
     with contextlib.suppress(OSError), path.open("rb") as f:
@@ -715,9 +733,10 @@ def last_seq(path: Path) -> int:
 def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
                     follow: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any]]:
     """(seq, RunEvent) pairs of run `run_id` from position `from_seq` on, as its run log holds them, ending with
-    its status. Without `follow` it stops at the end of what is written so far; with it, it waits for more while
-    follow() is true (e.g. context.is_active). Refuses at once (not at the first next()): INVALID_ARGUMENT for a
-    malformed run id, NOT_FOUND when no log exists (unknown run, or pruned by retention)."""
+    its status (sent again when `from_seq` is past it). Without `follow` it stops at the end of what is written
+    so far; with it, it waits for more while follow() is true (e.g. context.is_active). Refuses at once (not at
+    the first next()): INVALID_ARGUMENT for a malformed run id, NOT_FOUND when no log exists (unknown run, or
+    pruned by retention)."""
     validate_folder_name("run_id", run_id)
     try:
         log_file = run_log_path(cfg, run_id).open("rb")
@@ -737,10 +756,14 @@ def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Itera
                     return
                 time.sleep(0.1)
                 continue
-            record = json.loads(pending)
-            pending = b""
+            line, pending = pending, b""
+            try:
+                record = json.loads(line)
+            except ValueError:  # a record torn by a crash; the log goes on after it
+                continue
             kind = record["kind"]
-            if record["seq"] >= from_seq:
+            # The status comes even from a position past it: a resuming client must learn how the run ended.
+            if record["seq"] >= from_seq or kind == "status":
                 event = json_format.ParseDict({kind: record[kind], "seq": record["seq"]}, pb2.RunEvent(),
                                               ignore_unknown_fields=True)
                 yield record["seq"], event
@@ -1207,6 +1230,8 @@ class ActiveRun:
         self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
         self.events = EventQueue()
         self.dropped_events = 0
+        self._output_left = plan.limits["output_bytes"]  # what the client and the run log may still get of it
+        self._output_over = False  # the output limit is reached: the rest of the task's output is discarded
         self._draining = False  # being stopped: output is read without back-pressure
         self._cancel_reason = ""
         self._cancelled = threading.Event()
@@ -1350,7 +1375,6 @@ class ActiveRun:
         stopping, kill_at = False, math.inf
         exited, exited_at = False, math.inf
         others_left, census_at = True, 0.0
-        output_bytes = 0
         partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
         pidfd = os.pidfd_open(proc.pid)
         wake_r, wake_w = os.pipe()
@@ -1409,10 +1433,9 @@ class ActiveRun:
                             open_pipes -= 1
                             census_at = 0.0
                             chunk = b"\n" if partial[key.data] else b""
-                        output_bytes += len(chunk)
-                        if output_bytes > limits["output_bytes"] and not ended_by:
-                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
                         self._forward(key.data, partial, chunk)
+                        if self._output_over and not ended_by:
+                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
         finally:
             with self._wake_lock:
                 self._wake_w = None
@@ -1425,17 +1448,40 @@ class ActiveRun:
         return timed_out, ended_by
 
     def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
+        """Sends the complete lines of `chunk` (very long ones split), keeps the rest for the next one. Past the
+        output limit the task's output is still read, so that it never blocks on a full pipe, but discarded."""
+        if self._output_over:
+            return
         data = partial[stream] + chunk
         *lines, partial[stream] = data.split(b"\n")
         if len(partial[stream]) > MAX_LINE_CHARS:
             lines.append(partial[stream])
             partial[stream] = b""
         timestamp = _now_timestamp()
-        for raw in lines:
-            text = raw.decode("utf-8", "replace")
-            for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
-                self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
+        texts = (raw.decode("utf-8", "replace") for raw in lines)
+        for piece in (text[start:start + MAX_LINE_CHARS] for text in texts
+                      for start in range(0, max(len(text), 1), MAX_LINE_CHARS)):
+            if not self._send_output(stream, piece, timestamp):
+                break
         self._log(RunLog.flush)
+
+    def _send_output(self, stream: int, text: str, timestamp: Timestamp) -> bool:
+        """Sends one output line within the output limit, counted as the client prints it (UTF-8 and a newline).
+        The line that crosses the limit still goes, cut to MAX_LINE_CHARS bytes, then a line saying the limit is
+        reached, and False says that nothing more may go."""
+        size = len(text.encode()) + 1
+        if size <= self._output_left:
+            self._output_left -= size
+            self._emit(line=pb2.OutputLine(stream=stream, text=text, timestamp=timestamp))
+            return True
+        self._output_over = True
+        crossing = text.encode()[:MAX_LINE_CHARS - 1].decode("utf-8", "ignore")
+        self._emit(line=pb2.OutputLine(stream=stream, text=crossing, timestamp=timestamp))
+        self._emit(capped=False, line=pb2.OutputLine(
+            stream=pb2.STDERR, timestamp=_now_timestamp(),
+            text=f"[executor] output limit {format_size(self.plan.limits['output_bytes'])} reached: "
+                 f"the run is stopped and the rest of its output discarded (RunLimits.output_bytes, run --output)"))
+        return False
 
 
 CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
@@ -2816,7 +2862,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "until it ends; exit like `run`. Leaving (Ctrl-C) does not stop the run. With "
                                    "replicas behind one name, asks each address it resolves to.")
     p.add_argument("run_id", help="the run's id (given with run --run-id, or printed by run -v)")
-    p.add_argument("--from", dest="from_seq", type=int, default=0, help="first event to print (default: the start)")
+    p.add_argument("--from", "--from-seq", dest="from_seq", type=event_seq, default=0, metavar="SEQ",
+                   help="first event to print (default: 0, the start); to resume, the last seq seen + 1")
     p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
     p.set_defaults(func=cmd_attach)
 
