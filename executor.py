@@ -116,6 +116,9 @@ RESERVED_ENV_SUFFIX = "_PROXY"  # any case: http_proxy, HTTPS_PROXY, no_proxy, .
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A target with several replicas (a multi-address target, a name with several addresses) spreads new
+    # runs over all of them; gRPC's default, pick_first, would send every run to the first.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 
@@ -2597,6 +2600,18 @@ def split_target(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def listed_addresses(target: str) -> list[str] | None:
+    """The replicas of gRPC's own multi-address target, `ipv4:10.0.0.1:3170,10.0.0.2:3170` (or `ipv6:[::1]:3170,...`);
+    None for any other target. Each address must be host:port."""
+    scheme, colon, rest = target.partition(":")
+    if scheme not in ("ipv4", "ipv6") or not colon:
+        return None
+    addresses = [address.strip() for address in rest.removeprefix("//").split(",")]
+    for address in addresses:
+        split_target(address)
+    return addresses
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now, for a server started next (the tests' and benchmarks' stacks)."""
     with socket.socket() as sock:
@@ -2605,9 +2620,12 @@ def free_port() -> int:
 
 
 def replica_targets(target: str) -> list[str]:
-    """One address per executor replica behind `target`: every address its host name resolves to (with
-    `docker compose --scale executor=N`, the service name resolves to each replica), or `target` itself
-    when it does not resolve here (gRPC then reports the failure)."""
+    """One address per executor replica behind `target`: the addresses a multi-address target lists, or every
+    address its host name resolves to (with `docker compose --scale executor=N`, the service name resolves to
+    each replica), or `target` itself when it does not resolve here (gRPC then reports the failure)."""
+    listed = listed_addresses(target)
+    if listed is not None:
+        return listed
     try:
         host, port = split_target(target)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -2627,8 +2645,9 @@ def replica_channels(target: str, tls_ca: str = "", tls_cert: str = "", tls_key:
 
 def replica_channel(address: str, target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
                     aio: bool = False):
-    """A channel to one replica's `address`, found behind `target` (whose name its TLS certificate carries)."""
-    server_name = split_target(target)[0] if address != target else ""
+    """A channel to one replica's `address`, found behind `target` (whose name its TLS certificate carries;
+    a replica listed by address must carry that address)."""
+    server_name = split_target(target)[0] if address != target and listed_addresses(target) is None else ""
     return open_channel(address, tls_ca, tls_cert, tls_key, server_name=server_name, aio=aio)
 
 
