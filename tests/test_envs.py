@@ -206,7 +206,7 @@ def test_a_from_history_export_runs_its_pinned_versions(export_server):
 def test_envs_and_the_build_log_show_the_translation(export_server):
     text = envs_cli(export_server)
     block = re.search(r"^landslide_export\s+ready\b.*?(?=^\S|\Z)", text, re.M | re.S).group(0)
-    assert "psycopg2-binary==2.9.9 (psycopg2)" in block and "PyMySQL==1.0.2" in block
+    assert "psycopg2-binary==2.9.9 (psycopg2)" in block and "pymysql==1.0.2" in block
     assert re.search(r"skipped, C/C\+\+ library.*abseil-cpp.*re2", block)
     assert "numpy-base" in block and "build log: " in block
     python = re.search(r"Python (3\.12\.\d+) from", block)
