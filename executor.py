@@ -1622,11 +1622,15 @@ CONDA_SKIPPED = {
     "C/C++ runtime: the OS has it": (
         "libgcc-ng", "libgcc", "libstdcxx-ng", "libstdcxx", "libgomp", "ld_impl_linux-64", "libgfortran-ng",
         "libgfortran5", "llvm-openmp"),
+    "the C/C++ half of a Python package, which its PyPI wheel bundles": (
+        "libopencv", "libxgboost", "liblightgbm", "libtorch", "libarrow", "arrow-cpp", "libprotobuf", "grpc-cpp",
+        "libgrpc", "libboost-python"),
     "Windows C/C++ runtime": (
         "vc", "vc14_runtime", "vs2015_runtime", "ucrt", "msys2-conda-epoch", "m2w64-gcc-libs",
         "m2w64-gcc-libs-core", "m2w64-gmp", "m2w64-libwinpthread-git"),
     "BLAS: numpy and scipy wheels bundle OpenBLAS": (
-        "mkl", "intel-openmp", "blas", "libblas", "libcblas", "liblapack", "openblas", "libopenblas"),
+        "mkl", "intel-openmp", "tbb", "blas", "libblas", "libcblas", "liblapack", "openblas", "libopenblas",
+        "mkl-service", "mkl_fft", "mkl_random"),
     "compiler: wheels need none": (
         "gcc", "gxx", "gfortran", "gcc_linux-64", "gxx_linux-64", "gfortran_linux-64", "c-compiler",
         "cxx-compiler", "fortran-compiler", "compilers", "binutils", "make"),
@@ -1924,11 +1928,14 @@ def classify_conda_dep(dep: CondaDep, listed: set[str]) -> tuple[str, str]:
 def translate(spec: EnvSpec) -> Translation:
     listed = {d.name for d in spec.conda_deps}
     pinned_by_pip = {pypi_name(p) for p in spec.pip_packages}
-    rows = []
+    rows: list[TranslatedDep] = []
     for dep in spec.conda_deps:
         outcome, target = classify_conda_dep(dep, listed)
+        earlier = next((r for r in rows if r.outcome == INSTALLED and pypi_name(r.target) == pypi_name(target)), None)
         if outcome == INSTALLED and pypi_name(target) in pinned_by_pip:
             outcome, target = SKIPPED, "the pip: list pins it"
+        elif outcome == INSTALLED and earlier:  # opencv and py-opencv are both opencv-python
+            outcome, target = SKIPPED, f"the same PyPI package as {earlier.name}"
         elif outcome == INSTALLED:
             target += dep.pip_specifier(spec.path)
         rows.append(TranslatedDep(outcome, dep.spec, dep.name, target))
@@ -2138,7 +2145,7 @@ def index_failure(result: subprocess.CompletedProcess) -> EnvBuildError:
                          f"executor's next start")
 
 
-EXACT_PIN_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\d[\w.!+]*)")
+EXACT_PIN_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\d+(?:\.\d+)*)")  # a release: no pre, post or local part
 
 
 def pins_by_index(translation: Translation, uv: str, python: str, log: Any) -> tuple[dict[str, str], list[TranslatedDep]]:
