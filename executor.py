@@ -1866,23 +1866,23 @@ def grayskull_names() -> dict[str, list[tuple[str, tuple[int, ...], tuple[int, .
     table: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...]]]] = {}
     for pypi, entry in (yaml.safe_load((HERE / NAMES_FILE).read_text()) or {}).items():
         if isinstance(entry, dict) and entry.get("conda_forge"):
-            bounds = (version_key(str(entry.get("delimiter_min", ""))), version_key(str(entry.get("delimiter_max", ""))))
+            bounds = tuple(version_key(str(entry.get(key, ""))) for key in ("delimiter_min", "delimiter_max"))
             table.setdefault(str(entry["conda_forge"]).lower(), []).append((str(pypi), *bounds))
     return table
 
 
-def pypi_name_of(dep: CondaDep, conda_name: str) -> str:
+def pypi_name_of(dep: CondaDep) -> str:
     """Ours first; then grayskull's. Where several PyPI names map to one conda name, the pinned version picks
     by grayskull's ranges (pyqt 4.x -> pyqt4, 5.x -> pyqt5); among those left, the newest range, then the
-    first by name. Otherwise the conda name."""
-    if conda_name in CONDA_TO_PYPI:
-        return CONDA_TO_PYPI[conda_name]
-    candidates = grayskull_names().get(conda_name, [])
+    first by name. Otherwise the conda name, without a -base suffix (numpy-base is numpy)."""
+    if dep.name in CONDA_TO_PYPI:
+        return CONDA_TO_PYPI[dep.name]
+    candidates = grayskull_names().get(dep.name, [])
     pinned = version_key(dep.version.lstrip("=<>!~"))
     fitting = [c for c in candidates
                if not pinned or ((not c[1] or c[1] <= pinned) and (not c[2] or pinned < c[2]))] or candidates
     if not fitting:
-        return conda_name
+        return dep.name.removesuffix("-base")
     newest = max(c[2] or (math.inf,) for c in fitting)
     return min(c[0] for c in fitting if (c[2] or (math.inf,)) == newest)
 
@@ -1921,8 +1921,7 @@ def classify_conda_dep(dep: CondaDep, listed: set[str]) -> tuple[str, str]:
         return SKIPPED, f"part of {base_of}, which is installed"
     if dep.build and not dep.build.startswith("py"):
         return SKIPPED, C_LIBRARY_WHY
-    return INSTALLED, pypi_name_of(dep, dep.name if dep.name in CONDA_TO_PYPI or dep.name in grayskull_names()
-                                   else base_of)
+    return INSTALLED, pypi_name_of(dep)
 
 
 def translate(spec: EnvSpec) -> Translation:
@@ -1931,11 +1930,11 @@ def translate(spec: EnvSpec) -> Translation:
     rows: list[TranslatedDep] = []
     for dep in spec.conda_deps:
         outcome, target = classify_conda_dep(dep, listed)
-        earlier = next((r for r in rows if r.outcome == INSTALLED and pypi_name(r.target) == pypi_name(target)), None)
+        earlier = [r.name for r in rows if r.outcome == INSTALLED and pypi_name(r.target) == pypi_name(target)]
         if outcome == INSTALLED and pypi_name(target) in pinned_by_pip:
             outcome, target = SKIPPED, "the pip: list pins it"
         elif outcome == INSTALLED and earlier:  # opencv and py-opencv are both opencv-python
-            outcome, target = SKIPPED, f"the same PyPI package as {earlier.name}"
+            outcome, target = SKIPPED, f"the same PyPI package as {earlier[0]}"
         elif outcome == INSTALLED:
             target += dep.pip_specifier(spec.path)
         rows.append(TranslatedDep(outcome, dep.spec, dep.name, target))
@@ -2055,8 +2054,8 @@ def find_python(version: str | None, yml: Path, uv: str | None = None, log: Any 
         found_without = "; ".join(f"{path}: no {', '.join(missing)}" for path, missing in lacking.items())
         raise EnvSpecError(
             f"{yml}: {', '.join(needs[m] for m in absent)}: part of CPython, but no Python {minor} here has "
-            f"{', '.join(absent)} ({found_without}; {downloaded}). Install a Python {minor} built with it (e.g. `pyenv install {minor}` with Tk's headers "
-            f"present, or `uv python install {minor}`), or remove the line.")
+            f"{', '.join(absent)} ({found_without}; {downloaded}). Install a Python {minor} built with it (e.g. "
+            f"`pyenv install {minor}` with Tk's headers present, or `uv python install {minor}`), or remove the line.")
     raise EnvBuildError(
         f"Python {version} is not available (not on PATH, in pyenv's versions or among uv's managed Pythons; "
         f"{downloaded}; tried: {'; '.join(dict.fromkeys(tried)) or 'nothing'}). Install it (`pyenv install {version}` "
@@ -2148,7 +2147,8 @@ def index_failure(result: subprocess.CompletedProcess) -> EnvBuildError:
 EXACT_PIN_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\d+(?:\.\d+)*)")  # a release: no pre, post or local part
 
 
-def pins_by_index(translation: Translation, uv: str, python: str, log: Any) -> tuple[dict[str, str], list[TranslatedDep]]:
+def pins_by_index(translation: Translation, uv: str, python: str,
+                  log: Any) -> tuple[dict[str, str], list[TranslatedDep]]:
     """For each conda line installed from PyPI: its requirement as PyPI can meet it (`==X.Y.Z` when PyPI has
     X.Y.Z, `==X.Y.Z.*` when it has only X.Y.Z.N, as opencv-python's 4.6.0.66 for conda's 4.6.0), and the lines
     PyPI cannot meet at all. One lowest-version resolve without dependencies asks the index for all of them."""

@@ -195,7 +195,7 @@ def test_the_name_table_is_grayskulls_file_beside_the_executor():
     for conda, pypi in [("pytorch=2.1.0=py3.11_cpu_0", "torch"), ("msgpack-python=1.0.3", "msgpack"),
                         ("matplotlib-base=3.8.0", "matplotlib"), ("pytables=3.8.0", "tables"), ("six=1.16.0", "six")]:
         parsed = dep(conda, Path())
-        assert executor.pypi_name_of(parsed, parsed.name) == pypi, conda
+        assert executor.pypi_name_of(parsed) == pypi, conda
 
 
 @pytest.mark.parametrize("line, pypi", [
@@ -208,7 +208,7 @@ def test_the_name_table_is_grayskulls_file_beside_the_executor():
 ])
 def test_where_several_pypi_names_or_none_map_to_a_conda_name_the_stated_rule_picks(line, pypi):
     parsed = executor.parse_match_spec(line, Path())
-    assert executor.pypi_name_of(parsed, parsed.name) == pypi
+    assert executor.pypi_name_of(parsed) == pypi
 
 
 def test_a_bioconda_env_is_refused_up_front_naming_its_programs_and_nothing_else():
