@@ -1766,6 +1766,10 @@ def declared_env_name(path: Path) -> str:
 
 
 def parse_python_request(dep: CondaDep, yml: Path) -> str | None:
+    """X.Y[.Z]; a build names CPython (h2755cc3_0, hab00c5b_0_cpython) unless it ends in _pypy."""
+    if dep.build.endswith("_pypy"):
+        raise EnvSpecError(f"{yml}: {dep.spec!r} is PyPy; a venv here is built on CPython: write python=X.Y "
+                           f"without the build, or install micromamba to build it as it is")
     if not dep.version:
         return None
     m = PYTHON_VERSION_RE.fullmatch(dep.version)

@@ -154,6 +154,17 @@ def test_a_python_line_that_names_no_version_is_refused_not_ignored(tmp_path, li
         executor.parse_env_yml(write_yml(tmp_path, "p.yml", f"dependencies:\n  - {line}\n"))
 
 
+@pytest.mark.parametrize("line, python", [("python=3.11.7=hab00c5b_0_cpython", "3.11.7"),
+                                          ("python=3.11.5=h2755cc3_0", "3.11.5"), ("python=3.9.18=0_73_pypy", None)])
+def test_a_python_build_string_names_cpython_or_pypy_which_is_refused(tmp_path, line, python):
+    yml = write_yml(tmp_path, "p.yml", f"dependencies:\n  - {line}\n")
+    if python:
+        assert executor.parse_env_yml(yml).python == python
+    else:
+        with pytest.raises(executor.EnvSpecError, match="is PyPy"):
+            executor.parse_env_yml(yml)
+
+
 def test_the_build_key_includes_the_interpreter_actually_used(tmp_path):
     spec = executor.parse_env_yml(write_yml(tmp_path, "p.yml", "dependencies:\n  - python=3.12\n  - six\n"))
     translation = executor.translate(spec)
