@@ -198,7 +198,8 @@ class ExecutorOperator(BaseOperator):
     def __init__(self, *, env: str, script: str, args: Sequence[str] = (),
                  env_vars: dict[str, str] | None = None, grpc_conn_id: str = "grpc_default",
                  deferrable: bool = False, keep_alive: timedelta = DEFAULT_KEEP_ALIVE,
-                 defer_after: timedelta = DEFAULT_DEFER_AFTER, limits: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 defer_after: timedelta = DEFAULT_DEFER_AFTER, limits: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if deferrable and keep_alive.total_seconds() <= 0:
             raise ValueError("deferrable=True needs a keep_alive > 0: the run must outlive the worker until the "
