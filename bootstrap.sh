@@ -15,7 +15,7 @@ AIRFLOW_SERVICES=(api-server scheduler dag-processor triggerer)
 
 usage() {
   cat <<EOF
-Usage: ./bootstrap.sh [--local|--docker] [--offline-demo] [COMMAND] [ARGS...]
+Usage: ./bootstrap.sh [--local|--docker] [--offline-demo] [--celery] [COMMAND] [ARGS...]
 
 Commands:
   up [COMPONENT...]  start what is down (default command); components: ${COMPONENTS[*]}
@@ -34,6 +34,8 @@ Commands:
 Options:
   --local            run every component as a local process (default without a Docker engine)
   --docker           run the stack with docker compose (default when a Docker engine answers)
+  --celery           Airflow's CeleryExecutor: Redis and VPE_CELERY_WORKERS Celery workers
+                     (same as VPE_AIRFLOW_EXECUTOR=CeleryExecutor)
   --offline-demo     no internet: crawl SYNTHETIC weather from a local Open-Meteo stand-in,
                      into the database VPE_DEMO_WAREHOUSE_DB (local mode); `live` catalog reads
                      go to a local stand-in of NASA's ArcGIS layer
@@ -51,6 +53,7 @@ main() {
       --local) MODE_FLAG=local ;;
       --docker) MODE_FLAG=docker ;;
       --offline-demo) OFFLINE_DEMO=1 ;;
+      --celery) export VPE_AIRFLOW_EXECUTOR=CeleryExecutor ;;
       -h|--help|help) usage; exit 0 ;;
       -*) usage >&2; exit 2 ;;
       *) break ;;
@@ -141,6 +144,8 @@ prepare_local() {
   make_state_dirs
   ensure_secrets
   if [ "$OFFLINE_DEMO" = 1 ] || open_meteo_running; then enter_offline_demo; fi
+  # A running Redis means the stack was started under Celery: later commands keep to it.
+  if redis_running; then export VPE_AIRFLOW_EXECUTOR=CeleryExecutor; fi
   export_warehouse_dsn
   airflow_env
 }
@@ -175,6 +180,15 @@ cmd_status() {
   for part in scheduler dag_processor triggerer; do
     status_line "airflow-${part/_/-}" "(reported by airflow-api)" airflow_part_healthy "$part" || bad=1
   done
+  if celery_mode; then
+    status_line redis "127.0.0.1:$VPE_REDIS_PORT" redis_healthy || bad=1
+    local replies worker
+    replies=$(celery_workers_answering)
+    for worker in $(celery_worker_names); do
+      status_row "airflow-celery-worker" "$worker" "$(grep -qx "$worker" <<< "$replies" && say healthy || say unhealthy)"
+      grep -qx "$worker" <<< "$replies" || bad=1
+    done
+  fi
   say ""
   executor_cli ping 2>/dev/null | sed 's/^/  /' || true
   [ "$OFFLINE_DEMO" = 0 ] || say "
@@ -209,9 +223,10 @@ status_line() {
 cmd_down() {
   local service airflow=()
   for service in "${AIRFLOW_SERVICES[@]}"; do airflow+=("airflow-$service"); done
+  for service in $(celery_worker_names); do airflow+=("${service%@*}"); done
   # Airflow first: its running tasks are cancelled while the executor can still hear it.
   stop_groups "${airflow[@]}"
-  stop_groups executor open-meteo arcgis
+  stop_groups executor open-meteo arcgis redis
   stop_postgres
   say "stopped; data kept in $VPE_HOME"
 }
@@ -312,6 +327,7 @@ ensure_secrets() {
   add_secret VPE_AIRFLOW_DB_PASSWORD random_hex 24
   add_secret VPE_LOADER_PASSWORD random_hex 24
   add_secret VPE_READER_PASSWORD random_hex 24
+  add_secret VPE_REDIS_PASSWORD random_hex 24
   local line key
   while IFS= read -r line; do
     key=${line%%=*}
@@ -549,7 +565,12 @@ airflow_env() {
   local api="http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"
   read_env_file "$ROOT/airflow.env"
   export AIRFLOW__CORE__DAGS_FOLDER=$VPE_DAGS_DIR
-  export AIRFLOW__CORE__EXECUTOR=LocalExecutor
+  export AIRFLOW__CORE__EXECUTOR=$VPE_AIRFLOW_EXECUTOR
+  if celery_mode; then
+    export AIRFLOW__CELERY__BROKER_URL="redis://:$VPE_REDIS_PASSWORD@127.0.0.1:$VPE_REDIS_PORT/0"
+    export AIRFLOW__CELERY__RESULT_BACKEND="db+postgresql://airflow:$VPE_AIRFLOW_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
+    export AIRFLOW__CELERY__WORKER_CONCURRENCY=$VPE_AIRFLOW_PARALLELISM
+  fi
   export AIRFLOW__CORE__PARALLELISM=$VPE_AIRFLOW_PARALLELISM
   export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=$api/execution/
   export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="postgresql+psycopg2://airflow:$VPE_AIRFLOW_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
@@ -578,6 +599,7 @@ airflow_part_healthy() {
 
 start_airflow() {
   local service missing=()
+  if celery_mode; then start_redis; fi
   for service in "${AIRFLOW_SERVICES[@]}"; do
     running "airflow-$service" "airflow ${service/-/[-_]}" || missing+=("$service")
   done
@@ -595,6 +617,7 @@ start_airflow() {
     done
   fi
   wait_for "Airflow's api-server" 120 "$LOGS/airflow/api-server.log" airflow_healthy
+  if celery_mode; then start_celery_workers; fi
 }
 
 # Airflow's log servers bind every interface; workers here share the log folder
@@ -608,6 +631,66 @@ airflow_password() { cat "$AIRFLOW_HOME/simple_auth_manager_passwords.json.gener
 # The admin password from Airflow's generated passwords file (JSON on stdin), in both modes.
 admin_password() {
   python3 -c 'import json, sys; print(json.load(sys.stdin)["admin"])' 2>/dev/null || say "(not generated yet)"
+}
+
+# --- celery (local mode) -------------------------------------------------------
+# Airflow's CeleryExecutor: the scheduler queues task instances in Redis, `airflow celery worker`
+# processes run them. Workers here share the log folder with the api-server, so like the scheduler
+# they serve no logs (a log server binds every interface).
+
+celery_worker_names() {
+  celery_mode || return 0
+  local i
+  for i in $(seq 1 "$VPE_CELERY_WORKERS"); do say "celery-worker-$i@$(hostname)"; done
+}
+
+redis_running() { running redis "redis-server"; }
+
+redis_cli() { REDISCLI_AUTH=$VPE_REDIS_PASSWORD redis-cli -h 127.0.0.1 -p "$VPE_REDIS_PORT" "$@"; }
+
+redis_healthy() { [ "$(redis_cli ping 2>/dev/null)" = PONG ]; }
+
+# Its password stays out of `ps`: Redis reads it from a private config file.
+start_redis() {
+  command -v redis-server >/dev/null 2>&1 \
+    || die "CeleryExecutor needs Redis: apt-get install redis-server (or run without --celery)."
+  if redis_running; then
+    say "redis      already running"
+  else
+    port_free 127.0.0.1 "$VPE_REDIS_PORT" || die "port $VPE_REDIS_PORT is taken by another program: set VPE_REDIS_PORT in .env or the environment."
+    mkdir -p "$VPE_HOME/redis" "$LOGS/redis"
+    ( umask 077; printf 'bind 127.0.0.1\nport %s\nrequirepass %s\ndir %s\nprotected-mode yes\n' \
+        "$VPE_REDIS_PORT" "$VPE_REDIS_PASSWORD" "$VPE_HOME/redis" > "$VPE_HOME/redis/redis.conf" )
+    step "starting Redis on 127.0.0.1:$VPE_REDIS_PORT (Celery's broker)"
+    spawn redis "$LOGS/redis/redis.log" redis-server "$VPE_HOME/redis/redis.conf"
+  fi
+  wait_for Redis 30 "$LOGS/redis/redis.log" redis_healthy
+}
+
+start_celery_workers() {
+  local name
+  for name in $(celery_worker_names); do
+    if running "${name%@*}" "airflow celery worker"; then
+      say "${name%@*} already running"
+    else
+      step "starting airflow celery worker ${name%@*}"
+      spawn "${name%@*}" "$LOGS/airflow/${name%@*}.log" "$VPE_VENV/bin/airflow" celery worker \
+        --celery-hostname "$name" --concurrency "$VPE_AIRFLOW_PARALLELISM" --skip-serve-logs
+    fi
+  done
+  wait_for "Airflow's Celery workers" 120 "$LOGS/airflow" all_celery_workers_answer
+}
+
+# The names of the workers that answer a ping through the broker, one a line.
+celery_workers_answering() {
+  "$VPE_VENV/bin/celery" --app airflow.providers.celery.executors.celery_executor.app inspect ping \
+    --timeout 2 --json 2>/dev/null | python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)))' 2>/dev/null || true
+}
+
+all_celery_workers_answer() {
+  local replies worker
+  replies=$(celery_workers_answering)
+  for worker in $(celery_worker_names); do grep -qx "$worker" <<< "$replies" || return 1; done
 }
 
 # --- offline demo --------------------------------------------------------------

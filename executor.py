@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import datetime as dt
 import fnmatch
+import functools
 import hashlib
 import hmac
 import itertools
@@ -120,6 +121,9 @@ RESERVED_ENV_SUFFIX = "_PROXY"  # any case: http_proxy, HTTPS_PROXY, no_proxy, .
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A target with several replicas (a multi-address target, a name with several addresses) spreads new
+    # runs over all of them; gRPC's default, pick_first, would send every run to the first.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 
@@ -162,6 +166,13 @@ def words(text: str) -> tuple[str, ...]:
 
 def folder(text: str) -> Path:
     return Path(text).resolve()
+
+
+def event_seq(text: str) -> int:
+    """A position in a run's event log, as AttachRequest.from_seq (int64) takes it."""
+    if not re.fullmatch(r"\d+", text) or int(text) >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is no event seq: use 0 (the start) or the last seq seen + 1")
+    return int(text)
 
 
 def _read(path: str) -> bytes | None:
@@ -680,6 +691,8 @@ class RunLog:
         self.path = path
         self._next_seq = last_seq(path) + 1 if append else 0
         self._file = path.open("ab" if append else "wb")
+        if append and not ends_a_line(path):  # a record torn by a crash must not swallow the next one
+            self._file.write(b"\n")
         self._max_bytes = max_bytes
         self._written = self._file.tell()
         self.dropped_lines = self.dropped_bytes = 0
@@ -706,6 +719,15 @@ class RunLog:
         self._file.close()
 
 
+def ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or ends with a newline."""
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def last_seq(path: Path) -> int:
     """The seq of a run log's last complete record; -1 if it has none."""
     with contextlib.suppress(OSError), path.open("rb") as f:
@@ -719,9 +741,10 @@ def last_seq(path: Path) -> int:
 def read_run_events(cfg: Config, run_id: str, from_seq: int = 0,
                     follow: Callable[[], bool] | None = None) -> Iterator[tuple[int, Any]]:
     """(seq, RunEvent) pairs of run `run_id` from position `from_seq` on, as its run log holds them, ending with
-    its status. Without `follow` it stops at the end of what is written so far; with it, it waits for more while
-    follow() is true (e.g. context.is_active). Refuses at once (not at the first next()): INVALID_ARGUMENT for a
-    malformed run id, NOT_FOUND when no log exists (unknown run, or pruned by retention)."""
+    its status (sent again when `from_seq` is past it). Without `follow` it stops at the end of what is written
+    so far; with it, it waits for more while follow() is true (e.g. context.is_active). Refuses at once (not at
+    the first next()): INVALID_ARGUMENT for a malformed run id, NOT_FOUND when no log exists (unknown run, or
+    pruned by retention)."""
     validate_folder_name("run_id", run_id)
     try:
         log_file = run_log_path(cfg, run_id).open("rb")
@@ -741,10 +764,14 @@ def _replay(log_file, from_seq: int, follow: Callable[[], bool] | None) -> Itera
                     return
                 time.sleep(0.1)
                 continue
-            record = json.loads(pending)
-            pending = b""
+            line, pending = pending, b""
+            try:
+                record = json.loads(line)
+            except ValueError:  # a record torn by a crash; the log goes on after it
+                continue
             kind = record["kind"]
-            if record["seq"] >= from_seq:
+            # The status comes even from a position past it: a resuming client must learn how the run ended.
+            if record["seq"] >= from_seq or kind == "status":
                 event = json_format.ParseDict({kind: record[kind], "seq": record["seq"]}, pb2.RunEvent(),
                                               ignore_unknown_fields=True)
                 yield record["seq"], event
@@ -1211,6 +1238,8 @@ class ActiveRun:
         self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
         self.events = EventQueue()
         self.dropped_events = 0
+        self._output_left = plan.limits["output_bytes"]  # what the client and the run log may still get of it
+        self._output_over = False  # the output limit is reached: the rest of the task's output is discarded
         self._draining = False  # being stopped: output is read without back-pressure
         self._cancel_reason = ""
         self._cancelled = threading.Event()
@@ -1354,7 +1383,6 @@ class ActiveRun:
         stopping, kill_at = False, math.inf
         exited, exited_at = False, math.inf
         others_left, census_at = True, 0.0
-        output_bytes = 0
         partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
         pidfd = os.pidfd_open(proc.pid)
         wake_r, wake_w = os.pipe()
@@ -1413,10 +1441,9 @@ class ActiveRun:
                             open_pipes -= 1
                             census_at = 0.0
                             chunk = b"\n" if partial[key.data] else b""
-                        output_bytes += len(chunk)
-                        if output_bytes > limits["output_bytes"] and not ended_by:
-                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
                         self._forward(key.data, partial, chunk)
+                        if self._output_over and not ended_by:
+                            ended_by = f"killed: output limit {format_size(limits['output_bytes'])}"
         finally:
             with self._wake_lock:
                 self._wake_w = None
@@ -1429,17 +1456,40 @@ class ActiveRun:
         return timed_out, ended_by
 
     def _forward(self, stream: int, partial: dict[int, bytes], chunk: bytes) -> None:
+        """Sends the complete lines of `chunk` (very long ones split), keeps the rest for the next one. Past the
+        output limit the task's output is still read, so that it never blocks on a full pipe, but discarded."""
+        if self._output_over:
+            return
         data = partial[stream] + chunk
         *lines, partial[stream] = data.split(b"\n")
         if len(partial[stream]) > MAX_LINE_CHARS:
             lines.append(partial[stream])
             partial[stream] = b""
         timestamp = _now_timestamp()
-        for raw in lines:
-            text = raw.decode("utf-8", "replace")
-            for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
-                self._emit(line=pb2.OutputLine(stream=stream, text=text[start:start + MAX_LINE_CHARS], timestamp=timestamp))
+        texts = (raw.decode("utf-8", "replace") for raw in lines)
+        for piece in (text[start:start + MAX_LINE_CHARS] for text in texts
+                      for start in range(0, max(len(text), 1), MAX_LINE_CHARS)):
+            if not self._send_output(stream, piece, timestamp):
+                break
         self._log(RunLog.flush)
+
+    def _send_output(self, stream: int, text: str, timestamp: Timestamp) -> bool:
+        """Sends one output line within the output limit, counted as the client prints it (UTF-8 and a newline).
+        The line that crosses the limit still goes, cut to MAX_LINE_CHARS bytes, then a line saying the limit is
+        reached, and False says that nothing more may go."""
+        size = len(text.encode()) + 1
+        if size <= self._output_left:
+            self._output_left -= size
+            self._emit(line=pb2.OutputLine(stream=stream, text=text, timestamp=timestamp))
+            return True
+        self._output_over = True
+        crossing = text.encode()[:MAX_LINE_CHARS - 1].decode("utf-8", "ignore")
+        self._emit(line=pb2.OutputLine(stream=stream, text=crossing, timestamp=timestamp))
+        self._emit(capped=False, line=pb2.OutputLine(
+            stream=pb2.STDERR, timestamp=_now_timestamp(),
+            text=f"[executor] output limit {format_size(self.plan.limits['output_bytes'])} reached: "
+                 f"the run is stopped and the rest of its output discarded (RunLimits.output_bytes, run --output)"))
+        return False
 
 
 CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
@@ -1600,39 +1650,66 @@ class EnvBuildError(Exception):
 CONDA_BACKENDS = ("micromamba", "mamba", "conda")
 
 # Without conda, a yml's conda dependencies are translated for a venv. Data, not code: edit these tables.
-# conda name -> PyPI name where they differ: a subset of conda-forge's PyPI name mapping
-# (github.com/regro/cf-graph-countyfair, mappings/pypi/grayskull_pypi_mapping.yaml). psycopg2 ->
-# psycopg2-binary is our choice: the same module as a wheel, so no libpq headers or compiler are needed.
+# conda name -> PyPI name: grayskull's curated conda-forge table (NAMES_FILE beside this file, read at run
+# time), and ours, which wins over it, for what it lacks or settles otherwise.
+NAMES_FILE = "conda_pypi_names.yaml"
 CONDA_TO_PYPI = {
-    "psycopg2": "psycopg2-binary",
-    "pymysql": "PyMySQL",
-    "pytorch": "torch",
-    "py-opencv": "opencv-python",
-    "opencv": "opencv-python",
-    "py-xgboost": "xgboost",
-    "pytables": "tables",
-    "msgpack-python": "msgpack",
-    "python-graphviz": "graphviz",
-    "pyqt": "PyQt5",
-    "ruamel_yaml": "ruamel.yaml",
+    "psycopg2": "psycopg2-binary",  # our choice: the same module as a wheel, so no libpq headers or compiler
+    "py-opencv": "opencv-python",   # conda-forge's Python half of opencv; grayskull maps only `opencv`
+    "opencv": "opencv-python",      # grayskull maps three PyPI names to it; this one is the full build, as conda's
+    "brotli-python": "Brotli",      # conda-forge's Python half of brotli (import brotli)
+    "py-xgboost": "xgboost",        # conda-forge's Python half of xgboost
+    "ruamel_yaml": "ruamel.yaml",   # defaults' old name for it
 }
 # Conda packages a venv does without, by why: what `conda env export` lists for a Python env on linux-64
-# besides the Python packages (names starting with "_" are conda metapackages and skipped too).
+# and win-64 besides the Python packages (names starting with "_" are conda metapackages and skipped too).
 CONDA_SKIPPED = {
     "installer: the venv has its own": ("pip", "setuptools", "wheel"),
+    "conda metapackage or namespace, no code of its own": (
+        "backports", "python_abi", "cpython", "python-gil", "nomkl", "conda-forge-pinning"),
     "system library: the OS has it, wheels bundle theirs": (
         "openssl", "ca-certificates", "sqlite", "libsqlite", "zlib", "libzlib", "xz", "liblzma", "bzip2", "tk",
         "ncurses", "readline", "libffi", "tzdata", "libuuid", "libnsl", "libxcrypt", "expat", "libexpat", "icu",
-        "krb5", "libedit"),
+        "krb5", "libedit", "libcurl", "zstd", "lz4-c", "leveldb", "snappy", "libdeflate", "libssh2", "libnghttp2",
+        "libev", "keyutils", "c-ares", "libiconv", "libxml2", "libpng", "jpeg", "libjpeg-turbo", "freetype"),
     "C/C++ runtime: the OS has it": (
         "libgcc-ng", "libgcc", "libstdcxx-ng", "libstdcxx", "libgomp", "ld_impl_linux-64", "libgfortran-ng",
         "libgfortran5", "llvm-openmp"),
+    "the C/C++ half of a Python package, which its PyPI wheel bundles": (
+        "libopencv", "libxgboost", "liblightgbm", "libtorch", "libarrow", "arrow-cpp", "libprotobuf", "grpc-cpp",
+        "libgrpc", "libboost-python"),
+    "Windows C/C++ runtime": (
+        "vc", "vc14_runtime", "vs2015_runtime", "ucrt", "msys2-conda-epoch", "m2w64-gcc-libs",
+        "m2w64-gcc-libs-core", "m2w64-gmp", "m2w64-libwinpthread-git"),
     "BLAS: numpy and scipy wheels bundle OpenBLAS": (
-        "mkl", "intel-openmp", "blas", "libblas", "libcblas", "liblapack", "openblas", "libopenblas"),
+        "mkl", "intel-openmp", "tbb", "blas", "libblas", "libcblas", "liblapack", "openblas", "libopenblas",
+        "mkl-service", "mkl_fft", "mkl_random"),
     "compiler: wheels need none": (
         "gcc", "gxx", "gfortran", "gcc_linux-64", "gxx_linux-64", "gfortran_linux-64", "c-compiler",
         "cxx-compiler", "fortran-compiler", "compilers", "binutils", "make"),
 }
+# Parts of CPython's standard library that conda packages on their own (or backports of them): conda name ->
+# the module the interpreter must have. Skipped when the chosen interpreter has it; refused when none has.
+CONDA_STDLIB = {"tkinter": "_tkinter", "typing": "typing", "enum34": "enum", "dataclasses": "dataclasses",
+                "futures": "concurrent.futures", "contextvars": "contextvars"}
+# Python packages for one platform only (sys.platform prefix): skipped on any other.
+CONDA_PLATFORM_ONLY = {
+    "win": ("pywin32", "pywin32-on-windows", "pywin32-ctypes", "pywinpty", "winpty", "wincertstore",
+            "win_inet_pton", "win32_setctime", "menuinst"),
+    "darwin": ("appnope", "pyobjc-core", "pyobjc-framework-cocoa", "libcxx"),
+}
+PLATFORM_NAMES = {"win": "Windows", "darwin": "macOS"}
+# Programs a task calls (perl, R, bioconda's tools), not libraries: an env that lists one is refused, since a
+# venv cannot have them. The evidence, any of: the name (this list; perl, perl-*, r, r-*, mro-base), a build
+# against perl 5 or R 3/4 (pl5321h…, r43h…), or a `bioconda::` channel prefix on a line that is not a py* build.
+CONDA_PROGRAMS = (
+    "perl", "r", "r-base", "mro-base", "krona", "muscle", "mafft", "clustalo", "blast", "diamond", "hmmer",
+    "samtools", "bcftools", "bedtools", "bwa", "bowtie2", "hisat2", "minimap2", "star", "salmon",
+    "kallisto", "subread", "fastqc", "trimmomatic", "spades", "megahit", "prokka",
+    "prodigal", "kraken2", "seqkit", "fasttree", "iqtree", "raxml-ng", "cd-hit", "picard", "gatk4", "openjdk",
+    "nodejs")
+PROGRAM_NAME_RE = re.compile(r"(?:perl|r)-.+")
+PROGRAM_BUILD_RE = re.compile(r"(?:pl5|r[34])\d")
 CUDA_WHY = ("conda-only CUDA; PyPI wheels that use CUDA (torch, jax, cupy-cuda12x) bundle their own: "
             "list those under pip:")
 GDAL_WHY = ("PyPI has only GDAL's source, which needs the system's libgdal: install libgdal-dev, "
@@ -1641,11 +1718,11 @@ GDAL_WHY = ("PyPI has only GDAL's source, which needs the system's libgdal: inst
 CONDA_REFUSED = {
     "cudatoolkit": CUDA_WHY, "cudnn": CUDA_WHY, "nccl": CUDA_WHY,
     "gdal": GDAL_WHY, "libgdal": GDAL_WHY,
-    "r-base": "R, not a Python package",
 }
 SKIP_WHY = {name: why for why, names in CONDA_SKIPPED.items() for name in names}
 METAPACKAGE_WHY = "conda metapackage"
 C_LIBRARY_WHY = "C/C++ library (not a py* build): a venv does not need it"
+PROGRAM_WHY = "a conda program a task may call, not a Python library"
 
 INSTALLED, SKIPPED, REFUSED = "installed as", "skipped", "refused"
 
@@ -1663,6 +1740,7 @@ class CondaDep:
     version: str    # conda's version spec ("2.1.4", "1.2.*", ">=1.2,<2"), "" for any
     fuzzy: bool     # `pkg=1.2` means 1.2.*; `pkg=1.2=build` and `pkg 1.2` mean exactly 1.2
     build: str      # the conda build string, "" when not given (e.g. `conda env export --from-history`)
+    channel: str = ""  # from `channel::name`, lower case
 
     def pip_specifier(self, yml: Path) -> str:
         """The version as a PEP 440 specifier."""
@@ -1697,7 +1775,8 @@ def parse_match_spec(text: str, yml: Path) -> CondaDep:
     elif " " in rest:
         rest, _, build = rest.partition(" ")
     build = build.strip()
-    return CondaDep(text.strip(), m["name"].lower(), rest.strip(), fuzzy, "" if build.startswith("*") else build)
+    return CondaDep(text.strip(), m["name"].lower(), rest.strip(), fuzzy, "" if build.startswith("*") else build,
+                    (m["channel"] or "").lower())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1740,6 +1819,10 @@ def declared_env_name(path: Path) -> str:
 
 
 def parse_python_request(dep: CondaDep, yml: Path) -> str | None:
+    """X.Y[.Z]; a build names CPython (h2755cc3_0, hab00c5b_0_cpython) unless it ends in _pypy."""
+    if dep.build.endswith("_pypy"):
+        raise EnvSpecError(f"{yml}: {dep.spec!r} is PyPy; a venv here is built on CPython: write python=X.Y "
+                           f"without the build, or install micromamba to build it as it is")
     if not dep.version:
         return None
     m = PYTHON_VERSION_RE.fullmatch(dep.version)
@@ -1807,6 +1890,11 @@ class Translation:
     def of(self, outcome: str) -> list[TranslatedDep]:
         return [r for r in self.rows if r.outcome == outcome]
 
+    @property
+    def stdlib_modules(self) -> dict[str, str]:
+        """module -> the conda line that needs the interpreter to have it."""
+        return {CONDA_STDLIB[r.name]: r.spec for r in self.of(SKIPPED) if r.name in CONDA_STDLIB}
+
     def log_lines(self) -> list[str]:
         width = max((len(r.spec) for r in self.rows), default=0)
         return ([f"  {r.spec:<{width}}  {r.outcome} {r.target}" for r in self.rows] +
@@ -1827,14 +1915,62 @@ class Translation:
         return lines
 
 
+@functools.lru_cache(maxsize=1)
+def grayskull_names() -> dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+    """conda name -> [(PyPI name, versions from, versions below)] from NAMES_FILE; () bounds: any version."""
+    import yaml  # only the server needs it
+
+    table: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...]]]] = {}
+    for pypi, entry in (yaml.safe_load((HERE / NAMES_FILE).read_text()) or {}).items():
+        if isinstance(entry, dict) and entry.get("conda_forge"):
+            bounds = tuple(version_key(str(entry.get(key, ""))) for key in ("delimiter_min", "delimiter_max"))
+            table.setdefault(str(entry["conda_forge"]).lower(), []).append((str(pypi), *bounds))
+    return table
+
+
+def pypi_name_of(dep: CondaDep) -> str:
+    """Ours first; then grayskull's. Where several PyPI names map to one conda name, the pinned version picks
+    by grayskull's ranges (pyqt 4.x -> pyqt4, 5.x -> pyqt5); among those left, the newest range, then the
+    first by name. Otherwise the conda name, without a -base suffix (numpy-base is numpy)."""
+    if dep.name in CONDA_TO_PYPI:
+        return CONDA_TO_PYPI[dep.name]
+    candidates = grayskull_names().get(dep.name, [])
+    pinned = version_key(dep.version.lstrip("=<>!~"))
+    fitting = [c for c in candidates
+               if not pinned or ((not c[1] or c[1] <= pinned) and (not c[2] or pinned < c[2]))] or candidates
+    if not fitting:
+        return dep.name.removesuffix("-base")
+    newest = max(c[2] or (math.inf,) for c in fitting)
+    return min(c[0] for c in fitting if (c[2] or (math.inf,)) == newest)
+
+
+def is_program(dep: CondaDep) -> bool:
+    """perl, R and bioconda's tools: the evidence CONDA_PROGRAMS' comment lists."""
+    return (dep.name in CONDA_PROGRAMS or bool(PROGRAM_NAME_RE.fullmatch(dep.name))
+            or bool(PROGRAM_BUILD_RE.match(dep.build))
+            or (dep.channel == "bioconda" and not dep.build.startswith("py")))
+
+
+def platform_only(name: str) -> str:
+    """The platform a package is for, when that is not this one ("" otherwise)."""
+    return next((PLATFORM_NAMES[p] for p, names in CONDA_PLATFORM_ONLY.items()
+                 if name in names and not sys.platform.startswith(p)), "")
+
+
 def classify_conda_dep(dep: CondaDep, listed: set[str]) -> tuple[str, str]:
-    """(outcome, PyPI name or why). The tables first; then a full export's build string tells a Python
-    package (py312h06a4308_0, pyhd3eb1b0_1) from a C/C++ library (h5eee18b_0, 1_gnu); without one
-    (--from-history), a package is assumed to be on PyPI under its name."""
+    """(outcome, PyPI name or why). Programs and the tables first; then a full export's build string tells a
+    Python package (py312h06a4308_0, pyhd3eb1b0_1) from a C/C++ library (h5eee18b_0, 1_gnu); without one
+    (--from-history), a package is assumed to be on PyPI."""
+    if is_program(dep):
+        return REFUSED, PROGRAM_WHY
     if dep.name in CONDA_REFUSED:
         return REFUSED, CONDA_REFUSED[dep.name]
     if dep.name.startswith("_"):
         return SKIPPED, METAPACKAGE_WHY
+    if dep.name in CONDA_STDLIB:
+        return SKIPPED, f"part of CPython (module {CONDA_STDLIB[dep.name]}), which the interpreter has"
+    if platform := platform_only(dep.name):
+        return SKIPPED, f"{platform} only"
     if dep.name in SKIP_WHY:
         return SKIPPED, SKIP_WHY[dep.name]
     base_of = dep.name.removesuffix("-base")
@@ -1842,17 +1978,20 @@ def classify_conda_dep(dep: CondaDep, listed: set[str]) -> tuple[str, str]:
         return SKIPPED, f"part of {base_of}, which is installed"
     if dep.build and not dep.build.startswith("py"):
         return SKIPPED, C_LIBRARY_WHY
-    return INSTALLED, CONDA_TO_PYPI.get(dep.name, base_of)
+    return INSTALLED, pypi_name_of(dep)
 
 
 def translate(spec: EnvSpec) -> Translation:
     listed = {d.name for d in spec.conda_deps}
     pinned_by_pip = {pypi_name(p) for p in spec.pip_packages}
-    rows = []
+    rows: list[TranslatedDep] = []
     for dep in spec.conda_deps:
         outcome, target = classify_conda_dep(dep, listed)
+        earlier = [r.name for r in rows if r.outcome == INSTALLED and pypi_name(r.target) == pypi_name(target)]
         if outcome == INSTALLED and pypi_name(target) in pinned_by_pip:
             outcome, target = SKIPPED, "the pip: list pins it"
+        elif outcome == INSTALLED and earlier:  # opencv and py-opencv are both opencv-python
+            outcome, target = SKIPPED, f"the same PyPI package as {earlier[0]}"
         elif outcome == INSTALLED:
             target += dep.pip_specifier(spec.path)
         rows.append(TranslatedDep(outcome, dep.spec, dep.name, target))
@@ -1866,21 +2005,24 @@ class Interpreter:
     source: str    # where it was found, for the build log
 
 
-PYTHON_PROBE = ("import platform, sys; print(platform.python_version()); "
-                "print(getattr(sys, '_base_executable', sys.executable))")
+PYTHON_PROBE = ("import importlib, platform, sys\n"
+                "print(platform.python_version()); print(getattr(sys, '_base_executable', sys.executable))\n"
+                "for module in sys.argv[1:]:\n"
+                "    try: importlib.import_module(module)\n"
+                "    except ImportError: print(module)\n")
 
 
-def probe_python(path: str) -> tuple[str, str]:
-    """(version, real interpreter) or EnvBuildError with the first line it printed."""
+def probe_python(path: str, modules: Sequence[str] = ()) -> tuple[str, str, list[str]]:
+    """(version, real interpreter, which of `modules` it lacks) or EnvBuildError with the first line it printed."""
     try:
-        result = subprocess.run([path, "-c", PYTHON_PROBE], capture_output=True, text=True, timeout=60,
+        result = subprocess.run([path, "-c", PYTHON_PROBE, *modules], capture_output=True, text=True, timeout=60,
                                 env=build_environment(), stdin=subprocess.DEVNULL)
     except OSError as exc:
         raise EnvBuildError(f"{path}: {exc.strerror}") from exc
     lines = result.stdout.split("\n")
     if result.returncode != 0 or len(lines) < 2:
         raise EnvBuildError(f"{path}: {(result.stderr.strip().splitlines() or ['exit %d' % result.returncode])[0]}")
-    return lines[0], lines[1]
+    return lines[0], lines[1], [line for line in lines[2:] if line]
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -1909,7 +2051,7 @@ def uv_managed_python(uv: str, version: str) -> str | None:
     return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
 
 
-def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str:
+def download_python(request: str, uv: str | None, log: Any, modules: Sequence[str] = ()) -> Interpreter | str:
     """uv's download (its default where the machine has internet), or why there is none."""
     if not uv:
         return "no uv to download it with"
@@ -1925,35 +2067,52 @@ def download_python(request: str, uv: str | None, log: Any) -> Interpreter | str
     managed = uv_managed_python(uv, request)
     if managed is None:
         return "uv installed it but cannot find it"
-    version, real = probe_python(managed)
+    version, real, lacking = probe_python(managed, modules)
+    if lacking:
+        return f"uv's download has no {', '.join(lacking)}"
     return Interpreter(real, version, "uv's managed Pythons (downloaded now)")
 
 
-def find_python(version: str | None, yml: Path, uv: str | None = None, log: Any = lambda line: None) -> Interpreter:
-    """The interpreter for `python=X.Y[.Z]`: the exact version if one is found, else the same X.Y."""
+def find_python(version: str | None, yml: Path, uv: str | None = None, log: Any = lambda line: None,
+                needs: dict[str, str] | None = None) -> Interpreter:
+    """The interpreter for `python=X.Y[.Z]`: the exact version if one is found, else the same X.Y; in either
+    case one that has the modules `needs` names (module -> the yml line that needs it)."""
+    needs = needs or {}
     if version is None:
-        own = getattr(sys, "_base_executable", sys.executable)
-        return Interpreter(own, "%d.%d.%d" % sys.version_info[:3], "the executor's own Python (the yml pins none)")
+        version = "%d.%d" % sys.version_info[:2]
+        if not needs:
+            own = getattr(sys, "_base_executable", sys.executable)
+            return Interpreter(own, "%d.%d.%d" % sys.version_info[:3], "the executor's own Python (the yml pins none)")
     minor = ".".join(version.split(".")[:2])
     nearest: Interpreter | None = None
     tried: list[str] = []
+    lacking: dict[str, list[str]] = {}
     for path, source in python_candidates(minor, uv):
         try:
-            found, real = probe_python(path)
+            found, real, missing = probe_python(path, list(needs))
         except EnvBuildError as exc:
             tried.append(str(exc))
             continue
-        if found == version or (version == minor and found.startswith(minor + ".")):
-            return Interpreter(real, found, source)
-        if found.startswith(minor + ".") and nearest is None:
-            nearest = Interpreter(real, found, f"{source} (the yml pins {version}; the patch level differs)")
-        elif not found.startswith(minor + "."):
+        if not found.startswith(minor + "."):
             tried.append(f"{path}: Python {found}")
+        elif missing:
+            lacking.setdefault(real, missing)
+        elif found == version or version == minor:
+            return Interpreter(real, found, source)
+        elif nearest is None:
+            nearest = Interpreter(real, found, f"{source} (the yml pins {version}; the patch level differs)")
     if nearest:
         return nearest
-    downloaded = download_python(version, uv, log)
+    downloaded = download_python(version, uv, log, list(needs))
     if isinstance(downloaded, Interpreter):
         return downloaded
+    if lacking:
+        absent = sorted({m for missing in lacking.values() for m in missing})
+        found_without = "; ".join(f"{path}: no {', '.join(missing)}" for path, missing in lacking.items())
+        raise EnvSpecError(
+            f"{yml}: {', '.join(needs[m] for m in absent)}: part of CPython, but no Python {minor} here has "
+            f"{', '.join(absent)} ({found_without}; {downloaded}). Install a Python {minor} built with it (e.g. "
+            f"`pyenv install {minor}` with Tk's headers present, or `uv python install {minor}`), or remove the line.")
     raise EnvBuildError(
         f"Python {version} is not available (not on PATH, in pyenv's versions or among uv's managed Pythons; "
         f"{downloaded}; tried: {'; '.join(dict.fromkeys(tried)) or 'nothing'}). Install it (`pyenv install {version}` "
@@ -2003,14 +2162,109 @@ def plan_venv(spec: EnvSpec, uv: str | None, log: Any = lambda line: None) -> Ve
     log("conda dependencies, translated for a venv (no conda/mamba/micromamba on PATH):")
     for line in translation.log_lines():
         log(line)
-    if refused := translation.of(REFUSED):
+    refused = translation.of(REFUSED)
+    if programs := [r.name for r in refused if r.target == PROGRAM_WHY]:
+        raise EnvSpecError(
+            f"{spec.path}: {', '.join(programs)} {'is a conda program' if len(programs) == 1 else 'are conda programs'}"
+            f" a task may call, which a venv cannot have: use the conda backend (install micromamba and restart "
+            f"the executor) or remove {'it' if len(programs) == 1 else 'them'}.")
+    if refused:
         raise EnvSpecError(
             f"{spec.path}: {'; '.join(f'{r.spec} ({r.target})' for r in refused)}: no PyPI counterpart, and no "
             f"conda/mamba/micromamba is on PATH. Remove {'it' if len(refused) == 1 else 'them'}, list a PyPI "
             f"equivalent under pip:, or install micromamba.")
-    plan = VenvPlan(find_python(spec.python, spec.path, uv, log), translation)
+    plan = VenvPlan(find_python(spec.python, spec.path, uv, log, translation.stdlib_modules), translation)
     log(plan.python_line())
     return plan
+
+
+# ---- asking the package index, before anything is installed
+
+def uv_compile(uv: str, python: str, requirements: Sequence[str], *options: str) -> subprocess.CompletedProcess:
+    """`uv pip compile` of `requirements` for `python`: resolves against the index, installs nothing."""
+    return subprocess.run([uv, "pip", "compile", "--no-config", "--no-header", "--no-annotate", "--quiet",
+                           "--python", python, *options, "-"], input="\n".join(requirements), capture_output=True,
+                          text=True, timeout=900, env=build_environment())
+
+
+def unresolvable(result: subprocess.CompletedProcess, names: set[str]) -> set[str] | None:
+    """The project names among `names` that uv's "no solution" names; None when uv failed otherwise (the
+    index could not be reached, ...)."""
+    if "No solution found" not in result.stderr:
+        return None
+    return {pypi_name(word) for word in re.findall(r"[A-Za-z0-9][A-Za-z0-9._-]*", result.stderr)} & names
+
+
+def index_failure(result: subprocess.CompletedProcess) -> EnvBuildError:
+    first = next((line for line in result.stderr.splitlines() if line.strip()), f"exit {result.returncode}")
+    return EnvBuildError(f"could not ask the package index ({first.strip()}); the build is tried again at the "
+                         f"executor's next start")
+
+
+EXACT_PIN_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\d+(?:\.\d+)*)")  # a release: no pre, post or local part
+
+
+def pins_by_index(translation: Translation, uv: str, python: str,
+                  log: Any) -> tuple[dict[str, str], list[TranslatedDep]]:
+    """For each conda line installed from PyPI: its requirement as PyPI can meet it (`==X.Y.Z` when PyPI has
+    X.Y.Z, `==X.Y.Z.*` when it has only X.Y.Z.N, as opencv-python's 4.6.0.66 for conda's 4.6.0), and the lines
+    PyPI cannot meet at all. One lowest-version resolve without dependencies asks the index for all of them."""
+    asked = {}
+    for row in translation.of(INSTALLED):
+        exact = EXACT_PIN_RE.fullmatch(row.target)
+        asked[row] = f"{exact[1]}=={exact[2]}.*" if exact else row.target
+    missing: list[TranslatedDep] = []
+    while asked:
+        result = uv_compile(uv, python, list(asked.values()), "--no-deps", "--resolution", "lowest-direct")
+        if result.returncode == 0:
+            break
+        log(f"$ uv pip compile --no-deps --resolution lowest-direct (conda lines)\n{result.stderr.rstrip()}")
+        named = unresolvable(result, {pypi_name(r) for r in asked.values()})
+        if not named:
+            raise index_failure(result)
+        missing += [row for row, req in asked.items() if pypi_name(req) in named]
+        asked = {row: req for row, req in asked.items() if pypi_name(req) not in named}
+    found = dict(line.split("==", 1) for line in result.stdout.split() if "==" in line) if asked else {}
+    found = {pypi_name(name): version for name, version in found.items()}
+    pins = {}
+    for row in asked:
+        exact = EXACT_PIN_RE.fullmatch(row.target)
+        has = found.get(pypi_name(row.target), "")
+        longer = exact and has.startswith(exact[2] + ".") and has[len(exact[2]) + 1:].isdigit()
+        pins[row.spec] = f"{exact[1]}=={exact[2]}.*" if longer else row.target
+    return pins, missing
+
+
+def settle_with_index(spec: EnvSpec, plan: VenvPlan, uv: str, log: Any) -> VenvPlan:
+    """The plan with its pins as PyPI has them, checked to resolve as a whole before anything is installed;
+    otherwise an EnvSpecError naming the yml lines responsible and what to change."""
+    python = plan.python.path
+    pins, missing = pins_by_index(plan.translation, uv, python, log)
+    where = f"PyPI (for Python {plan.python.version})"
+    if missing:
+        raise EnvSpecError(
+            f"{spec.path}: {', '.join(f'{r.spec} (as {r.target})' for r in missing)}: not on {where} at that "
+            f"version: change the version, remove the line, or list the PyPI package that provides it under pip:")
+    rows = tuple(dataclasses.replace(r, target=pins.get(r.spec, r.target)) if r.outcome == INSTALLED else r
+                 for r in plan.translation.rows)
+    translation = dataclasses.replace(plan.translation, rows=rows)
+    log("versions as the index has them: " + (", ".join(
+        f"{r.spec} -> {r.target}" for r in translation.of(INSTALLED)) or "(no conda lines installed)"))
+    result = uv_compile(uv, python, translation.requirements)
+    if result.returncode != 0:
+        log(f"$ uv pip compile (everything, with dependencies)\n{result.stderr.rstrip()}")
+        lines = {pypi_name(r.target): r.spec for r in translation.of(INSTALLED)}
+        lines.update({pypi_name(p): f"pip: {p}" for p in translation.pip_packages})
+        named = unresolvable(result, set(lines))
+        if named is None:
+            raise index_failure(result)
+        culprits = [line for name, line in lines.items() if name in named] or list(lines.values())
+        raise EnvSpecError(
+            f"{spec.path}: {', '.join(culprits)}: cannot be installed together from {where}: change "
+            f"{'its version' if len(culprits) == 1 else 'their versions so they agree'} (or drop a pin and let the "
+            f"others choose); the build log has the resolver's reasoning")
+    log("resolved: " + " ".join(result.stdout.split()))
+    return dataclasses.replace(plan, translation=translation)
 
 
 def build_commands(backend: str, spec: EnvSpec, prefix: Path, plan: VenvPlan | None = None) -> list[list[str]]:
@@ -2066,6 +2320,7 @@ def tail(path: Path, lines: int = 20) -> str:
 
 READY_MARKER = ".vpe-ready"
 MANIFEST = ".vpe-manifest"
+SUMMARY_FILE = ".vpe-summary"
 
 
 def file_table(root: Path, describe: Any) -> dict[str, Any]:
@@ -2276,6 +2531,8 @@ class EnvManager:
         self._update(record, detail=f"building {digest} with {self.backend} (log: {self.build_log(record.name)})")
         log.info("env %s: building %s with %s; log %s", record.name, digest, self.backend, self.build_log(record.name))
         started = time.monotonic()
+        if plan and (uv := find_uv()):
+            plan = settle_with_index(spec, plan, uv, note)
         self._build_into(spec, plan, prefix, out)
         took = time.monotonic() - started
         self._activate(record, prefix, digest, f"ready (built {digest} in {took:.1f}s){about}", plan)
@@ -2289,6 +2546,8 @@ class EnvManager:
         if (prefix / "bin" / "python").exists():  # a conda env may have no Python
             self._run_build_step(compile_command(prefix), out, spec, plan, prefix)
         (prefix / READY_MARKER).write_text(f"{spec.path}\n")
+        if plan:  # what the index made of the pins, for `envs` when a later start reuses this build
+            (prefix / SUMMARY_FILE).write_text(plan.summary())
         seal_env(prefix)
 
     def _run_build_step(self, command: list[str], out, spec: EnvSpec, plan: VenvPlan | None, prefix: Path) -> None:
@@ -2324,8 +2583,12 @@ class EnvManager:
         for old in prefix.parent.glob(f"{record.name}-*"):
             if old != prefix and re.fullmatch(rf"{re.escape(record.name)}-[0-9a-f]{{12}}", old.name):
                 remove_tree(old)
+        summary = ""
+        if plan:
+            with contextlib.suppress(OSError):
+                summary = (prefix / SUMMARY_FILE).read_text()
         self._update(record, state=pb2.ENV_READY, prefix=prefix, spec_hash=digest, detail=detail, stale=False,
-                     summary=plan.summary() if plan else "", snapshot=file_table(prefix, snapshot_entry))
+                     summary=summary or (plan.summary() if plan else ""), snapshot=file_table(prefix, snapshot_entry))
 
     def _fail(self, record: EnvRecord, previous: Path | None, reason: str) -> None:
         log.error("env %s: build failed: %s", record.name, reason)
@@ -2555,6 +2818,18 @@ def split_target(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def listed_addresses(target: str) -> list[str] | None:
+    """The replicas of gRPC's own multi-address target, `ipv4:10.0.0.1:3170,10.0.0.2:3170` (or `ipv6:[::1]:3170,...`);
+    None for any other target. Each address must be host:port."""
+    scheme, colon, rest = target.partition(":")
+    if scheme not in ("ipv4", "ipv6") or not colon:
+        return None
+    addresses = [address.strip() for address in rest.removeprefix("//").split(",")]
+    for address in addresses:
+        split_target(address)
+    return addresses
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now, for a server started next (the tests' and benchmarks' stacks)."""
     with socket.socket() as sock:
@@ -2563,9 +2838,12 @@ def free_port() -> int:
 
 
 def replica_targets(target: str) -> list[str]:
-    """One address per executor replica behind `target`: every address its host name resolves to (with
-    `docker compose --scale executor=N`, the service name resolves to each replica), or `target` itself
-    when it does not resolve here (gRPC then reports the failure)."""
+    """One address per executor replica behind `target`: the addresses a multi-address target lists, or every
+    address its host name resolves to (with `docker compose --scale executor=N`, the service name resolves to
+    each replica), or `target` itself when it does not resolve here (gRPC then reports the failure)."""
+    listed = listed_addresses(target)
+    if listed is not None:
+        return listed
     try:
         host, port = split_target(target)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -2585,8 +2863,9 @@ def replica_channels(target: str, tls_ca: str = "", tls_cert: str = "", tls_key:
 
 def replica_channel(address: str, target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
                     aio: bool = False):
-    """A channel to one replica's `address`, found behind `target` (whose name its TLS certificate carries)."""
-    server_name = split_target(target)[0] if address != target else ""
+    """A channel to one replica's `address`, found behind `target` (whose name its TLS certificate carries;
+    a replica listed by address must carry that address)."""
+    server_name = split_target(target)[0] if address != target and listed_addresses(target) is None else ""
     return open_channel(address, tls_ca, tls_cert, tls_key, server_name=server_name, aio=aio)
 
 
@@ -2820,7 +3099,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "until it ends; exit like `run`. Leaving (Ctrl-C) does not stop the run. With "
                                    "replicas behind one name, asks each address it resolves to.")
     p.add_argument("run_id", help="the run's id (given with run --run-id, or printed by run -v)")
-    p.add_argument("--from", dest="from_seq", type=int, default=0, help="first event to print (default: the start)")
+    p.add_argument("--from", "--from-seq", dest="from_seq", type=event_seq, default=0, metavar="SEQ",
+                   help="first event to print (default: 0, the start); to resume, the last seq seen + 1")
     p.add_argument("-v", "--verbose", action="store_true", help="print run id, pid, log path and final status")
     p.set_defaults(func=cmd_attach)
 

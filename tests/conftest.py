@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import psycopg
 import pytest
@@ -106,9 +106,11 @@ def wait_for_envs(env: dict[str, str], timeout: float = 600) -> None:
         time.sleep(2)
 
 
-def offline_demo_stack(stack_home: Path, name: str, files: dict[str, str]) -> Iterator[dict[str, str]]:
+def offline_demo_stack(stack_home: Path, name: str, files: dict[str, str],
+                       options: Sequence[str] = ()) -> Iterator[dict[str, str]]:
     """The whole platform in offline-demo mode on a repo-shaped copy of dags/ and tasks/ plus `files` (paths in
-    that copy, e.g. "dags/x.py"), for a module-scoped fixture to `yield from`."""
+    that copy, e.g. "dags/x.py"), for a module-scoped fixture to `yield from`; `options`: more of bootstrap's
+    options (e.g. --celery)."""
     env = stack_config(stack_home / f"{name}-stack")
     # A repo-shaped copy: the DAG's default catalog path is relative to the folder holding tasks/.
     repo = stack_home / f"{name}-repo"
@@ -118,8 +120,9 @@ def offline_demo_stack(stack_home: Path, name: str, files: dict[str, str]) -> It
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_text(text)
     env.update(VPE_DAGS_DIR=str(repo / "dags"), VPE_TASKS_DIR=str(repo / "tasks"),
-               VPE_OPEN_METEO_PORT=str(free_port()), VPE_ARCGIS_PORT=str(free_port()))
-    bootstrap("--offline-demo", "up", env=env)
+               VPE_OPEN_METEO_PORT=str(free_port()), VPE_ARCGIS_PORT=str(free_port()),
+               VPE_REDIS_PORT=str(free_port()))
+    bootstrap("--offline-demo", *options, "up", env=env)
     wait_for_envs(env)
     yield env
     bootstrap("down", env=env, check=False)

@@ -61,11 +61,47 @@ def test_attach_to_a_live_run_replays_then_follows_it_to_its_end(client, server)
     assert lines_of(events, pb2.STDERR) == ["released"]
 
 
+def test_attach_at_or_past_the_end_of_a_finished_run_answers_its_status_again(client, server):
+    *_, ended = client.run("six_a", "c/lines.py", ["3"], run_id="attach-past-end")
+    for from_seq in (ended.seq, ended.seq + 1, 2 ** 62, 2 ** 63 - 1):
+        assert list(client.attach("attach-past-end", from_seq=from_seq)) == [ended], from_seq
+    resumed = run_cli(server, "attach", "attach-past-end", "--from-seq", str(ended.seq + 1))
+    assert resumed.returncode == 0 and resumed.stdout == resumed.stderr == ""
+
+
+def test_attach_past_the_end_of_a_live_run_follows_it_from_there_and_ends_with_its_status(client, server):
+    call, seen, _ = start(client, "attach-ahead")
+    ahead = seen[-1].seq + 3  # events not yet seen by anyone, perhaps not yet written
+    _, attached, first = executor.attach_where_held([client], "attach-ahead", from_seq=ahead, running_only=True)
+    far = client.attach("attach-ahead", from_seq=2 ** 63 - 1)
+    release(server, "attach-ahead")
+    events, status = collect([first, *attached])
+    assert first.seq == ahead and [e.seq for e in events] == list(range(ahead, ahead + len(events)))
+    assert lines_of(events, pb2.STDERR) == ["released"] and status.exit_code == 0
+    *run_events, ended = call
+    assert ended.status == status and list(far) == [ended]
+
+
+def test_a_lost_runs_status_appended_after_a_torn_record_is_replayed(client, server):
+    """A crash (kill -9, power cut) can leave a run log's last record half written; the next executor appends
+    the run's `lost` status (report_lost) after it."""
+    collect(client.run("six_a", "c/lines.py", ["2"], run_id="whole"))
+    runs = server.home / "logs" / "runs"
+    *records, _ = (runs / "whole.jsonl").read_bytes().splitlines(keepends=True)  # started, line 0, line 1
+    torn = runs / "torn.jsonl"
+    torn.write_bytes(b"".join(records[:-1]) + records[-1][:20])
+    executor.report_lost({"run_id": "torn", "log_path": str(torn)}, "1", 0)
+    replay, status = collect(client.attach("torn"))
+    assert status.ended_by.startswith("lost:") and lines_of(replay) == ["line 0"]
+    assert list(client.attach("torn", from_seq=replay[-1].seq + 1))[0].status == status
+
+
 def test_attach_refusals_are_clean_status_codes(client):
     collect(client.run("six_a", "c/lines.py", ["1"], run_id="attach-done"))
     cases = [("no-such-run", {}, grpc.StatusCode.NOT_FOUND, "no-such-run"),
              ("../escape", {}, grpc.StatusCode.INVALID_ARGUMENT, "run_id '../escape' is invalid"),
              ("attach-done", {"from_seq": -1}, grpc.StatusCode.INVALID_ARGUMENT, "from_seq=-1"),
+             ("attach-done", {"from_seq": -2 ** 63}, grpc.StatusCode.INVALID_ARGUMENT, f"from_seq={-2 ** 63}"),
              ("attach-done", {"running_only": True}, grpc.StatusCode.NOT_FOUND, "no run 'attach-done' is running")]
     for run_id, kwargs, code, reason in cases:
         with pytest.raises(grpc.RpcError) as info:
@@ -161,6 +197,9 @@ def test_cli_attach_prints_the_output_and_exits_with_the_runs_code(client, serve
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
     usage = run_cli(server, "attach", "--help")
     assert usage.returncode == 0 and "--from" in usage.stdout
+    for bad in ("-1", str(2 ** 63), "x"):
+        refused = run_cli(server, "attach", "cli-attach", "--from", bad)
+        assert refused.returncode == 2 and "is no event seq" in refused.stderr, bad
 
 
 

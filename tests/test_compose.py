@@ -5,7 +5,7 @@
 - every path, port and variable it and the Dockerfiles reference exists in the repo or .env;
 - the Dockerfiles follow requirements.txt and envs/*.yml (the same files local mode uses);
 - the env-building step of Dockerfile.executor, run for real against the executor (venv backend);
-- the grpc_default connection it gives Airflow, read by the real GrpcHook, reaching a real executor;
+- the grpc_default connection it gives Airflow, read by VPE's hook (vpe.hooks), reaching a real executor;
 - bootstrap.sh's compose mode against a `docker` stand-in that records its calls (a double for the CLI only).
 """
 from __future__ import annotations

@@ -333,8 +333,47 @@ def test_a_run_over_its_memory_limit_ends_with_a_status_naming_it(contained):
 
 
 def test_a_run_over_its_output_limit_is_stopped_and_says_so(contained):
-    events, status = run_limited(contained, "c/lines.py", ["forever"], output_bytes=100_000)
-    assert status.ended_by == "killed: output limit 97.7 KiB" and status.WhichOneof("outcome") == "signal"
+    for task in ("c/lines.py", "c/wide_lines.py"):  # short lines; 16,000-character ones
+        events, status = run_limited(contained, task, ["forever"], output_bytes=100_000)
+        assert status.ended_by == "killed: output limit 97.7 KiB" and status.WhichOneof("outcome") == "signal"
+        *output, marker = lines_of(events)
+        assert marker.startswith("[executor] output limit 97.7 KiB reached")
+        assert 100_000 - 16_001 < printed_bytes(output) <= 100_000 + 16 * 1024, task
+
+
+def printed_bytes(lines: list[str]) -> int:
+    """What a client prints of these output lines: each one's UTF-8 and a newline."""
+    return sum(len(line.encode()) + 1 for line in lines)
+
+
+def test_output_past_the_limit_is_discarded_even_while_a_task_ignoring_sigterm_writes_on(make_server):
+    srv = make_server("--kill-grace", "3").start()
+    limit, crossing_line = 256 * 1024, 16 * 1024
+    stub = executor.pb2_grpc.ExecutorStub(srv.channel())
+    request = pb2.RunRequest(env="six_a", task="c/spew_ignoring_term.py", run_id="spew",
+                             limits=pb2.RunLimits(output_bytes=limit))
+    streamed = list(stub.Run(request, timeout=120))
+    status = streamed[-1].status
+    assert status.ended_by == "killed: output limit 256 KiB" and status.signal == signal.SIGKILL
+    output = [line for line in lines_of(streamed) if not line.startswith("[executor]")]
+    assert printed_bytes(output) <= limit + crossing_line
+    *_, marker = lines_of(streamed)
+    assert lines_of(streamed) == [*output, marker]
+    assert marker.startswith("[executor] output limit 256 KiB reached: the run is stopped")
+    logged = [event for _, event in executor.read_run_events(config_of(srv), "spew")]
+    assert lines_of(logged) == [*output, marker] and logged[-1].status == status
+    written = int((srv.home / "buffer" / "spew" / "written").read_text())
+    assert written > 4 * limit, f"the task wrote only {written} bytes: the limit was hardly exercised"
+
+    cli = subprocess.run([sys.executable, str(ROOT / "executor.py"), "run", "--output", "256K", "six_a",
+                          "c/spew_ignoring_term.py"], capture_output=True, text=True, timeout=120,
+                         env=clean_environ(VPE_EXECUTOR_PORT=str(srv.port)))
+    stderr = cli.stderr.splitlines()
+    said = [line for line in stderr if line.startswith("[executor]")]
+    assert len(said) == 2 and said[0] == marker and "killed: output limit 256 KiB" in said[1]
+    task_stderr = [line for line in stderr if not line.startswith("[executor]")]
+    assert printed_bytes(cli.stdout.splitlines() + task_stderr) <= limit + crossing_line
+    assert cli.returncode == 128 + signal.SIGKILL
 
 
 def test_a_run_over_its_cpu_time_limit_ends_with_a_status_naming_it(contained):

@@ -26,6 +26,8 @@ from test_executor import READY_TIMEOUT, Server, clean_environ, collect, lines_o
 
 pb2 = executor.pb2
 CONDA_EXPORTS = FIXTURES / "envs" / "conda"
+# Exports from other projects' shapes (issue 19): each is either built (a few) or translated without a build.
+OTHER_EXPORTS = FIXTURES / "envs" / "exports"
 # What the gRPC env of a real `conda env export` lists: C/C++ libraries and runtimes besides Python packages.
 GRPC_EXPORT = """\
 name: grpc_test
@@ -152,6 +154,17 @@ def test_a_python_line_that_names_no_version_is_refused_not_ignored(tmp_path, li
         executor.parse_env_yml(write_yml(tmp_path, "p.yml", f"dependencies:\n  - {line}\n"))
 
 
+@pytest.mark.parametrize("line, python", [("python=3.11.7=hab00c5b_0_cpython", "3.11.7"),
+                                          ("python=3.11.5=h2755cc3_0", "3.11.5"), ("python=3.9.18=0_73_pypy", None)])
+def test_a_python_build_string_names_cpython_or_pypy_which_is_refused(tmp_path, line, python):
+    yml = write_yml(tmp_path, "p.yml", f"dependencies:\n  - {line}\n")
+    if python:
+        assert executor.parse_env_yml(yml).python == python
+    else:
+        with pytest.raises(executor.EnvSpecError, match="is PyPy"):
+            executor.parse_env_yml(yml)
+
+
 def test_the_build_key_includes_the_interpreter_actually_used(tmp_path):
     spec = executor.parse_env_yml(write_yml(tmp_path, "p.yml", "dependencies:\n  - python=3.12\n  - six\n"))
     translation = executor.translate(spec)
@@ -167,6 +180,172 @@ def test_dags_use_env_names_that_envs_declare():
             env = next((k.value for k in getattr(call, "keywords", []) if k.arg == "env"), None)
             if isinstance(env, ast.Constant):
                 assert env.value in declared, f"{dag.name} uses env {env.value!r}; envs/*.yml declare {declared}"
+
+
+# ---------------------------------------------------------------- exports from other projects (no builds)
+
+def translated(file_name: str) -> dict[str, tuple[str, str]]:
+    """conda name -> (outcome, PyPI requirement or why) for a fixture in OTHER_EXPORTS."""
+    translation = executor.translate(executor.parse_env_yml(OTHER_EXPORTS / file_name))
+    return {r.name: (r.outcome, r.target) for r in translation.rows}
+
+
+def settled(file_name: str) -> executor.VenvPlan:
+    """The fixture's plan after asking the real index (metadata only: nothing is downloaded or installed)."""
+    spec = executor.parse_env_yml(OTHER_EXPORTS / file_name)
+    uv = executor.find_uv()
+    assert uv, "the test venv has uv"
+    return executor.settle_with_index(spec, executor.plan_venv(spec, uv), uv, lambda line: None)
+
+
+def test_the_name_table_is_grayskulls_file_beside_the_executor():
+    assert (executor.HERE / executor.NAMES_FILE).is_file()
+    names = executor.grayskull_names()
+    assert sum(len(entries) for entries in names.values()) == 141
+    dep = executor.parse_match_spec
+    for conda, pypi in [("pytorch=2.1.0=py3.11_cpu_0", "torch"), ("msgpack-python=1.0.3", "msgpack"),
+                        ("matplotlib-base=3.8.0", "matplotlib"), ("pytables=3.8.0", "tables"), ("six=1.16.0", "six")]:
+        parsed = dep(conda, Path())
+        assert executor.pypi_name_of(parsed) == pypi, conda
+
+
+@pytest.mark.parametrize("line, pypi", [
+    ("pyqt=4.11.4", "pyqt4"),      # grayskull's version ranges pick among PyQt4 and PyQt5
+    ("pyqt=5.15.7", "pyqt5"),
+    ("pyqt", "pyqt5"),             # no version: the newest range
+    ("opencv=4.6.0", "opencv-python"),  # three PyPI names: ours settles it
+    ("brotli-python=1.0.9", "Brotli"),  # not in grayskull's table: ours
+    ("py-opencv=4.6.0", "opencv-python"),
+])
+def test_where_several_pypi_names_or_none_map_to_a_conda_name_the_stated_rule_picks(line, pypi):
+    parsed = executor.parse_match_spec(line, Path())
+    assert executor.pypi_name_of(parsed) == pypi
+
+
+def test_a_bioconda_env_is_refused_up_front_naming_its_programs_and_nothing_else():
+    spec = executor.parse_env_yml(OTHER_EXPORTS / "bioconda.yml")
+    with pytest.raises(executor.EnvSpecError) as info:
+        executor.plan_venv(spec, executor.find_uv())
+    message = str(info.value)
+    assert "krona, muscle, perl are conda programs" in message and "micromamba" in message and "remove them" in message
+    for other in ("plyvel", "leveldb", "libcurl", "biopython", "numpy", "curl="):
+        assert other not in message, other
+
+
+@pytest.mark.parametrize("line", [
+    "perl=5.32.1=2_h7f98852_perl5", "perl-dbi=1.643=pl5321h166bdaf_0",       # perl and its modules
+    "krona=2.8.1=pl5321hdfd78af_1", "muscle=3.8.31=0", "samtools",          # bioconda's tools, by name
+    "r-base=4.3.1=h639d9d3_5", "r-ggplot2=3.4.4=r43hc72bb7e_0", "r-essentials",  # R and its packages
+    "seqtk=1.4=r431h2bb3201_0",                                            # built against R
+    "bioconda::vpe-unknown-tool=1.0=h4ac6f70_0",                            # a bioconda line that is not py*
+])
+def test_programs_are_known_by_name_build_or_channel(line):
+    dep = executor.parse_match_spec(line, Path())
+    assert executor.classify_conda_dep(dep, {dep.name}) == (executor.REFUSED, executor.PROGRAM_WHY)
+
+
+@pytest.mark.parametrize("line", ["plyvel=1.5.1=py311hb755f60_0", "bioconda::pysam=0.22.0=py311h1234567_0",
+                                  "rpy2=3.5.11=py311r43h1f0f07a_0", "leveldb=1.23=h6e8e06c_0"])
+def test_python_packages_and_libraries_of_such_envs_are_not_programs(line):
+    dep = executor.parse_match_spec(line, Path())
+    assert executor.classify_conda_dep(dep, {dep.name})[1] != executor.PROGRAM_WHY
+
+
+def test_a_windows_export_skips_runtimes_mkl_pywin32_and_keeps_its_python_packages():
+    rows = translated("windows.yml")
+    for name in ("vc", "vs2015_runtime", "ucrt", "mkl", "mkl-service", "mkl_fft", "tbb", "tk", "pywin32", "numpy-base"):
+        assert rows[name][0] == executor.SKIPPED, name
+    assert rows["pywin32"][1] == "Windows only"
+    assert rows["tkinter"] == (executor.SKIPPED, "part of CPython (module _tkinter), which the interpreter has")
+    assert rows["pandas"] == (executor.INSTALLED, "pandas==2.1.4") and rows["pytest"] == (executor.INSTALLED, "pytest==7.4.0")
+    assert rows["pytz"] == (executor.INSTALLED, "pytz==2023.3.post1")
+    spec = executor.parse_env_yml(OTHER_EXPORTS / "windows.yml")
+    assert executor.translate(spec).stdlib_modules == {"_tkinter": "tkinter=8.6.12=py311h2755cc3_0"}
+
+
+def test_a_full_linux_export_skips_every_library_and_metapackage():
+    rows = translated("linux_full.yml")
+    installed = {name: target for name, (outcome, target) in rows.items() if outcome == executor.INSTALLED}
+    assert installed == {"backports.tarfile": "backports.tarfile==1.0.0", "brotli-python": "Brotli==1.1.0",
+                         "certifi": "certifi==2023.11.17", "charset-normalizer": "charset-normalizer==3.3.2",
+                         "idna": "idna==3.6", "pysocks": "pysocks==1.7.1", "requests": "requests==2.31.0",
+                         "urllib3": "urllib3==2.1.0"}
+    assert rows["backports"][0] == rows["python_abi"][0] == executor.SKIPPED
+    spec = executor.parse_env_yml(OTHER_EXPORTS / "linux_full.yml")
+    assert spec.python == "3.11.7", "a *_cpython build string names the interpreter as any other"
+
+
+def test_noarch_and_renamed_packages_get_the_versions_pypi_has():
+    plan = settled("noarch_renamed.yml")
+    rows = {r.name: (r.outcome, r.target) for r in plan.translation.rows}
+    assert rows["opencv"] == (executor.INSTALLED, "opencv-python==4.6.0.*"), "PyPI has only 4.6.0.66"
+    assert rows["py-opencv"][0] == executor.SKIPPED, "the same PyPI package as opencv"
+    assert rows["brotli-python"] == (executor.INSTALLED, "Brotli==1.0.9"), "PyPI has 1.0.9 itself"
+    assert rows["ipython_genutils"] == (executor.INSTALLED, "ipython_genutils==0.2.0")
+    assert rows["matplotlib"] == (executor.INSTALLED, "matplotlib==3.8.0")
+    for name in ("backports", "python_abi", "matplotlib-base", "libopencv"):
+        assert rows[name][0] == executor.SKIPPED, name
+    assert plan.python.version.startswith("3.10.")
+
+
+@pytest.mark.parametrize("lines, named, absent", [
+    (["brotli-python=1.0.77=py311_0", "vpe-no-such-project-4242=1.0=py311_0", "six=1.16.0=pyhd3eb1b0_1"],
+     ["brotli-python=1.0.77=py311_0", "vpe-no-such-project-4242=1.0=py311_0"], ["six"]),
+    (["pandas=2.1.4=py311_0", "numpy=1.21.0=py311_0", "six=1.16.0=pyhd3eb1b0_1"],
+     ["pandas=2.1.4=py311_0", "numpy=1.21.0=py311_0"], ["six"]),
+])
+def test_a_set_pypi_cannot_give_is_refused_naming_its_lines_before_anything_is_installed(tmp_path, lines, named,
+                                                                                           absent):
+    body = "".join(f"  - {line}\n" for line in lines)
+    spec = executor.parse_env_yml(write_yml(tmp_path, "x.yml", f"name: x\ndependencies:\n  - python=3.11\n{body}"))
+    uv = executor.find_uv()
+    log: list[str] = []
+    with pytest.raises(executor.EnvSpecError) as info:
+        executor.settle_with_index(spec, executor.plan_venv(spec, uv), uv, log.append)
+    message = str(info.value)
+    assert all(line in message for line in named) and not any(name in message for name in absent), message
+    assert "Because" not in message and "No solution" not in message, "the resolver's words stay in the log"
+    assert any("No solution found" in line for line in log)
+
+
+def test_the_seeds_env_files_resolve_as_they_are():
+    uv = executor.find_uv()
+    for yml in sorted((ROOT / "envs").glob("*.yml")):
+        spec = executor.parse_env_yml(yml)
+        plan = executor.settle_with_index(spec, executor.plan_venv(spec, uv), uv, lambda line: None)
+        assert plan.translation.requirements == list(spec.pip_packages), yml.name
+
+
+@pytest.fixture
+def only_system_python(monkeypatch, tmp_path):
+    """A machine whose only Python 3.11 is Debian's, built without Tk."""
+    system = Path("/usr/bin/python3.11")
+    if not system.exists() or subprocess.run([system, "-c", "import _tkinter"], capture_output=True).returncode == 0:
+        pytest.skip("needs /usr/bin/python3.11 without _tkinter (Debian's, without python3-tk)")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "no-pyenv"))
+    monkeypatch.setattr(sys, "_base_executable", str(system), raising=False)
+    return system
+
+
+def test_tkinter_without_a_python_that_has_it_is_refused_naming_it(only_system_python):
+    spec = executor.parse_env_yml(OTHER_EXPORTS / "windows.yml")
+    with pytest.raises(executor.EnvSpecError) as info:
+        executor.plan_venv(spec, None)
+    message = str(info.value)
+    assert "tkinter=8.6.12=py311h2755cc3_0" in message and f"{only_system_python}: no _tkinter" in message
+    assert "pandas" not in message
+
+
+def test_tkinter_picks_the_python_that_has_it_over_one_found_first(only_system_python, monkeypatch, tmp_path):
+    pyenv = Path.home() / ".pyenv"
+    if not any((pyenv / "versions").glob("3.11.*")):
+        pytest.skip("needs a pyenv Python 3.11")
+    monkeypatch.setenv("PYENV_ROOT", str(pyenv))
+    plain = write_yml(tmp_path, "plain.yml", "dependencies:\n  - python=3.11\n")
+    with_tk = write_yml(tmp_path, "tk.yml", "dependencies:\n  - python=3.11\n  - tkinter=8.6.12=py311h2755cc3_0\n")
+    assert executor.plan_venv(executor.parse_env_yml(plain), None).python.path == str(only_system_python)
+    assert executor.plan_venv(executor.parse_env_yml(with_tk), None).python.path.startswith(str(pyenv / "versions"))
 
 
 # ---------------------------------------------------------------- building them without conda
@@ -206,7 +385,7 @@ def test_a_from_history_export_runs_its_pinned_versions(export_server):
 def test_envs_and_the_build_log_show_the_translation(export_server):
     text = envs_cli(export_server)
     block = re.search(r"^landslide_export\s+ready\b.*?(?=^\S|\Z)", text, re.M | re.S).group(0)
-    assert "psycopg2-binary==2.9.9 (psycopg2)" in block and "PyMySQL==1.0.2" in block
+    assert "psycopg2-binary==2.9.9 (psycopg2)" in block and "pymysql==1.0.2" in block
     assert re.search(r"skipped, C/C\+\+ library.*abseil-cpp.*re2", block)
     assert "numpy-base" in block and "build log: " in block
     python = re.search(r"Python (3\.12\.\d+) from", block)
@@ -216,6 +395,33 @@ def test_envs_and_the_build_log_show_the_translation(export_server):
     assert re.search(r"^  openssl=3\.0\.13=h7f8727e_0\s+skipped system library", log, re.M)
     assert re.search(r"^  pandas=2\.1\.4=py312h526ad5a_0\s+installed as pandas==2\.1\.4$", log, re.M)
     assert f"Python {python.group(1)} from" in log
+
+
+def test_other_projects_exports_build_with_their_versions_or_are_refused_before_building(servers, tmp_path,
+                                                                                          tasks_dir):
+    envs_dir, home = tmp_path / "envs", tmp_path / "home"
+    envs_dir.mkdir()
+    for name in ("windows.yml", "linux_full.yml", "bioconda.yml"):
+        shutil.copy(OTHER_EXPORTS / name, envs_dir / name)
+    server = servers(home, envs_dir, tasks_dir)
+    envs = server.envs()
+    assert {n: e.state for n, e in envs.items()} == {"win_analysis": pb2.ENV_READY, "fetcher": pb2.ENV_READY,
+                                                     "phylo": pb2.ENV_FAILED}, \
+        {n: e.detail + "\n" + e.log_tail for n, e in envs.items()}
+    assert "krona, muscle, perl are conda programs" in envs["phylo"].detail
+    assert not list((home / "envs").glob("phylo*")), "refused before anything was installed"
+
+    win = versions(server, "win_analysis", "pandas", "numpy", "pytest", "six", "dateutil", "_tkinter", "win32api")
+    assert (win["python"], win["pandas"], win["numpy"], win["pytest"], win["six"], win["dateutil"]) == \
+        ("3.11", "2.1.4", "1.26.4", "7.4.0", "1.16.0", "2.8.2")
+    assert win["_tkinter"] == "present" and win["win32api"] == "missing"
+    fetcher = versions(server, "fetcher", "requests", "urllib3", "brotli", "socks", "idna", "backports.tarfile")
+    assert (fetcher["requests"], fetcher["urllib3"], fetcher["brotli"], fetcher["socks"], fetcher["idna"]) == \
+        ("2.31.0", "2.1.0", "1.1.0", "1.7.1", "3.6")
+    assert fetcher["backports.tarfile"] == "present"
+    text = envs_cli(server)
+    assert "Brotli==1.1.0 (brotli-python)" in text and re.search(r"skipped, Windows only: pywin32", text)
+    assert re.search(r"skipped, Windows C/C\+\+ runtime: ucrt, vc, vs2015_runtime", text)
 
 
 def test_what_no_venv_can_have_fails_naming_exactly_it(servers, tmp_path, tasks_dir):
