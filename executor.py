@@ -41,6 +41,7 @@ import queue
 import re
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -882,6 +883,40 @@ unset PWD
 exec "$@"
 """
 
+# A run's first process started ahead of its run: it joins fresh cgroups while no run waits for it (joining costs
+# the kernel a grace period, about 10 ms here, when nothing joined a cgroup lately), then reads its run's start
+# script from stdin (a line count, then the lines: rlimits, cd, exports, exec) and becomes the task.
+PARKED_WRAPPER = """\
+while [ "$1" != -- ]; do
+  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
+  shift
+done
+IFS= read -r lines || exit 126
+script=
+while [ "$lines" -gt 0 ]; do
+  IFS= read -r line || exit 126
+  script="$script$line
+"
+  lines=$((lines - 1))
+done
+exec </dev/null
+eval "$script"
+"""
+
+
+def start_script(argv: Sequence[str], env: dict[str, str], cwd: Path, rlimits: tuple[int, int, int]) -> bytes:
+    """What a parked process runs to become the task: what Popen(argv, env=env, cwd=cwd) behind CAGE_WRAPPER does."""
+    cpu, cpu_hard, files = rlimits
+    lines = [f"ulimit -t {cpu_hard} && ulimit -S -t {cpu} && ulimit -n {files} || {{",
+             "  echo \"[executor] cannot set the run's limits\" >&2; exit 126; }",
+             f"cd -- {shlex.quote(str(cwd))} || exit 126",
+             *(f"export {name}={shlex.quote(value)}" for name, value in env.items()),
+             "unset PWD OLDPWD",
+             "exec " + " ".join(map(shlex.quote, argv))]
+    text = "\n".join(lines)
+    count = text.count("\n") + 1  # values may hold newlines
+    return f"{count}\n{text}\n".encode()
+
 
 def within_hard_limit(kind: int, value: int) -> int:
     """What a child may set: an unprivileged process cannot raise its hard limit (children inherit the executor's)."""
@@ -917,6 +952,9 @@ class Cage:
     def create(self, limits: dict[str, float]) -> None:
         for folder in self.cgroups.values():
             folder.mkdir(exist_ok=True)
+        self.set_limits(limits)
+
+    def set_limits(self, limits: dict[str, float]) -> None:
         if memory := self.cgroups.get("memory"):
             _write(memory / "memory.limit_in_bytes", int(limits["memory_bytes"]))
             if (memory / "memory.memsw.limit_in_bytes").exists():  # swap must not stretch the limit
@@ -924,14 +962,18 @@ class Cage:
         if pids := self.cgroups.get("pids"):
             _write(pids / "pids.max", int(limits["processes"]))
 
-    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
-        """argv behind CAGE_WRAPPER. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named in the
-        status) comes before SIGKILL."""
+    @staticmethod
+    def rlimits(limits: dict[str, float]) -> tuple[int, int, int]:
+        """CPU seconds (soft, hard) and open files. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named
+        in the status) comes before SIGKILL."""
         cpu = math.ceil(limits["cpu_seconds"])
-        numbers = (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
-                   within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
+        return (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
+                within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
+
+    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
+        """argv behind CAGE_WRAPPER."""
         procs = [str(folder / "cgroup.procs") for folder in self.cgroups.values()]
-        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, numbers), *procs, "--", *argv]
+        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, self.rlimits(limits)), *procs, "--", *argv]
 
     def set_leader(self, pid: int) -> None:
         info = proc_info(pid)
@@ -1081,16 +1123,16 @@ class TaskLauncher:
     def __init__(self, cfg: Config):
         self._keep_writable = cfg.buffer_dir.resolve()
         self._protected: set[Path] = set()
-        self._thread: futures.ThreadPoolExecutor | None = None
+        self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-launcher")
         self.read_only = False
         reason = "VPE_EXECUTOR_ENV_PROTECTION=watch"
         if cfg.env_protection in ("auto", "mount"):
-            thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-launcher")
             try:
-                thread.submit(self._enter_task_namespace, (cfg.built_envs_dir, cfg.tasks_dir)).result()
-                self._thread, self.read_only = thread, True
+                self.call(self._enter_task_namespace, (cfg.built_envs_dir, cfg.tasks_dir))
+                self.read_only = True
             except OSError as exc:
-                thread.shutdown()  # its half-made namespace dies with it
+                self._thread.shutdown()  # its half-made namespace dies with it
+                self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-launcher")
                 if cfg.env_protection == "mount":
                     raise SystemExit(f"executor.py: VPE_EXECUTOR_ENV_PROTECTION=mount, but the executor cannot make "
                                      f"read-only mounts for its tasks ({exc}); run as root with CAP_SYS_ADMIN or "
@@ -1124,20 +1166,29 @@ class TaskLauncher:
             log.info("read-only for tasks: %s", path)
         self._protected.add(path)
 
-    def popen(self, argv: list[str], interpreter: Path, **kwargs: Any) -> subprocess.Popen:
-        """Popen(argv, **kwargs) for a task run by `interpreter` (whose base is made read-only first)."""
-        if self._thread is None:
-            return subprocess.Popen(argv, **kwargs)
-        return self._thread.submit(self._popen_in_namespace, argv, interpreter, kwargs).result()
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the launcher thread, whose children are started the tasks' way."""
+        return self._thread.submit(fn, *args).result()
 
-    def _popen_in_namespace(self, argv: list[str], interpreter: Path, kwargs: dict[str, Any]) -> subprocess.Popen:
-        if (base := base_prefix(interpreter)) is not None:
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._thread.submit(fn, *args)
+
+    def protect_interpreter(self, interpreter: Path) -> None:
+        """Makes the base of a venv's interpreter read-only for tasks, before its first task (on the launcher
+        thread)."""
+        if self.read_only and (base := base_prefix(interpreter)) is not None:
             self._make_read_only(base)
-        return subprocess.Popen(argv, **kwargs)
+
+    def popen(self, argv: list[str], interpreter: Path, **kwargs: Any) -> subprocess.Popen:
+        """Popen(argv, **kwargs) for a task run by `interpreter`."""
+        def start() -> subprocess.Popen:
+            self.protect_interpreter(interpreter)
+            return subprocess.Popen(argv, **kwargs)
+
+        return self.call(start)
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._thread.shutdown()
+        self._thread.shutdown()
 
 
 class Containment:
@@ -1166,6 +1217,85 @@ class Containment:
         self.launcher = TaskLauncher(cfg)
         self.mechanism += f"; {self.launcher.mechanism}"
         self._records.mkdir(parents=True, exist_ok=True)
+        self._parked: deque[tuple[subprocess.Popen, dict[str, Path]]] = deque()
+        self._parked_lock = threading.Lock()
+        self._park_numbers = itertools.count()
+        self._stopping = False
+        for _ in range(cfg.max_concurrent):
+            self._park_soon()
+
+    def start(self, cage: Cage, argv: list[str], env: dict[str, str], cwd: Path,
+              limits: dict[str, float]) -> subprocess.Popen:
+        """The run's first process, in its cage: a parked one (its cgroups joined ahead of the run) where there is
+        one, else a new one behind CAGE_WRAPPER."""
+        parked = self._take_parked() if all(ENV_VAR_NAME_RE.fullmatch(name) for name in env) else None
+        if parked is None:
+            cage.create(limits)
+            return self.launcher.popen(cage.command(argv, limits), Path(argv[0]), cwd=cwd, env=env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True)
+        proc, folders = parked
+        self._park_soon()
+        try:
+            Cage(cage.run_id, cage.marker, folders).set_limits(limits)
+            self.launcher.call(self.launcher.protect_interpreter, Path(argv[0]))
+        except BaseException:
+            self._unpark(proc, folders)
+            raise
+        cage.cgroups = folders
+        try:
+            proc.stdin.write(start_script(argv, env, cwd, Cage.rlimits(limits)))
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it could not join its cgroups: its exit status and stderr say so
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        return proc
+
+    def _park_soon(self) -> None:
+        if self._bases and not self._stopping:
+            self.launcher.call_soon(self._park)
+
+    def _park(self) -> None:
+        """Starts a process for a future run, in cgroups of its own (on the launcher thread)."""
+        if self._stopping:
+            return
+        folders = {name: base / f"parked-{next(self._park_numbers)}" for name, base in self._bases.items()}
+        try:
+            for folder in folders.values():
+                folder.mkdir()
+            procs = [str(folder / "cgroup.procs") for folder in folders.values()]
+            proc = subprocess.Popen(["/bin/sh", "-c", PARKED_WRAPPER, "vpe-parked", *procs, "--"], env={},
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except OSError as exc:
+            log.warning("cannot park a process for a future run (%s); runs start without", exc)
+            Cage("parked", frozenset(), folders).remove()
+            return
+        with self._parked_lock:
+            self._parked.append((proc, folders))
+
+    def _take_parked(self) -> tuple[subprocess.Popen, dict[str, Path]] | None:
+        while True:
+            with self._parked_lock:
+                if not self._parked:
+                    return None
+                proc, folders = self._parked.popleft()
+            if proc.poll() is None:
+                return proc, folders
+            log.warning("a parked process ended before its run (exit %s): %s", proc.returncode,
+                        proc.stderr.read().decode(errors="replace").strip())
+            self._unpark(proc, folders)
+
+    @staticmethod
+    def _unpark(proc: subprocess.Popen, folders: dict[str, Path]) -> None:
+        kill_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        Cage("parked", frozenset(), folders).remove()
 
     def _cgroup_bases(self) -> dict[str, Path]:
         bases = {}
@@ -1199,7 +1329,12 @@ class Containment:
 
     def stop(self) -> None:
         """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""
+        self._stopping = True
         self.launcher.stop()
+        with self._parked_lock:
+            parked, self._parked = list(self._parked), deque()
+        for proc, folders in parked:
+            self._unpark(proc, folders)
         with contextlib.suppress(OSError):
             self._records.rmdir()
         for base in self._bases.values():
@@ -1410,11 +1545,8 @@ class ActiveRun:
         task_home(plan.workspace_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
         cage = self._containment.cage(plan.run_id, plan.env)
         try:
-            cage.create(plan.limits)
             started = time.monotonic()
-            proc = self._containment.launcher.popen(
-                cage.command(plan.argv, plan.limits), Path(plan.argv[0]), cwd=plan.workspace_dir, env=plan.env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            proc = self._containment.start(cage, plan.argv, plan.env, plan.workspace_dir, plan.limits)
             try:
                 cage.set_leader(proc.pid)
                 self._containment.remember(cage, plan.log_path)
