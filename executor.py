@@ -884,23 +884,15 @@ exec "$@"
 """
 
 # A run's first process started ahead of its run: it joins fresh cgroups while no run waits for it (joining costs
-# the kernel a grace period, about 10 ms here, when nothing joined a cgroup lately), then reads its run's start
-# script from stdin (a line count, then the lines: rlimits, cd, exports, exec) and becomes the task.
+# the kernel a grace period, about 10 ms here, when nothing joined a cgroup lately), then runs its run's start
+# script (start_script), read from stdin, and becomes the task.
 PARKED_WRAPPER = """\
 while [ "$1" != -- ]; do
   echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
   shift
 done
-IFS= read -r lines || exit 126
-script=
-while [ "$lines" -gt 0 ]; do
-  IFS= read -r line || exit 126
-  script="$script$line
-"
-  lines=$((lines - 1))
-done
-exec </dev/null
-eval "$script"
+. /dev/stdin
+exit 126
 """
 
 
@@ -912,10 +904,8 @@ def start_script(argv: Sequence[str], env: dict[str, str], cwd: Path, rlimits: t
              f"cd -- {shlex.quote(str(cwd))} || exit 126",
              *(f"export {name}={shlex.quote(value)}" for name, value in env.items()),
              "unset PWD OLDPWD",
-             "exec " + " ".join(map(shlex.quote, argv))]
-    text = "\n".join(lines)
-    count = text.count("\n") + 1  # values may hold newlines
-    return f"{count}\n{text}\n".encode()
+             "exec </dev/null " + " ".join(map(shlex.quote, argv))]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def within_hard_limit(kind: int, value: int) -> int:
@@ -1123,6 +1113,7 @@ class TaskLauncher:
     def __init__(self, cfg: Config):
         self._keep_writable = cfg.buffer_dir.resolve()
         self._protected: set[Path] = set()
+        self._interpreters: set[Path] = set()  # those whose base is protected
         self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-launcher")
         self.read_only = False
         reason = "VPE_EXECUTOR_ENV_PROTECTION=watch"
@@ -1174,18 +1165,16 @@ class TaskLauncher:
         self._thread.submit(fn, *args)
 
     def protect_interpreter(self, interpreter: Path) -> None:
-        """Makes the base of a venv's interpreter read-only for tasks, before its first task (on the launcher
-        thread)."""
-        if self.read_only and (base := base_prefix(interpreter)) is not None:
-            self._make_read_only(base)
+        """Makes the base of a venv's interpreter read-only for tasks, before its first task."""
+        if self.read_only and interpreter not in self._interpreters:
+            if (base := base_prefix(interpreter)) is not None:
+                self.call(self._make_read_only, base)
+            self._interpreters.add(interpreter)
 
     def popen(self, argv: list[str], interpreter: Path, **kwargs: Any) -> subprocess.Popen:
         """Popen(argv, **kwargs) for a task run by `interpreter`."""
-        def start() -> subprocess.Popen:
-            self.protect_interpreter(interpreter)
-            return subprocess.Popen(argv, **kwargs)
-
-        return self.call(start)
+        self.protect_interpreter(interpreter)
+        return self.call(lambda: subprocess.Popen(argv, **kwargs))
 
     def stop(self) -> None:
         self._thread.shutdown()
@@ -1220,6 +1209,7 @@ class Containment:
         self._parked: deque[tuple[subprocess.Popen, dict[str, Path]]] = deque()
         self._parked_lock = threading.Lock()
         self._park_numbers = itertools.count()
+        self._owed = 0  # parked processes taken by runs still going: each is replaced when its run ends
         self._stopping = False
         for _ in range(cfg.max_concurrent):
             self._park_soon()
@@ -1235,10 +1225,11 @@ class Containment:
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        start_new_session=True)
         proc, folders = parked
-        self._park_soon()
+        with self._parked_lock:
+            self._owed += 1
         try:
             Cage(cage.run_id, cage.marker, folders).set_limits(limits)
-            self.launcher.call(self.launcher.protect_interpreter, Path(argv[0]))
+            self.launcher.protect_interpreter(Path(argv[0]))
         except BaseException:
             self._unpark(proc, folders)
             raise
@@ -1254,6 +1245,8 @@ class Containment:
         return proc
 
     def _park_soon(self) -> None:
+        """Parks a process, soon and on the launcher thread. Not while a run starts: the new process's joining
+        would hold up the run's own process starting and exiting."""
         if self._bases and not self._stopping:
             self.launcher.call_soon(self._park)
 
@@ -1325,7 +1318,12 @@ class Containment:
         os.replace(tmp, record)
 
     def forget(self, cage: Cage) -> None:
+        """The run is over: its record goes, and the parked process it took is replaced."""
         (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
+        with self._parked_lock:
+            owed, self._owed = self._owed > 0, max(0, self._owed - 1)
+        if owed:
+            self._park_soon()
 
     def stop(self) -> None:
         """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""

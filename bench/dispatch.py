@@ -6,6 +6,7 @@ matplotlib, openpyxl and their dependencies, about 10,000 files once compiled), 
 shows.
 
   (a) a trivial task through the executor's Run RPC (client in this process, server on loopback), in each env
+  (a0) the same on the executor of an earlier commit (--baseline, default: before containment), for comparison
   (b) the floor: `<env>/bin/python task.py` as a bare subprocess of this process, in each env
   (d) (b) behind the executor's cage wrapper (its shell, rlimits) without cgroups, and
   (e) the same with the run's cgroups created, joined (by the wrapper) and removed, all while the run waits
@@ -16,11 +17,11 @@ shows.
       `uv pip install --python <venv>/bin/python <requirements>` when uv is on PATH), then the task;
   (c') the same without uv on PATH (`python -m venv`, then `<venv>/bin/pip install <requirements>`)
 
-(a), (b), (d), (e) and (f) alternate run by run so that machine noise hits all alike, each after a pause (--pause, 50 ms):
+(a), (a0), (b), (d), (e) and (f) alternate run by run so that machine noise hits all alike, each after a pause (--pause, 50 ms):
 a pipeline's tasks come seconds apart, and joining a cgroup costs much more after the kernel was idle (see
 README's Known limits). Then concurrent throughput: runs/s with as many client threads as the executor has run
 slots, back to back, against bare subprocesses with the same parallelism.
-Not part of CI: `python bench/dispatch.py` as root (cgroups; about two minutes). Goals: (a) <= (b) + 5 ms in both
+Not part of CI: `python bench/dispatch.py` as root (cgroups; about three minutes). Goals: (a) <= (b) + 5 ms in both
 envs; throughput >= 0.7 x bare in both; cgroups (f) - (d) <= 2 ms; (c) >= 50 x (a).
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import executor  # noqa: E402
 
 REQUIREMENTS = ["six==1.16.0"]
+BASELINE = "c77a5c3"  # the last commit before containment and sealed envs
 ENVS = {"bench": REQUIREMENTS, "bench_pandas": ["pandas==2.1.4", "numpy==1.26.4", "matplotlib==3.8.0", "openpyxl==3.1.5",
                                  "sqlalchemy==2.0.44", "pygments==2.19.2"]}
 TASK = 'print("ok")\n'
@@ -65,13 +67,29 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
     return envs, tasks
 
 
-def start_server(workdir: Path, envs: Path, tasks: Path, port: int, slots: int) -> subprocess.Popen:
+def start_server(workdir: Path, envs: Path, tasks: Path, port: int, slots: int, code: Path = ROOT,
+                 home: str = "home") -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VPE_")}
-    log = (workdir / "executor.log").open("w")
+    log = (workdir / f"executor-{home}.log").open("w")
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "executor.py"), "serve", "--port", str(port), "--home", str(workdir / "home"),
+        [sys.executable, str(code / "executor.py"), "serve", "--port", str(port), "--home", str(workdir / home),
          "--envs-dir", str(envs), "--tasks-dir", str(tasks.parent), "--max-concurrent", str(slots)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def baseline_code(workdir: Path, commit: str) -> Path:
+    """executor.py and ping.proto as they were at `commit`, in a folder of their own."""
+    folder = workdir / f"executor-{commit}"
+    folder.mkdir()
+    for name in ("executor.py", "ping.proto"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"], check=True, capture_output=True)
+        (folder / name).write_bytes(shown.stdout)
+    return folder
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(30)
 
 
 def wait_ready(client: executor.ExecutorClient, timeout: float = 300) -> None:
@@ -133,6 +151,7 @@ class Cages:
         assert proc.wait() == 0, proc.returncode
         cage.remove()
         elapsed = time.perf_counter() - started
+        self.containment.forget(cage)  # parks the next run's process, as the executor does when a run ends
         proc.stdout.close()
         proc.stderr.close()
         return elapsed
@@ -204,6 +223,8 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=os.cpu_count() or 1, help="executor run slots (default: cores)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each throughput phase (default 10)")
     parser.add_argument("--pause", type=float, default=0.05, help="seconds before each timed run (default 0.05)")
+    parser.add_argument("--baseline", default=BASELINE, help=f"also time (a) on the executor of this commit, for "
+                        f"comparison in the same run ('' for none; default {BASELINE}: before containment)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (executor log, built env)")
     args = parser.parse_args()
 
@@ -214,17 +235,25 @@ def main() -> int:
     envs, tasks = prepare(workdir)
     port = executor.free_port()
     server = start_server(workdir, envs, tasks, port, args.slots)
+    clients = {"(a)": executor.ExecutorClient(executor.open_channel(f"127.0.0.1:{port}"))}
+    baseline = None
+    if args.baseline:
+        baseline_port = executor.free_port()
+        baseline = start_server(workdir, envs, tasks, baseline_port, args.slots, baseline_code(workdir, args.baseline),
+                                "baseline-home")
+        clients["(a0)"] = executor.ExecutorClient(executor.open_channel(f"127.0.0.1:{baseline_port}"))
     cages = Cages(workdir)
     try:
-        client = executor.ExecutorClient(executor.open_channel(f"127.0.0.1:{port}"))
         print(f"building the bench envs ({'; '.join(', '.join(r) for r in ENVS.values())}) ...", file=sys.stderr)
-        wait_ready(client)
+        for each in clients.values():
+            wait_ready(each)
         pythons = {env: workdir / "home" / "envs" / env / "bin" / "python" for env in ENVS}
         sizes = {env: file_count(python.parent.parent.resolve()) for env, python in pythons.items()}
         script = tasks / "noop.py"
         for _ in range(5):  # warm-up: page cache, first connection
             for env, python in pythons.items():
-                via_executor(client, env)
+                for each in clients.values():
+                    via_executor(each, env)
                 bare(python, script)
         print(f"timing {args.runs} runs each of (a), (b) per env, (d), (e), (f), {args.venv_runs} of (c) and (c') ...",
               file=sys.stderr)
@@ -236,7 +265,8 @@ def main() -> int:
 
         for _ in range(args.runs):
             for env, python in pythons.items():
-                timed(f"{env} (a)", lambda: via_executor(client, env))
+                for variant, each in clients.items():
+                    timed(f"{env} {variant}", lambda: via_executor(each, env))
                 timed(f"{env} (b)", lambda: bare(python, script))
             timed("(d)", lambda: cages.run(pythons["bench"], script, cgroups=False))
             timed("(e)", lambda: cages.run(pythons["bench"], script, cgroups=True))
@@ -244,29 +274,31 @@ def main() -> int:
         samples["(c)"] = [fresh_venv(uv, script, workdir) for _ in range(args.venv_runs)]
         samples["(c')"] = [fresh_venv(None, script, workdir) for _ in range(args.venv_runs)]
         print(f"throughput with {args.slots} parallel clients for {args.seconds:.0f}s each ...", file=sys.stderr)
-        rates = {}
+        rates: dict[str, dict[str, float]] = {}
         for env, python in pythons.items():
-            rates[env] = (throughput(lambda env=env: via_executor(client, env), args.slots, args.seconds),
-                          throughput(lambda python=python: bare(python, script), args.slots, args.seconds))
+            rates[env] = {variant: throughput(lambda: via_executor(each, env), args.slots, args.seconds)
+                          for variant, each in clients.items()}
+            rates[env]["(b)"] = throughput(lambda: bare(python, script), args.slots, args.seconds)
     finally:
         cages.close()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        for each in (server, baseline):
+            if each is not None:
+                stop_server(each)
         if args.keep:
             print(f"work dir kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    report(samples, sizes, rates, args.slots)
+    report(samples, sizes, rates, args.slots, args.baseline)
     return 0
 
 
-def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[str, tuple[float, float]],
-           slots: int) -> None:
+def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[str, dict[str, float]],
+           slots: int, baseline: str) -> None:
     p50 = {name: statistics.median(values) for name, values in samples.items()}
     floor = p50["bench (b)"]
-    names = {"(a)": "executor Run RPC", "(b)": "bare subprocess (floor)"}
-    rows = [(f"{env}: {v} {names[v]}", f"{env} {v}") for env in ENVS for v in ("(a)", "(b)")] + [
+    names = {"(a)": "executor Run RPC", "(a0)": f"the same at {baseline}", "(b)": "bare subprocess (floor)"}
+    rows = [(f"{env}: {v} {names[v]}", f"{env} {v}") for env in ENVS for v in names if f"{env} {v}" in p50] + [
         ("(d) bare + cage wrapper", "(d)"), ("(e) (d) + run's cgroups, cold", "(e)"),
         ("(f) as a run starts: parked in its cgroups", "(f)"),
         ("(c) fresh venv per run, uv", "(c)"), ("(c') fresh venv per run, pip", "(c')")]
@@ -276,17 +308,19 @@ def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[s
         print(f"{title:<44} {len(samples[key]):>4} {p50[key] * 1000:>9.1f} "
               f"{percentile(samples[key], 0.95) * 1000:>9.1f} {p50[key] / floor:>15.2f}x")
     print()
-    for env, (rate_a, rate_b) in rates.items():
-        print(f"throughput at {slots} slots, env {env}: executor {rate_a:.1f} runs/s, bare subprocess "
-              f"{rate_b:.1f} runs/s ({rate_a / rate_b:.2f}x)")
+    for env, rate in rates.items():
+        print(f"throughput at {slots} slots, env {env}: executor {rate['(a)']:.1f} runs/s, bare subprocess "
+              f"{rate['(b)']:.1f} runs/s ({rate['(a)'] / rate['(b)']:.2f}x)" +
+              (f"; at {baseline}: {rate['(a0)']:.1f} runs/s ({rate['(a0)'] / rate['(b)']:.2f}x)" if "(a0)" in rate else ""))
     print()
     for env in ENVS:
         a, b = p50[f"{env} (a)"], p50[f"{env} (b)"]
         print(f"goal (a) <= (b) + 5 ms, env {env} ({sizes[env]:,} files): {a * 1000:.1f} <= {(b + 0.005) * 1000:.1f} ms "
-              f"{'MET' if a <= b + 0.005 else 'MISSED'} (overhead {(a - b) * 1000:.1f} ms)")
-    for env, (rate_a, rate_b) in rates.items():
-        print(f"goal throughput >= 0.7 x bare at {slots} slots, env {env}: {rate_a / rate_b:.2f}x "
-              f"{'MET' if rate_a >= 0.7 * rate_b else 'MISSED'}")
+              f"{'MET' if a <= b + 0.005 else 'MISSED'} (overhead {(a - b) * 1000:.1f} ms" +
+              (f"; at {baseline}: {(p50[f'{env} (a0)'] - b) * 1000:.1f} ms)" if f"{env} (a0)" in p50 else ")"))
+    for env, rate in rates.items():
+        ratio = rate["(a)"] / rate["(b)"]
+        print(f"goal throughput >= 0.7 x bare at {slots} slots, env {env}: {ratio:.2f}x {'MET' if ratio >= 0.7 else 'MISSED'}")
     cgroups, cold = p50["(f)"] - p50["(d)"], p50["(e)"] - p50["(d)"]
     print(f"goal cgroups created, joined, removed <= 2 ms per run: (f) - (d) = {cgroups * 1000:.1f} ms "
           f"{'MET' if cgroups <= 0.002 else 'MISSED'} (all at dispatch, (e) - (d): {cold * 1000:.1f} ms; "
