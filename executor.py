@@ -1228,7 +1228,8 @@ class Containment:
         with self._parked_lock:
             self._owed += 1
         try:
-            Cage(cage.run_id, cage.marker, folders).set_limits(limits)
+            if limits != self._cfg.limit_defaults:  # a parked process's cgroups have the default limits
+                Cage(cage.run_id, cage.marker, folders).set_limits(limits)
             self.launcher.protect_interpreter(Path(argv[0]))
         except BaseException:
             self._unpark(proc, folders)
@@ -1256,8 +1257,7 @@ class Containment:
             return
         folders = {name: base / f"parked-{next(self._park_numbers)}" for name, base in self._bases.items()}
         try:
-            for folder in folders.values():
-                folder.mkdir()
+            Cage("parked", frozenset(), folders).create(self._cfg.limit_defaults)
             procs = [str(folder / "cgroup.procs") for folder in folders.values()]
             proc = subprocess.Popen(["/bin/sh", "-c", PARKED_WRAPPER, "vpe-parked", *procs, "--"], env={},
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1318,12 +1318,20 @@ class Containment:
         os.replace(tmp, record)
 
     def forget(self, cage: Cage) -> None:
-        """The run is over: its record goes, and the parked process it took is replaced."""
+        """The run is over: its record goes; its cgroups are removed and the parked process it took is replaced
+        on the launcher thread, while the run's status goes out."""
         (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
         with self._parked_lock:
             owed, self._owed = self._owed > 0, max(0, self._owed - 1)
+        try:
+            self.launcher.call_soon(self._retire, cage, owed)
+        except RuntimeError:  # the launcher has stopped with the executor
+            cage.remove()
+
+    def _retire(self, cage: Cage, owed: bool) -> None:
+        cage.remove()
         if owed:
-            self._park_soon()
+            self._park()
 
     def stop(self) -> None:
         """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""
@@ -1560,7 +1568,6 @@ class ActiveRun:
             rc = proc.wait()
             status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
         finally:
-            cage.remove()
             self._containment.forget(cage)
         status.cancelled = self._cancelled.is_set()
         if rc < 0:

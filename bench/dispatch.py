@@ -149,9 +149,8 @@ class Cages:
         proc.stdout.read()
         proc.stderr.read()
         assert proc.wait() == 0, proc.returncode
-        cage.remove()
+        self.containment.forget(cage)  # removes its cgroups and parks the next run's process, as after a run
         elapsed = time.perf_counter() - started
-        self.containment.forget(cage)  # parks the next run's process, as the executor does when a run ends
         proc.stdout.close()
         proc.stderr.close()
         return elapsed
