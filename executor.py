@@ -2360,6 +2360,7 @@ class EnvWatch:
 
     def __init__(self, prefix: Path):
         self._fd = libc_call("inotify_init1", os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()  # runs look at once; close() must not free an fd number a read may use
         self._paths: dict[int, str] = {}
         self.changes_seen: list[str] = []
         try:
@@ -2374,27 +2375,34 @@ class EnvWatch:
 
     def changes(self) -> str:
         """What changed since the watch began ("" when nothing did)."""
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                break
-            offset = 0
-            while offset < len(data):
-                wd, mask, _, size = INOTIFY_EVENT.unpack_from(data, offset)
-                name = data[offset + INOTIFY_EVENT.size:offset + INOTIFY_EVENT.size + size].rstrip(b"\0").decode(
-                    errors="replace")
-                offset += INOTIFY_EVENT.size + size
-                where = "more than the watch could queue" if mask & IN_Q_OVERFLOW else os.path.normpath(
-                    os.path.join(self._paths.get(wd, "?"), name))
-                if where not in self.changes_seen:
-                    self.changes_seen.append(where)
+        with self._lock:
+            while self._fd >= 0:
+                try:
+                    data = os.read(self._fd, 65536)
+                except BlockingIOError:
+                    break
+                self._note(data)
         seen = self.changes_seen
         return ", ".join(f"changed {p}" for p in seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
 
+    def _note(self, data: bytes) -> None:
+        """Adds the paths of a read's events to changes_seen."""
+        offset = 0
+        while offset < len(data):
+            wd, mask, _, size = INOTIFY_EVENT.unpack_from(data, offset)
+            name = data[offset + INOTIFY_EVENT.size:offset + INOTIFY_EVENT.size + size].rstrip(b"\0").decode(
+                errors="replace")
+            offset += INOTIFY_EVENT.size + size
+            where = "more than the watch could queue" if mask & IN_Q_OVERFLOW else os.path.normpath(
+                os.path.join(self._paths.get(wd, "?"), name))
+            if where not in self.changes_seen:
+                self.changes_seen.append(where)
+
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        with self._lock:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
 
 def manifest_changes(prefix: Path) -> str:
