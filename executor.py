@@ -1255,7 +1255,8 @@ class Containment:
         """Starts a process for a future run, in cgroups of its own (on the launcher thread)."""
         if self._stopping:
             return
-        folders = {name: base / f"parked-{next(self._park_numbers)}" for name, base in self._bases.items()}
+        number = next(self._park_numbers)
+        folders = {name: base / f"parked-{number}" for name, base in self._bases.items()}
         try:
             Cage("parked", frozenset(), folders).create(self._cfg.limit_defaults)
             procs = [str(folder / "cgroup.procs") for folder in folders.values()]
