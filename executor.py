@@ -42,9 +42,11 @@ import queue
 import re
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -257,6 +259,10 @@ SETTINGS = (
     Setting("containment", "VPE_EXECUTOR_CONTAINMENT", "auto", choices=("auto", "cgroup", "subreaper"), flag="serve",
             help="how runs are contained", shown_default="auto: a cgroup per run where the executor may create "
                                                          "them, else subreaper + /proc tracking"),
+    Setting("env_protection", "VPE_EXECUTOR_ENV_PROTECTION", "auto", choices=("auto", "mount", "watch"),
+            flag="serve", help="how tasks are kept from changing their env",
+            shown_default="auto: read-only mounts for tasks without capabilities where the executor may make "
+                          "them, else a watch on every file of each env"),
     Setting("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto", choices=("auto", "conda", "venv"), flag="serve",
             help="env backend", shown_default="auto: conda-family if on PATH, else venv"),
     Setting("passthrough", "VPE_TASK_ENV_PASSTHROUGH",
@@ -908,6 +914,30 @@ unset PWD
 exec "$@"
 """
 
+# A run's first process started ahead of its run: it joins fresh cgroups while no run waits for it (joining costs
+# the kernel a grace period, about 10 ms here, when nothing joined a cgroup lately), then runs its run's start
+# script (start_script), read from stdin, and becomes the task.
+PARKED_WRAPPER = """\
+while [ "$1" != -- ]; do
+  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
+  shift
+done
+. /dev/stdin
+exit 126
+"""
+
+
+def start_script(argv: Sequence[str], env: dict[str, str], cwd: Path, rlimits: tuple[int, int, int]) -> bytes:
+    """What a parked process runs to become the task: what Popen(argv, env=env, cwd=cwd) behind CAGE_WRAPPER does."""
+    cpu, cpu_hard, files = rlimits
+    lines = [f"ulimit -t {cpu_hard} && ulimit -S -t {cpu} && ulimit -n {files} || {{",
+             "  echo \"[executor] cannot set the run's limits\" >&2; exit 126; }",
+             f"cd -- {shlex.quote(str(cwd))} || exit 126",
+             *(f"export {name}={shlex.quote(value)}" for name, value in env.items()),
+             "unset PWD OLDPWD",
+             "exec </dev/null " + " ".join(map(shlex.quote, argv))]
+    return ("\n".join(lines) + "\n").encode()
+
 
 def within_hard_limit(kind: int, value: int) -> int:
     """What a child may set: an unprivileged process cannot raise its hard limit (children inherit the executor's)."""
@@ -943,6 +973,9 @@ class Cage:
     def create(self, limits: dict[str, float]) -> None:
         for folder in self.cgroups.values():
             folder.mkdir(exist_ok=True)
+        self.set_limits(limits)
+
+    def set_limits(self, limits: dict[str, float]) -> None:
         if memory := self.cgroups.get("memory"):
             _write(memory / "memory.limit_in_bytes", int(limits["memory_bytes"]))
             if (memory / "memory.memsw.limit_in_bytes").exists():  # swap must not stretch the limit
@@ -950,14 +983,18 @@ class Cage:
         if pids := self.cgroups.get("pids"):
             _write(pids / "pids.max", int(limits["processes"]))
 
-    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
-        """argv behind CAGE_WRAPPER. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named in the
-        status) comes before SIGKILL."""
+    @staticmethod
+    def rlimits(limits: dict[str, float]) -> tuple[int, int, int]:
+        """CPU seconds (soft, hard) and open files. The CPU hard limit is 5 s above the soft one, so SIGXCPU (named
+        in the status) comes before SIGKILL."""
         cpu = math.ceil(limits["cpu_seconds"])
-        numbers = (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
-                   within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
+        return (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
+                within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
+
+    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
+        """argv behind CAGE_WRAPPER."""
         procs = [str(folder / "cgroup.procs") for folder in self.cgroups.values()]
-        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, numbers), *procs, "--", *argv]
+        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, self.rlimits(limits)), *procs, "--", *argv]
 
     def set_leader(self, pid: int) -> None:
         info = proc_info(pid)
@@ -1070,7 +1107,108 @@ class Cage:
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("pids", "memory", "freezer")
-PR_SET_CHILD_SUBREAPER = 36
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_CHILD_SUBREAPER, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 36, 24, 38
+CLONE_NEWNS, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 1, 32, 4096, 16384, 1 << 18
+
+
+def libc_call(name: str, *args: Any) -> int:
+    result = getattr(LIBC, name)(*args)
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+    return result
+
+
+def base_prefix(interpreter: Path) -> Path | None:
+    """Where the base interpreter and standard library of a venv's `<venv>/bin/python` live (the folder above
+    pyvenv.cfg's `home`); None for an env that holds its own (conda)."""
+    with contextlib.suppress(OSError):
+        for line in (interpreter.parent.parent / "pyvenv.cfg").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                return Path(value.strip()).resolve().parent
+    return None
+
+
+class TaskLauncher:
+    """Starts every task. Where the executor may (root with CAP_SYS_ADMIN and CAP_SETPCAP), it starts them from one
+    thread of its own that has entered a mount namespace of its own, in which the built envs, each env's base
+    interpreter and the task scripts are read-only bind mounts, and whose children get an empty capability bounding
+    set and no_new_privs. A task is then root without capabilities: it can neither write there nor remount, unmount,
+    chmod or chown its way back (mounts it would copy into a user namespace of its own are locked). Mount namespaces,
+    capability bounding sets and no_new_privs are per thread, and fork copies the calling thread's: the executor's
+    other threads (env builds) are untouched, and starting a task costs nothing more than a hand-over to this thread.
+    Elsewhere tasks start as they are, and EnvManager watches every env's files instead."""
+
+    def __init__(self, cfg: Config):
+        self._keep_writable = cfg.buffer_dir.resolve()
+        self._protected: set[Path] = set()
+        self._interpreters: set[Path] = set()  # those whose base is protected
+        self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-launcher")
+        self.read_only = False
+        reason = "VPE_EXECUTOR_ENV_PROTECTION=watch"
+        if cfg.env_protection in ("auto", "mount"):
+            try:
+                self.call(self._enter_task_namespace, (cfg.built_envs_dir, cfg.tasks_dir))
+                self.read_only = True
+            except OSError as exc:
+                self._thread.shutdown()  # its half-made namespace dies with it
+                self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-launcher")
+                if cfg.env_protection == "mount":
+                    raise SystemExit(f"executor.py: VPE_EXECUTOR_ENV_PROTECTION=mount, but the executor cannot make "
+                                     f"read-only mounts for its tasks ({exc}); run as root with CAP_SYS_ADMIN or "
+                                     f"use auto") from None
+                reason = f"no read-only mounts here ({exc})"
+        self.mechanism = (
+            "envs, their base interpreters and the task scripts read-only in the tasks' own mount namespace; tasks "
+            "without capabilities (empty bounding set, no_new_privs)" if self.read_only else
+            f"envs watched (inotify on every file; a change is refused before the next run and rebuilt): {reason}")
+
+    def _enter_task_namespace(self, paths: Sequence[Path]) -> None:
+        libc_call("unshare", CLONE_NEWNS)
+        libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing made here reaches the host
+        for path in paths:
+            self._make_read_only(path)
+        for cap in range(int(Path("/proc/sys/kernel/cap_last_cap").read_text()) + 1):
+            libc_call("prctl", PR_CAPBSET_DROP, cap, 0, 0, 0)
+        libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+    def _make_read_only(self, path: Path) -> None:
+        path = path.resolve()
+        if path in self._protected:
+            return
+        if path == self._keep_writable or path in self._keep_writable.parents:
+            log.warning("%s holds the tasks' workspaces (%s), so it stays writable for tasks", path,
+                        self._keep_writable)
+        else:
+            target = str(path).encode()
+            libc_call("mount", target, target, None, MS_BIND | MS_REC, None)
+            libc_call("mount", None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+            log.info("read-only for tasks: %s", path)
+        self._protected.add(path)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the launcher thread, whose children are started the tasks' way."""
+        return self._thread.submit(fn, *args).result()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._thread.submit(fn, *args)
+
+    def protect_interpreter(self, interpreter: Path) -> None:
+        """Makes the base of a venv's interpreter read-only for tasks, before its first task."""
+        if self.read_only and interpreter not in self._interpreters:
+            if (base := base_prefix(interpreter)) is not None:
+                self.call(self._make_read_only, base)
+            self._interpreters.add(interpreter)
+
+    def popen(self, argv: list[str], interpreter: Path, **kwargs: Any) -> subprocess.Popen:
+        """Popen(argv, **kwargs) for a task run by `interpreter`."""
+        self.protect_interpreter(interpreter)
+        return self.call(lambda: subprocess.Popen(argv, **kwargs))
+
+    def stop(self) -> None:
+        self._thread.shutdown()
 
 
 class Containment:
@@ -1093,10 +1231,96 @@ class Containment:
         if self._bases:
             self.mechanism = "cgroup: one per run in the pids, memory and freezer hierarchies"
         else:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             self.mechanism = ("subreaper: no writable cgroups, descendants tracked through /proc "
                               "(a process that clears its environment and leaves the run's session can escape)")
+        self.launcher = TaskLauncher(cfg)
+        self.mechanism += f"; {self.launcher.mechanism}"
         self._records.mkdir(parents=True, exist_ok=True)
+        self._parked: deque[tuple[subprocess.Popen, dict[str, Path]]] = deque()
+        self._parked_lock = threading.Lock()
+        self._park_numbers = itertools.count()
+        self._owed = 0  # parked processes taken by runs still going: each is replaced when its run ends
+        self._stopping = False
+        for _ in range(cfg.max_concurrent):
+            self._park_soon()
+
+    def start(self, cage: Cage, argv: list[str], env: dict[str, str], cwd: Path,
+              limits: dict[str, float]) -> subprocess.Popen:
+        """The run's first process, in its cage: a parked one (its cgroups joined ahead of the run) where there is
+        one, else a new one behind CAGE_WRAPPER."""
+        parked = self._take_parked() if all(ENV_VAR_NAME_RE.fullmatch(name) for name in env) else None
+        if parked is None:
+            cage.create(limits)
+            return self.launcher.popen(cage.command(argv, limits), Path(argv[0]), cwd=cwd, env=env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True)
+        proc, folders = parked
+        with self._parked_lock:
+            self._owed += 1
+        try:
+            if limits != self._cfg.limit_defaults:  # a parked process's cgroups have the default limits
+                Cage(cage.run_id, cage.marker, folders).set_limits(limits)
+            self.launcher.protect_interpreter(Path(argv[0]))
+        except BaseException:
+            self._unpark(proc, folders)
+            raise
+        cage.cgroups = folders
+        try:
+            proc.stdin.write(start_script(argv, env, cwd, Cage.rlimits(limits)))
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it could not join its cgroups: its exit status and stderr say so
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        return proc
+
+    def _park_soon(self) -> None:
+        """Parks a process, soon and on the launcher thread. Not while a run starts: the new process's joining
+        would hold up the run's own process starting and exiting."""
+        if self._bases and not self._stopping:
+            self.launcher.call_soon(self._park)
+
+    def _park(self) -> None:
+        """Starts a process for a future run, in cgroups of its own (on the launcher thread)."""
+        if self._stopping:
+            return
+        number = next(self._park_numbers)
+        folders = {name: base / f"parked-{number}" for name, base in self._bases.items()}
+        try:
+            Cage("parked", frozenset(), folders).create(self._cfg.limit_defaults)
+            procs = [str(folder / "cgroup.procs") for folder in folders.values()]
+            proc = subprocess.Popen(["/bin/sh", "-c", PARKED_WRAPPER, "vpe-parked", *procs, "--"], env={},
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except OSError as exc:
+            log.warning("cannot park a process for a future run (%s); runs start without", exc)
+            Cage("parked", frozenset(), folders).remove()
+            return
+        with self._parked_lock:
+            self._parked.append((proc, folders))
+
+    def _take_parked(self) -> tuple[subprocess.Popen, dict[str, Path]] | None:
+        while True:
+            with self._parked_lock:
+                if not self._parked:
+                    return None
+                proc, folders = self._parked.popleft()
+            if proc.poll() is None:
+                return proc, folders
+            log.warning("a parked process ended before its run (exit %s): %s", proc.returncode,
+                        proc.stderr.read().decode(errors="replace").strip())
+            self._unpark(proc, folders)
+
+    @staticmethod
+    def _unpark(proc: subprocess.Popen, folders: dict[str, Path]) -> None:
+        kill_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        Cage("parked", frozenset(), folders).remove()
 
     def _cgroup_bases(self) -> dict[str, Path]:
         bases = {}
@@ -1126,10 +1350,29 @@ class Containment:
         os.replace(tmp, record)
 
     def forget(self, cage: Cage) -> None:
+        """The run is over: its record goes; its cgroups are removed and the parked process it took is replaced
+        on the launcher thread, while the run's status goes out."""
         (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
+        with self._parked_lock:
+            owed, self._owed = self._owed > 0, max(0, self._owed - 1)
+        try:
+            self.launcher.call_soon(self._retire, cage, owed)
+        except RuntimeError:  # the launcher has stopped with the executor
+            cage.remove()
+
+    def _retire(self, cage: Cage, owed: bool) -> None:
+        cage.remove()
+        if owed:
+            self._park()
 
     def stop(self) -> None:
         """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""
+        self._stopping = True
+        self.launcher.stop()
+        with self._parked_lock:
+            parked, self._parked = list(self._parked), deque()
+        for proc, folders in parked:
+            self._unpark(proc, folders)
         with contextlib.suppress(OSError):
             self._records.rmdir()
         for base in self._bases.values():
@@ -1342,11 +1585,8 @@ class ActiveRun:
         task_home(plan.workspace_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
         cage = self._containment.cage(plan.run_id, plan.env)
         try:
-            cage.create(plan.limits)
             started = time.monotonic()
-            proc = subprocess.Popen(cage.command(plan.argv, plan.limits), cwd=plan.workspace_dir, env=plan.env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+            proc = self._containment.start(cage, plan.argv, plan.env, plan.workspace_dir, plan.limits)
             try:
                 cage.set_leader(proc.pid)
                 self._containment.remember(cage, plan.log_path)
@@ -1362,7 +1602,6 @@ class ActiveRun:
             rc = proc.wait()
             status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
         finally:
-            cage.remove()
             self._containment.forget(cage)
         status.cancelled = self._cancelled.is_set()
         if rc < 0:
@@ -2342,11 +2581,6 @@ def manifest_entry(st: os.stat_result, path: str) -> str:
     return f"{st.st_size}\t{int(st.st_mtime)}\t{st.st_mode:o}\t{target}"
 
 
-def snapshot_entry(st: os.stat_result, path: str) -> tuple[int, ...]:
-    """Any write, chmod, rename or utime, by root too, moves ctime (only a clock change could fake it)."""
-    return st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
 def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
     changes = ([f"added {p}" for p in after.keys() - before.keys()] +
                [f"removed {p}" for p in before.keys() - after.keys()] +
@@ -2356,8 +2590,8 @@ def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def seal_env(prefix: Path) -> None:
     """Read-only mode bits (they stop a task running as another user) and a manifest of every file.
-    Root ignores mode bits, so EnvManager compares the files with the manifest when it reuses a build,
-    and with a snapshot before every run."""
+    Root ignores mode bits, so EnvManager compares the files with the manifest when it reuses a build, and tasks
+    get read-only mounts (TaskLauncher) or, where there can be none, the env is watched (EnvWatch)."""
     for folder, dirs, files in os.walk(prefix):
         for name in dirs + files:
             path = os.path.join(folder, name)
@@ -2367,6 +2601,68 @@ def seal_env(prefix: Path) -> None:
     (prefix / MANIFEST).write_text("".join(f"{rel}\t{entry}\n" for rel, entry in sorted(manifest.items())))
     os.chmod(prefix / MANIFEST, 0o444)
     os.chmod(prefix, prefix.stat().st_mode & ~0o222)
+
+
+# What a change to an env's files raises: writes, chmod/chown/utime/link count, creation, removal and renames.
+IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = (
+    0x2, 0x4, 0x40, 0x80, 0x100, 0x200, 0x400, 0x800)
+IN_Q_OVERFLOW, IN_DONT_FOLLOW = 0x4000, 0x2000000
+ENV_CHANGES = (IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
+               | IN_MOVE_SELF | IN_DONT_FOLLOW)
+INOTIFY_EVENT = struct.Struct("iIII")
+
+
+class EnvWatch:
+    """An inotify watch on every file and folder of a ready env, for where tasks cannot get read-only mounts. A
+    change made through any path, a hard link too, queues an event at once, so whether the env changed since it
+    became ready is one read, whatever its size. It sees nothing while the executor is down: the manifest covers
+    that."""
+
+    def __init__(self, prefix: Path):
+        self._fd = libc_call("inotify_init1", os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()  # runs look at once; close() must not free an fd number a read may use
+        self._paths: dict[int, str] = {}
+        self.changes_seen: list[str] = []
+        try:
+            for folder, _, files in os.walk(prefix):
+                for path in (folder, *(os.path.join(folder, name) for name in files)):
+                    wd = libc_call("inotify_add_watch", self._fd, path.encode(), ENV_CHANGES)
+                    self._paths[wd] = os.path.relpath(path, prefix)
+        except OSError as exc:
+            self.close()
+            raise OSError(exc.errno, f"cannot watch {prefix} ({exc}); if the watches ran out, raise "
+                                     f"fs.inotify.max_user_watches") from None
+
+    def changes(self) -> str:
+        """What changed since the watch began ("" when nothing did)."""
+        with self._lock:
+            while self._fd >= 0:
+                try:
+                    data = os.read(self._fd, 65536)
+                except BlockingIOError:
+                    break
+                self._note(data)
+        seen = self.changes_seen
+        return ", ".join(f"changed {p}" for p in seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
+
+    def _note(self, data: bytes) -> None:
+        """Adds the paths of a read's events to changes_seen."""
+        offset = 0
+        while offset < len(data):
+            wd, mask, _, size = INOTIFY_EVENT.unpack_from(data, offset)
+            name = data[offset + INOTIFY_EVENT.size:offset + INOTIFY_EVENT.size + size].rstrip(b"\0").decode(
+                errors="replace")
+            offset += INOTIFY_EVENT.size + size
+            where = "more than the watch could queue" if mask & IN_Q_OVERFLOW else os.path.normpath(
+                os.path.join(self._paths.get(wd, "?"), name))
+            if where not in self.changes_seen:
+                self.changes_seen.append(where)
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
 
 def manifest_changes(prefix: Path) -> str:
@@ -2400,18 +2696,20 @@ class EnvRecord:
     stale: bool = False
     refusal: str = ""                # why the yml is not built at all (two files claim its name)
     summary: str = ""                # what a venv build made of the yml
-    snapshot: dict | None = None     # the ready env's files when it became ready
+    watch: EnvWatch | None = None    # the ready env's files, where tasks have no read-only mounts
 
 
 class EnvManager:
     """Builds every envs/*.yml once per content hash into $VPE_HOME/envs/<name>-<hash>, switching the
     $VPE_HOME/envs/<name> symlink only after a complete build, so a failed build keeps the previous env.
     An env is known by its yml's `name:` (else the file name); a built env is sealed, and one whose
-    files changed since (a task wrote into it) is rebuilt before the next run."""
+    files changed since (a task wrote into it) is rebuilt before the next run. `watch`: tasks have no read-only
+    mounts, so every ready env is watched."""
 
-    def __init__(self, cfg: Config, backend: str):
+    def __init__(self, cfg: Config, backend: str, watch: bool):
         self._cfg = cfg
         self.backend = backend
+        self._watch = watch
         self._lock = threading.Lock()
         self._records: dict[str, EnvRecord] = {}
         self._build_procs: set[subprocess.Popen] = set()
@@ -2458,17 +2756,15 @@ class EnvManager:
             stale=r.stale)
 
     def lookup(self, name: str) -> EnvRecord | None:
-        """The env by name, checked first: a ready env whose files changed since it became ready is
-        taken out of service and rebuilt."""
+        """The env by name, checked first where it is watched: a ready env whose files changed since it became
+        ready is taken out of service and rebuilt."""
         with self._lock:
             record = self._records.get(name)
             if record is None:
                 return None
-            prefix, snapshot = record.prefix, record.snapshot
-        if prefix is not None and snapshot is not None:
-            changes = describe_changes(snapshot, file_table(prefix, snapshot_entry))
-            if changes:
-                self._rebuild_changed(record, prefix, changes)
+            prefix, watch = record.prefix, record.watch
+        if prefix is not None and watch is not None and (changes := watch.changes()):
+            self._rebuild_changed(record, prefix, changes)
         with self._lock:
             return dataclasses.replace(record)
 
@@ -2484,11 +2780,13 @@ class EnvManager:
         with self._lock:
             if record.prefix != prefix or self._stopping.is_set():
                 return  # another run noticed first, or the executor is stopping
-            record.state, record.prefix, record.snapshot, record.stale = pb2.ENV_BUILDING, None, None, False
+            watch = record.watch
+            record.state, record.prefix, record.watch, record.stale = pb2.ENV_BUILDING, None, None, False
             record.detail = (f"rebuilding: its files changed after the build ({changes}); a task wrote into "
                              f"{prefix}, and nothing may")
         log.warning("env %s: files changed after the build (%s); removing %s and rebuilding",
                     record.name, changes, prefix)
+        watch.close()
         remove_tree(prefix)
         self._pool.submit(self._build, record)
 
@@ -2588,17 +2886,28 @@ class EnvManager:
             with contextlib.suppress(OSError):
                 summary = (prefix / SUMMARY_FILE).read_text()
         self._update(record, state=pb2.ENV_READY, prefix=prefix, spec_hash=digest, detail=detail, stale=False,
-                     summary=summary or (plan.summary() if plan else ""), snapshot=file_table(prefix, snapshot_entry))
+                     summary=summary or (plan.summary() if plan else ""), watch=self._watch_of(record, prefix))
+
+    def _watch_of(self, record: EnvRecord, prefix: Path) -> EnvWatch | None:
+        """A new watch on `prefix` where envs are watched (the record's old one is closed)."""
+        if record.watch is not None:
+            record.watch.close()
+        return EnvWatch(prefix) if self._watch else None
 
     def _fail(self, record: EnvRecord, previous: Path | None, reason: str) -> None:
         log.error("env %s: build failed: %s", record.name, reason)
+        watch = None
+        if previous is not None:
+            try:
+                watch = self._watch_of(record, previous)
+            except OSError as exc:
+                previous, reason = None, f"{reason}; the previous build cannot serve either: {exc}"
         if previous is not None:
             digest = previous.name.rsplit("-", 1)[-1]
-            self._update(record, state=pb2.ENV_READY, prefix=previous, spec_hash=digest, stale=True,
-                         snapshot=file_table(previous, snapshot_entry),
+            self._update(record, state=pb2.ENV_READY, prefix=previous, spec_hash=digest, stale=True, watch=watch,
                          detail=f"rebuild failed, still running the previous build {digest}: {reason}")
         else:
-            self._update(record, state=pb2.ENV_FAILED, prefix=None, snapshot=None, detail=f"build failed: {reason}")
+            self._update(record, state=pb2.ENV_FAILED, prefix=None, watch=None, detail=f"build failed: {reason}")
 
 
 # What an env build gets of the executor's environment: where to find tools, and what pip, uv and conda
@@ -2674,7 +2983,7 @@ def serve(cfg: Config) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     containment = Containment(cfg)
     lost = containment.recover()
-    envs = EnvManager(cfg, backend)
+    envs = EnvManager(cfg, backend, watch=not containment.launcher.read_only)
     servicer = ExecutorServicer(cfg, envs, containment)
     workers = cfg.max_concurrent + cfg.max_queue + 16  # every streaming Run holds a thread; keep spares for Ping/Cancel
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),

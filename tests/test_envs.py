@@ -465,15 +465,75 @@ def test_a_build_sees_no_token_dsn_or_secret_of_the_executor(servers, tmp_path, 
 
 # ---------------------------------------------------------------- built envs are sealed
 
-def test_a_task_that_writes_into_its_env_never_affects_a_later_task(servers, tmp_path, tasks_dir):
-    envs_dir, home = tmp_path / "envs", tmp_path / "home"
-    write_yml(envs_dir, "sealed.yml", "name: sealed\ndependencies:\n  - python=3.11\n  - six=1.16.0=pyhd3eb1b0_1\n")
-    server = servers(home, envs_dir, tasks_dir)
+SEALED_YML = "name: sealed\ndependencies:\n  - python=3.11\n  - six=1.16.0=pyhd3eb1b0_1\n"
+
+
+def sealed_env(server: Server) -> pb2.EnvStatus:
     built = server.envs()["sealed"]
     assert built.state == pb2.ENV_READY, built.log_tail
-    prefix = (home / "envs" / "sealed").resolve()
+    return built
+
+
+def attempts(server: Server, kind: str) -> dict[str, str]:
+    events, status = collect(server.client().run("sealed", "envs/tamper.py", args=[kind]))
+    assert status.exit_code == 0, lines_of(events)
+    return {a["attempt"]: a["result"] for a in map(json.loads, lines_of(events, pb2.STDOUT))}
+
+
+def assert_env_untouched(server: Server, built: pb2.EnvStatus) -> None:
+    """The next task runs the env as built: the same build (not a rebuild), six as pinned, no dropped code."""
+    events, status = collect(server.client().run("sealed", "envs/versions.py", args=["six"]))
+    assert status.exit_code == 0, lines_of(events)
+    assert not [line for line in lines_of(events) if "RAN" in line], lines_of(events)
+    assert json.loads(lines_of(events, pb2.STDOUT)[-1])["six"] == "1.16.0"
+    assert sealed_env(server).detail == built.detail, "the env was not rebuilt: it never changed"
+
+
+@pytest.fixture(scope="module")
+def read_only_server(tmp_path_factory, tasks_dir):
+    """An executor whose tasks must get read-only mounts (it refuses to start where it cannot make them)."""
+    home = tmp_path_factory.mktemp("home")
+    envs_dir = home.parent / f"{home.name}-envs"
+    write_yml(envs_dir, "sealed.yml", SEALED_YML)
+    server = Server(home, envs_dir, tasks_dir, "--backend", "venv", "--env-protection", "mount", environ=clean_environ())
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_kernel_refuses_a_pth_dropped_into_the_env_and_no_later_task_runs_it(read_only_server):
+    server = read_only_server
+    built = sealed_env(server)
+    prefix = (server.home / "envs" / "sealed").resolve()
     writable = [p for p in prefix.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o222]
     assert not writable, f"left writable: {writable[:3]}"
+    assert "read-only in the tasks' own mount namespace" in server.client().ping().containment
+
+    events, status = collect(server.client().run("sealed", "envs/drop_pth.py"))
+    assert status.exit_code == 0 and lines_of(events)[0].startswith("refused: [Errno 30] Read-only file system")
+    assert not list(prefix.rglob("vpe_dropped.pth"))
+    assert_env_untouched(server, built)
+
+
+@pytest.mark.parametrize("kind", ["write", "replace", "undo"])
+def test_a_task_cannot_change_its_env_nor_undo_the_protection(read_only_server, kind):
+    built = sealed_env(read_only_server)
+    results = attempts(read_only_server, kind)
+    assert results and all(r.startswith("refused: ") for r in results.values()), results
+    assert_env_untouched(read_only_server, built)
+
+
+def test_tasks_still_write_their_workspace_home_and_temp_files(read_only_server):
+    results = attempts(read_only_server, "own")
+    assert results == {"workspace": "done", "HOME": "done", "temp dir": "done"}
+
+
+def test_without_read_only_mounts_a_changed_env_is_refused_for_the_next_run_and_rebuilt(servers, tmp_path, tasks_dir):
+    envs_dir, home = tmp_path / "envs", tmp_path / "home"
+    write_yml(envs_dir, "sealed.yml", SEALED_YML)
+    server = servers(home, envs_dir, tasks_dir, environ=clean_environ(VPE_EXECUTOR_ENV_PROTECTION="watch"))
+    sealed_env(server)
+    assert "envs watched" in server.client().ping().containment
 
     events, status = collect(server.client().run("sealed", "envs/drop_pth.py"))
     assert status.exit_code == 0 and lines_of(events)[0].startswith("wrote"), "tasks run as root here: the write works"
@@ -484,6 +544,19 @@ def test_a_task_that_writes_into_its_env_never_affects_a_later_task(servers, tmp
     events, status = collect(server.client().run("sealed", "envs/versions.py", args=["six"]))
     assert status.exit_code == 0 and "DROPPED PTH RAN" not in lines_of(events)
     assert json.loads(lines_of(events)[-1])["six"] == "1.16.0"
+
+    # Replacing a file (rename over it) and a change in place after a chmod are seen as well.
+    results = attempts(server, "replace")
+    assert results["rename a file over six.py"] == "done", results
+    with pytest.raises(grpc.RpcError) as info:
+        list(server.client().run("sealed", "t/noop.py"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "six.py" in info.value.details()
+    assert wait_until(lambda: server.envs()["sealed"].state == pb2.ENV_READY, READY_TIMEOUT, 0.2), server.log()
+    assert attempts(server, "undo")["chmod six.py"] == "done"
+    with pytest.raises(grpc.RpcError) as info:
+        list(server.client().run("sealed", "t/noop.py"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "six.py" in info.value.details()
+    assert wait_until(lambda: server.envs()["sealed"].state == pb2.ENV_READY, READY_TIMEOUT, 0.2), server.log()
     server.stop()
 
     # A change made while no executor watched: the restart notices it against the build's manifest.
