@@ -16,14 +16,15 @@ like the `ingestion` DAG (which stays for one-off catalog files).
 3. **load** merges events (edits keep the older version in
    `landslide_event_history`), weather and pending windows, advances the
    watermark, and emits the Airflow assets of the tables it updates, so a DAG
-   scheduled on them runs after each load.
+   scheduled on them runs after each load; each event's extra says which
+   database the load changed and what it changed (`changed`, `events_added`,
+   `events_updated`, `hours_added`, `windows_pending`).
 
 Starts paused: unpause it (UI toggle, or `./bootstrap.sh airflow dags unpause
 landslide_monitor`) to start the daily runs; the first reads the whole catalog.
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
@@ -34,11 +35,11 @@ WAREHOUSE_TABLES = ("landslide_event", "weather_window", "weather_hour", "pendin
 
 
 def warehouse_asset(table: str) -> Asset:
-    """A warehouse table: named warehouse.<table> (a downstream DAG schedules on Asset.ref(name=...)), its URI the
-    postgres provider's form postgres://host:port/database/schema/table."""
-    host, port = os.environ.get("VPE_PG_HOST", "127.0.0.1"), os.environ.get("VPE_PG_PORT", "5432")
-    database = os.environ.get("VPE_WAREHOUSE_DB", "warehouse")
-    return Asset(name=f"warehouse.{table}", uri=f"postgres://{host}:{port}/{database}/public/{table}")
+    """A warehouse table as an asset named and identified warehouse.<table>, whatever host, port or database
+    the parsing machine is configured with: Airflow identifies an asset by name and URI together, so a URI
+    built from settings made a second asset after every mode switch and refused the next run (README,
+    "Assets"). Which database a load changed is in each asset event's extra."""
+    return Asset(name=f"warehouse.{table}", uri=f"vpe-warehouse://public/{table}")
 
 
 @dag(

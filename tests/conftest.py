@@ -111,6 +111,15 @@ def offline_demo_stack(stack_home: Path, name: str, files: dict[str, str],
     """The whole platform in offline-demo mode on a repo-shaped copy of dags/ and tasks/ plus `files` (paths in
     that copy, e.g. "dags/x.py"), for a module-scoped fixture to `yield from`; `options`: more of bootstrap's
     options (e.g. --celery)."""
+    env = repo_copy_stack_config(stack_home, name, files)
+    bootstrap("--offline-demo", *options, "up", env=env)
+    wait_for_envs(env)
+    yield env
+    bootstrap("down", env=env, check=False)
+
+
+def repo_copy_stack_config(stack_home: Path, name: str, files: dict[str, str]) -> dict[str, str]:
+    """A stack's environment (not yet up) on a repo-shaped copy of dags/ and tasks/ plus `files`."""
     env = stack_config(stack_home / f"{name}-stack")
     # A repo-shaped copy: the DAG's default catalog path is relative to the folder holding tasks/.
     repo = stack_home / f"{name}-repo"
@@ -122,10 +131,7 @@ def offline_demo_stack(stack_home: Path, name: str, files: dict[str, str],
     env.update(VPE_DAGS_DIR=str(repo / "dags"), VPE_TASKS_DIR=str(repo / "tasks"),
                VPE_OPEN_METEO_PORT=str(free_port()), VPE_ARCGIS_PORT=str(free_port()),
                VPE_REDIS_PORT=str(free_port()))
-    bootstrap("--offline-demo", *options, "up", env=env)
-    wait_for_envs(env)
-    yield env
-    bootstrap("down", env=env, check=False)
+    return env
 
 
 @pytest.fixture(scope="session")

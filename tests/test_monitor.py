@@ -182,9 +182,10 @@ class Monitor:
         return runs[0]["dag_run_id"]
 
     def asset_events(self, table: str) -> list[dict]:
-        [asset] = [a for a in self.airflow.request("GET", f"/api/v2/assets?uri_pattern=/public/{table}")["assets"]
-                   if a["uri"].endswith(f"/warehouse_demo/public/{table}")]
-        return self.airflow.request("GET", f"/api/v2/assets/events?asset_id={asset['id']}")["asset_events"]
+        [asset] = [a for a in self.airflow.request("GET", f"/api/v2/assets?name_pattern={table}")["assets"]
+                   if a["name"] == f"warehouse.{table}"]
+        return self.airflow.request("GET", f"/api/v2/assets/events?asset_id={asset['id']}&order_by=timestamp")[
+            "asset_events"]
 
 
 def test_the_monitor_loads_new_and_edited_reports_and_fetches_pending_windows_once_the_archive_has_them(
@@ -200,7 +201,9 @@ def test_the_monitor_loads_new_and_edited_reports_and_fetches_pending_windows_on
     counts = monitor.counts()
     assert (counts["landslide_event"], counts["weather_window"], counts["weather_hour"]) == (3, 5, 5 * 24)
     assert monitor.watermark() == FIRST_EDIT.replace(tzinfo=datetime.timezone.utc)
-    assert len(monitor.asset_events("landslide_event")) == 1
+    [event] = monitor.asset_events("landslide_event")
+    assert {key: event["extra"][key] for key in ("database", "changed", "events_added", "windows_pending")} == {
+        "database": "warehouse_demo", "changed": True, "events_added": 3, "windows_pending": 1}
 
     # 2. One report edited, one added: only those two are read; the pending window is asked for again, and the
     #    archive (its end still 5 days back) answers it with null hours: still pending, not failed.
@@ -246,3 +249,4 @@ def test_the_monitor_loads_new_and_edited_reports_and_fetches_pending_windows_on
     assert monitor.counts() == after and monitor.watermark() == mark
     events = monitor.asset_events("landslide_event")
     assert len(events) == 4 and {event["source_dag_id"] for event in events} == {DAG}
+    assert events[-1]["extra"]["changed"] is False and events[-1]["extra"]["events_added"] == 0

@@ -12,15 +12,49 @@ workspace, a folder on the executor. The run outlives the worker for
 `keep_alive`: a try that starts while the run an earlier try left behind is
 still running attaches to it instead of starting it again (like the
 KubernetesPodOperator's `reattach_on_restart`). With
-`deferrable=True` the worker slot is freed once the run has started and
-`ExecutorRunTrigger` follows it from the triggerer.
+`deferrable=True` the worker follows the run for `defer_after`, then frees its
+slot and `ExecutorRunTrigger` follows the rest from the triggerer.
+
+Airflow 3.3.2's defer race, and why the workaround here is safe
+----------------------------------------------------------------
+A deferred task's worker exits after `defer()`, and LocalExecutor reports that
+exit as `success`. The scheduler handles executor events once per loop, in this
+order (`SchedulerJobRunner._run_scheduler_loop`): queue scheduled tasks, sync the
+executor (collect exit events), `_process_executor_events`. That last step fails
+a task instance whose try number matches a `success` event while its state is
+queued or running and the executor no longer holds it; it ignores the event
+while the state is `deferred`, and (since apache/airflow#66374) while it is
+`scheduled` with `next_method` set. So if the trigger fires, the task goes back
+to `scheduled` and is queued before the scheduler has synced the stale exit
+event, the resumed try is failed ("reported that the task instance ... finished
+with state success, but the task instance's state attribute is queued"): the
+`queued` case is apache/airflow#67287, the `running` case #71580, both open in
+3.3.2.
+
+The task instance's state cannot tell the trigger that the scheduler has seen
+the exit: the worker itself sets `deferred` (an Execution API call) before it
+exits, and the scheduler writes nothing when it handles the exit of a deferred
+task. Two measures instead:
+1. A run is followed in the worker for `defer_after` (30 s by default) and only
+   a run still going then defers, so short runs never meet the race.
+2. `ExecutorRunTrigger` holds its event until DEFER_SETTLE after it began. A
+   trigger begins only after the deferral is committed, and the worker exits
+   right after that commit, so by then the scheduler has had DEFER_SETTLE for
+   the one loop that syncs the exit event and ignores it (the task is still
+   `deferred`). Only a scheduler loop longer than DEFER_SETTLE could still lose
+   it. Runs that end later than DEFER_SETTLE after deferring are not delayed.
+Both can go once Airflow handles a stale defer-exit in every state (#67287,
+#71580): then set `defer_after` to 0 and DEFER_SETTLE to 0.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import itertools
+import json
 import re
+import threading
+import time
 from collections import deque
 from datetime import timedelta
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -28,7 +62,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 import grpc
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.providers.grpc.hooks.grpc import GrpcHook
-from airflow.sdk import BaseOperator
+from airflow.sdk import Asset, BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from executor import (LIMIT_SETTINGS, ExecutorClient, attach_where_held, auth_metadata, cancel_where_held,
@@ -38,6 +72,13 @@ STDERR_TAIL_LINES = 20
 # How long a run goes on without its Airflow task: room for a lost worker's retry
 # (retry_delay plus scheduling) or a triggerer restart to attach again.
 DEFAULT_KEEP_ALIVE = timedelta(minutes=10)
+# Deferrable runs shorter than this never leave the worker (module docstring: the defer race).
+DEFAULT_DEFER_AFTER = timedelta(seconds=30)
+# How long a trigger holds its event after it began, so the scheduler has handled the worker's defer-exit.
+DEFER_SETTLE = timedelta(seconds=10)
+# A task script's stdout line starting with this, then a JSON object, adds that object to the `extra` of
+# the asset events its task emits (tasks/ingestion/load.py prints it).
+OUTLET_EXTRA_MARK = "vpe-outlet-extra: "
 # Refusals a retry cannot fix. Others (executor unreachable, env still building,
 # queue full) are raised as ordinary failures, so the task's `retries` apply.
 PERMANENT_REFUSALS = {
@@ -116,6 +157,17 @@ def log_event(logger: Any, event: Any, stderr_tail: deque[str]) -> Any:
     return None
 
 
+def outlet_extra(event: Any) -> dict[str, Any]:
+    """The asset-event extra a stdout line announces (OUTLET_EXTRA_MARK), else {}."""
+    if event.WhichOneof("event") != "line" or not event.line.text.startswith(OUTLET_EXTRA_MARK):
+        return {}
+    try:
+        extra = json.loads(event.line.text[len(OUTLET_EXTRA_MARK):])
+    except json.JSONDecodeError:
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
 def run_summary(status: Any) -> dict[str, Any]:
     """A final RunStatus as plain data (XCom and trigger events carry JSON)."""
     return {"run_id": status.run_id, "exit_code": status_exit_code(status), "timed_out": status.timed_out,
@@ -131,10 +183,13 @@ class ExecutorOperator(BaseOperator):
     killed when `execution_timeout` passes, and `keep_alive` after the
     Airflow task is lost without being killed (a lost worker, a triggerer
     restart) unless a new try attaches first. `deferrable=True` waits in the
-    triggerer instead of a worker slot. `limits` bounds the run (executor
+    triggerer instead of a worker slot once the run has gone on for `defer_after`
+    (shorter runs finish in the worker). `limits` bounds the run (executor
     RunLimits: memory_bytes, cpu_seconds, processes, open_files, output_bytes;
     sizes like "2G"); unset ones take the executor's defaults. Returns (to XCom)
-    the run id, exit code, duration and the executor-side log path.
+    the run id, exit code, duration and the executor-side log path. A stdout line
+    "vpe-outlet-extra: {json}" adds that object to the extra of the task's asset
+    events (its `outlets`).
     """
 
     template_fields: Sequence[str] = ("script", "args", "env_vars")
@@ -143,7 +198,8 @@ class ExecutorOperator(BaseOperator):
     def __init__(self, *, env: str, script: str, args: Sequence[str] = (),
                  env_vars: dict[str, str] | None = None, grpc_conn_id: str = "grpc_default",
                  deferrable: bool = False, keep_alive: timedelta = DEFAULT_KEEP_ALIVE,
-                 limits: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 defer_after: timedelta = DEFAULT_DEFER_AFTER, limits: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if deferrable and keep_alive.total_seconds() <= 0:
             raise ValueError("deferrable=True needs a keep_alive > 0: the run must outlive the worker until the "
@@ -155,6 +211,7 @@ class ExecutorOperator(BaseOperator):
         self.grpc_conn_id = grpc_conn_id
         self.deferrable = deferrable
         self.keep_alive = keep_alive
+        self.defer_after = defer_after
         self.limits = run_limits(limits or {})
         self._call: Any = None
         self._run_id = ""
@@ -164,16 +221,28 @@ class ExecutorOperator(BaseOperator):
         ti = context["ti"]
         self._run_id = remote_run_id(ti)
         stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        extra: dict[str, Any] = {}
+        next_seq = 0
+        handing_over = threading.Event()
+        timer: threading.Timer | None = None
         try:
             for event in self._attach_or_start(ti):
+                next_seq = event.seq + 1
                 self._replica = event.started.replica or self._replica
+                extra.update(outlet_extra(event))
                 status = log_event(self.log, event, stderr_tail)
                 if status is not None:
-                    return self._outcome(run_summary(status), stderr_tail)
-                if self.deferrable and event.HasField("started"):
-                    self._defer(event, stderr_tail)
+                    return self._outcome(context, run_summary(status), stderr_tail, extra)
+                if self.deferrable and event.HasField("started") and timer is None:
+                    timer = self._hand_over_after_defer_after(handing_over)
         except grpc.RpcError as err:
-            raise self._refusal(err) from None
+            if not handing_over.is_set():
+                raise self._refusal(err) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if handing_over.is_set():
+            self._defer(next_seq, stderr_tail, extra)
         raise AirflowException(f"the executor ended run {self._run_id} without a final status; see the executor's log")
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +250,7 @@ class ExecutorOperator(BaseOperator):
         if "error" in event:
             raise AirflowException(f"lost track of executor run {event['run_id']}: {event['error']}. "
                                    "A retry attaches to it again while it still runs.")
-        return self._outcome(event["summary"], event["stderr_tail"])
+        return self._outcome(context, event["summary"], event["stderr_tail"], event.get("outlet_extra", {}))
 
     def on_kill(self) -> None:
         if not self._run_id:
@@ -212,12 +281,24 @@ class ExecutorOperator(BaseOperator):
             keep_alive_seconds=self.keep_alive.total_seconds())
         return self._call
 
-    def _defer(self, started: Any, stderr_tail: deque[str]) -> None:
+    def _hand_over_after_defer_after(self, handing_over: threading.Event) -> threading.Timer:
+        """Ends this worker's stream once the run has gone on for `defer_after`, so that execute() defers."""
+        def hand_over() -> None:
+            handing_over.set()
+            self._call.cancel()
+
+        timer = threading.Timer(self.defer_after.total_seconds(), hand_over)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _defer(self, from_seq: int, stderr_tail: deque[str], extra: dict[str, Any]) -> None:
         """Hands the started run to the triggerer; the run outlives this process by its keep-alive."""
-        trigger = ExecutorRunTrigger(run_id=self._run_id, replica=started.started.replica, from_seq=started.seq + 1,
-                                     grpc_conn_id=self.grpc_conn_id, stderr_tail=list(stderr_tail))
-        self.log.info("[executor] freeing this worker slot: the triggerer follows run %s from here", self._run_id)
-        self._call.cancel()
+        trigger = ExecutorRunTrigger(run_id=self._run_id, replica=self._replica, from_seq=from_seq,
+                                     grpc_conn_id=self.grpc_conn_id, stderr_tail=list(stderr_tail),
+                                     outlet_extra=extra)
+        self.log.info("[executor] run %s still running after %ss: freeing this worker slot, the triggerer follows it "
+                      "from here", self._run_id, self.defer_after.total_seconds())
         self.defer(trigger=trigger, method_name="execute_complete")
 
     def _clients_holding_run(self) -> list[ExecutorClient]:
@@ -226,9 +307,13 @@ class ExecutorOperator(BaseOperator):
         target, token, tls_ca = connection_settings(GrpcHook.get_connection(self.grpc_conn_id))
         return [ExecutorClient(replica_channel(self._replica, target, tls_ca=tls_ca), token=token)]
 
-    def _outcome(self, result: dict[str, Any], stderr_tail: Sequence[str]) -> dict[str, Any]:
+    def _outcome(self, context: Any, result: dict[str, Any], stderr_tail: Sequence[str],
+                 extra: dict[str, Any]) -> dict[str, Any]:
         self.log.info("[executor] %s", result)
         if result["exit_code"] == 0 and not result["ended_by"]:
+            for outlet in self.outlets:
+                if isinstance(outlet, Asset):
+                    context["outlet_events"][outlet].extra.update(extra)
             return result
         what = ("timed out" if result["timed_out"] else f"was stopped ({result['ended_by']})" if result["ended_by"]
                 else "was cancelled" if result["cancelled"] else f"exited with {result['exit_code']}")
@@ -247,24 +332,34 @@ class ExecutorOperator(BaseOperator):
 
 class ExecutorRunTrigger(BaseTrigger):
     """Follows a started executor run from the triggerer (grpc.aio): writes every line to the task's log
-    and fires once with the run's final status. Its kwargs carry the run id, the replica holding it and
-    the first event not yet logged, so a restarted triggerer attaches again from there."""
+    and fires once with the run's final status, no sooner than DEFER_SETTLE after it began (the module
+    docstring says why). Its kwargs carry the run id, the replica holding it and the first event not yet
+    logged, so a restarted triggerer attaches again from there."""
 
     def __init__(self, *, run_id: str, replica: str, from_seq: int, grpc_conn_id: str = "grpc_default",
-                 stderr_tail: Sequence[str] = ()) -> None:
+                 stderr_tail: Sequence[str] = (), outlet_extra: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.replica = replica
         self.from_seq = from_seq
         self.grpc_conn_id = grpc_conn_id
         self.stderr_tail: deque[str] = deque(stderr_tail, maxlen=STDERR_TAIL_LINES)
+        self.outlet_extra = dict(outlet_extra or {})
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"run_id": self.run_id, "replica": self.replica, "from_seq": self.from_seq,
-                 "grpc_conn_id": self.grpc_conn_id, "stderr_tail": list(self.stderr_tail)})
+                 "grpc_conn_id": self.grpc_conn_id, "stderr_tail": list(self.stderr_tail),
+                 "outlet_extra": self.outlet_extra})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        began = time.monotonic()
+        outcome = await self._follow()
+        await asyncio.sleep(max(0.0, began + DEFER_SETTLE.total_seconds() - time.monotonic()))
+        yield TriggerEvent(outcome)
+
+    async def _follow(self) -> dict[str, Any]:
+        """Logs the run's events up to its final status; returns what execute_complete needs."""
         target, token, tls_ca = connection_settings(await GrpcHook.aget_connection(self.grpc_conn_id))
         self.log.info("[executor] following run %s on executor %s from event %d",
                       self.run_id, self.replica or target, self.from_seq)
@@ -273,15 +368,15 @@ class ExecutorRunTrigger(BaseTrigger):
             try:
                 async for event in pb2_grpc.ExecutorStub(channel).Attach(request, metadata=auth_metadata(token)):
                     self.from_seq = event.seq + 1
+                    self.outlet_extra.update(outlet_extra(event))
                     status = log_event(self.log, event, self.stderr_tail)
                     await asyncio.sleep(0)  # a replayed backlog must not hold up the triggerer's other triggers
                     if status is not None:
-                        yield TriggerEvent({"summary": run_summary(status), "stderr_tail": list(self.stderr_tail)})
-                        return
+                        return {"summary": run_summary(status), "stderr_tail": list(self.stderr_tail),
+                                "outlet_extra": self.outlet_extra}
             except grpc.aio.AioRpcError as err:
-                yield TriggerEvent({"run_id": self.run_id, "error": f"{err.code().name}: {err.details()}"})
-                return
-        yield TriggerEvent({"run_id": self.run_id, "error": "the executor ended the stream without a final status"})
+                return {"run_id": self.run_id, "error": f"{err.code().name}: {err.details()}"}
+        return {"run_id": self.run_id, "error": "the executor ended the stream without a final status"}
 
     async def on_kill(self) -> None:
         """The task was marked failed or cleared while deferred: stop the remote run too."""

@@ -7,7 +7,8 @@ rejected_rows, then calls the warehouse's set-based merge load_staging(run_id)
 and prints what it inserted, updated (a newer version of a report), found
 already present, and rejected. An event row identical to one of an earlier extract's file
 (the same catalog as CSV and XLSX) is staged once; the printed summary shows that
-every event row is accounted for. All or nothing: any error rolls everything back.
+every event row is accounted for; its last line ("vpe-outlet-extra: {json}") says what the load changed, in
+which database, for the Airflow asset events of its task. All or nothing: any error rolls everything back.
 Loading the same run again adds nothing.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import psycopg
+import psycopg.conninfo
 from psycopg.types.json import Jsonb
 
 from common import (CRAWL_SUMMARY, EVENT_COLUMNS, EVENTS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, PENDING_WINDOWS,
@@ -146,8 +148,8 @@ def check_extracts_complete(folder: Path) -> None:
                          f"rejects files must both be there): run that extract again, then crawl, then load")
 
 
-def log_pending(dsn: str) -> None:
-    """What waits for the archive now, this run's windows and earlier runs' alike."""
+def log_pending(dsn: str) -> int:
+    """What waits for the archive now, this run's windows and earlier runs' alike; returns the windows."""
     windows, events, oldest = query_warehouse(dsn, "the pending windows", "SELECT count(*), count(DISTINCT "
                                               "landslide_event_id), min(window_date) FROM pending_window")[0]
     if windows:
@@ -155,6 +157,19 @@ def log_pending(dsn: str) -> None:
                  "%s): a later crawl with --pending-from-warehouse fetches them", windows, events, oldest)
     else:
         log.info("no windows wait for the archive (table pending_window is empty)")
+    return windows
+
+
+def print_outlet_extra(dsn: str, rows: list[Sequence], pending: int, synthetic: bool) -> None:
+    """What this load changed, for the extra of the asset events its Airflow task emits (the ExecutorOperator
+    reads the line that starts with its OUTLET_EXTRA_MARK, "vpe-outlet-extra: "): a downstream DAG tells a
+    demo load from a real one by the database, and a load that changed nothing by `changed`."""
+    counts = {row[0]: row for row in rows[1:]}
+    _, events_added, events_updated, _, _ = counts["landslide_event"]
+    extra = {"database": psycopg.conninfo.conninfo_to_dict(dsn).get("dbname"), "synthetic_weather": synthetic,
+             "changed": any(row[1] or row[2] for row in rows[1:]), "events_added": events_added,
+             "events_updated": events_updated, "hours_added": counts["weather_hour"][1], "windows_pending": pending}
+    print("vpe-outlet-extra: " + json.dumps(extra), flush=True)
 
 
 def print_table(rows: list[Sequence]) -> None:
@@ -198,7 +213,7 @@ def main() -> int:
     rows = load(args.dsn, folder, run_id)
     log.info("load_staging(%r), committed:", run_id)
     print_table(rows)
-    log_pending(args.dsn)
+    print_outlet_extra(args.dsn, rows, log_pending(args.dsn), bool(summary.get("synthetic")))
     return 0
 
 
