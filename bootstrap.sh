@@ -367,6 +367,20 @@ ensure_venv() {
       || die "installing $file failed (see above); PyPI must be reachable."
     say "$want" > "$stamp"
   done
+  ensure_package
+}
+
+# The repo itself, installed editable (pyproject.toml): Airflow imports the operator from the vpe
+# package, whose vpe.executor is this checkout's executor.py. Reinstalled when what the install
+# records changes: the build files or the version.
+ensure_package() {
+  local stamp=$VPE_VENV/.vpe-installed-package want
+  want=$(cat "$ROOT/pyproject.toml" "$ROOT/hatch_build.py" <(grep '^__version__' "$ROOT/executor.py") | sha256sum | cut -d' ' -f1)
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return
+  step "installing this checkout as the package vpe-executor into $VPE_VENV (editable)"
+  "$VPE_VENV/bin/uv" pip install --quiet --python "$VPE_VENV/bin/python" -e "$ROOT[airflow]" \
+    || die "installing $ROOT as a package failed (see above); PyPI must be reachable for its build backend (hatchling)."
+  say "$want" > "$stamp"
 }
 
 pidfile() { say "$PIDS/$1.pid"; }
@@ -567,16 +581,13 @@ airflow_env() {
   export AIRFLOW__API__PORT=$VPE_AIRFLOW_PORT
   export AIRFLOW__API__BASE_URL=$api
   export AIRFLOW__LOGGING__BASE_LOG_FOLDER=$LOGS/airflow
-  # The operator (plugins/) imports the executor's client code (executor.py) from the repo root.
-  export AIRFLOW__CORE__PLUGINS_FOLDER=$ROOT/plugins
-  export PYTHONPATH=$ROOT:$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}
   export AIRFLOW_CONN_GRPC_DEFAULT
   AIRFLOW_CONN_GRPC_DEFAULT=$(grpc_connection_json)
 }
 
 # The connection Airflow uses to reach the executor; its password is the executor's token.
 grpc_connection_json() {
-  printf '{"conn_type": "grpc", "host": "%s", "port": %s, "password": "%s", "extra": {"auth_type": "NO_AUTH"}}' \
+  printf '{"conn_type": "vpe_executor", "host": "%s", "port": %s, "password": "%s"}' \
     "$VPE_EXECUTOR_HOST" "$VPE_EXECUTOR_PORT" "$VPE_EXECUTOR_TOKEN"
 }
 

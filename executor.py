@@ -62,6 +62,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 __version__ = "0.4.0"
 
 HERE = Path(__file__).resolve().parent
+# Where the state, envs and tasks folders are by default: beside executor.py in a checkout, the working
+# directory when it runs from the installed package (vpe-executor), whose folder is in site-packages.
+PACKAGED = (HERE / "__init__.py").exists()
+DEFAULT_BASE, SHOWN_BASE = (Path(), "the working directory") if PACKAGED else (HERE, "the folder of executor.py")
 PROTO_FILE = "ping.proto"
 SERVICE_NAME = "vpe.Executor"
 
@@ -236,13 +240,13 @@ SETTINGS = (
     Setting("advertise", "VPE_EXECUTOR_ADVERTISE", "", flag="serve",
             help="host:port clients reach this replica at, named in Started.replica for Attach and Cancel",
             shown_default="this host's address and --port"),
-    Setting("home", "VPE_HOME", str(HERE / ".vpe"), folder, flag="serve",
+    Setting("home", "VPE_HOME", str(DEFAULT_BASE / ".vpe"), folder, flag="serve",
             help="state dir: envs/, buffer/, logs/executor/, logs/runs/, run/executor/",
-            shown_default=".vpe next to executor.py"),
-    Setting("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(HERE / "envs"), folder, flag="serve",
-            help="folder of env ymls", shown_default="<repo>/envs"),
-    Setting("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(HERE / "tasks"), folder, flag="serve",
-            help="folder of task scripts", shown_default="<repo>/tasks"),
+            shown_default=f".vpe in {SHOWN_BASE}"),
+    Setting("envs_dir", "VPE_EXECUTOR_ENVS_DIR", str(DEFAULT_BASE / "envs"), folder, flag="serve",
+            help="folder of env ymls", shown_default=f"envs in {SHOWN_BASE}"),
+    Setting("tasks_dir", "VPE_EXECUTOR_TASKS_DIR", str(DEFAULT_BASE / "tasks"), folder, flag="serve",
+            help="folder of task scripts", shown_default=f"tasks in {SHOWN_BASE}"),
     Setting("max_concurrent", "VPE_EXECUTOR_MAX_CONCURRENT", str(os.cpu_count() or 1), int, 1, flag="serve",
             help="runs at once", shown_default="cores"),
     Setting("max_queue", "VPE_EXECUTOR_MAX_QUEUE", "32", int, 0, flag="serve", help="runs waiting for a slot"),
@@ -3043,7 +3047,7 @@ def build_parser() -> argparse.ArgumentParser:
     client = argparse.ArgumentParser(add_help=False, parents=[conn])
     client.add_argument("--timeout", type=float, default=5.0, help="RPC deadline in seconds (default 5)")
 
-    parser = argparse.ArgumentParser(prog="executor.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vpe-executor" if PACKAGED else "executor.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)

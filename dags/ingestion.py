@@ -27,7 +27,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from executor_operator import ExecutorOperator
+from vpe import ExecutorOperator
 
 
 @dag(

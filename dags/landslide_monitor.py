@@ -29,7 +29,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, Param, dag
-from executor_operator import ExecutorOperator
+from vpe import ExecutorOperator
 
 WAREHOUSE_TABLES = ("landslide_event", "weather_window", "weather_hour", "pending_window")
 

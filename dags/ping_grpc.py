@@ -21,7 +21,7 @@ from airflow.sdk import dag, task
 def ping_grpc() -> None:
     @task
     def ping() -> str:
-        from executor_operator import executor_client
+        from vpe.operators import executor_client
 
         reply = executor_client("grpc_default").ping()
         print(f"executor {reply.version} answered {reply.message!r}")

@@ -25,7 +25,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag
-from executor_operator import ExecutorOperator
+from vpe import ExecutorOperator
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 
@@ -75,7 +75,7 @@ def dag_structure(dags_dir: Path) -> dict:
                      for dag_id, dag in bag.dags.items()}},
         }}))
     """)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}", "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -175,7 +175,7 @@ def wait_for_file(folder: Path, pattern: str, timeout: float = 120) -> Path:
 OPERATOR_PROBE = '''
 from types import SimpleNamespace
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from executor_operator import ExecutorOperator
+from vpe import ExecutorOperator
 
 operator = ExecutorOperator(task_id="step", env={env!r}, script="vpe_test/fail.py")
 ti = SimpleNamespace(dag_id="probe", run_id="manual__2026-01-01T00:00:00+00:00", task_id="step", try_number=1)
@@ -192,8 +192,7 @@ def run_operator(env_name: str, port: str, token: str = "") -> str:
     """ExecutorOperator.execute outside a DAG run, against whatever listens on `port`."""
     conn = {"conn_type": "grpc", "host": "127.0.0.1", "port": int(port), "password": token,
             "extra": {"auth_type": "NO_AUTH"}}
-    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn),
-           "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
+    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn)}
     result = subprocess.run([sys.executable, "-c", OPERATOR_PROBE.format(env=env_name)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

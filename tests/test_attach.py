@@ -205,7 +205,7 @@ def test_cli_attach_prints_the_output_and_exits_with_the_runs_code(client, serve
 
 OPERATOR_PROBE = '''
 from types import SimpleNamespace
-from executor_operator import ExecutorOperator
+from vpe import ExecutorOperator
 
 try:
     ExecutorOperator(task_id="bad", env="six_a", script="c/lines.py", limits={"memory": "1G"})
@@ -224,7 +224,7 @@ except Exception as err:
 def test_operator_limits_reach_the_run(server):
     """ExecutorOperator.execute outside a DAG run (as tests/test_airflow.py's probe), against the test server."""
     conn = {"conn_type": "grpc", "host": "127.0.0.1", "port": server.port, "extra": {"auth_type": "NO_AUTH"}}
-    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn), "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
+    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn)}
     result = subprocess.run([sys.executable, "-c", OPERATOR_PROBE], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

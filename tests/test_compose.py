@@ -5,7 +5,7 @@
 - every path, port and variable it and the Dockerfiles reference exists in the repo or .env;
 - the Dockerfiles follow requirements.txt and envs/*.yml (the same files local mode uses);
 - the env-building step of Dockerfile.executor, run for real against the executor (venv backend);
-- the grpc_default connection it gives Airflow, read by the real GrpcHook, reaching a real executor;
+- the grpc_default connection it gives Airflow, read by VPE's hook (vpe.hooks), reaching a real executor;
 - bootstrap.sh's compose mode against a `docker` stand-in that records its calls (a double for the CLI only).
 """
 from __future__ import annotations
@@ -190,7 +190,7 @@ def test_airflow_reaches_every_executor_replica_through_dns(model: dict[str, Any
         conn = json.loads(model["services"][name]["environment"]["AIRFLOW_CONN_GRPC_DEFAULT"])
         assert conn["host"] == "dns:///executor"
         assert str(conn["port"]) == env_file(ROOT / ".env")["VPE_EXECUTOR_PORT"]
-        assert conn["extra"] == {"auth_type": "NO_AUTH"}
+        assert conn["conn_type"] == "vpe_executor"
         assert conn["password"] == fake_secrets()["VPE_EXECUTOR_TOKEN"]
     executor = model["services"]["executor"]
     assert executor["environment"]["VPE_EXECUTOR_TOKEN"] == fake_secrets()["VPE_EXECUTOR_TOKEN"]
@@ -290,8 +290,10 @@ def test_airflow_image_is_local_modes_airflow_with_the_same_pins() -> None:
     assert re.search(r"^FROM apache/airflow:\$\{AIRFLOW_VERSION\}", text, re.M)
     assert "pip install --no-cache-dir -r /opt/vpe/requirements.txt" in text
     assert "requirements.txt" in dockerfile_copies("Dockerfile.airflow")
-    assert {"executor.py", "ping.proto"} <= set(dockerfile_copies("Dockerfile.airflow"))
-    assert re.search(r"^ENV PYTHONPATH=/opt/vpe$", text, re.M)
+    assert {"pyproject.toml", "hatch_build.py", "executor.py", "ping.proto", "vpe/"} <= set(
+        dockerfile_copies("Dockerfile.airflow"))
+    assert "pip install --no-cache-dir --no-deps /opt/vpe/src" in text, "DAGs import the operator from the vpe package"
+    assert "PYTHONPATH" not in text
 
 
 def test_executor_image_builds_every_env_file_of_local_mode() -> None:
@@ -371,10 +373,10 @@ def test_compose_grpc_connection_reaches_an_executor_through_airflows_hook(
     conn["host"] = conn["host"].replace("dns:///executor", "dns:///localhost")
     conn["port"] = int(executor_with_token["VPE_EXECUTOR_PORT"])
     probe = textwrap.dedent("""
-        from executor_operator import executor_client
+        from vpe.operators import executor_client
         print(executor_client("grpc_default").ping().message)
     """)
-    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn), "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}",
+    env = {**os.environ, "AIRFLOW_CONN_GRPC_DEFAULT": json.dumps(conn),
            "AIRFLOW_HOME": str(Path(executor_with_token["VPE_HOME"]) / "airflow")}
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

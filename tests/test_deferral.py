@@ -25,7 +25,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag
-from executor_operator import ExecutorOperator
+from vpe import ExecutorOperator
 
 
 @dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)

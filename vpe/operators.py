@@ -60,13 +60,17 @@ from datetime import timedelta
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import grpc
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from airflow.providers.grpc.hooks.grpc import GrpcHook
 from airflow.sdk import Asset, BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from executor import (LIMIT_SETTINGS, ExecutorClient, attach_where_held, auth_metadata, cancel_where_held,
-                      open_channel, parse_size, pb2, pb2_grpc, replica_channel, replica_channels, status_exit_code)
+try:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+except ImportError:  # Airflow 3.1: the task SDK has no AirflowFailException yet
+    from airflow.exceptions import AirflowException, AirflowFailException
+
+from vpe.executor import (LIMIT_SETTINGS, ExecutorClient, attach_where_held, auth_metadata, cancel_where_held,
+                          parse_size, pb2, pb2_grpc, replica_channel, replica_channels, status_exit_code)
+from vpe.hooks import ExecutorHook, connection_settings
 
 STDERR_TAIL_LINES = 20
 # How long a run goes on without its Airflow task: room for a lost worker's retry
@@ -89,25 +93,15 @@ PERMANENT_REFUSALS = {
 }
 
 
-def connection_settings(conn: Any) -> tuple[str, str | None, str]:
-    """(address, token, TLS CA file) from a grpc connection: host and port, the token as its
-    password, and for TLS the provider's `credential_pem_file` extra."""
-    target = f"{conn.host}:{conn.port}" if conn.port else conn.host
-    return target, conn.password or None, conn.extra_dejson.get("credential_pem_file", "")
-
-
 def executor_client(grpc_conn_id: str = "grpc_default") -> ExecutorClient:
     """A client for the executor the connection names."""
-    target, token, tls_ca = connection_settings(GrpcHook.get_connection(grpc_conn_id))
-    # The channel is built here rather than by GrpcHook.get_conn(): the hook's
-    # channels take no options, so no round-robin over scaled-out executors.
-    return ExecutorClient(open_channel(target, tls_ca=tls_ca), token=token)
+    return ExecutorHook(grpc_conn_id).get_conn()
 
 
 def replica_clients(grpc_conn_id: str) -> list[ExecutorClient]:
     """One client per executor replica behind the connection (every address its host resolves to)."""
-    target, token, tls_ca = connection_settings(GrpcHook.get_connection(grpc_conn_id))
-    return [ExecutorClient(channel, token=token) for channel in replica_channels(target, tls_ca=tls_ca)]
+    target, token, tls = connection_settings(ExecutorHook.get_connection(grpc_conn_id))
+    return [ExecutorClient(channel, token=token) for channel in replica_channels(target, **tls)]
 
 
 def safe_id(*parts: str) -> str:
@@ -304,8 +298,8 @@ class ExecutorOperator(BaseOperator):
     def _clients_holding_run(self) -> list[ExecutorClient]:
         if not self._replica:
             return replica_clients(self.grpc_conn_id)
-        target, token, tls_ca = connection_settings(GrpcHook.get_connection(self.grpc_conn_id))
-        return [ExecutorClient(replica_channel(self._replica, target, tls_ca=tls_ca), token=token)]
+        target, token, tls = connection_settings(ExecutorHook.get_connection(self.grpc_conn_id))
+        return [ExecutorClient(replica_channel(self._replica, target, **tls), token=token)]
 
     def _outcome(self, context: Any, result: dict[str, Any], stderr_tail: Sequence[str],
                  extra: dict[str, Any]) -> dict[str, Any]:
@@ -360,10 +354,10 @@ class ExecutorRunTrigger(BaseTrigger):
 
     async def _follow(self) -> dict[str, Any]:
         """Logs the run's events up to its final status; returns what execute_complete needs."""
-        target, token, tls_ca = connection_settings(await GrpcHook.aget_connection(self.grpc_conn_id))
+        target, token, tls = connection_settings(await ExecutorHook.aget_connection(self.grpc_conn_id))
         self.log.info("[executor] following run %s on executor %s from event %d",
                       self.run_id, self.replica or target, self.from_seq)
-        async with replica_channel(self.replica or target, target, tls_ca=tls_ca, aio=True) as channel:
+        async with replica_channel(self.replica or target, target, aio=True, **tls) as channel:
             request = pb2.AttachRequest(run_id=self.run_id, from_seq=self.from_seq)
             try:
                 async for event in pb2_grpc.ExecutorStub(channel).Attach(request, metadata=auth_metadata(token)):
@@ -380,8 +374,8 @@ class ExecutorRunTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """The task was marked failed or cleared while deferred: stop the remote run too."""
-        target, token, tls_ca = connection_settings(await GrpcHook.aget_connection(self.grpc_conn_id))
-        async with replica_channel(self.replica or target, target, tls_ca=tls_ca, aio=True) as channel:
+        target, token, tls = connection_settings(await ExecutorHook.aget_connection(self.grpc_conn_id))
+        async with replica_channel(self.replica or target, target, aio=True, **tls) as channel:
             reply = await pb2_grpc.ExecutorStub(channel).Cancel(pb2.CancelRequest(run_id=self.run_id), timeout=10,
                                                                 metadata=auth_metadata(token))
         self.log.info("[executor] %s", reply.message)
