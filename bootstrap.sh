@@ -328,6 +328,7 @@ ensure_secrets() {
   add_secret VPE_LOADER_PASSWORD random_hex 24
   add_secret VPE_READER_PASSWORD random_hex 24
   add_secret VPE_REDIS_PASSWORD random_hex 24
+  add_secret VPE_AIRFLOW_ADMIN_PASSWORD random_hex 12
   local line key
   while IFS= read -r line; do
     key=${line%%=*}
@@ -570,6 +571,8 @@ airflow_env() {
     export AIRFLOW__CELERY__BROKER_URL="redis://:$VPE_REDIS_PASSWORD@127.0.0.1:$VPE_REDIS_PORT/0"
     export AIRFLOW__CELERY__RESULT_BACKEND="db+postgresql://airflow:$VPE_AIRFLOW_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
     export AIRFLOW__CELERY__WORKER_CONCURRENCY=$VPE_AIRFLOW_PARALLELISM
+    # Several people share a Celery setup: real users and roles, not the simple auth manager (for development only).
+    export AIRFLOW__CORE__AUTH_MANAGER=airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager
   fi
   export AIRFLOW__CORE__PARALLELISM=$VPE_AIRFLOW_PARALLELISM
   export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=$api/execution/
@@ -611,6 +614,7 @@ start_airflow() {
     step "migrating Airflow's metadata database"
     "$VPE_VENV/bin/airflow" db migrate > "$LOGS/airflow/db-migrate.log" 2>&1 \
       || die "airflow db migrate failed; see $LOGS/airflow/db-migrate.log"
+    if celery_mode; then ensure_fab_admin; fi
     for service in "${missing[@]}"; do
       step "starting airflow $service"
       spawn "airflow-$service" "$LOGS/airflow/$service.log" "$VPE_VENV/bin/airflow" "$service" $(airflow_flags "$service")
@@ -626,7 +630,20 @@ airflow_flags() {
   case "$1" in scheduler|triggerer) say --skip-serve-logs ;; esac
 }
 
-airflow_password() { cat "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" 2>/dev/null | admin_password; }
+airflow_password() {
+  if celery_mode; then say "$VPE_AIRFLOW_ADMIN_PASSWORD"; return; fi
+  cat "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" 2>/dev/null | admin_password
+}
+
+# The FAB auth manager's first user: admin (role Admin), password VPE_AIRFLOW_ADMIN_PASSWORD from the secrets file.
+ensure_fab_admin() {
+  "$VPE_VENV/bin/airflow" fab-db migrate >> "$LOGS/airflow/db-migrate.log" 2>&1 \
+    || die "airflow fab-db migrate failed; see $LOGS/airflow/db-migrate.log"
+  "$VPE_VENV/bin/airflow" users list -o plain 2>/dev/null | grep -qw admin && return
+  "$VPE_VENV/bin/airflow" users create --username admin --password "$VPE_AIRFLOW_ADMIN_PASSWORD" --role Admin \
+    --firstname VPE --lastname Admin --email admin@localhost >> "$LOGS/airflow/db-migrate.log" 2>&1 \
+    || die "creating Airflow's admin user failed; see $LOGS/airflow/db-migrate.log"
+}
 
 # The admin password from Airflow's generated passwords file (JSON on stdin), in both modes.
 admin_password() {

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import psycopg
 import pytest
@@ -107,12 +107,12 @@ def wait_for_envs(env: dict[str, str], timeout: float = 600) -> None:
 
 
 def offline_demo_stack(stack_home: Path, name: str, files: dict[str, str],
-                       options: Sequence[str] = ()) -> Iterator[dict[str, str]]:
+                       settings: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """The whole platform in offline-demo mode on a repo-shaped copy of dags/ and tasks/ plus `files` (paths in
-    that copy, e.g. "dags/x.py"), for a module-scoped fixture to `yield from`; `options`: more of bootstrap's
-    options (e.g. --celery)."""
-    env = repo_copy_stack_config(stack_home, name, files)
-    bootstrap("--offline-demo", *options, "up", env=env)
+    that copy, e.g. "dags/x.py"), for a module-scoped fixture to `yield from`; `settings`: more of .env's
+    variables (e.g. VPE_AIRFLOW_EXECUTOR)."""
+    env = {**repo_copy_stack_config(stack_home, name, files), **(settings or {})}
+    bootstrap("--offline-demo", "up", env=env)
     wait_for_envs(env)
     yield env
     bootstrap("down", env=env, check=False)
@@ -159,8 +159,11 @@ class AirflowAPI:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.base = f"http://127.0.0.1:{env['VPE_AIRFLOW_PORT']}"
-        passwords = Path(env["VPE_HOME"]) / "airflow" / "simple_auth_manager_passwords.json.generated"
-        password = json.loads(passwords.read_text())["admin"]
+        if env.get("VPE_AIRFLOW_EXECUTOR") == "CeleryExecutor":  # the FAB auth manager's admin
+            password = read_secrets(Path(env["VPE_HOME"]))["VPE_AIRFLOW_ADMIN_PASSWORD"]
+        else:
+            passwords = Path(env["VPE_HOME"]) / "airflow" / "simple_auth_manager_passwords.json.generated"
+            password = json.loads(passwords.read_text())["admin"]
         self.token = self.request("POST", "/auth/token", {"username": "admin", "password": password})["access_token"]
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -21,7 +21,7 @@ WORKERS = 2
 
 @pytest.fixture(scope="module")
 def celery_stack(stack_home: Path) -> Iterator[dict[str, str]]:
-    yield from offline_demo_stack(stack_home, "celery", {}, options=["--celery"])
+    yield from offline_demo_stack(stack_home, "celery", {}, {"VPE_AIRFLOW_EXECUTOR": "CeleryExecutor"})
 
 
 def worker_logs(env: dict[str, str]) -> dict[str, str]:
@@ -30,10 +30,18 @@ def worker_logs(env: dict[str, str]) -> dict[str, str]:
 
 
 def test_status_lists_redis_and_each_worker_healthy(celery_stack: dict[str, str]) -> None:
-    status = bootstrap("status", env=celery_stack).stdout
+    # Without the setting: a running Redis tells bootstrap that the stack runs under Celery.
+    status = bootstrap("status", env={**celery_stack, "VPE_AIRFLOW_EXECUTOR": "LocalExecutor"}).stdout
     assert re.search(r"^redis\s+127\.0\.0\.1:\d+\s+healthy$", status, re.M), status
     workers = re.findall(r"^airflow-celery-worker\s+(celery-worker-\d+@\S+)\s+healthy$", status, re.M)
     assert len(workers) == WORKERS, status
+
+
+def test_a_team_server_has_real_users_not_the_simple_auth_manager(celery_stack: dict[str, str]) -> None:
+    """The FAB auth manager's admin (password from the secrets file) signs in; its users API answers."""
+    users = AirflowAPI(celery_stack).request("GET", "/auth/fab/v1/users")["users"]
+    assert [(user["username"], [role["name"] for role in user["roles"]]) for user in users] == [("admin", ["Admin"])]
+    assert not (Path(celery_stack["VPE_HOME"]) / "airflow" / "simple_auth_manager_passwords.json.generated").exists()
 
 
 def test_ingestion_runs_on_the_celery_workers_in_first_tries(celery_stack: dict[str, str]) -> None:

@@ -28,7 +28,8 @@ from conftest import ROOT, bootstrap, free_port
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECRET_KEYS = {"VPE_PG_PASSWORD", "VPE_EXECUTOR_TOKEN", "AIRFLOW__API_AUTH__JWT_SECRET",
                "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_UID",
-               "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD"}
+               "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD", "VPE_REDIS_PASSWORD",
+               "VPE_AIRFLOW_ADMIN_PASSWORD"}
 AIRFLOW_SERVICES = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; $$ is a literal $.
 VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -247,8 +248,16 @@ def test_per_mode_airflow_settings_agree_where_they_are_literals(model: dict[str
     local = airflow_env_in_bootstrap()
     compose = model["services"]["airflow-scheduler"]["environment"]
     shared = set(local) & set(compose)
-    assert "AIRFLOW__CORE__EXECUTOR" in shared
     assert {k: compose[k] for k in shared} == {k: local[k] for k in shared}
+
+
+def test_per_mode_airflow_settings_come_from_the_same_env_variables() -> None:
+    """The executor and its parallelism are .env's settings in both modes, not a value written in each."""
+    local = dict(re.findall(r"^\s*export (AIRFLOW__[A-Z_]+)=\$([A-Z_]+)$", (ROOT / "bootstrap.sh").read_text(), re.M))
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-airflow-common"]["environment"]
+    for key in ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__PARALLELISM"):
+        assert VARIABLE.search(compose[key]).group(1) == local[key], key
+        assert local[key] in env_file(ROOT / ".env"), key
 
 
 # --- the Dockerfiles ---------------------------------------------------------

@@ -55,6 +55,11 @@ def test_flags_force_the_mode(tmp_path: Path) -> None:
     assert resolved_config("--docker")["VPE_MODE"] == "docker"
 
 
+def test_celery_flag_chooses_airflows_celery_executor() -> None:
+    assert resolved_config()["VPE_AIRFLOW_EXECUTOR"] == "LocalExecutor"
+    assert resolved_config("--celery")["VPE_AIRFLOW_EXECUTOR"] == "CeleryExecutor"
+
+
 def test_help_and_unknown_commands() -> None:
     help_run = bootstrap("--help")
     assert "Usage: ./bootstrap.sh" in help_run.stdout
