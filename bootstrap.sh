@@ -630,9 +630,11 @@ airflow_flags() {
   case "$1" in scheduler|triggerer) say --skip-serve-logs ;; esac
 }
 
+# FAB's admin (Celery) has the password of the secrets file; the simple auth manager generates its own.
 airflow_password() {
   if celery_mode; then say "$VPE_AIRFLOW_ADMIN_PASSWORD"; return; fi
-  cat "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" 2>/dev/null | admin_password
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["admin"])' \
+    "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" 2>/dev/null || say "(not generated yet)"
 }
 
 # The FAB auth manager's first user: admin (role Admin), password VPE_AIRFLOW_ADMIN_PASSWORD from the secrets file.
@@ -643,11 +645,6 @@ ensure_fab_admin() {
   "$VPE_VENV/bin/airflow" users create --username admin --password "$VPE_AIRFLOW_ADMIN_PASSWORD" --role Admin \
     --firstname VPE --lastname Admin --email admin@localhost >> "$LOGS/airflow/db-migrate.log" 2>&1 \
     || die "creating Airflow's admin user failed; see $LOGS/airflow/db-migrate.log"
-}
-
-# The admin password from Airflow's generated passwords file (JSON on stdin), in both modes.
-admin_password() {
-  python3 -c 'import json, sys; print(json.load(sys.stdin)["admin"])' 2>/dev/null || say "(not generated yet)"
 }
 
 # --- celery (local mode) -------------------------------------------------------
@@ -864,7 +861,7 @@ compose_status() {
   done
   say ""
   compose exec -T executor python executor.py ping --host 127.0.0.1 2>/dev/null | sed 's/^/  /' || true
-  next_steps "$(compose exec -T airflow-api-server cat /opt/airflow/auth/passwords.json 2>/dev/null | admin_password)"
+  next_steps "$VPE_AIRFLOW_ADMIN_PASSWORD"
   say "Scale out      docker compose --env-file .env --env-file ${SECRETS#"$ROOT"/} up -d --scale executor=3"
   return $bad
 }
