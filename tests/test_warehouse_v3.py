@@ -20,7 +20,8 @@ import yaml
 from conftest import ROOT, bootstrap, read_secrets
 
 sys.path.insert(0, str(ROOT / "tasks" / "ingestion"))
-from common import HOURLY_COLUMNS, WINDOW_COLUMNS  # noqa: E402 (the contract, from the steps' own module)
+from codes import code  # noqa: E402 (the steps' own modules)
+from common import HOURLY_COLUMNS, WINDOW_COLUMNS  # noqa: E402 (the contract)
 from test_ingestion import DEMO, ingestion_python, load_counts, ok, step, workdir  # noqa: F401 (fixtures)
 from test_warehouse import (EVENTS, SOIL_DEPTHS, both_days, event, load, schema_shape, snapshot, stage,  # noqa: F401
                             warehouse, weather_day)
@@ -120,10 +121,10 @@ def test_a_populated_v2_warehouse_upgrades_in_place_and_keeps_every_measurement_
     bootstrap("migrate", env=env)
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,)]
         assert v3_hours(conn) == hours
         assert conn.execute(f"SELECT {EVENT_FACTS}, landslide_category FROM landslide_event ORDER BY 1"
-                            ).fetchall() == [(*e[:-1], e[-1].lower()) for e in events]
+                            ).fetchall() == [(*e[:-1], code(e[-1], "landslide_category")) for e in events]
         assert conn.execute(f"SELECT {DAILY} FROM event_weather_daily ORDER BY 1").fetchall() == daily
         assert conn.execute(f"SELECT label, {DAILY} FROM training_days ORDER BY 1, 2").fetchall() == training
         assert conn.execute("SELECT (SELECT count(*) FROM weather_data), (SELECT count(*) FROM soil), "

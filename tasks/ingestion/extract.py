@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+from codes import code
 from common import (EVENT_COLUMNS, EVENTS, EXTRACT_NAME, REJECTS, REPO, WINDOW_COLUMNS, WINDOWS, Progress,
                     StepFailed, add_run_arguments, atomic_write, log, query_warehouse, run_step,
                     warehouse_dsn, workspace, write_csv)
@@ -104,19 +105,6 @@ def one_year_earlier(day: date) -> date:
 
 # ------------------------------------------------------------------ the two formats, mapped once
 
-def code(text: str) -> str:
-    """A categorical value as a lowercase code with underscores: 'Debris_Flow' and 'debris flow' -> debris_flow."""
-    return re.sub(r"[\s-]+", "_", text.strip()).lower()
-
-
-CATEGORY_ALIASES = {"rockfall": "rock_fall"}  # the legacy spelling of the current export's code
-
-
-def landslide_category(text: str) -> str:
-    value = code(text)
-    return CATEGORY_ALIASES.get(value, value)
-
-
 def location_accuracy(text: str) -> str:
     """Both spellings on one scale: legacy Known_within_5km / Known_within_5_km and current 5km ->
     known_within_5_km; Exact_Location and exact -> exact_location."""
@@ -157,9 +145,11 @@ def legacy_shared(v: dict[str, str]) -> dict[str, str]:
         "country": get("countryname") or get("country"), "country_code": get("countrycode").upper(),
         "admin_division": get("adminname1"), "near": get("near"),
         "continent_code": v["continentcode"].strip(),  # as written: "NA" is North America, not a null
-        "location_accuracy": location_accuracy(get("location_accuracy")), "hazard_type": code(get("hazard_type")),
-        "landslide_category": landslide_category(get("landslide_type")), "landslide_trigger": code(get("trigger")),
-        "landslide_size": code(get("landslide_size")), "landslide_setting": "",
+        "location_accuracy": location_accuracy(get("location_accuracy")),
+        "hazard_type": code(get("hazard_type"), "hazard_type"),
+        "landslide_category": code(get("landslide_type"), "landslide_category"),
+        "landslide_trigger": code(get("trigger"), "landslide_trigger"),
+        "landslide_size": code(get("landslide_size"), "landslide_size"), "landslide_setting": "",
         "fatalities": whole_number(get("fatalities"), "fatalities"),
         "injuries": whole_number(get("injuries"), "injuries"), "source_link": get("source_link"),
         **legacy_when(v["date"], v["time"]),
@@ -175,9 +165,10 @@ def current_shared(v: dict[str, str]) -> dict[str, str]:
         "country_code": country_code, "admin_division": get("admin_division_name"),
         "near": get("gazeteer_closest_point"), "continent_code": continent_of(country_code),
         "location_accuracy": location_accuracy(get("location_accuracy")), "hazard_type": "",
-        "landslide_category": landslide_category(get("landslide_category")),
-        "landslide_trigger": code(get("landslide_trigger")), "landslide_size": code(get("landslide_size")),
-        "landslide_setting": code(get("landslide_setting")),
+        "landslide_category": code(get("landslide_category"), "landslide_category"),
+        "landslide_trigger": code(get("landslide_trigger"), "landslide_trigger"),
+        "landslide_size": code(get("landslide_size"), "landslide_size"),
+        "landslide_setting": code(get("landslide_setting"), "landslide_setting"),
         "fatalities": whole_number(get("fatality_count"), "fatality_count"),
         "injuries": whole_number(get("injury_count"), "injury_count"), "source_link": get("source_link"),
         "last_edited": utc_timestamp(get("last_edited_date"), "last_edited_date"),
