@@ -410,8 +410,9 @@ DELETE FROM code_alias WHERE (column_name, value) NOT IN (VALUES
 CREATE OR REPLACE FUNCTION catalog_code(p_column text, p_value text) RETURNS text
 LANGUAGE sql STABLE AS $code$
     SELECT coalesce(a.code, nullif(r.code, ''))
-    FROM (SELECT translate(btrim(regexp_replace(regexp_replace(normalize(p_value, NFKD), '[\u0300-\u036f]', '', 'g'),
-                                                '[\x01-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+', '_', 'g'), '_'),
+    FROM (SELECT translate(btrim(regexp_replace(
+                               normalize(regexp_replace(normalize(p_value, NFKD), '[\u0300-\u036f]', '', 'g'), NFC),
+                               '[\x01-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+', '_', 'g'), '_'),
                            'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') AS code) r
     LEFT JOIN code_alias a ON a.column_name = p_column AND a.value = r.code
 $code$;

@@ -3,7 +3,8 @@
 
 hazard_type, landslide_category, landslide_trigger, landslide_size and
 landslide_setting are coded by one rule: letters lose their accents (Unicode
-NFKD, then the combining diacritical marks U+0300-U+036F go), every run of
+NFKD, then the combining diacritical marks U+0300-U+036F go, then NFC
+composes what is left: 'ﬁ' -> fi, 'べ' stays), every run of
 ASCII characters other than letters and digits (blanks, punctuation, control
 characters) becomes one `_`, `_` at either end goes, and ASCII letters become
 lowercase; other characters are kept as they are. 'Mud/Debris  flow (x).' ->
@@ -45,7 +46,7 @@ END = "-- END codes"
 
 def code(text: str, column: str = "") -> str:
     """A categorical value as its code ('' for a blank): the rule, then the column's alias, if any."""
-    folded = re.sub(MARKS, "", unicodedata.normalize("NFKD", text))
+    folded = unicodedata.normalize("NFC", re.sub(MARKS, "", unicodedata.normalize("NFKD", text)))
     coded = re.sub(SEPARATORS, "_", folded).strip("_").translate(ASCII_LOWER)
     return ALIASES.get(column, {}).get(coded, coded)
 
@@ -66,8 +67,9 @@ DELETE FROM code_alias WHERE (column_name, value) NOT IN (VALUES
 CREATE OR REPLACE FUNCTION catalog_code(p_column text, p_value text) RETURNS text
 LANGUAGE sql STABLE AS $code$
     SELECT coalesce(a.code, nullif(r.code, ''))
-    FROM (SELECT translate(btrim(regexp_replace(regexp_replace(normalize(p_value, NFKD), '{MARKS}', '', 'g'),
-                                                '{SEPARATORS}', '_', 'g'), '_'),
+    FROM (SELECT translate(btrim(regexp_replace(
+                               normalize(regexp_replace(normalize(p_value, NFKD), '{MARKS}', '', 'g'), NFC),
+                               '{SEPARATORS}', '_', 'g'), '_'),
                            '{string.ascii_uppercase}', '{string.ascii_lowercase}') AS code) r
     LEFT JOIN code_alias a ON a.column_name = p_column AND a.value = r.code
 $code$;
