@@ -399,7 +399,9 @@ CREATE TABLE IF NOT EXISTS code_alias (
 );
 
 -- catalog_code(column, value) lives here, not in dml.sql: the recoding below
--- needs it.
+-- needs it. The aliases as they were before this apply tell whether they
+-- changed.
+CREATE TEMP TABLE previous_code_alias ON COMMIT DROP AS TABLE code_alias;
 -- BEGIN codes (written by `python3 tasks/ingestion/codes.py --write-ddl` from its ALIASES; do not edit)
 INSERT INTO code_alias (column_name, value, code) VALUES
     ('landslide_category', 'rockfall', 'rock_fall')
@@ -418,9 +420,10 @@ LANGUAGE sql STABLE AS $code$
 $code$;
 -- END codes
 
--- Stored values that are not codes yet (upgraded from version 2 or 3, which
--- coded otherwise; or older than an alias added since) are recoded on every
--- apply; the replaced versions in landslide_event_history keep theirs.
+-- Stored values that are not codes yet are recoded, on reaching version 5
+-- (a warehouse upgraded from version 2 by version 3 or 4 kept 'rockfall' and
+-- 'mud_debris_flow_x_') and whenever the aliases change; the replaced
+-- versions in landslide_event_history keep theirs.
 UPDATE landslide_event
 SET hazard_type = catalog_code('hazard_type', hazard_type),
     landslide_category = catalog_code('landslide_category', landslide_category),
@@ -432,7 +435,10 @@ WHERE (hazard_type, landslide_category, landslide_trigger, landslide_size, lands
                         catalog_code('landslide_category', landslide_category),
                         catalog_code('landslide_trigger', landslide_trigger),
                         catalog_code('landslide_size', landslide_size),
-                        catalog_code('landslide_setting', landslide_setting));
+                        catalog_code('landslide_setting', landslide_setting))
+  AND (NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 5)
+       OR EXISTS ((TABLE code_alias EXCEPT TABLE previous_code_alias)
+                  UNION ALL (TABLE previous_code_alias EXCEPT TABLE code_alias)));
 
 INSERT INTO schema_version (version, description)
 VALUES (5, 'one coding of the catalog''s categorical values (code_alias, catalog_code), stored values recoded')

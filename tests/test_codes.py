@@ -72,3 +72,18 @@ def test_the_next_apply_recodes_what_an_older_version_stored(warehouse) -> None:
     assert conn.execute("SELECT column_name, value, code FROM code_alias").fetchall() == [
         ("landslide_category", "rockfall", "rock_fall")]
 
+
+def test_the_next_apply_recodes_when_the_aliases_change_and_else_leaves_stored_values_alone(warehouse) -> None:  # noqa: F811
+    conn, env = warehouse
+    load(conn, "run", [event("1", dt.date(2019, 3, 10), 1.0, 1.0, landslide_category="rockfall"),
+                       event("2", dt.date(2019, 3, 11), 2.0, 2.0, landslide_category="Landslide")])
+    bootstrap("migrate", env=env)
+    assert conn.execute("SELECT landslide_category FROM landslide_event ORDER BY catalog_id").fetchall() == [
+        ("rockfall",), ("Landslide",)], "stored as staged; nothing to recode while the aliases stay"
+    conn.execute("DELETE FROM code_alias")  # as before the alias was added
+
+    bootstrap("migrate", env=env)
+
+    assert conn.execute("SELECT landslide_category FROM landslide_event ORDER BY catalog_id").fetchall() == [
+        ("rock_fall",), ("landslide",)]
+

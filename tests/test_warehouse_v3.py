@@ -197,7 +197,7 @@ def test_a_v3_warehouse_renames_its_staging_key_and_still_knows_its_rejects(ware
                                          ("weather_hourly", "catalog_id")]
     assert conn.execute("SELECT catalog_id FROM staging.landslide_event WHERE run_id = 'crashed'").fetchall() == [
         ("1",)]
-    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (4,)
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (5,)
     assert load(conn, "crawl-2", [], bad_hours)["weather_hour"] == (0, 0, 0, 2)
     assert conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall() == rejects
 

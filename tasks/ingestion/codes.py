@@ -14,11 +14,12 @@ coded by the rule alone: the catalog is open, nothing is rejected for being
 unknown.
 
 extract.py codes with code() below. The warehouse codes with catalog_code()
-(ddl.sql), which the next apply also uses to recode stored values that are
-not coded yet. Its aliases (the table code_alias) and its patterns are the
-block of ddl.sql that `python3 tasks/ingestion/codes.py --write-ddl` writes
-from this module; tests/test_codes.py checks that block against this module
-and both codings against each other on awkward values.
+(ddl.sql), with which an apply recodes the stored values that are not codes
+yet: on reaching schema version 5, and whenever the aliases change. Its
+aliases (the table code_alias) and its patterns are the block of ddl.sql
+that `python3 tasks/ingestion/codes.py --write-ddl` writes from this module;
+tests/test_codes.py checks that block against this module and both codings
+against each other on awkward values.
 """
 from __future__ import annotations
 
