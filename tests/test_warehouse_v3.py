@@ -281,6 +281,22 @@ def test_a_newer_version_updates_the_event_and_an_older_or_undated_one_is_reject
     ]
 
 
+def test_a_new_or_newer_version_describes_its_place_and_nothing_else_overwrites_it(warehouse) -> None:
+    conn, _ = warehouse
+    place = "SELECT country, near, continent_code FROM location"
+    first = event("31", dt.date(2020, 2, 1), -8.6993, 125.6723, country="Indonesia", near="Dili", continent_code="AS",
+                  last_edited=at("2020-02-03T10:00+00:00"))
+    load(conn, "v1", [first], weather_day(first, True, hours=1))
+    edited = {**first, "country": "East Timor", "near": None, "last_edited": at("2021-01-01T00:00+00:00")}
+    assert load(conn, "v2", [edited])["landslide_event"] == (0, 1, 0, 0)
+    assert conn.execute(place).fetchall() == [("East Timor", "Dili", "AS")], "a blank keeps what was stored"
+    neighbour = event("32", dt.date(2020, 2, 2), -8.6993, 125.6723, country="Timor-Leste", continent_code="OC")
+    load(conn, "older, same, weather", [first, edited], weather_day(edited, False, hours=1))
+    assert conn.execute(place).fetchall() == [("East Timor", "Dili", "AS")]
+    load(conn, "new", [neighbour])
+    assert conn.execute(place).fetchall() == [("Timor-Leste", "Huancabamba", "OC")]
+
+
 def test_two_versions_of_one_report_in_one_batch_keep_the_newest(warehouse) -> None:
     conn, _ = warehouse
     older = event("7", dt.date(2020, 2, 1), 10.0, 20.0, last_edited=at("2020-02-03T10:00+00:00"), title="old")
