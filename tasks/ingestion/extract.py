@@ -549,7 +549,7 @@ def since_where(since: datetime | None) -> str:
     So the reports edited in `since`'s own second come back too; changed_since() drops those not after it."""
     if since is None:
         return "1=1"
-    moment = since.strftime("%Y-%m-%d %H:%M:%S")
+    moment = since.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     return f"last_edited_date > timestamp '{moment}' OR created_date > timestamp '{moment}'"
 
 
