@@ -418,7 +418,6 @@ LANGUAGE sql STABLE AS $code$
                            'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') AS code) r
     LEFT JOIN code_alias a ON a.column_name = p_column AND a.value = r.code
 $code$;
--- END codes
 
 -- Stored values that are not codes yet are recoded, on reaching version 5
 -- (a warehouse upgraded from version 2 by version 3 or 4 kept 'rockfall' and
@@ -439,6 +438,7 @@ WHERE (hazard_type, landslide_category, landslide_trigger, landslide_size, lands
   AND (NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 5)
        OR EXISTS ((TABLE code_alias EXCEPT TABLE previous_code_alias)
                   UNION ALL (TABLE previous_code_alias EXCEPT TABLE code_alias)));
+-- END codes
 
 INSERT INTO schema_version (version, description)
 VALUES (5, 'one coding of the catalog''s categorical values (code_alias, catalog_code), stored values recoded')

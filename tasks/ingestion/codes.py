@@ -53,11 +53,15 @@ def code(text: str, column: str = "") -> str:
 
 
 def ddl_block() -> str:
-    """The part of ddl.sql generated from this module: the aliases and catalog_code(), the rule in SQL."""
+    """The part of ddl.sql generated from this module: the aliases, catalog_code() (the rule in SQL) and the
+    recoding of the stored values of CODED_COLUMNS."""
     pairs = [(column, value, target) for column, table in sorted(ALIASES.items())
              for value, target in sorted(table.items())]
     rows = ",\n    ".join(f"('{column}', '{value}', '{target}')" for column, value, target in pairs)
     keys = ",\n    ".join(f"('{column}', '{value}')" for column, value, _ in pairs)
+    recoded = ",\n    ".join(f"{column} = catalog_code('{column}', {column})" for column in CODED_COLUMNS)
+    stored = ", ".join(CODED_COLUMNS)
+    coded = ",\n                        ".join(f"catalog_code('{column}', {column})" for column in CODED_COLUMNS)
     return f"""{BEGIN}
 INSERT INTO code_alias (column_name, value, code) VALUES
     {rows}
@@ -74,6 +78,18 @@ LANGUAGE sql STABLE AS $code$
                            '{string.ascii_uppercase}', '{string.ascii_lowercase}') AS code) r
     LEFT JOIN code_alias a ON a.column_name = p_column AND a.value = r.code
 $code$;
+
+-- Stored values that are not codes yet are recoded, on reaching version 5
+-- (a warehouse upgraded from version 2 by version 3 or 4 kept 'rockfall' and
+-- 'mud_debris_flow_x_') and whenever the aliases change; the replaced
+-- versions in landslide_event_history keep theirs.
+UPDATE landslide_event
+SET {recoded}
+WHERE ({stored})
+      IS DISTINCT FROM ({coded})
+  AND (NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 5)
+       OR EXISTS ((TABLE code_alias EXCEPT TABLE previous_code_alias)
+                  UNION ALL (TABLE previous_code_alias EXCEPT TABLE code_alias)));
 {END}"""
 
 
