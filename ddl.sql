@@ -232,12 +232,7 @@ BEGIN
             ALTER soil_temperature_28_to_100cm TYPE numeric, ALTER soil_temperature_100_to_255cm TYPE numeric,
             ALTER soil_moisture_0_to_7cm TYPE numeric, ALTER soil_moisture_7_to_28cm TYPE numeric,
             ALTER soil_moisture_28_to_100cm TYPE numeric, ALTER soil_moisture_100_to_255cm TYPE numeric;
-        -- The catalog's categories as the extract now writes them: lowercase
-        -- codes with underscores ('Very_large' -> 'very_large').
-        UPDATE landslide_event
-        SET hazard_type = lower(regexp_replace(btrim(hazard_type), '[^[:alnum:]]+', '_', 'g')),
-            landslide_category = lower(regexp_replace(btrim(landslide_category), '[^[:alnum:]]+', '_', 'g')),
-            landslide_size = lower(regexp_replace(btrim(landslide_size), '[^[:alnum:]]+', '_', 'g'));
+        -- The categories become codes in version 5 below.
     END IF;
 END $$;
 
@@ -388,6 +383,65 @@ WHERE row_key LIKE 'event_id %'
 
 INSERT INTO schema_version (version, description)
 VALUES (4, 'the catalog key is catalog_id in staging and in the loads'' rejects')
+ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------
+-- Version 5: the catalog's categorical values are coded one way, by extract
+-- and here (tasks/ingestion/codes.py says how, and writes the block below).
+
+-- An older spelling's code -> the current export's code, per column. Only
+-- the aliases: every other value is coded by the rule alone.
+CREATE TABLE IF NOT EXISTS code_alias (
+    column_name text NOT NULL,
+    value       text NOT NULL,
+    code        text NOT NULL,
+    CONSTRAINT code_alias_pkey PRIMARY KEY (column_name, value)
+);
+
+-- catalog_code(column, value) lives here, not in dml.sql: the recoding below
+-- needs it. The aliases as they were before this apply tell whether they
+-- changed.
+CREATE TEMP TABLE previous_code_alias ON COMMIT DROP AS TABLE code_alias;
+-- BEGIN codes (written by `python3 tasks/ingestion/codes.py --write-ddl` from its ALIASES; do not edit)
+INSERT INTO code_alias (column_name, value, code) VALUES
+    ('landslide_category', 'rockfall', 'rock_fall')
+ON CONFLICT (column_name, value) DO UPDATE SET code = excluded.code;
+DELETE FROM code_alias WHERE (column_name, value) NOT IN (VALUES
+    ('landslide_category', 'rockfall'));
+
+CREATE OR REPLACE FUNCTION catalog_code(p_column text, p_value text) RETURNS text
+LANGUAGE sql STABLE AS $code$
+    SELECT coalesce(a.code, nullif(r.code, ''))
+    FROM (SELECT translate(btrim(regexp_replace(
+                               normalize(regexp_replace(normalize(p_value, NFKD), '[\u0300-\u036f]', '', 'g'), NFC),
+                               '[\x01-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+', '_', 'g'), '_'),
+                           'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') AS code) r
+    LEFT JOIN code_alias a ON a.column_name = p_column AND a.value = r.code
+$code$;
+
+-- Stored values that are not codes yet are recoded, on reaching version 5
+-- (a warehouse upgraded from version 2 by version 3 or 4 kept 'rockfall' and
+-- 'mud_debris_flow_x_') and whenever the aliases change; the replaced
+-- versions in landslide_event_history keep theirs.
+UPDATE landslide_event
+SET hazard_type = catalog_code('hazard_type', hazard_type),
+    landslide_category = catalog_code('landslide_category', landslide_category),
+    landslide_trigger = catalog_code('landslide_trigger', landslide_trigger),
+    landslide_size = catalog_code('landslide_size', landslide_size),
+    landslide_setting = catalog_code('landslide_setting', landslide_setting)
+WHERE (hazard_type, landslide_category, landslide_trigger, landslide_size, landslide_setting)
+      IS DISTINCT FROM (catalog_code('hazard_type', hazard_type),
+                        catalog_code('landslide_category', landslide_category),
+                        catalog_code('landslide_trigger', landslide_trigger),
+                        catalog_code('landslide_size', landslide_size),
+                        catalog_code('landslide_setting', landslide_setting))
+  AND (NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 5)
+       OR EXISTS ((TABLE code_alias EXCEPT TABLE previous_code_alias)
+                  UNION ALL (TABLE previous_code_alias EXCEPT TABLE code_alias)));
+-- END codes
+
+INSERT INTO schema_version (version, description)
+VALUES (5, 'one coding of the catalog''s categorical values (code_alias, catalog_code), stored values recoded')
 ON CONFLICT (version) DO NOTHING;
 
 COMMIT;

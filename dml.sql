@@ -258,7 +258,12 @@ END $$;
 -- Inserts the places in pg_temp.load_place (one row per coordinate pair) and
 -- fills gaps (elevation, country, ...) in places already known; never
 -- overwrites a stored value, except a time zone of 'GMT'/'UTC' (what a crawl
--- that asked for UTC is told) by a place's own zone.
+-- that asked for UTC is told) by a place's own zone, and the country, near
+-- and continent of a place a new or newer report version describes
+-- (p.describes): the catalog as extract reads it now describes the place, so
+-- a place stored by an older extract (version 2 read the legacy `country`,
+-- not `countryname`) says what a fresh load says once its reports are loaded
+-- again.
 CREATE OR REPLACE FUNCTION staging.merge_locations() RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     n_new bigint;
@@ -269,8 +274,11 @@ BEGIN
     GET DIAGNOSTICS n_new = ROW_COUNT;
 
     UPDATE location l
-    SET elevation = coalesce(l.elevation, p.elevation), country = coalesce(l.country, p.country),
-        near = coalesce(l.near, p.near), continent_code = coalesce(l.continent_code, p.continent_code),
+    SET elevation = coalesce(l.elevation, p.elevation),
+        country = CASE WHEN p.describes THEN coalesce(p.country, l.country) ELSE coalesce(l.country, p.country) END,
+        near = CASE WHEN p.describes THEN coalesce(p.near, l.near) ELSE coalesce(l.near, p.near) END,
+        continent_code = CASE WHEN p.describes THEN coalesce(p.continent_code, l.continent_code)
+                              ELSE coalesce(l.continent_code, p.continent_code) END,
         timezone = CASE WHEN l.timezone IS NULL OR l.timezone IN ('GMT', 'UTC') THEN coalesce(p.timezone, l.timezone)
                         ELSE l.timezone END
     FROM pg_temp.load_place p
@@ -278,6 +286,9 @@ BEGIN
       AND ((l.elevation IS NULL AND p.elevation IS NOT NULL) OR (l.country IS NULL AND p.country IS NOT NULL)
            OR (l.near IS NULL AND p.near IS NOT NULL)
            OR (l.continent_code IS NULL AND p.continent_code IS NOT NULL)
+           OR (p.describes AND (coalesce(p.country, l.country), coalesce(p.near, l.near),
+                                coalesce(p.continent_code, l.continent_code))
+                               IS DISTINCT FROM (l.country, l.near, l.continent_code))
            OR (p.timezone IS DISTINCT FROM l.timezone AND p.timezone IS NOT NULL
                AND (l.timezone IS NULL OR l.timezone IN ('GMT', 'UTC'))));
 
@@ -346,7 +357,8 @@ BEGIN
 
     -- Several events at one place: the first catalog row describes the place.
     INSERT INTO pg_temp.load_place
-    SELECT DISTINCT ON (latitude, longitude) latitude, longitude, elevation, country, near, continent_code, NULL
+    SELECT DISTINCT ON (latitude, longitude) latitude, longitude, elevation, country, near, continent_code, NULL,
+           version IN ('new', 'newer')
     FROM pg_temp.load_event ORDER BY latitude, longitude, row_number;
     PERFORM staging.merge_locations();
 
@@ -509,7 +521,7 @@ BEGIN
                  coalesce(staging.utc_text(s.observed_at), '?'))$q$);
 
     INSERT INTO pg_temp.load_place
-    SELECT latitude, longitude, min(elevation), NULL, NULL, NULL, min(timezone)
+    SELECT latitude, longitude, min(elevation), NULL, NULL, NULL, min(timezone), false
     FROM pg_temp.load_window GROUP BY latitude, longitude;
     PERFORM staging.merge_locations();
 
@@ -656,7 +668,7 @@ BEGIN
         target text PRIMARY KEY, items bigint, inserted bigint, updated bigint, rejected bigint) ON COMMIT DROP;
     CREATE TEMP TABLE IF NOT EXISTS load_place (
         latitude numeric, longitude numeric, elevation numeric,
-        country text, near text, continent_code text, timezone text) ON COMMIT DROP;
+        country text, near text, continent_code text, timezone text, describes boolean NOT NULL) ON COMMIT DROP;
     CREATE TEMP TABLE IF NOT EXISTS load_conflict (
         catalog_id text, is_event boolean, latitude numeric, longitude numeric, window_date date,
         reason text) ON COMMIT DROP;

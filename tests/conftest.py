@@ -147,6 +147,11 @@ def pg_env(stack_home: Path) -> Iterator[dict[str, str]]:
 @pytest.fixture
 def empty_db(pg_env: dict[str, str]) -> tuple[str, dict[str, str]]:
     """A new, empty database on the session's server; `bootstrap("migrate", env=env)` applies the schema."""
+    return new_database(pg_env)
+
+
+def new_database(pg_env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """(its DSN, the stack's env naming it as the warehouse) of a new, empty database on pg_env's server."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(warehouse_dsn(pg_env, "postgres"), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, bootstrap
 from test_ingestion import (DEMO, TASKS, api_calls, archive_server, ingestion_python, ok, read_csv,  # noqa: F401
                             read_rejects, step, workdir, write_windows)
+
+sys.path.insert(0, str(TASKS))
+from common import HOURLY_COLUMNS  # noqa: E402 (the contract, from the steps' own module)
 
 CURRENT = ROOT / "tests" / "fixtures" / "catalogs" / "coolr_export.csv"
 CURRENT_ROWS, CURRENT_EVENTS, CURRENT_REJECTS = 12, 7, 5
@@ -243,6 +247,41 @@ def test_since_reads_only_reports_created_or_edited_after_it(ingestion_python: s
     by_id = events_by_id(workdir / "run" / "events-since.csv")
     assert sorted(by_id) == ["20001", "684"] and by_id["684"]["fatalities"] == "12"
     assert by_id["20001"]["event_date"] == "2024-05-01"
+
+
+def test_the_watermark_keeps_the_layers_milliseconds_so_a_run_right_after_keeps_nothing(
+        ingestion_python: str, workdir: Path, served: Path, empty_db: tuple[str, dict[str, str]]) -> None:
+    dsn, env = empty_db
+    bootstrap("migrate", env=env)
+    warehouse = {"VPE_WAREHOUSE_DSN": dsn}
+    with served.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    edits = {"956": "02/04/2024 10:00:14.516 AM", "9544": "02/04/2024 10:00:14.200 AM"}  # one second, two edits
+    for row in rows:
+        row["last_edited_date"] = edits.get(row["event_id"], row["last_edited_date"])
+    with served.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (workdir / "run" / "hourly.csv").write_text(",".join(HOURLY_COLUMNS) + "\n")
+    newest = datetime.datetime(2024, 2, 4, 10, 0, 14, 516000, datetime.timezone.utc)
+
+    with layer(served) as url:
+        ok(step(ingestion_python, "extract.py", url, "--since", "warehouse", workdir=workdir, env=warehouse))
+        ok(step(ingestion_python, "load.py", workdir=workdir, env=warehouse))
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT source_watermark(%s)", (url,)).fetchone() == (newest,)
+            assert conn.execute("SELECT catalog_id, last_edited FROM landslide_event WHERE catalog_id IN "
+                                "('956', '9544') ORDER BY 1").fetchall() == [
+                ("9544", newest.replace(microsecond=200000)), ("956", newest)]
+
+        # The layer's where says whole seconds: both edits of the watermark's second come back, and are dropped.
+        out = ok(step(ingestion_python, "extract.py", url, "--since", "warehouse", workdir=workdir, env=warehouse))
+        assert layer_stats(url)["wheres"][-1] == ("last_edited_date > timestamp '2024-02-04 10:00:14' OR "
+                                                  "created_date > timestamp '2024-02-04 10:00:14'")
+    assert f"{counts_line(0, 0, 0)}; 2 more not created or edited since {newest.isoformat()}, skipped" in out
+    assert f"nothing edited since {newest.isoformat()}" in out
+    assert read_csv(workdir / "run" / "events-catalog.csv") == []
 
 
 def test_an_arcgis_error_in_a_200_answer_fails_clearly(ingestion_python: str, workdir: Path, served: Path) -> None:

@@ -29,10 +29,11 @@ YESTERDAY = TODAY - datetime.timedelta(days=1)
 
 
 def export_time(moment: datetime.datetime | datetime.date) -> str:
-    """The COOLR export's 'MM/DD/YYYY hh:mm:ss AM'."""
+    """The COOLR export's 'MM/DD/YYYY hh:mm:ss AM', with the milliseconds the layer keeps (hh:mm:ss.fff AM)."""
     if not isinstance(moment, datetime.datetime):
         moment = datetime.datetime.combine(moment, datetime.time())
-    return moment.strftime("%m/%d/%Y %I:%M:%S %p")
+    millis = f".{moment.microsecond // 1000:03d}" if moment.microsecond else ""
+    return f"{moment:%m/%d/%Y %I:%M:%S}{millis} {moment:%p}"
 
 
 def report(event_id: int, day: datetime.date, lat: float, lon: float, edited: datetime.datetime,
@@ -207,7 +208,7 @@ def test_the_monitor_loads_new_and_edited_reports_and_fetches_pending_windows_on
 
     # 2. One report edited, one added: only those two are read; the pending window is asked for again, and the
     #    archive (its end still 5 days back) answers it with null hours: still pending, not failed.
-    edited = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0, tzinfo=None) \
+    edited = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=516000, tzinfo=None) \
         - datetime.timedelta(minutes=1)
     write_catalog(catalog, [report(9001, datetime.date(2019, 6, 1), 47.5, 8.5, edited, "Brienz/Brinzauls", "2"),
                             *FIRST[1:], report(9004, datetime.date(2021, 7, 14), 47.4, 8.0, edited, "Aarau")])
@@ -226,7 +227,7 @@ def test_the_monitor_loads_new_and_edited_reports_and_fetches_pending_windows_on
     assert monitor.query("SELECT version->>'title' FROM landslide_event_history WHERE catalog_id = '9001'") == [
         ("Brienz",)]
     assert after["weather_window"] == before["weather_window"] + 2  # the new event's two windows
-    assert monitor.watermark() == edited.replace(tzinfo=datetime.timezone.utc)
+    assert monitor.watermark() == edited.replace(tzinfo=datetime.timezone.utc), "to the millisecond"
 
     # 3. The archive reaches yesterday: the pending window is fetched and leaves pending.
     assert http(f"{monitor.archive}/admin/archive-end", {"archive_end": TODAY.isoformat()}) == {
@@ -242,10 +243,12 @@ def test_the_monitor_loads_new_and_edited_reports_and_fetches_pending_windows_on
     assert monitor.query("SELECT count(*) FROM weather_window w JOIN landslide_event e USING (landslide_event_id) "
                          "WHERE e.catalog_id = '9003' AND w.is_event AND w.window_date = %s", YESTERDAY) == [(1,)]
 
-    # 4. Nothing new: nothing added, the watermark stays.
+    # 4. Nothing new: nothing added, the watermark stays. The layer's answer for the watermark's second (the
+    #    where says whole seconds) holds the two reports edited in it, dropped on their milliseconds.
     mark = monitor.watermark()
     logs = monitor.run()
-    assert "read 0 rows" in logs["extract"]
+    assert "read 0 rows = 0 events + 0 rejected; 2 more not created or edited since" in logs["extract"]
+    assert f"nothing edited since {edited.replace(tzinfo=datetime.timezone.utc).isoformat()}" in logs["extract"]
     assert monitor.counts() == after and monitor.watermark() == mark
     events = monitor.asset_events("landslide_event")
     assert len(events) == 4 and {event["source_dag_id"] for event in events} == {DAG}

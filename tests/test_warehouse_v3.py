@@ -20,7 +20,8 @@ import yaml
 from conftest import ROOT, bootstrap, read_secrets
 
 sys.path.insert(0, str(ROOT / "tasks" / "ingestion"))
-from common import HOURLY_COLUMNS, WINDOW_COLUMNS  # noqa: E402 (the contract, from the steps' own module)
+from codes import code  # noqa: E402 (the steps' own modules)
+from common import HOURLY_COLUMNS, WINDOW_COLUMNS  # noqa: E402 (the contract)
 from test_ingestion import DEMO, ingestion_python, load_counts, ok, step, workdir  # noqa: F401 (fixtures)
 from test_warehouse import (EVENTS, SOIL_DEPTHS, both_days, event, load, schema_shape, snapshot, stage,  # noqa: F401
                             warehouse, weather_day)
@@ -120,10 +121,10 @@ def test_a_populated_v2_warehouse_upgrades_in_place_and_keeps_every_measurement_
     bootstrap("migrate", env=env)
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,)]
         assert v3_hours(conn) == hours
         assert conn.execute(f"SELECT {EVENT_FACTS}, landslide_category FROM landslide_event ORDER BY 1"
-                            ).fetchall() == [(*e[:-1], e[-1].lower()) for e in events]
+                            ).fetchall() == [(*e[:-1], code(e[-1], "landslide_category")) for e in events]
         assert conn.execute(f"SELECT {DAILY} FROM event_weather_daily ORDER BY 1").fetchall() == daily
         assert conn.execute(f"SELECT label, {DAILY} FROM training_days ORDER BY 1, 2").fetchall() == training
         assert conn.execute("SELECT (SELECT count(*) FROM weather_data), (SELECT count(*) FROM soil), "
@@ -196,7 +197,7 @@ def test_a_v3_warehouse_renames_its_staging_key_and_still_knows_its_rejects(ware
                                          ("weather_hourly", "catalog_id")]
     assert conn.execute("SELECT catalog_id FROM staging.landslide_event WHERE run_id = 'crashed'").fetchall() == [
         ("1",)]
-    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (4,)
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (5,)
     assert load(conn, "crawl-2", [], bad_hours)["weather_hour"] == (0, 0, 0, 2)
     assert conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall() == rejects
 
@@ -278,6 +279,22 @@ def test_a_newer_version_updates_the_event_and_an_older_or_undated_one_is_reject
         "catalog_id 7: this version (last edited 2020-02-03T10:00Z) is not newer than the stored one "
         "(last edited 2021-05-06T07:08Z), which is kept",
     ]
+
+
+def test_a_new_or_newer_version_describes_its_place_and_nothing_else_overwrites_it(warehouse) -> None:
+    conn, _ = warehouse
+    place = "SELECT country, near, continent_code FROM location"
+    first = event("31", dt.date(2020, 2, 1), -8.6993, 125.6723, country="Indonesia", near="Dili", continent_code="AS",
+                  last_edited=at("2020-02-03T10:00+00:00"))
+    load(conn, "v1", [first], weather_day(first, True, hours=1))
+    edited = {**first, "country": "East Timor", "near": None, "last_edited": at("2021-01-01T00:00+00:00")}
+    assert load(conn, "v2", [edited])["landslide_event"] == (0, 1, 0, 0)
+    assert conn.execute(place).fetchall() == [("East Timor", "Dili", "AS")], "a blank keeps what was stored"
+    neighbour = event("32", dt.date(2020, 2, 2), -8.6993, 125.6723, country="Timor-Leste", continent_code="OC")
+    load(conn, "older, same, weather", [first, edited], weather_day(edited, False, hours=1))
+    assert conn.execute(place).fetchall() == [("East Timor", "Dili", "AS")]
+    load(conn, "new", [neighbour])
+    assert conn.execute(place).fetchall() == [("Timor-Leste", "Huancabamba", "OC")]
 
 
 def test_two_versions_of_one_report_in_one_batch_keep_the_newest(warehouse) -> None:

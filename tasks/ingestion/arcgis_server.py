@@ -64,9 +64,11 @@ def field_type(name: str) -> str:
 
 
 def epoch_ms(text: str) -> int:
-    """The export's 'MM/DD/YYYY hh:mm:ss AM' as epoch milliseconds, taking the wall-clock text as UTC."""
-    moment = datetime.strptime(text.strip(), EXPORT_DATETIME).replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
+    """The export's 'MM/DD/YYYY hh:mm:ss AM' as epoch milliseconds, taking the wall-clock text as UTC. A
+    catalog file for the stand-in may give milliseconds, as the real layer has them: 'hh:mm:ss.fff AM'."""
+    layout = EXPORT_DATETIME.replace("%S", "%S.%f") if "." in text else EXPORT_DATETIME
+    moment = datetime.strptime(text.strip(), layout).replace(tzinfo=timezone.utc)
+    return round(moment.timestamp() * 1000)
 
 
 def attribute(name: str, text: str) -> object:

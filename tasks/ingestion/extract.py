@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+from codes import code
 from common import (EVENT_COLUMNS, EVENTS, EXTRACT_NAME, REJECTS, REPO, WINDOW_COLUMNS, WINDOWS, Progress,
                     StepFailed, add_run_arguments, atomic_write, log, query_warehouse, run_step,
                     warehouse_dsn, workspace, write_csv)
@@ -51,7 +52,7 @@ ARCHIVE_START = date(1940, 1, 1)
 EXCEL_EPOCH = date(1899, 12, 30)
 WHEN = re.compile(r"(?:(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})|(?P<iy>\d{4})-(?P<im>\d{2})-(?P<id>\d{2}))"
                   r"(?:[ T]+(?P<clock>\d{1,2}:\d{2}(?::\d{2})?(?:\.\d+)?(?:\s*[AP]M)?))?", re.IGNORECASE)
-CLOCK_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\.\d+)?(?:\s*([AP]M))?", re.IGNORECASE)
+CLOCK_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\.(\d+))?(?:\s*([AP]M))?", re.IGNORECASE)
 CATALOG_CLOCK = "%I:%M:%S %p"  # how the current export writes times: 12:00:00 AM
 CATALOG_DATETIME = f"%m/%d/%Y {CATALOG_CLOCK}"
 CONTINENTS = Path(__file__).with_name("country_continent.csv")
@@ -104,19 +105,6 @@ def one_year_earlier(day: date) -> date:
 
 # ------------------------------------------------------------------ the two formats, mapped once
 
-def code(text: str) -> str:
-    """A categorical value as a lowercase code with underscores: 'Debris_Flow' and 'debris flow' -> debris_flow."""
-    return re.sub(r"[\s-]+", "_", text.strip()).lower()
-
-
-CATEGORY_ALIASES = {"rockfall": "rock_fall"}  # the legacy spelling of the current export's code
-
-
-def landslide_category(text: str) -> str:
-    value = code(text)
-    return CATEGORY_ALIASES.get(value, value)
-
-
 def location_accuracy(text: str) -> str:
     """Both spellings on one scale: legacy Known_within_5km / Known_within_5_km and current 5km ->
     known_within_5_km; Exact_Location and exact -> exact_location."""
@@ -157,9 +145,11 @@ def legacy_shared(v: dict[str, str]) -> dict[str, str]:
         "country": get("countryname") or get("country"), "country_code": get("countrycode").upper(),
         "admin_division": get("adminname1"), "near": get("near"),
         "continent_code": v["continentcode"].strip(),  # as written: "NA" is North America, not a null
-        "location_accuracy": location_accuracy(get("location_accuracy")), "hazard_type": code(get("hazard_type")),
-        "landslide_category": landslide_category(get("landslide_type")), "landslide_trigger": code(get("trigger")),
-        "landslide_size": code(get("landslide_size")), "landslide_setting": "",
+        "location_accuracy": location_accuracy(get("location_accuracy")),
+        "hazard_type": code(get("hazard_type"), "hazard_type"),
+        "landslide_category": code(get("landslide_type"), "landslide_category"),
+        "landslide_trigger": code(get("trigger"), "landslide_trigger"),
+        "landslide_size": code(get("landslide_size"), "landslide_size"), "landslide_setting": "",
         "fatalities": whole_number(get("fatalities"), "fatalities"),
         "injuries": whole_number(get("injuries"), "injuries"), "source_link": get("source_link"),
         **legacy_when(v["date"], v["time"]),
@@ -175,9 +165,10 @@ def current_shared(v: dict[str, str]) -> dict[str, str]:
         "country_code": country_code, "admin_division": get("admin_division_name"),
         "near": get("gazeteer_closest_point"), "continent_code": continent_of(country_code),
         "location_accuracy": location_accuracy(get("location_accuracy")), "hazard_type": "",
-        "landslide_category": landslide_category(get("landslide_category")),
-        "landslide_trigger": code(get("landslide_trigger")), "landslide_size": code(get("landslide_size")),
-        "landslide_setting": code(get("landslide_setting")),
+        "landslide_category": code(get("landslide_category"), "landslide_category"),
+        "landslide_trigger": code(get("landslide_trigger"), "landslide_trigger"),
+        "landslide_size": code(get("landslide_size"), "landslide_size"),
+        "landslide_setting": code(get("landslide_setting"), "landslide_setting"),
         "fatalities": whole_number(get("fatality_count"), "fatality_count"),
         "injuries": whole_number(get("injury_count"), "injury_count"), "source_link": get("source_link"),
         "last_edited": utc_timestamp(get("last_edited_date"), "last_edited_date"),
@@ -247,16 +238,18 @@ def parse_when(text: str, name: str) -> tuple[date, time | None]:
 
 
 def parse_clock(text: str) -> time | None:
-    """HH:MM[:SS] or hh:mm:ss AM|PM; free text ('night', 'Overnight', ...) means the time is unknown."""
+    """HH:MM[:SS[.fff]] or hh:mm:ss[.fff] AM|PM (the fraction kept to the microsecond); free text ('night',
+    'Overnight', ...) means the time is unknown."""
     match = CLOCK_TIME.fullmatch(text.strip())
     if not match:
         return None
     hour, minute, second = (int(part or 0) for part in match.groups()[:3])
-    if meridiem := (match[4] or "").upper():
+    microsecond = int((match[4] or "")[:6].ljust(6, "0"))
+    if meridiem := (match[5] or "").upper():
         if not 1 <= hour <= 12:
             return None
         hour = hour % 12 + (12 if meridiem == "PM" else 0)
-    return time(hour, minute, second) if hour < 24 and minute < 60 and second < 60 else None
+    return time(hour, minute, second, microsecond) if hour < 24 and minute < 60 and second < 60 else None
 
 
 def legacy_when(date_text: str, time_text: str) -> dict[str, str]:
@@ -279,7 +272,8 @@ def current_when(date_text: str, time_text: str) -> dict[str, str]:
 
 
 def utc_timestamp(text: str, name: str) -> str:
-    """The export's edit times are UTC: '02/15/2018 03:51:00 PM' -> 2018-02-15T15:51:00+00:00."""
+    """The export's edit times are UTC: '02/15/2018 03:51:00 PM' -> 2018-02-15T15:51:00+00:00; the layer's keep
+    their milliseconds: '02/15/2018 03:51:00.516 PM' -> 2018-02-15T15:51:00.516000+00:00."""
     if not text.strip():
         return ""
     day, written = parse_when(text, name)
@@ -313,10 +307,14 @@ def resolve_since(since: datetime | str | None, source: str) -> datetime | None:
 
 
 def epoch_text(milliseconds: float) -> str:
-    """An ArcGIS date (epoch ms, UTC) as the export writes it. The layer stores the catalog's local wall-clock
-    date and time as if it were UTC (the export's 08/01/2008 12:00:00 AM is 1217548800000), so the UTC calendar
-    day and clock ARE the catalog's local ones."""
-    return (datetime(1970, 1, 1) + timedelta(milliseconds=milliseconds)).strftime(CATALOG_DATETIME)
+    """An ArcGIS date (epoch ms, UTC) as the export writes it, with the milliseconds when there are any
+    (12:00:00.516 AM). The layer stores the catalog's local wall-clock date and time as if it were UTC (the
+    export's 08/01/2008 12:00:00 AM is 1217548800000), so the UTC calendar day and clock ARE the catalog's
+    local ones."""
+    moment = datetime(1970, 1, 1) + timedelta(milliseconds=round(milliseconds))
+    if not moment.microsecond:
+        return moment.strftime(CATALOG_DATETIME)
+    return f"{moment:%m/%d/%Y %I:%M:%S}.{moment.microsecond // 1000:03d} {moment:%p}"
 
 
 # ------------------------------------------------------------------ files: CSV and XLSX
@@ -547,24 +545,27 @@ class Layer:
 
 
 def since_where(since: datetime | None) -> str:
-    """The standardized-SQL filter the layer accepts: a timestamp literal, not an epoch number."""
+    """The standardized-SQL filter the layer accepts: a timestamp literal, not an epoch number, in whole seconds.
+    So the reports edited in `since`'s own second come back too; changed_since() drops those not after it."""
     if since is None:
         return "1=1"
-    moment = since.strftime("%Y-%m-%d %H:%M:%S")
+    moment = since.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     return f"last_edited_date > timestamp '{moment}' OR created_date > timestamp '{moment}'"
 
 
-def changed_since(values: dict[str, str], since: datetime | None) -> bool:
-    """Whether a current-format file's row was created or last edited at or after `since`: the file's times
-    have whole seconds, so an edit later in the watermark's own second is read again rather than lost. A row
-    whose dates cannot be read is kept, to be rejected (or not) on its own merits."""
+def changed_since(values: dict[str, str], since: datetime | None, exact: bool) -> bool:
+    """Whether a current-format row was created or last edited after `since`. `exact`: the times are the
+    layer's, to the millisecond, as the watermark is. Else they are a file's, in whole seconds: an edit at
+    the watermark's own second is read again rather than lost. A row whose dates cannot be read is kept, to be
+    rejected (or not) on its own merits."""
     if since is None:
         return True
     try:
         stamps = [utc_timestamp(values.get(name, ""), name) for name in ("last_edited_date", "created_date")]
     except Rejected:
         return True
-    return any(datetime.fromisoformat(stamp) >= since for stamp in stamps if stamp)
+    return any(datetime.fromisoformat(stamp) > since or (not exact and datetime.fromisoformat(stamp) == since)
+               for stamp in stamps if stamp)
 
 
 # ------------------------------------------------------------------ rows -> events
@@ -611,12 +612,13 @@ class Split:
     skipped: int  # not created or edited after --since
 
 
-def split_rows(rows: Iterator[Row], catalog: CatalogFormat, source: str, since: datetime | None) -> Split:
+def split_rows(rows: Iterator[Row], catalog: CatalogFormat, source: str, since: datetime | None,
+               exact_times: bool) -> Split:
     split = Split([], [], 0)
     first_row_of: dict[str, int] = {}
     last_day = latest_day_on_earth()
     for count, row in enumerate(rows, start=1):
-        if not changed_since(row.values, since):
+        if not changed_since(row.values, since, exact_times):
             split.skipped += 1
             continue
         try:
@@ -714,17 +716,17 @@ def main() -> int:
         raise StepFailed(f"--since cannot apply to {shown}: the {LEGACY.name} has no edit dates; "
                          f"read it whole (without --since)")
     log.info("%s: the %s", shown, catalog.name)
-    # A layer's answer is already filtered, on its millisecond times; a file is filtered here.
-    file_since = None if is_layer(args.source) else args.since
-    split = split_rows(rows, catalog, source, file_since)
+    split = split_rows(rows, catalog, source, args.since, exact_times=is_layer(args.source))
     total = len(split.events) + len(split.rejects)
     if total + split.skipped == 0 and not args.since:  # with --since, nothing new is an answer
         raise StepFailed(f"{shown} has a header but no data rows")
     windows = write_outputs(folder, args.name, source, split)
-    skipped = f"; {split.skipped} more not created or edited since {file_since.isoformat()}, skipped" \
-        if file_since else ""
+    skipped = f"; {split.skipped} more not created or edited since {args.since.isoformat()}, skipped" \
+        if args.since else ""
     log.info("read %d rows = %d events + %d rejected%s; %d windows (event day + one year earlier)",
              total, len(split.events), len(split.rejects), skipped, windows)
+    if args.since and total == 0:
+        log.info("nothing edited since %s: no report to load", args.since.isoformat())
     for kind, count in Counter(reject["reason"].split(":")[0] for reject in split.rejects).most_common():
         log.info("  rejected, %s: %d", kind, count)
     log.info("wrote %s in %s", ", ".join(template.format(name=args.name) for template in (EVENTS, WINDOWS, REJECTS)),
