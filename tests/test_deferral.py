@@ -4,10 +4,12 @@ Airflow 3.3.2 fails a deferred task whose trigger fires before the scheduler has
 defer-exit event (README, "Deferrable runs and Airflow's defer race"). The race needs many runs that end
 just after deferring while the scheduler is busy: one DAG run maps RUNS_AT_ONCE runs that end as soon as they
 start, all queued together, and RUNS_AFTER_DEFERRAL runs that end 0-2 s after the operator hands them to the
-triggerer. Every task instance must succeed in try 1 (retries=0: a retry cannot hide a failure).
+triggerer. Every task instance must succeed in try 1 (retries=0: a retry cannot hide a failure). Under the
+LocalExecutor and again under the CeleryExecutor, whose executor events reach the scheduler later.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -45,10 +47,15 @@ print("slept", sys.argv[1])
 '''
 
 
-@pytest.fixture(scope="module")
-def deferral_stack(stack_home: Path) -> Iterator[dict[str, str]]:
-    yield from offline_demo_stack(stack_home, "deferral", {"dags/vpe_test_deferral.py": TEST_DAG,
-                                                           "tasks/vpe_test/sleep_for.py": SLEEP_FOR})
+@pytest.fixture(scope="module", params=[
+    "LocalExecutor",
+    pytest.param("CeleryExecutor", marks=pytest.mark.skipif(shutil.which("redis-server") is None,
+                                                            reason="needs Redis: apt-get install redis-server")),
+])
+def deferral_stack(stack_home: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    yield from offline_demo_stack(stack_home, f"deferral-{request.param}",
+                                  {"dags/vpe_test_deferral.py": TEST_DAG, "tasks/vpe_test/sleep_for.py": SLEEP_FOR},
+                                  {"VPE_AIRFLOW_EXECUTOR": request.param})
 
 
 def test_deferrable_runs_ending_at_once_or_just_after_deferring_all_succeed_in_their_first_try(
