@@ -126,6 +126,13 @@ GRPC_OPTIONS = [
     # A target with several replicas (a multi-address target, a name with several addresses) spreads new
     # runs over all of them; gRPC's default, pick_first, would send every run to the first.
     ("grpc.lb_policy_name", "round_robin"),
+    # A replica whose host goes silent (no reset, e.g. powered off) is noticed within 40 s by a client
+    # following a quiet run: pings every 30 s, also on a stream with no data (max_pings_without_data 0),
+    # and the server accepts them that often.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
 ]
 
 
@@ -3181,16 +3188,24 @@ def replica_channel(address: str, target: str, tls_ca: str = "", tls_cert: str =
 def attach_where_held(clients: Sequence[ExecutorClient], run_id: str, from_seq: int = 0,
                       running_only: bool = False, rpc_timeout: float | None = None):
     """Attach through the first client whose executor holds `run_id` (replicas know only their own live
-    runs). Returns (client, call, first event); raises the NOT_FOUND error when none holds it."""
+    runs). Returns (client, call, first event); raises the NOT_FOUND error when none holds it. A replica
+    that cannot be reached is passed over (a lost host's runs cannot be followed; a new try starts elsewhere)
+    unless no replica answers at all: then its UNAVAILABLE error is raised."""
     not_found: grpc.RpcError | None = None
+    unreachable: grpc.RpcError | None = None
     for client in clients:
         call = client.attach(run_id, from_seq, running_only, rpc_timeout)
         try:
             return client, call, next(call)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                unreachable = exc
+                continue
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             not_found = exc
+    if not_found is None and unreachable is not None:
+        raise unreachable
     assert not_found is not None, "attach_where_held needs at least one client"
     raise not_found
 
