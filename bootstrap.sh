@@ -581,7 +581,7 @@ replica_healthy() { executor_cli ping --host "${1%:*}" --port "${1##*:}" >/dev/n
 # host:port of each replica VPE_EXECUTOR_TARGET names, one a line.
 executor_replicas() {
   "$VPE_VENV/bin/python" -c 'import sys; from vpe.executor import replica_targets; print(*replica_targets(sys.argv[1]), sep="\n")' \
-    "$VPE_EXECUTOR_TARGET"
+    "$EXECUTOR_TARGET"
 }
 
 # Whether one of the replicas Airflow uses is this host's (not so when VPE_EXECUTOR_TARGET names only others).
@@ -589,7 +589,7 @@ executor_here() { executor_replicas | grep -qxF "$VPE_EXECUTOR_HOST:$VPE_EXECUTO
 
 start_executor() {
   if ! executor_here; then
-    say "executor   none here: Airflow uses the replicas of VPE_EXECUTOR_TARGET=$VPE_EXECUTOR_TARGET"
+    say "executor   none here: Airflow uses the replicas of VPE_EXECUTOR_TARGET=$EXECUTOR_TARGET"
     return
   fi
   if running executor "executor.py serve"; then
@@ -634,7 +634,7 @@ airflow_env() {
 # The connection Airflow uses to reach the executor (VPE_EXECUTOR_TARGET, whole, as its host); its password
 # is the executor's token.
 grpc_connection_json() {
-  printf '{"conn_type": "vpe_executor", "host": "%s", "password": "%s"}' "$VPE_EXECUTOR_TARGET" "$VPE_EXECUTOR_TOKEN"
+  printf '{"conn_type": "vpe_executor", "host": "%s", "password": "%s"}' "$EXECUTOR_TARGET" "$VPE_EXECUTOR_TOKEN"
 }
 
 airflow_api() { say "http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"; }
@@ -807,7 +807,8 @@ several_hosts_addresses() {
   CENTRAL=${VPE_CENTRAL_HOST:-$VPE_LISTEN_ADDRESS}
   ! serves_others || export VPE_EXECUTOR_HOST=$VPE_LISTEN_ADDRESS
   [ "$CENTRAL" = 127.0.0.1 ] || export VPE_PG_HOST=$CENTRAL VPE_AIRFLOW_HOST=$CENTRAL
-  export VPE_EXECUTOR_TARGET=${VPE_EXECUTOR_TARGET:-$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT}
+  # Not exported: the test suite's stacks, started from `./bootstrap.sh test`, pick their own ports.
+  EXECUTOR_TARGET=${VPE_EXECUTOR_TARGET:-$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT}
 }
 
 # An executor or worker host: the central host's services are elsewhere.
@@ -835,7 +836,9 @@ open_meteo_running() { running open-meteo "open_meteo_server.py"; }
 open_meteo_healthy() { http_get "http://$CENTRAL:$VPE_OPEN_METEO_PORT/stats"; }
 
 start_open_meteo() {
-  start_standin open-meteo "SYNTHETIC weather" VPE_OPEN_METEO_PORT open_meteo_server.py "the Open-Meteo stand-in"
+  # shellcheck disable=SC2086 # options, split into words
+  start_standin open-meteo "SYNTHETIC weather" VPE_OPEN_METEO_PORT open_meteo_server.py "the Open-Meteo stand-in" \
+    $VPE_OPEN_METEO_ARGS
 }
 
 arcgis_healthy() { http_get "http://$CENTRAL:$VPE_ARCGIS_PORT/stats"; }
