@@ -1856,8 +1856,7 @@ def stored_path(workspace_dir: Path, path: str) -> Path:
     refused (the store is shared: what one host wrote there must not reach beyond another's workspace)."""
     parts = path.split("/")
     if path.startswith("/") or {"", ".", ".."} & set(parts) or parts[0] in LOCAL_ONLY:
-        raise WorkspaceStoreError(f"refusing the stored file {path!r} of workspace {workspace_dir.name!r}: "
-                                  "not a plain path inside the workspace")
+        raise ValueError(f"refusing the stored file {path!r}: not a plain path inside the workspace")
     return workspace_dir / path
 
 
@@ -1876,7 +1875,7 @@ class WorkspaceStore:
                              "pip install 'vpe-executor[store]' (or psycopg2-binary)") from None
         self._connect = functools.partial(psycopg2.connect, url, connect_timeout=STORE_CONNECT_TIMEOUT,
                                           application_name="vpe-executor")
-        self._failures = (psycopg2.Error, OSError, UnicodeError)
+        self._failures = (psycopg2.Error, OSError, ValueError)  # ValueError: UnicodeError, a refused path
         self.name = redacted_url(url)
         self._lock = threading.Lock()
         self._workspace_locks: dict[str, threading.Lock] = {}
@@ -1938,6 +1937,8 @@ class WorkspaceStore:
         if row is None:  # deleted since the listing
             return
         sha, mode, content = row
+        if target.parent.resolve() != workspace_dir.resolve() / Path(path).parent:
+            raise ValueError(f"refusing the stored file {path!r}: a symlink in the workspace is in its way")
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.vpe-download")
         partial.write_bytes(content)
@@ -1969,15 +1970,16 @@ class WorkspaceStore:
             write_manifest(workspace_dir, manifest)
 
     def _upload(self, cur, workspace_dir: Path, path: str, state: tuple[int, int], manifest: dict[str, list]) -> None:
-        source = workspace_dir / path
-        content = source.read_bytes()
+        fd = os.open(workspace_dir / path, os.O_RDONLY | os.O_NOFOLLOW)  # a symlink put there meanwhile: refused
+        with open(fd, "rb") as source:
+            content, mode = source.read(), stat.S_IMODE(os.fstat(fd).st_mode)
         sha = hashlib.sha256(content).hexdigest()
         if manifest.get(path, [None])[0] != sha:
             cur.execute("INSERT INTO workspace.file (workspace, path, sha256, mode, content) "
                         "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (workspace, path) DO UPDATE "
                         "SET sha256 = excluded.sha256, mode = excluded.mode, content = excluded.content, "
                         "updated_at = now()",
-                        (workspace_dir.name, path, sha, stat.S_IMODE(source.stat().st_mode), content))
+                        (workspace_dir.name, path, sha, mode, content))
         manifest[path] = [sha, *state]
 
     def prune(self, keep_days: float, busy: set[str]) -> tuple[int, int]:

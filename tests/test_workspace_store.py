@@ -91,9 +91,8 @@ def test_concurrent_runs_writing_different_files_in_one_workspace_both_land(repl
     calls = [replica.client().run("six_a", "t/files.py", [f"write:{name}.txt={name}", f"wait:{release}"],
                                   workspace=workspace)
              for replica, name in ((first, "a"), (second, "b"))]
-    for call in calls:  # both are running (written, waiting) before either ends
-        assert any(event.HasField("started") for event in call)
-        # `any` stops at the started event: the rest of each stream is read below
+    for call in calls:  # both have started before either may end; collect() reads the rest of each stream
+        next(event for event in call if event.HasField("started"))
     release.touch()
     for call in calls:
         status = collect(call)[1]
@@ -109,6 +108,17 @@ def test_a_file_deleted_by_a_run_is_gone_for_the_next_run_elsewhere(replicas, st
     assert show(one, "w-delete") == {"y.txt": "2"}
     assert not (one.home / "buffer" / "w-delete" / "x.txt").exists()
     assert stored(store, "w-delete") == {"y.txt": "2"}
+
+
+def test_a_stored_path_that_would_leave_the_workspace_is_refused(replicas, store):
+    one, _ = replicas
+    with psycopg.connect(store["admin"], autocommit=True) as conn:
+        conn.execute("INSERT INTO workspace.file (workspace, path, sha256, mode, content) "
+                     "VALUES ('w-hostile', '../escaped.txt', '', 420, 'x')")
+    events, status = run(one, "w-hostile", "write:x.txt=1")
+    assert status.WhichOneof("outcome") is None, "the task never ran"
+    assert "cannot bring workspace 'w-hostile' here: refusing the stored file '../escaped.txt'" in status.ended_by
+    assert not (one.home / "buffer" / "escaped.txt").exists()
 
 
 def test_a_store_that_is_down_gives_a_clean_error_and_the_run_does_not_start(server_factory, store, tmp_path):
