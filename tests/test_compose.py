@@ -29,7 +29,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECRET_KEYS = {"VPE_PG_PASSWORD", "VPE_EXECUTOR_TOKEN", "AIRFLOW__API_AUTH__JWT_SECRET",
                "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_UID",
                "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD", "VPE_REDIS_PASSWORD",
-               "VPE_AIRFLOW_ADMIN_PASSWORD"}
+               "VPE_AIRFLOW_ADMIN_PASSWORD", "VPE_EXECUTOR_DB_PASSWORD"}
 AIRFLOW_SERVICES = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; $$ is a literal $.
 VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
