@@ -121,7 +121,7 @@ def test_a_populated_v2_warehouse_upgrades_in_place_and_keeps_every_measurement_
     bootstrap("migrate", env=env)
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,), (6,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,), (6,), (7,)]
         assert v3_hours(conn) == hours
         assert conn.execute(f"SELECT {EVENT_FACTS}, landslide_category FROM landslide_event ORDER BY 1"
                             ).fetchall() == [(*e[:-1], code(e[-1], "landslide_category")) for e in events]
@@ -197,7 +197,7 @@ def test_a_v3_warehouse_renames_its_staging_key_and_still_knows_its_rejects(ware
                                          ("weather_hourly", "catalog_id")]
     assert conn.execute("SELECT catalog_id FROM staging.landslide_event WHERE run_id = 'crashed'").fetchall() == [
         ("1",)]
-    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (6,)
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (7,)
     assert load(conn, "crawl-2", [], bad_hours)["weather_hour"] == (0, 0, 0, 2)
     assert conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall() == rejects
 
