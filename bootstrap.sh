@@ -194,7 +194,7 @@ cmd_status() {
   done
   if celery_mode; then celery_status || bad=1; fi
   say ""
-  replica=$(executor_replicas | head -n 1)
+  replica=$(executor_replicas | sed -n 1p)
   executor_cli ping --host "${replica%:*}" --port "${replica##*:}" 2>/dev/null | sed 's/^/  /' || true
   [ "$OFFLINE_DEMO" = 0 ] || say "
 OFFLINE DEMO: the weather is SYNTHETIC (local stand-in), loaded into the database $VPE_WAREHOUSE_DB.
