@@ -259,7 +259,8 @@ def first_tries_except(api: AirflowAPI, dag_id: str, run_id: str, retried: set[s
 
 def warehouse_tables(dsn: str) -> dict[str, list[tuple]]:
     """Every table of the warehouse's public schema, rows sorted, without what differs between equal loads: identity
-    keys (and the foreign keys holding them) and the moments rows were written (columns defaulting to now())."""
+    keys (and the foreign keys holding them), the moments rows were written (columns defaulting to now()) and the
+    Airflow runs that wrote them (run_id, replaced_by_run)."""
     with psycopg.connect(dsn) as conn:
         columns = conn.execute("""
             SELECT c.relname, array_agg(quote_ident(a.attname) ORDER BY a.attnum)
@@ -267,7 +268,7 @@ def warehouse_tables(dsn: str) -> dict[str, list[tuple]]:
             LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
             WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
               AND a.attidentity = '' AND coalesce(pg_get_expr(d.adbin, d.adrelid), '') NOT LIKE '%now()%'
-              AND a.attname NOT IN ('updated_at', 'last_checked')
+              AND a.attname NOT IN ('updated_at', 'last_checked', 'run_id') AND a.attname NOT LIKE '%\\_run'
               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f'
                                                               AND a.attnum = ANY (k.conkey))
             GROUP BY c.relname""").fetchall()
