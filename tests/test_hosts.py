@@ -295,6 +295,7 @@ def run_both(hosts: Hosts, lose_during_crawl: str | None = None) -> dict[str, An
             outcome["lost"] = lose_crawling_replica(hosts, run_id)
             assert api.wait_for_run(dag_id, run_id, timeout=900) == "success", api.explain(dag_id, run_id)
             first_tries_except(api, dag_id, run_id, retried={"crawl"})
+            assert api.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/crawl")["try_number"] == 2
         else:
             run_id = run_dag(hosts, dag_id)
             first_tries_except(api, dag_id, run_id)
