@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from test_ingestion import (TASKS, api_calls, archive_server, ingestion_python, ok, own_warehouse, read_csv,  # noqa: F401
-                            step, step_env, warehouse_template, workdir, write_windows)
+                            step, step_env, workdir, write_windows)
 
 HOURLY = ("temperature_2m,relative_humidity_2m,precipitation,rain,soil_temperature_0_to_7cm,soil_temperature_7_to_28cm,"
           "soil_temperature_28_to_100cm,soil_temperature_100_to_255cm,soil_moisture_0_to_7cm,soil_moisture_7_to_28cm,"
