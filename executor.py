@@ -1731,7 +1731,9 @@ class ActiveRun:
         return False
 
 
-CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
+# buffer/cache: the crawl's answer cache of earlier versions (now the warehouse's), quota already spent: kept
+# until a crawl imports it (tasks/ingestion/crawl.py --import-cache), which then removes what it imported.
+CRAWL_CACHE = "cache"
 RETENTION_INTERVAL = 3600.0
 
 
@@ -1771,7 +1773,7 @@ def prune(paths: list[Path], keep_days: float, keep_bytes: int) -> tuple[int, in
 
 
 def apply_retention(cfg: Config, busy: Callable[[], set[Path]]) -> None:
-    """Run logs and workspaces: by age and total size, never what a live run uses, never the crawl cache."""
+    """Run logs and workspaces: by age and total size, never what a live run uses, never an old crawl cache."""
     in_use = busy()
     logs = [p for p in cfg.run_logs_dir.glob("*.jsonl") if p not in in_use]
     workspaces = [p for p in cfg.buffer_dir.iterdir() if p.is_dir() and p.name != CRAWL_CACHE and p not in in_use]
