@@ -179,6 +179,10 @@ def test_the_old_on_disk_cache_is_imported_once_and_its_spent_calls_count(ingest
 
         again = ok(step(ingestion_python, "crawl.py", "--url", url, workdir=workdir))
         assert api_calls(url)["locations"] - before == 4 and "imported" not in again and "10 cached, 0 to fetch" in again
+        assert "holds no answers for" in again and "in timezone auto" in again
+        elsewhere = step(ingestion_python, "crawl.py", "--url", url, "--import-cache", str(workdir / "nowhere"),
+                         workdir=workdir)
+        assert elsewhere.returncode == 1 and "--import-cache" in elsewhere.stderr and "no such folder" in elsewhere.stderr
     assert cache(workdir, "SELECT count(*), every(synthetic) FROM crawl.answer") == [(10, True)]
     assert cache(workdir, "SELECT weighted_calls FROM crawl.api_calls") == [(pytest.approx(4.8 + 4 * WEIGHT),)]
     assert len(read_csv(workdir / "run" / "hourly.csv")) == 10 * 24

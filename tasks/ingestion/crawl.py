@@ -349,6 +349,9 @@ class Cache:
                     continue
                 calls += weight if datetime.fromtimestamp(moment, timezone.utc).date() == today else 0
         if not entries and not ledger.is_file():
+            if root.is_dir():
+                log.info("the on-disk cache %s holds no answers for %s in timezone %s (a crawl with that --url and "
+                         "--timezone takes them)", root, self.source, self.zone)
             return
         with self.connection.transaction():
             for synthetic in (False, True):
@@ -650,6 +653,8 @@ def main() -> int:
     windows = distinct_windows(list(extract_files(folder, WINDOWS).values()))
     if args.pending_from_warehouse:
         windows = with_pending(windows, warehouse_pending(warehouse_dsn("--pending-from-warehouse")))
+    if args.import_cache and not args.import_cache.is_dir():
+        raise StepFailed(f"--import-cache {args.import_cache}: no such folder (the --cache-dir of an earlier crawl)")
     archive = Archive(args.url, args.timezone, args.timeout, args.api_key)
     # Autocommit: each answer is kept the moment it is written, and the window locks are the session's.
     connection = connect_warehouse(warehouse_dsn("crawl (its answer cache is the warehouse's)"))
