@@ -1825,6 +1825,7 @@ def apply_retention(cfg: Config, busy: Callable[[], set[Path]], store: Workspace
 STORE_MANIFEST = ".vpe-store"  # in a workspace: its files as this replica last had them from or sent to the store
 LOCAL_ONLY = {".home", STORE_MANIFEST, f"{STORE_MANIFEST}.partial"}  # top-level names never stored
 STORE_CONNECT_TIMEOUT = 10
+STORE_IDLE_CONNECTIONS = 4  # kept open: a new login costs tens of ms (SCRAM), twice per run
 
 
 class WorkspaceStoreError(Exception):
@@ -1876,8 +1877,10 @@ class WorkspaceStore:
         self._connect = functools.partial(psycopg2.connect, url, connect_timeout=STORE_CONNECT_TIMEOUT,
                                           application_name="vpe-executor")
         self._failures = (psycopg2.Error, OSError, ValueError)  # ValueError: UnicodeError, a refused path
+        self._connection_errors = psycopg2.Error
         self.name = redacted_url(url)
         self._lock = threading.Lock()
+        self._idle: list[Any] = []
         self._workspace_locks: dict[str, threading.Lock] = {}
         self._running: dict[str, int] = {}  # workspace -> its runs here between check-out and check-in
 
@@ -1895,12 +1898,32 @@ class WorkspaceStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        conn = self._connect()
+        conn = self._idle_connection() or self._connect()
         try:
             with conn, conn.cursor() as cur:
                 yield cur
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        with self._lock:
+            if len(self._idle) < STORE_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _idle_connection(self) -> Any:
+        """An idle connection that still answers (the server may have restarted since), or None."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return conn
+            except self._connection_errors:
+                conn.close()
 
     def check_out(self, workspace_dir: Path) -> dict[str, tuple[int, int]]:
         """Brings this replica's copy of the workspace to what the store holds and returns its files as the run
