@@ -15,11 +15,12 @@ and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/b
 VPE_WORKSPACE, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default:
 VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL), then the request's env vars
 whose names VPE_TASK_ENV_ALLOW allows (never a reserved name: PATH, HOME, BASH_ENV, PYTHON*, LD_*, proxies, CA bundles, the VPE_* above, ...).
-Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them).
+Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them). With
+VPE_EXECUTOR_WORKSPACE_STORE, workspaces are shared by replicas through PostgreSQL (WorkspaceStore).
 
 Contents, in order: configuration (SETTINGS: every setting once; Config); the service (ExecutorServicer:
-ping.proto's RPCs, and the checks of a request); runs (processes, cages, event logs, retention, runs that
-outlive their client); environments (env ymls, builds, the conda-to-PyPI tables); the server (auth, TLS,
+ping.proto's RPCs, and the checks of a request); runs (processes, cages, event logs, retention, the workspace
+store, runs that outlive their client); environments (env ymls, builds, the conda-to-PyPI tables); the server (auth, TLS,
 serve, shut down); the client (ExecutorClient, channels, replicas); the CLI.
 """
 from __future__ import annotations
