@@ -1939,6 +1939,8 @@ class WorkspaceStore:
             with self._transaction() as cur:
                 cur.execute("SELECT path, sha256 FROM workspace.file WHERE workspace = %s", (workspace,))
                 stored = dict(cur.fetchall())
+                if local and not stored and not (workspace_dir / STORE_MANIFEST).exists():
+                    stored = self._adopt(cur, workspace_dir, local, manifest)
                 for path in local.keys() - stored.keys():
                     if path in manifest or not others:
                         (workspace_dir / path).unlink(missing_ok=True)
@@ -1952,6 +1954,15 @@ class WorkspaceStore:
             write_manifest(workspace_dir, manifest)
             self._running[workspace] = self._running.get(workspace, 0) + 1
             return workspace_files(workspace_dir)
+
+    def _adopt(self, cur, workspace_dir: Path, local: dict[str, tuple[int, int]],
+               manifest: dict[str, list]) -> dict[str, str]:
+        """A workspace written here before the store was turned on: its files become the stored ones, so a step
+        cleared and run again after the upgrade still finds what the earlier steps wrote."""
+        log.info("workspace %s predates the store: storing its %d files", workspace_dir.name, len(local))
+        for path, state in local.items():
+            self._upload(cur, workspace_dir, path, state, manifest)
+        return {path: entry[0] for path, entry in manifest.items()}
 
     def _download(self, cur, workspace_dir: Path, path: str, manifest: dict[str, list]) -> None:
         target = stored_path(workspace_dir, path)

@@ -101,6 +101,17 @@ def test_concurrent_runs_writing_different_files_in_one_workspace_both_land(repl
     assert show(two, workspace) == show(one, workspace) == {"a.txt": "a", "b.txt": "b"}
 
 
+def test_a_workspace_written_before_the_store_is_kept_and_stored(replicas, store):
+    one, two = replicas
+    older = one.home / "buffer" / "w-older"
+    (older / "sub").mkdir(parents=True)
+    (older / "extract.csv").write_text("x,y")
+    (older / "sub" / "z.txt").write_text("2")
+    assert show(one, "w-older") == {"extract.csv": "x,y", "sub/z.txt": "2"}
+    assert stored(store, "w-older") == {"extract.csv": "x,y", "sub/z.txt": "2"}
+    assert show(two, "w-older") == {"extract.csv": "x,y", "sub/z.txt": "2"}
+
+
 def test_a_file_deleted_by_a_run_is_gone_for_the_next_run_elsewhere(replicas, store):
     one, two = replicas
     assert run(one, "w-delete", "write:x.txt=1", "write:y.txt=2")[1].exit_code == 0
