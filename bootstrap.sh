@@ -147,6 +147,7 @@ prepare_local() {
   # A running Redis means the stack was started under Celery: later commands keep to it.
   if redis_running; then export VPE_AIRFLOW_EXECUTOR=CeleryExecutor; fi
   export_warehouse_dsn
+  export_workspace_store
   airflow_env
 }
 
@@ -327,6 +328,7 @@ ensure_secrets() {
   add_secret VPE_AIRFLOW_DB_PASSWORD random_hex 24
   add_secret VPE_LOADER_PASSWORD random_hex 24
   add_secret VPE_READER_PASSWORD random_hex 24
+  add_secret VPE_EXECUTOR_DB_PASSWORD random_hex 24
   add_secret VPE_REDIS_PASSWORD random_hex 24
   add_secret VPE_AIRFLOW_ADMIN_PASSWORD random_hex 12
   local line key
@@ -344,6 +346,11 @@ add_secret() {
 # The tasks load as vpe_loader: they may stage rows and call load_staging, nothing more.
 export_warehouse_dsn() {
   export VPE_WAREHOUSE_DSN="postgresql://vpe_loader:$VPE_LOADER_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
+}
+
+# The executor keeps its workspaces in the mode's warehouse database, as vpe_executor: every host reaches it.
+export_workspace_store() {
+  export VPE_EXECUTOR_WORKSPACE_STORE="postgresql://vpe_executor:$VPE_EXECUTOR_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
 }
 
 random_hex() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
@@ -489,10 +496,11 @@ start_postgres() {
 # warehouse roles their rights (docker-compose.yml's airflow-init does the same in compose mode).
 ensure_login_roles() {
   psql_super -d postgres -v airflow="$VPE_AIRFLOW_DB_PASSWORD" -v loader="$VPE_LOADER_PASSWORD" \
-    -v reader="$VPE_READER_PASSWORD" <<'SQL'
+    -v reader="$VPE_READER_PASSWORD" -v executor="$VPE_EXECUTOR_DB_PASSWORD" <<'SQL'
 SELECT format('%s ROLE %I LOGIN PASSWORD %L', CASE WHEN r.rolname IS NULL THEN 'CREATE' ELSE 'ALTER' END,
               w.name, w.password)
-FROM (VALUES ('airflow', :'airflow'), ('vpe_loader', :'loader'), ('vpe_reader', :'reader')) AS w(name, password)
+FROM (VALUES ('airflow', :'airflow'), ('vpe_loader', :'loader'), ('vpe_reader', :'reader'),
+             ('vpe_executor', :'executor')) AS w(name, password)
 LEFT JOIN pg_roles r ON r.rolname = w.name \gexec
 SQL
 }

@@ -331,6 +331,7 @@ CREATE UNLOGGED TABLE IF NOT EXISTS staging.pending_window (
 -- Roles (cluster-wide; bootstrap gives them LOGIN and a password):
 --   vpe_loader  the tasks' VPE_WAREHOUSE_DSN: stages rows and calls load_staging
 --   vpe_reader  ./bootstrap.sh psql: reads everything, creates tables in schema scratch
+--   (version 6 adds vpe_executor: the executor's workspace store)
 -- No one else may connect to this database (Airflow's role included); the
 -- grants on tables and functions are renewed at the end of dml.sql.
 DO $$
@@ -445,7 +446,38 @@ VALUES (5, 'one coding of the catalog''s categorical values (code_alias, catalog
 ON CONFLICT (version) DO NOTHING;
 
 -- ---------------------------------------------------------------------------
--- Version 6: the crawl's answer cache and its daily call count, shared by
+-- Version 6: the workspace store. The files of the executor's workspaces
+-- (buffer/<workspace>), which executor replicas on several hosts share:
+-- executor.py's WorkspaceStore reads and writes them as vpe_executor
+-- (VPE_EXECUTOR_WORKSPACE_STORE), a role with rights on this schema only.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'vpe_executor') THEN
+        CREATE ROLE vpe_executor NOLOGIN;
+    END IF;
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO vpe_executor', current_database());
+END $$;
+CREATE SCHEMA IF NOT EXISTS workspace;
+
+CREATE TABLE IF NOT EXISTS workspace.file (
+    workspace  text        NOT NULL,
+    path       text        NOT NULL,  -- relative to the workspace, '/' between folders
+    sha256     text        NOT NULL,  -- of content: a replica fetches only files whose content it lacks
+    mode       integer     NOT NULL,  -- permission bits
+    content    bytea       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),  -- retention: workspaces untouched for keep_days go
+    CONSTRAINT file_pkey PRIMARY KEY (workspace, path)
+);
+
+GRANT USAGE ON SCHEMA workspace TO vpe_executor;
+GRANT SELECT, INSERT, UPDATE, DELETE ON workspace.file TO vpe_executor;
+
+INSERT INTO schema_version (version, description)
+VALUES (6, 'the workspace store (workspace.file) and its role vpe_executor')
+ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------
+-- Version 7: the crawl's answer cache and its daily call count, shared by
 -- every crawl on every host (tasks/ingestion/crawl.py; they were files in
 -- each executor's buffer/cache, which the crawl imports once). An answer is
 -- quota already spent: nothing here is ever deleted by the crawl.
@@ -487,7 +519,7 @@ GRANT UPDATE (weighted_calls) ON crawl.api_calls TO vpe_loader;
 GRANT SELECT ON crawl.answer, crawl.api_calls TO vpe_reader;
 
 INSERT INTO schema_version (version, description)
-VALUES (6, 'the crawl''s answer cache and daily call count (schema crawl), shared by every host')
+VALUES (7, 'the crawl''s answer cache and daily call count (schema crawl), shared by every host')
 ON CONFLICT (version) DO NOTHING;
 
 COMMIT;

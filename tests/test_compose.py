@@ -29,7 +29,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECRET_KEYS = {"VPE_PG_PASSWORD", "VPE_EXECUTOR_TOKEN", "AIRFLOW__API_AUTH__JWT_SECRET",
                "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_UID",
                "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD", "VPE_REDIS_PASSWORD",
-               "VPE_AIRFLOW_ADMIN_PASSWORD"}
+               "VPE_AIRFLOW_ADMIN_PASSWORD", "VPE_EXECUTOR_DB_PASSWORD"}
 AIRFLOW_SERVICES = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; $$ is a literal $.
 VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -196,6 +196,15 @@ def test_airflow_reaches_every_executor_replica_through_dns(model: dict[str, Any
     executor = model["services"]["executor"]
     assert executor["environment"]["VPE_EXECUTOR_TOKEN"] == fake_secrets()["VPE_EXECUTOR_TOKEN"]
     assert "container_name" not in executor, "a fixed container name would forbid --scale executor=N"
+
+
+def test_executor_replicas_share_workspaces_through_the_store_not_a_volume(model: dict[str, Any]) -> None:
+    executor = model["services"]["executor"]
+    warehouse = env_file(ROOT / ".env")["VPE_WAREHOUSE_DB"]
+    assert executor["environment"]["VPE_EXECUTOR_WORKSPACE_STORE"] == (
+        f"postgresql://vpe_executor:{fake_secrets()['VPE_EXECUTOR_DB_PASSWORD']}@postgres:5432/{warehouse}")
+    assert not [volume for volume in executor["volumes"] if "/vpe/buffer" in str(volume)], \
+        "each replica's buffer is its own copy of the store's files"
 
 
 def test_celery_profile_adds_redis_and_workers(model: dict[str, Any]) -> None:

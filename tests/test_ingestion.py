@@ -547,7 +547,8 @@ def test_load_without_a_warehouse_says_what_to_do(ingestion_python: str, api: st
 def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_then_load(
         ingestion_python: str, api: str, tmp_path: Path, empty_db: tuple[str, dict[str, str]]) -> None:
     """What dags/ingestion.py does per DAG run: extract_csv and extract_xlsx in parallel, crawl, load, all in one
-    workspace, the catalogs named by repo-relative paths; a second DAG run adds nothing."""
+    workspace (kept in the warehouse's workspace store, as bootstrap sets it up), the catalogs named by repo-relative
+    paths; a second DAG run adds nothing."""
     dsn, env = empty_db
     bootstrap("migrate", env=env)
     home, envs = tmp_path / "home", tmp_path / "envs"
@@ -556,8 +557,10 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
     shutil.copy(ROOT / "envs" / "ingestion.yml", envs)  # only this env: no waiting for the others' builds
     (home / "envs").symlink_to(ENV_CACHE)  # the env built for this session is the executor's cached build
     port = str(free_port())
+    store = (f"postgresql://vpe_executor:{read_secrets(Path(env['VPE_HOME']))['VPE_EXECUTOR_DB_PASSWORD']}"
+             f"@127.0.0.1:{env['VPE_PG_PORT']}/{env['VPE_WAREHOUSE_DB']}")
     executor_env = {**os.environ, "VPE_HOME": str(home), "VPE_EXECUTOR_PORT": port, "VPE_EXECUTOR_TOKEN": "",
-                    "OPEN_METEO_ARCHIVE_URL": api, "VPE_WAREHOUSE_DSN": dsn}
+                    "OPEN_METEO_ARCHIVE_URL": api, "VPE_WAREHOUSE_DSN": dsn, "VPE_EXECUTOR_WORKSPACE_STORE": store}
     server = subprocess.Popen([sys.executable, str(ROOT / "executor.py"), "serve", "--envs-dir", str(envs)],
                               env=executor_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -593,6 +596,9 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
             assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in first[f"extract_{kind}"]
             assert f"workspace {workspace} (run id dag-1-extract_{kind})" in first[f"extract_{kind}"]
         assert not (home / "buffer" / "dag-1-crawl").exists()
+        stored = {path for (path,) in query(dsn, "SELECT path FROM workspace.file WHERE workspace = 'dag-1'")}
+        assert {"events-csv.csv", "events-xlsx.csv", "windows-csv.csv", "windows-xlsx.csv", "hourly.csv"} <= stored, \
+            "both extracts, run at once in one workspace, stored their files"
         windows = 2 * DEMO_EVENTS
         assert f"{windows} windows in windows-csv.csv, windows-xlsx.csv; {windows} listed again" in first["crawl"]
         hourly = read_csv(workspace / "hourly.csv")
