@@ -55,7 +55,7 @@ import uuid
 from collections import deque
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -1329,7 +1329,12 @@ class Containment:
             try:
                 if home is None:
                     raise OSError(f"no {controller} hierarchy")
-                (home / self.identity).mkdir(parents=True, exist_ok=True)
+                for _ in range(3):  # another executor's sweep may remove `home` between the two mkdirs
+                    with contextlib.suppress(FileNotFoundError):
+                        (home / self.identity).mkdir(parents=True, exist_ok=True)
+                        break
+                else:
+                    raise OSError(f"{home} keeps disappearing")
                 bases[controller] = home / self.identity
             except OSError as exc:
                 log.info("no per-run cgroups (%s): tracking descendants through /proc instead", exc)
@@ -1375,9 +1380,7 @@ class Containment:
             self._unpark(proc, folders)
         with contextlib.suppress(OSError):
             self._records.rmdir()
-        for base in self._bases.values():
-            with contextlib.suppress(OSError):
-                base.rmdir()
+        remove_if_empty([*self._bases.values(), *(base.parent for base in self._bases.values())])
 
     def recover(self) -> list[str]:
         """Kills every process of the runs that dead executors of this VPE_HOME left behind, reports each such run
@@ -1403,23 +1406,49 @@ class Containment:
         return lost
 
     def _remove_dead_cgroups(self) -> None:
-        """Cgroups of dead executors that no record names (it died between creating one and recording the run)."""
+        """Cgroups of dead executors that no record names (it died between creating one and recording the run),
+        then the empty ones that dead executors of other VPE_HOMEs left (killed, or from before executors removed
+        their home's folder on stopping): those are only removed, their processes left to their own home."""
         homes = {controller: base.parent for controller, base in self._bases.items()}
         for home in homes.values():
-            for executor in [p for p in home.iterdir() if p.is_dir() and p.name != self.identity]:
-                if self._executor_alive(executor.name):
-                    continue
-                for run in [p for p in executor.iterdir() if p.is_dir()]:
+            for executor in self._dead_executors(home):
+                for run in subfolders(executor):
                     cage = Cage(run.name, frozenset(), {c: h / executor.name / run.name for c, h in homes.items()})
                     cage.kill_all()
                     cage.remove()
                 with contextlib.suppress(OSError):
                     executor.rmdir()
+            for other in subfolders(home.parent):
+                if other != home and CGROUP_HOME_RE.fullmatch(other.name):
+                    dead = self._dead_executors(other)
+                    remove_if_empty([*(run for executor in dead for run in subfolders(executor)), *dead, other])
+
+    def _dead_executors(self, home: Path) -> list[Path]:
+        return [p for p in subfolders(home) if EXECUTOR_IDENTITY_RE.fullmatch(p.name) and p.name != self.identity
+                and not self._executor_alive(p.name)]
 
     @staticmethod
     def _executor_alive(identity: str) -> bool:
         pid, _, start = identity.partition("-")
         return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
+
+
+def subfolders(path: Path) -> list[Path]:
+    """[] for a folder gone meanwhile (another executor's clean-up)."""
+    with contextlib.suppress(OSError):
+        return [p for p in path.iterdir() if p.is_dir()]
+    return []
+
+
+def remove_if_empty(cgroups: Iterable[Path]) -> None:
+    """rmdir, in order; the kernel refuses for a cgroup that still has processes or children, and that one stays."""
+    for folder in cgroups:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+CGROUP_HOME_RE = re.compile(r"vpe-[0-9a-f]{12}")  # home_cgroup's folder of one VPE_HOME
+EXECUTOR_IDENTITY_RE = re.compile(r"[0-9]+-[0-9]+")  # Containment.identity: <pid>-<start>
 
 
 def home_cgroup(home: Path, controller: str) -> Path | None:
