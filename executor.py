@@ -968,6 +968,7 @@ class Cage:
         self.thorough = thorough  # cgroups and /proc both: for runs a dead executor left
         self.leader: tuple[int, int] | None = None  # (pid, start)
         self._seen: dict[int, int] = {}  # pid -> start of members found by tracking, so their zombies get reaped
+        self.killed = False  # its freezer may have been left frozen
 
     def record(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "marker": sorted(m.decode() for m in self.marker),
@@ -1007,15 +1008,14 @@ class Cage:
             _write(folder / "cgroup.procs", pid)
 
     def reusable(self) -> bool:
-        """Whether the next run may have these cgroups: none of its processes left, no limit was hit (the
-        counters verdict reads start at 0) and little memory still charged (a finished run's page cache)."""
-        memory, pids, freezer = (self.cgroups.get(c) for c in ("memory", "pids", "freezer"))
+        """Whether the next run may have these cgroups: never killed (frozen), none of its processes left, no
+        limit hit (the counters verdict reads start at 0) and little memory still charged (its page cache)."""
+        memory, pids = self.cgroups.get("memory"), self.cgroups.get("pids")
         try:
-            return (not self._cgroup_members()
+            return (not self.killed and not self._cgroup_members()
                     and not (memory and (_counter(memory / "memory.oom_control", "oom_kill")
                                          or int((memory / "memory.usage_in_bytes").read_text()) > REUSE_CHARGED_BYTES))
-                    and not (pids and _counter(pids / "pids.events", "max"))
-                    and not (freezer and (freezer / "freezer.state").read_text().strip() != "THAWED"))
+                    and not (pids and _counter(pids / "pids.events", "max")))
         except (OSError, ValueError):
             return False
 
@@ -1079,6 +1079,7 @@ class Cage:
 
     def kill(self) -> None:
         """SIGKILL for every process; with a freezer they are frozen first, so none can fork a child that misses it."""
+        self.killed = True
         freezer = self.cgroups.get("freezer")
         if freezer:
             with contextlib.suppress(OSError):
@@ -1711,7 +1712,7 @@ class ActiveRun:
         timed_out, ended_by = False, ""
         stopping, kill_at = False, math.inf
         exited, exited_at = False, math.inf
-        others_left, census_at = True, 0.0
+        others_left, census_at = True, started + CENSUS_INTERVAL
         partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
         pidfd = os.pidfd_open(proc.pid)
         wake_r, wake_w = os.pipe()
@@ -1768,7 +1769,7 @@ class ActiveRun:
                         if not chunk:
                             sel.unregister(key.fileobj)
                             open_pipes -= 1
-                            census_at = 0.0
+                            census_at = 0.0 if exited else census_at
                             chunk = b"\n" if partial[key.data] else b""
                         self._forward(key.data, partial, chunk)
                         if self._output_over and not ended_by:
