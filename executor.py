@@ -1421,10 +1421,11 @@ class Containment:
                 cage.set_limits(self._cfg.limit_defaults)
         except OSError:
             clean = False
-        if clean:
-            with self._parked_lock:
+        with self._parked_lock:
+            clean = clean and len(self._clean) < self._cfg.max_concurrent
+            if clean:
                 self._clean.append(cage.cgroups)
-        else:
+        if not clean:
             cage.remove()
         if owed:
             self._park()
