@@ -1175,12 +1175,13 @@ def base_prefix(interpreter: Path) -> Path | None:
 class TaskLauncher:
     """Starts every task. Where the executor may (root with CAP_SYS_ADMIN and CAP_SETPCAP), it starts them from one
     thread of its own that has entered a mount namespace of its own, in which the built envs, each env's base
-    interpreter and the task scripts are read-only bind mounts (and SYSTEM_READ_ONLY), and whose children get an
-    empty capability bounding set and no_new_privs. A task is then root without capabilities: it can neither write there nor remount, unmount,
-    chmod or chown its way back (mounts it would copy into a user namespace of its own are locked). Mount namespaces,
-    capability bounding sets and no_new_privs are per thread, and fork copies the calling thread's: the executor's
-    other threads (env builds) are untouched, and starting a task costs nothing more than a hand-over to this thread.
-    Elsewhere tasks start as they are, and EnvManager watches every env's files instead."""
+    interpreter, the task scripts and SYSTEM_READ_ONLY are read-only bind mounts, and whose children get an empty
+    capability bounding set and no_new_privs. A task is then root without capabilities: it can neither write there
+    nor remount, unmount, chmod or chown its way back (mounts it would copy into a user namespace of its own are
+    locked). Mount namespaces, capability bounding sets and no_new_privs are per thread, and fork copies the calling
+    thread's: the executor's other threads (env builds, cgroup work) are untouched, and starting a task costs
+    nothing more than a hand-over to this thread. Elsewhere tasks start as they are, and EnvManager watches every
+    env's files instead."""
 
     def __init__(self, cfg: Config):
         self._keep_writable = cfg.buffer_dir.resolve()
