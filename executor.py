@@ -869,7 +869,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 def proc_info(pid: int) -> ProcInfo | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = kernel_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     return ProcInfo(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), int(fields[21]) * PAGE_SIZE,
@@ -896,13 +896,30 @@ def same_process(pid: int, start: int) -> bool:
 
 
 def _write(path: Path, value: object) -> None:
-    path.write_text(f"{value}\n")
+    """One write to a cgroup file: without Python's buffered I/O, half the syscalls."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def kernel_text(path: Path | str) -> str:
+    """A small /proc or cgroup file: without Python's buffered I/O, half the syscalls."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")  # a process may name itself in any bytes
+    finally:
+        os.close(fd)
 
 
 def _counter(path: Path, name: str) -> int:
     """A 'name N' line of a cgroup file such as memory.oom_control or pids.events; 0 if absent."""
     with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
+        for line in kernel_text(path).splitlines():
             key, _, value = line.partition(" ")
             if key == name and value.strip().isdigit():
                 return int(value)
@@ -1014,7 +1031,7 @@ class Cage:
         try:
             return (not self.killed and not self._cgroup_members()
                     and not (memory and (_counter(memory / "memory.oom_control", "oom_kill")
-                                         or int((memory / "memory.usage_in_bytes").read_text()) > REUSE_CHARGED_BYTES))
+                                         or int(kernel_text(memory / "memory.usage_in_bytes")) > REUSE_CHARGED_BYTES))
                     and not (pids and _counter(pids / "pids.events", "max")))
         except (OSError, ValueError):
             return False
@@ -1033,7 +1050,7 @@ class Cage:
         if not self.cgroups:
             return set()
         with contextlib.suppress(FileNotFoundError):
-            return {int(pid) for pid in (next(iter(self.cgroups.values())) / "cgroup.procs").read_text().split()}
+            return {int(pid) for pid in kernel_text(next(iter(self.cgroups.values())) / "cgroup.procs").split()}
         return set()
 
     def tracked(self) -> list[ProcInfo]:
@@ -1085,7 +1102,7 @@ class Cage:
             with contextlib.suppress(OSError):
                 _write(freezer / "freezer.state", "FROZEN")
                 deadline = time.monotonic() + 1
-                while (freezer / "freezer.state").read_text().strip() != "FROZEN" and time.monotonic() < deadline:
+                while kernel_text(freezer / "freezer.state").strip() != "FROZEN" and time.monotonic() < deadline:
                     time.sleep(0.01)
         self.signal(signal.SIGKILL)
         if freezer:
