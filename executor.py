@@ -512,8 +512,7 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         run_id = validate_folder_name("run_id", request.run_id) if request.run_id else new_run_id()
         workspace = validate_folder_name("workspace", request.workspace) if request.workspace else run_id
         workspace_dir = self._cfg.buffer_dir / workspace
-        home = task_home(workspace_dir, run_id, shared=bool(request.workspace))
-        env = task_environment(self._cfg, request.env, prefix, run_id, workspace_dir, home, extra)
+        env = task_environment(self._cfg, request.env, prefix, run_id, workspace_dir, extra)
         argv = [str(prefix / "bin" / "python"), str(script), *request.args]
         validate_exec_size(argv, env)
         limits = validate_limits(request.limits, self._cfg)
@@ -660,12 +659,12 @@ def kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, workspace_dir: Path, home: Path,
+def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, workspace_dir: Path,
                      extra: dict[str, str]) -> dict[str, str]:
     """Minimal and explicit: nothing else of the executor's environment reaches a task."""
     env = {
         "PATH": f"{prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(home),
+        "HOME": str(task_home(workspace_dir, run_id)),
         "LANG": _env("LANG", "C.UTF-8"),
         "TZ": _env("TZ", "UTC"),
         "PYTHONUNBUFFERED": "1",
@@ -679,10 +678,9 @@ def task_environment(cfg: Config, env_name: str, prefix: Path, run_id: str, work
     return env
 
 
-def task_home(workspace_dir: Path, run_id: str, shared: bool) -> Path:
-    """Each run's own HOME, inside its workspace: dotfiles and caches a task writes die with the workspace. A
-    workspace of its own (none requested) is its HOME: two folders fewer to create per run."""
-    return workspace_dir / ".home" / run_id if shared else workspace_dir
+def task_home(workspace_dir: Path, run_id: str) -> Path:
+    """Each run's own HOME, inside its workspace: dotfiles and caches a task writes die with the workspace."""
+    return workspace_dir / ".home" / run_id
 
 
 def _now_timestamp() -> Timestamp:
@@ -1695,7 +1693,7 @@ class ActiveRun:
 
     def _run_process(self, status) -> None:
         plan = self.plan
-        Path(plan.env["HOME"]).mkdir(parents=True, exist_ok=True)
+        task_home(plan.workspace_dir, plan.run_id).mkdir(parents=True, exist_ok=True)
         cage = self._containment.cage(plan.run_id, plan.env)
         try:
             started = time.monotonic()
