@@ -198,6 +198,15 @@ def test_airflow_reaches_every_executor_replica_through_dns(model: dict[str, Any
     assert "container_name" not in executor, "a fixed container name would forbid --scale executor=N"
 
 
+def test_executor_replicas_share_workspaces_through_the_store_not_a_volume(model: dict[str, Any]) -> None:
+    executor = model["services"]["executor"]
+    warehouse = env_file(ROOT / ".env")["VPE_WAREHOUSE_DB"]
+    assert executor["environment"]["VPE_EXECUTOR_WORKSPACE_STORE"] == (
+        f"postgresql://vpe_executor:{fake_secrets()['VPE_EXECUTOR_DB_PASSWORD']}@postgres:5432/{warehouse}")
+    assert not [volume for volume in executor["volumes"] if "/vpe/buffer" in str(volume)], \
+        "each replica's buffer is its own copy of the store's files"
+
+
 def test_celery_profile_adds_redis_and_workers(model: dict[str, Any]) -> None:
     services = model["services"]
     assert {name for name, s in services.items() if s.get("profiles")} == {"redis", "airflow-worker"}
