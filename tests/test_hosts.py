@@ -115,9 +115,14 @@ class Network:
 def network() -> Iterator[Network]:
     if os.geteuid() != 0:
         pytest.skip("simulating hosts needs root: network namespaces and a bridge (ip netns, ip link)")
+    net = None
     try:
         net = Network()
+        ip("netns", "add", f"{net.prefix}-probe")
+        ip("netns", "del", f"{net.prefix}-probe")
     except (OSError, subprocess.CalledProcessError) as err:
+        if net is not None:
+            net.remove()
         detail = getattr(err, "stderr", "") or err
         pytest.skip(f"cannot create a bridge and network namespaces here ({detail}); this test simulates hosts with them")
     try:
