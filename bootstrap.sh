@@ -329,6 +329,7 @@ ensure_secrets() {
   add_secret VPE_READER_PASSWORD random_hex 24
   add_secret VPE_REDIS_PASSWORD random_hex 24
   add_secret VPE_AIRFLOW_ADMIN_PASSWORD random_hex 12
+  add_secret VPE_EXECUTOR_DB_PASSWORD random_hex 24
   local line key
   while IFS= read -r line; do
     key=${line%%=*}

@@ -23,13 +23,14 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+import executor
 from conftest import ROOT, bootstrap, free_port
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECRET_KEYS = {"VPE_PG_PASSWORD", "VPE_EXECUTOR_TOKEN", "AIRFLOW__API_AUTH__JWT_SECRET",
                "AIRFLOW__API__SECRET_KEY", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_UID",
                "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD", "VPE_REDIS_PASSWORD",
-               "VPE_AIRFLOW_ADMIN_PASSWORD"}
+               "VPE_AIRFLOW_ADMIN_PASSWORD", "VPE_EXECUTOR_DB_PASSWORD"}
 AIRFLOW_SERVICES = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; $$ is a literal $.
 VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -198,10 +199,57 @@ def test_airflow_reaches_every_executor_replica_through_dns(model: dict[str, Any
     assert "container_name" not in executor, "a fixed container name would forbid --scale executor=N"
 
 
+def test_executor_replicas_share_no_volume(model: dict[str, Any]) -> None:
+    """With --scale executor=N a named volume is one disk under every replica; replicas on several hosts have
+    none in common, so what they write goes to volumes of their own (anonymous: one per container)."""
+    volumes = model["services"]["executor"]["volumes"]
+    writable = [v for v in volumes if not v.endswith(":ro")]
+    assert sorted(writable) == ["/vpe/buffer", "/vpe/logs"]
+    assert all(v.startswith("./") for v in volumes if v.endswith(":ro")), "read-only: the repo's own files"
+    assert not {"buffer", "executor-logs"} & set(model["volumes"])
+
+
+def test_every_executor_replica_names_its_own_address(model: dict[str, Any]) -> None:
+    """Started.replica (where Attach and Cancel go) is the bound host, or the container's own address when bound
+    to all: a fixed name, address or host port would be the same for every replica, or forbid scaling."""
+    executor = model["services"]["executor"]
+    assert executor["environment"]["VPE_EXECUTOR_HOST"] == "0.0.0.0"
+    assert "VPE_EXECUTOR_ADVERTISE" not in executor["environment"]
+    assert not {"container_name", "hostname", "ports"} & set(executor)
+
+
+def test_the_executor_keeps_workspaces_in_the_warehouses_postgresql(model: dict[str, Any]) -> None:
+    secrets = fake_secrets()
+    store = model["services"]["executor"]["environment"]["VPE_EXECUTOR_WORKSPACE_STORE"]
+    assert store == f"postgresql://vpe_executor:{secrets['VPE_EXECUTOR_DB_PASSWORD']}@postgres:5432/" \
+                    f"{env_file(ROOT / '.env')['VPE_WAREHOUSE_DB']}"
+    init = model["services"]["airflow-init"]
+    assert '"vpe_executor": "VPE_EXECUTOR_DB_PASSWORD"' in init["command"][-1]
+    assert init["environment"]["VPE_EXECUTOR_DB_PASSWORD"] == secrets["VPE_EXECUTOR_DB_PASSWORD"]
+    assert model["services"]["executor"]["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
+
+
+def test_airflows_target_is_one_dns_name_for_every_replica(model: dict[str, Any]) -> None:
+    """gRPC's dns resolver returns every address of the scaled service, and round_robin uses them all."""
+    from airflow.models.connection import Connection
+
+    from vpe.hooks import connection_settings
+    conn = model["services"]["airflow-scheduler"]["environment"]["AIRFLOW_CONN_GRPC_DEFAULT"]
+    target, token, _ = connection_settings(Connection.from_json(conn, conn_id="grpc_default"))
+    port = int(env_file(ROOT / ".env")["VPE_EXECUTOR_PORT"])
+    assert target == f"dns:///executor:{port}"
+    assert token == fake_secrets()["VPE_EXECUTOR_TOKEN"]
+    assert executor.split_target(target) == ("executor", port) and executor.listed_addresses(target) is None
+    assert ("grpc.lb_policy_name", "round_robin") in executor.GRPC_OPTIONS
+
+
 def test_celery_profile_adds_redis_and_workers(model: dict[str, Any]) -> None:
     services = model["services"]
     assert {name for name, s in services.items() if s.get("profiles")} == {"redis", "airflow-worker"}
     assert services["airflow-worker"]["command"] == "celery worker"
+    assert "healthcheck" in services["redis"] and "healthcheck" in services["airflow-worker"]
+    assert str(services["airflow-worker"]["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"]) == \
+        env_file(ROOT / ".env")["VPE_AIRFLOW_PARALLELISM"]
     assert services["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
     celery = compose_model(env_file(ROOT / ".env") | fake_secrets() | {"VPE_AIRFLOW_EXECUTOR": "CeleryExecutor"})
     assert celery["services"]["airflow-worker"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
