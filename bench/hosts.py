@@ -1,0 +1,204 @@
+"""Runs per minute of a DAG of many short deferrable tasks: 1 vs 3 executor replicas, 1 vs 2 Celery workers.
+
+For each Celery worker count (1, 2) the bench brings up a throwaway offline-demo stack under Airflow's
+CeleryExecutor (`./bootstrap.sh --offline-demo --celery`, VPE_CELERY_WORKERS) on a copy of dags/ and tasks/
+plus a DAG of --tasks tasks, each an ExecutorOperator(deferrable=True, defer_after=0) running a one-line
+script: every task starts its run, defers at once, and resumes in a worker when the run has ended (no sooner
+than the trigger's DEFER_SETTLE), so a DAG run costs two Airflow task starts per task and one executor run.
+
+The executor replicas are the stack's own executor plus two more started here, each with a VPE_HOME of its
+own, on loopback ports. The DAG file holds the same DAG twice: vpe_bench_hosts_1 reaches the stack's executor
+alone, vpe_bench_hosts_3 all three replicas through gRPC's multi-address target
+`ipv4:127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3` (connections given to Airflow as AIRFLOW_CONN_* variables, the
+way bootstrap.sh gives it grpc_default). Per configuration: one warm-up DAG run, then --runs DAG runs
+triggered together; runs/minute = those runs / (last end - first start). Each replica's run logs show where
+the executor runs went.
+
+What a 2-core machine can show: every replica and worker shares the same two cores, the same PostgreSQL and
+the same scheduler, so more replicas or workers add no CPU. What it shows is that spreading over them costs
+nothing, and where the time goes (Airflow's task start-up, not the executor); the gain of several hosts
+needs several machines.
+
+Run with the test venv:  .vpe/venv/bin/python bench/hosts.py [--tasks 40] [--runs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import (AirflowAPI, bootstrap, free_port, read_secrets, repo_copy_stack_config,  # noqa: E402
+                      stack_parent, wait_for_envs)
+
+REPLICAS = (1, 3)
+WORKERS = (1, 2)
+TINY_TASK = 'print("done")\n'
+
+
+def dag_file(tasks: int) -> str:
+    return f'''
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag
+from vpe import ExecutorOperator
+
+TASKS = {tasks}
+
+
+def tasks_dag(replicas: int) -> None:
+    @dag(dag_id=f"vpe_bench_hosts_{{replicas}}", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+         catchup=False, max_active_runs=16, max_active_tasks=TASKS * 16)
+    def many_short_deferrable_tasks():
+        for i in range(TASKS):
+            ExecutorOperator(task_id=f"t{{i:02d}}", env="ingestion", script="vpe_bench/tiny.py", deferrable=True,
+                             defer_after=timedelta(0), grpc_conn_id=f"vpe_bench_{{replicas}}", retries=0)
+
+    many_short_deferrable_tasks()
+
+
+for replicas in {REPLICAS!r}:
+    tasks_dag(replicas)
+'''
+
+
+def connection(ports: list[int], token: str) -> str:
+    """A vpe_executor connection, as bootstrap.sh's grpc_connection_json writes it, to the replicas on `ports`."""
+    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+    return f'{{"conn_type": "vpe_executor", "host": "{target}", "password": "{token}"}}'
+
+
+def start_replica(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """An executor with a VPE_HOME of its own, as `./bootstrap.sh up executor` starts one on another host."""
+    home.mkdir(parents=True)
+    replica_env = {**os.environ, "VPE_HOME": str(home), "VPE_EXECUTOR_HOST": "127.0.0.1",
+                   "VPE_EXECUTOR_PORT": str(port), "VPE_EXECUTOR_TASKS_DIR": env["VPE_TASKS_DIR"],
+                   "VPE_EXECUTOR_TOKEN": read_secrets(Path(env["VPE_HOME"]))["VPE_EXECUTOR_TOKEN"]}
+    with (home / "executor.log").open("w") as log:
+        return subprocess.Popen([sys.executable, str(ROOT / "executor.py"), "serve"], env=replica_env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_replica(replica: subprocess.Popen) -> None:
+    os.killpg(replica.pid, signal.SIGTERM)
+    try:
+        replica.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(replica.pid, signal.SIGKILL)
+        replica.wait(30)
+
+
+def stack_env(parent: Path, workers: int, tasks: int) -> tuple[dict[str, str], list[int]]:
+    """A Celery stack's environment (not yet up) with the bench DAG and connections to 1 and to 3 replicas, and
+    the replicas' ports (the stack's executor's first). The token is written before bootstrap makes the other
+    secrets: the connections carry it."""
+    env = repo_copy_stack_config(parent, f"workers{workers}", {"dags/vpe_bench_hosts.py": dag_file(tasks),
+                                                              "tasks/vpe_bench/tiny.py": TINY_TASK})
+    env.update(VPE_AIRFLOW_EXECUTOR="CeleryExecutor", VPE_CELERY_WORKERS=str(workers))
+    token = os.urandom(32).hex()
+    secrets = Path(env["VPE_HOME"]) / "secrets.env"
+    secrets.write_text(f"VPE_EXECUTOR_TOKEN={token}\n")
+    secrets.chmod(0o600)
+    ports = [int(env["VPE_EXECUTOR_PORT"]), free_port(), free_port()]
+    for replicas in REPLICAS:
+        env[f"AIRFLOW_CONN_VPE_BENCH_{replicas}"] = connection(ports[:replicas], token)
+    return env, ports
+
+
+def seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def runs_per_replica(homes: list[Path]) -> list[int]:
+    return [len(list((home / "logs" / "runs").glob("*.jsonl"))) for home in homes]
+
+
+def batch(airflow: AirflowAPI, dag_id: str, runs: int) -> dict:
+    """`runs` DAG runs triggered together: their span (first start to last end) and what did not succeed at once."""
+    run_ids = [airflow.trigger(dag_id) for _ in range(runs)]
+    for run_id in run_ids:
+        airflow.wait_for_run(dag_id, run_id, timeout=3600)
+    dag_runs = [airflow.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}") for run_id in run_ids]
+    tis = [ti for run_id in run_ids for ti in airflow.request(
+        "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")["task_instances"]]
+    span = seconds(min(r["start_date"] for r in dag_runs), max(r["end_date"] for r in dag_runs))
+    return {"span": span, "failed_runs": sum(r["state"] != "success" for r in dag_runs),
+            "tasks": len(tis), "failed_tasks": sum(ti["state"] != "success" or ti["try_number"] != 1 for ti in tis)}
+
+
+def measure(airflow: AirflowAPI, replica_homes: list[Path], replicas: int, runs: int) -> dict:
+    dag_id = f"vpe_bench_hosts_{replicas}"
+    airflow.wait_for_dag(dag_id)
+    airflow.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+    batch(airflow, dag_id, 1)
+    before = runs_per_replica(replica_homes)
+    result = batch(airflow, dag_id, runs)
+    result["per_replica"] = [after - b for after, b in zip(runs_per_replica(replica_homes), before)][:replicas]
+    result["runs_per_minute"] = runs / result["span"] * 60
+    return result
+
+
+def measure_workers(parent: Path, workers: int, tasks: int, runs: int) -> dict[int, dict]:
+    env, ports = stack_env(parent, workers, tasks)
+    replica_homes = [Path(env["VPE_HOME"])] + [parent / f"workers{workers}-replica{i}" for i in (2, 3)]
+    print(f"bringing up an offline-demo stack with {workers} Celery worker(s) and 3 replicas in {parent}", flush=True)
+    extra = [start_replica(home, port, env) for home, port in zip(replica_homes[1:], ports[1:])]
+    try:
+        bootstrap("--offline-demo", "--celery", "up", env=env, timeout=1200)
+        for port in ports:
+            wait_for_envs({**env, "VPE_EXECUTOR_PORT": str(port)})
+        airflow = AirflowAPI(env)
+        results = {}
+        for replicas in REPLICAS:
+            results[replicas] = measure(airflow, replica_homes, replicas, runs)
+            r = results[replicas]
+            print(f"  {replicas} replica(s), {workers} worker(s): {r['runs_per_minute']:.2f} runs/min "
+                  f"({runs} runs in {r['span']:.0f} s), runs per replica {r['per_replica']}, "
+                  f"failed runs {r['failed_runs']}, tasks not done in one try {r['failed_tasks']}", flush=True)
+        return results
+    finally:
+        bootstrap("down", env=env, check=False)
+        for replica in extra:
+            stop_replica(replica)
+
+
+def report(results: dict[tuple[int, int], dict], tasks: int, runs: int) -> None:
+    base = results[(1, 1)]["runs_per_minute"]
+    print(f"\n{runs} DAG runs of {tasks} deferrable tasks (defer_after=0) each, triggered together, after one "
+          f"warm-up run; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"{'configuration':<28} {'runs/min':>9} {'tasks/min':>10} {'vs 1/1':>7} {'runs per replica':>18} "
+          f"{'failed':>7}")
+    for (replicas, workers), r in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
+        label = f"{replicas} replica(s), {workers} worker(s)"
+        print(f"{label:<28} {r['runs_per_minute']:>9.2f} {r['runs_per_minute'] * tasks:>10.0f} "
+              f"{r['runs_per_minute'] / base:>6.2f}x {'/'.join(map(str, r['per_replica'])):>18} "
+              f"{r['failed_tasks']:>7}")
+    print("\nOn one 2-core machine the replicas and workers share the same cores, PostgreSQL and scheduler: the "
+          "ratios show what spreading costs, not what more hosts would gain.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=40, help="deferrable tasks in the DAG (default: 40)")
+    parser.add_argument("--runs", type=int, default=2, help="DAG runs triggered together per configuration "
+                                                            "(default: 2)")
+    args = parser.parse_args()
+    parent = stack_parent("vpe-bench-hosts-")
+    results = {}
+    for workers in WORKERS:
+        for replicas, result in measure_workers(parent, workers, args.tasks, args.runs).items():
+            results[(replicas, workers)] = result
+    report(results, args.tasks, args.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
