@@ -1,8 +1,8 @@
 """Runs per minute of a DAG of many short deferrable tasks: 1 vs 3 executor replicas, 1 vs 2 Celery workers.
 
-For each Celery worker count (1, 2) the bench brings up a throwaway offline-demo stack under Airflow's
-CeleryExecutor (`./bootstrap.sh --offline-demo --celery`, VPE_CELERY_WORKERS) on a copy of dags/ and tasks/
-plus a DAG of --tasks tasks, each an ExecutorOperator(deferrable=True, defer_after=0) running a one-line
+For each Celery setup the bench brings up a throwaway offline-demo stack under Airflow's CeleryExecutor
+(`./bootstrap.sh --offline-demo --celery`, VPE_CELERY_WORKERS) on a copy of dags/ and tasks/ plus a DAG of
+--tasks tasks, each an ExecutorOperator(deferrable=True, defer_after=0) running a one-line
 script: every task starts its run, defers at once, and resumes in a worker when the run has ended (no sooner
 than the trigger's DEFER_SETTLE), so a DAG run costs two Airflow task starts per task and one executor run.
 
@@ -14,10 +14,14 @@ way bootstrap.sh gives it grpc_default). Per configuration: one warm-up DAG run,
 triggered together; runs/minute = those runs / (last end - first start). Each replica's run logs show where
 the executor runs went.
 
+The Celery setups: 1 worker; 2 workers as bootstrap.sh sets them up (VPE_AIRFLOW_PARALLELISM, .env's 4, is each
+worker's concurrency and also the scheduler's `parallelism`, its cap on tasks queued or running in all: the
+second worker gets no slot of its own); 2 workers with VPE_AIRFLOW_PARALLELISM doubled, so that the scheduler
+hands out as many tasks as two hosts of 4 slots each would take (each worker may then take 8 of them).
+
 What a 2-core machine can show: every replica and worker shares the same two cores, the same PostgreSQL and
-the same scheduler, so more replicas or workers add no CPU. What it shows is that spreading over them costs
-nothing, and where the time goes (Airflow's task start-up, not the executor); the gain of several hosts
-needs several machines.
+the same scheduler, so more replicas or workers add no CPU. It can show what spreading over them costs, that
+the runs do spread, and where the time goes; what several hosts gain needs several machines.
 
 Run with the test venv:  .vpe/venv/bin/python bench/hosts.py [--tasks 40] [--runs 2]
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +44,6 @@ from conftest import (AirflowAPI, bootstrap, free_port, read_secrets, repo_copy_
                       stack_parent, wait_for_envs)
 
 REPLICAS = (1, 3)
-WORKERS = (1, 2)
 TINY_TASK = 'print("done")\n'
 
 
@@ -96,13 +100,27 @@ def stop_replica(replica: subprocess.Popen) -> None:
         replica.wait(30)
 
 
-def stack_env(parent: Path, workers: int, tasks: int) -> tuple[dict[str, str], list[int]]:
+def parallelism() -> int:
+    """VPE_AIRFLOW_PARALLELISM as bootstrap.sh reads it: the environment's, else .env's."""
+    lines = (ROOT / ".env").read_text().splitlines()
+    configured = dict(line.split("=", 1) for line in lines if line.startswith("VPE_AIRFLOW_PARALLELISM="))
+    return int(os.environ.get("VPE_AIRFLOW_PARALLELISM") or configured["VPE_AIRFLOW_PARALLELISM"])
+
+
+def celery_setups() -> list[tuple[int, int]]:
+    """(workers, the scheduler's parallelism) of each stack."""
+    slots = parallelism()
+    return [(1, slots), (2, slots), (2, 2 * slots)]
+
+
+def stack_env(parent: Path, workers: int, slots: int, tasks: int) -> tuple[dict[str, str], list[int]]:
     """A Celery stack's environment (not yet up) with the bench DAG and connections to 1 and to 3 replicas, and
     the replicas' ports (the stack's executor's first). The token is written before bootstrap makes the other
     secrets: the connections carry it."""
-    env = repo_copy_stack_config(parent, f"workers{workers}", {"dags/vpe_bench_hosts.py": dag_file(tasks),
+    env = repo_copy_stack_config(parent, f"workers{workers}-slots{slots}", {"dags/vpe_bench_hosts.py": dag_file(tasks),
                                                               "tasks/vpe_bench/tiny.py": TINY_TASK})
-    env.update(VPE_AIRFLOW_EXECUTOR="CeleryExecutor", VPE_CELERY_WORKERS=str(workers))
+    env.update(VPE_AIRFLOW_EXECUTOR="CeleryExecutor", VPE_CELERY_WORKERS=str(workers),
+               VPE_AIRFLOW_PARALLELISM=str(slots))
     token = os.urandom(32).hex()
     secrets = Path(env["VPE_HOME"]) / "secrets.env"
     secrets.write_text(f"VPE_EXECUTOR_TOKEN={token}\n")
@@ -146,10 +164,13 @@ def measure(airflow: AirflowAPI, replica_homes: list[Path], replicas: int, runs:
     return result
 
 
-def measure_workers(parent: Path, workers: int, tasks: int, runs: int) -> dict[int, dict]:
-    env, ports = stack_env(parent, workers, tasks)
-    replica_homes = [Path(env["VPE_HOME"])] + [parent / f"workers{workers}-replica{i}" for i in (2, 3)]
-    print(f"bringing up an offline-demo stack with {workers} Celery worker(s) and 3 replicas in {parent}", flush=True)
+def measure_stack(parent: Path, workers: int, slots: int, tasks: int, runs: int) -> dict[int, dict]:
+    """Each replica count's result on one stack of `workers` Celery workers and `slots` scheduler slots."""
+    env, ports = stack_env(parent, workers, slots, tasks)
+    name = f"workers{workers}-slots{slots}"
+    replica_homes = [Path(env["VPE_HOME"])] + [parent / f"{name}-replica{i}" for i in (2, 3)]
+    print(f"bringing up an offline-demo stack with {workers} Celery worker(s), scheduler parallelism {slots} and "
+          f"3 replicas in {parent}", flush=True)
     extra = [start_replica(home, port, env) for home, port in zip(replica_homes[1:], ports[1:])]
     try:
         bootstrap("--offline-demo", "--celery", "up", env=env, timeout=1200)
@@ -158,11 +179,10 @@ def measure_workers(parent: Path, workers: int, tasks: int, runs: int) -> dict[i
         airflow = AirflowAPI(env)
         results = {}
         for replicas in REPLICAS:
-            results[replicas] = measure(airflow, replica_homes, replicas, runs)
-            r = results[replicas]
-            print(f"  {replicas} replica(s), {workers} worker(s): {r['runs_per_minute']:.2f} runs/min "
-                  f"({runs} runs in {r['span']:.0f} s), runs per replica {r['per_replica']}, "
-                  f"failed runs {r['failed_runs']}, tasks not done in one try {r['failed_tasks']}", flush=True)
+            results[replicas] = r = measure(airflow, replica_homes, replicas, runs)
+            print(f"  {replicas} replica(s): {r['runs_per_minute']:.2f} runs/min ({runs} runs in {r['span']:.0f} s), "
+                  f"runs per replica {r['per_replica']}, failed runs {r['failed_runs']}, "
+                  f"tasks not done in one try {r['failed_tasks']}", flush=True)
         return results
     finally:
         bootstrap("down", env=env, check=False)
@@ -170,17 +190,15 @@ def measure_workers(parent: Path, workers: int, tasks: int, runs: int) -> dict[i
             stop_replica(replica)
 
 
-def report(results: dict[tuple[int, int], dict], tasks: int, runs: int) -> None:
-    base = results[(1, 1)]["runs_per_minute"]
+def report(results: dict[tuple[int, int, int], dict], tasks: int, runs: int) -> None:
+    base = results[(1, 1, parallelism())]["runs_per_minute"]
     print(f"\n{runs} DAG runs of {tasks} deferrable tasks (defer_after=0) each, triggered together, after one "
           f"warm-up run; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"{'configuration':<28} {'runs/min':>9} {'tasks/min':>10} {'vs 1/1':>7} {'runs per replica':>18} "
-          f"{'failed':>7}")
-    for (replicas, workers), r in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
-        label = f"{replicas} replica(s), {workers} worker(s)"
-        print(f"{label:<28} {r['runs_per_minute']:>9.2f} {r['runs_per_minute'] * tasks:>10.0f} "
-              f"{r['runs_per_minute'] / base:>6.2f}x {'/'.join(map(str, r['per_replica'])):>18} "
-              f"{r['failed_tasks']:>7}")
+    print(f"{'replicas':>8} {'workers':>8} {'scheduler slots':>16} {'runs/min':>9} {'tasks/min':>10} {'vs 1/1':>7} "
+          f"{'runs per replica':>17} {'not 1st try':>12}")
+    for (replicas, workers, slots), r in results.items():
+        print(f"{replicas:>8} {workers:>8} {slots:>16} {r['runs_per_minute']:>9.2f} {r['runs_per_minute'] * tasks:>10.0f} "
+              f"{r['runs_per_minute'] / base:>6.2f}x {'/'.join(map(str, r['per_replica'])):>17} {r['failed_tasks']:>12}")
     print("\nOn one 2-core machine the replicas and workers share the same cores, PostgreSQL and scheduler: the "
           "ratios show what spreading costs, not what more hosts would gain.")
 
@@ -193,9 +211,12 @@ def main() -> int:
     args = parser.parse_args()
     parent = stack_parent("vpe-bench-hosts-")
     results = {}
-    for workers in WORKERS:
-        for replicas, result in measure_workers(parent, workers, args.tasks, args.runs).items():
-            results[(replicas, workers)] = result
+    try:
+        for workers, slots in celery_setups():
+            for replicas, result in measure_stack(parent, workers, slots, args.tasks, args.runs).items():
+                results[(replicas, workers, slots)] = result
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
     report(results, args.tasks, args.runs)
     return 0
 

@@ -209,13 +209,37 @@ def test_executor_replicas_share_no_volume(model: dict[str, Any]) -> None:
     assert not {"buffer", "executor-logs"} & set(model["volumes"])
 
 
-def test_every_executor_replica_names_its_own_address(model: dict[str, Any]) -> None:
-    """Started.replica (where Attach and Cancel go) is the bound host, or the container's own address when bound
-    to all: a fixed name, address or host port would be the same for every replica, or forbid scaling."""
+def test_the_executor_service_has_nothing_one_replica_only_can_have(model: dict[str, Any]) -> None:
+    """Started.replica (where Attach and Cancel go) is the container's own address when bound to all (next test):
+    a fixed name, address or host port would be the same for every replica, or forbid scaling."""
     executor = model["services"]["executor"]
-    assert executor["environment"]["VPE_EXECUTOR_HOST"] == "0.0.0.0"
     assert "VPE_EXECUTOR_ADVERTISE" not in executor["environment"]
     assert not {"container_name", "hostname", "ports"} & set(executor)
+
+
+def replica_named_in_a_container(tmp_path: Path, hostname: str, address: str, port: int) -> str:
+    """Started.replica of an executor bound to 0.0.0.0 in a stand-in for a Docker container: its own hostname
+    (UTS namespace) and an /etc/hosts that maps it to the container's address (mount namespace), as Docker
+    writes them."""
+    hosts = tmp_path / f"hosts-{hostname}"
+    hosts.write_text(f"127.0.0.1 localhost\n{address} {hostname}\n")
+    probe = f"import executor; print(executor.Config(host='0.0.0.0', port={port}).replica)"
+    script = f"hostname {hostname} && mount --bind {hosts} /etc/hosts && exec {sys.executable} -c \"{probe}\""
+    result = subprocess.run(["unshare", "--uts", "--mount", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    if result.returncode != 0 and ("unshare" in result.stderr or "mount" in result.stderr):
+        pytest.skip(f"cannot make UTS and mount namespaces here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_each_scaled_replica_names_its_own_container_address(model: dict[str, Any], tmp_path: Path) -> None:
+    executor_env = model["services"]["executor"]["environment"]
+    assert executor_env["VPE_EXECUTOR_HOST"] == "0.0.0.0"
+    port = int(executor_env["VPE_EXECUTOR_PORT"])
+    named = [replica_named_in_a_container(tmp_path, hostname, address, port)
+             for hostname, address in [("3f2a9c1b7d4e", "172.30.0.7"), ("9b0c4d2e6a18", "172.30.0.8")]]
+    assert named == [f"172.30.0.7:{port}", f"172.30.0.8:{port}"]
 
 
 def test_the_executor_keeps_workspaces_in_the_warehouses_postgresql(model: dict[str, Any]) -> None:
