@@ -18,7 +18,9 @@ usage() {
 Usage: ./bootstrap.sh [--local|--docker] [--offline-demo] [--celery] [COMMAND] [ARGS...]
 
 Commands:
-  up [COMPONENT...]  start what is down (default command); components: ${COMPONENTS[*]}
+  up [COMPONENT...]  start what is down (default command); components: ${COMPONENTS[*]}; on an executor
+                     or worker host (VPE_CENTRAL_HOST set): executor, celery-worker (README "Running on
+                     several hosts")
   status             one line per component: address and health (exit 1 if any is unhealthy)
   down               stop every process this project started; data is kept
   psql [--admin] [ARGS...]  psql on the warehouse as the reader role (--admin: as the superuser, for
@@ -64,6 +66,7 @@ main() {
   [ $# -gt 0 ] && shift
   load_config
   choose_mode
+  [ "$MODE" = docker ] || several_hosts_addresses
   case "$command" in
     config) print_config; return ;;
     test) cmd_test "$@"; return ;;
@@ -143,17 +146,22 @@ print_config() {
 prepare_local() {
   make_state_dirs
   ensure_secrets
-  if [ "$OFFLINE_DEMO" = 1 ] || open_meteo_running; then enter_offline_demo; fi
+  if [ "$OFFLINE_DEMO" = 1 ] || { ! satellite && open_meteo_running; }; then enter_offline_demo; fi
   # A running Redis means the stack was started under Celery: later commands keep to it.
   if redis_running; then export VPE_AIRFLOW_EXECUTOR=CeleryExecutor; fi
   export_warehouse_dsn
+  export_workspace_store
   airflow_env
 }
 
 cmd_up() {
   local wanted=("$@") component
+  if satellite; then
+    [ ${#wanted[@]} -gt 0 ] && [[ " ${wanted[*]} " != *" postgres "* && " ${wanted[*]} " != *" airflow "* ]] \
+      || die "this host reaches the central host $VPE_CENTRAL_HOST (VPE_CENTRAL_HOST): start what runs here, ./bootstrap.sh up executor or ./bootstrap.sh --celery up celery-worker"
+  fi
   [ ${#wanted[@]} -gt 0 ] || wanted=("${COMPONENTS[@]}")
-  if [ "$OFFLINE_DEMO" = 1 ]; then
+  if [ "$OFFLINE_DEMO" = 1 ] && ! satellite; then
     open_meteo_running || ! running executor "executor.py serve" \
       || die "the executor runs against the real weather API; to switch to the offline demo: ./bootstrap.sh down && ./bootstrap.sh --offline-demo"
     wanted=(open-meteo arcgis "${wanted[@]}")
@@ -168,29 +176,26 @@ cmd_up() {
 }
 
 cmd_status() {
-  local bad=0
-  find_pg_bin
+  local bad=0 replica
+  satellite || find_pg_bin
   status_row COMPONENT ADDRESS STATE
   status_line postgres "$VPE_PG_HOST:$VPE_PG_PORT" postgres_healthy || bad=1
-  status_line executor "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" executor_healthy || bad=1
-  [ "$OFFLINE_DEMO" = 1 ] && { status_line "open-meteo (SYNTHETIC)" "127.0.0.1:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1; }
-  [ "$OFFLINE_DEMO" = 1 ] && { status_line "arcgis (demo layer)" "127.0.0.1:$VPE_ARCGIS_PORT" arcgis_healthy || bad=1; }
+  for replica in $(executor_replicas); do
+    status_line executor "$replica" replica_healthy "$replica" || bad=1
+  done
+  if [ "$OFFLINE_DEMO" = 1 ] && ! satellite; then
+    status_line "open-meteo (SYNTHETIC)" "$CENTRAL:$VPE_OPEN_METEO_PORT" open_meteo_healthy || bad=1
+    status_line "arcgis (demo layer)" "$CENTRAL:$VPE_ARCGIS_PORT" arcgis_healthy || bad=1
+  fi
   status_line airflow-api "$(airflow_api)" airflow_healthy || bad=1
   local part
-  for part in scheduler dag_processor triggerer; do
+  satellite || for part in scheduler dag_processor triggerer; do
     status_line "airflow-${part/_/-}" "(reported by airflow-api)" airflow_part_healthy "$part" || bad=1
   done
-  if celery_mode; then
-    status_line redis "127.0.0.1:$VPE_REDIS_PORT" redis_healthy || bad=1
-    local replies worker
-    replies=$(celery_workers_answering)
-    for worker in $(celery_worker_names); do
-      status_row "airflow-celery-worker" "$worker" "$(grep -qx "$worker" <<< "$replies" && say healthy || say unhealthy)"
-      grep -qx "$worker" <<< "$replies" || bad=1
-    done
-  fi
+  if celery_mode; then celery_status || bad=1; fi
   say ""
-  executor_cli ping 2>/dev/null | sed 's/^/  /' || true
+  replica=$(executor_replicas | head -n 1)
+  executor_cli ping --host "${replica%:*}" --port "${replica##*:}" 2>/dev/null | sed 's/^/  /' || true
   [ "$OFFLINE_DEMO" = 0 ] || say "
 OFFLINE DEMO: the weather is SYNTHETIC (local stand-in), loaded into the database $VPE_WAREHOUSE_DB.
 To use the real archive API: ./bootstrap.sh down && ./bootstrap.sh"
@@ -225,9 +230,9 @@ cmd_down() {
   for service in "${AIRFLOW_SERVICES[@]}"; do airflow+=("airflow-$service"); done
   for service in $(celery_worker_names); do airflow+=("${service%@*}"); done
   # Airflow first: its running tasks are cancelled while the executor can still hear it.
-  stop_groups "${airflow[@]}"
+  stop_groups "${airflow[@]}" celery-log-server
   stop_groups executor open-meteo arcgis redis
-  stop_postgres
+  satellite || stop_postgres
   say "stopped; data kept in $VPE_HOME"
 }
 
@@ -274,7 +279,7 @@ cmd_test() {
 all_components() {
   local component
   for component in "$@"; do
-    [[ " ${COMPONENTS[*]} " == *" $component "* ]] || return 1
+    [[ " ${COMPONENTS[*]} celery-worker " == *" $component "* ]] || return 1
   done
 }
 
@@ -317,7 +322,21 @@ make_state_dirs() {
 
 # Secrets are generated once and kept: the database passwords must survive re-runs.
 # A key added by a newer version (the roles' passwords) is appended to an older file.
+# Executor and worker hosts use the central host's file, copied: the same token and passwords.
 ensure_secrets() {
+  if satellite; then
+    [ -s "$SECRETS" ] || die "this host needs the central host's secrets: copy its \$VPE_HOME/secrets.env to $SECRETS (scp, mode 600)"
+  else
+    make_secrets
+  fi
+  local line key
+  while IFS= read -r line; do
+    key=${line%%=*}
+    [ -n "${!key+x}" ] || export "$line"
+  done < "$SECRETS"
+}
+
+make_secrets() {
   ( umask 077; touch "$SECRETS" )
   add_secret VPE_PG_PASSWORD random_hex 24
   add_secret VPE_EXECUTOR_TOKEN random_hex 32
@@ -327,14 +346,9 @@ ensure_secrets() {
   add_secret VPE_AIRFLOW_DB_PASSWORD random_hex 24
   add_secret VPE_LOADER_PASSWORD random_hex 24
   add_secret VPE_READER_PASSWORD random_hex 24
+  add_secret VPE_EXECUTOR_DB_PASSWORD random_hex 24
   add_secret VPE_REDIS_PASSWORD random_hex 24
   add_secret VPE_AIRFLOW_ADMIN_PASSWORD random_hex 12
-  add_secret VPE_EXECUTOR_DB_PASSWORD random_hex 24
-  local line key
-  while IFS= read -r line; do
-    key=${line%%=*}
-    [ -n "${!key+x}" ] || export "$line"
-  done < "$SECRETS"
 }
 
 # KEY COMMAND...: appends KEY=<the command's output> unless KEY is there.
@@ -345,6 +359,11 @@ add_secret() {
 # The tasks load as vpe_loader: they may stage rows and call load_staging, nothing more.
 export_warehouse_dsn() {
   export VPE_WAREHOUSE_DSN="postgresql://vpe_loader:$VPE_LOADER_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
+}
+
+# The executor keeps its workspaces in the mode's warehouse database, as vpe_executor: every host reaches it.
+export_workspace_store() {
+  export VPE_EXECUTOR_WORKSPACE_STORE="postgresql://vpe_executor:$VPE_EXECUTOR_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_WAREHOUSE_DB"
 }
 
 random_hex() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
@@ -446,7 +465,11 @@ psql_super() {
   "$PG_BIN/psql" -X -q -h "$PG_SOCKET" -p "$VPE_PG_PORT" -U "$VPE_PG_USER" -v ON_ERROR_STOP=1 "$@"
 }
 
-postgres_healthy() { "$PG_BIN/pg_isready" -q -h "$PG_SOCKET" -p "$VPE_PG_PORT"; }
+# Another host only sees whether the central host's PostgreSQL takes connections (it may lack pg_isready).
+postgres_healthy() {
+  if satellite; then ! port_free "$VPE_PG_HOST" "$VPE_PG_PORT"; return; fi
+  "$PG_BIN/pg_isready" -q -h "$PG_SOCKET" -p "$VPE_PG_PORT"
+}
 
 init_cluster() {
   [ -s "$PG_DATA/PG_VERSION" ] && return
@@ -470,6 +493,7 @@ start_postgres() {
   # Everything else runs as the caller; only PostgreSQL's log folder belongs to its account.
   chown "$PG_OS_USER" "$LOGS/postgres"
   init_cluster
+  allow_other_hosts
   if as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
     say "postgres   already running"
   else
@@ -490,10 +514,11 @@ start_postgres() {
 # warehouse roles their rights (docker-compose.yml's airflow-init does the same in compose mode).
 ensure_login_roles() {
   psql_super -d postgres -v airflow="$VPE_AIRFLOW_DB_PASSWORD" -v loader="$VPE_LOADER_PASSWORD" \
-    -v reader="$VPE_READER_PASSWORD" <<'SQL'
+    -v reader="$VPE_READER_PASSWORD" -v executor="$VPE_EXECUTOR_DB_PASSWORD" <<'SQL'
 SELECT format('%s ROLE %I LOGIN PASSWORD %L', CASE WHEN r.rolname IS NULL THEN 'CREATE' ELSE 'ALTER' END,
               w.name, w.password)
-FROM (VALUES ('airflow', :'airflow'), ('vpe_loader', :'loader'), ('vpe_reader', :'reader')) AS w(name, password)
+FROM (VALUES ('airflow', :'airflow'), ('vpe_loader', :'loader'), ('vpe_reader', :'reader'),
+             ('vpe_executor', :'executor')) AS w(name, password)
 LEFT JOIN pg_roles r ON r.rolname = w.name \gexec
 SQL
 }
@@ -515,6 +540,16 @@ WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', '
   AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                                        AND d.objid = c.oid AND d.deptype IN ('a', 'i'))) \gexec
 SQL
+}
+
+# Several hosts: the hosts on this host's networks log in with a password, like local TCP clients; the address
+# they use is listen_addresses (VPE_PG_HOST, set from VPE_LISTEN_ADDRESS). A running server rereads the file.
+allow_other_hosts() {
+  serves_others || return 0
+  local line="host all all samenet scram-sha-256  # VPE_LISTEN_ADDRESS: executor and worker hosts"
+  grep -qxF "$line" "$PG_DATA/pg_hba.conf" && return
+  say "$line" >> "$PG_DATA/pg_hba.conf"
+  if as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" reload >/dev/null; fi
 }
 
 port_free() {
@@ -549,7 +584,22 @@ executor_cli() { "$VPE_VENV/bin/python" "$ROOT/executor.py" "$@"; }
 
 executor_healthy() { executor_cli ping >/dev/null 2>&1; }
 
+replica_healthy() { executor_cli ping --host "${1%:*}" --port "${1##*:}" >/dev/null 2>&1; }
+
+# host:port of each replica VPE_EXECUTOR_TARGET names, one a line.
+executor_replicas() {
+  "$VPE_VENV/bin/python" -c 'import sys; from vpe.executor import replica_targets; print(*replica_targets(sys.argv[1]), sep="\n")' \
+    "$EXECUTOR_TARGET"
+}
+
+# Whether one of the replicas Airflow uses is this host's (not so when VPE_EXECUTOR_TARGET names only others).
+executor_here() { executor_replicas | grep -qxF "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT"; }
+
 start_executor() {
+  if ! executor_here; then
+    say "executor   none here: Airflow uses the replicas of VPE_EXECUTOR_TARGET=$EXECUTOR_TARGET"
+    return
+  fi
   if running executor "executor.py serve"; then
     say "executor   already running"
   else
@@ -569,7 +619,7 @@ airflow_env() {
   export AIRFLOW__CORE__DAGS_FOLDER=$VPE_DAGS_DIR
   export AIRFLOW__CORE__EXECUTOR=$VPE_AIRFLOW_EXECUTOR
   if celery_mode; then
-    export AIRFLOW__CELERY__BROKER_URL="redis://:$VPE_REDIS_PASSWORD@127.0.0.1:$VPE_REDIS_PORT/0"
+    export AIRFLOW__CELERY__BROKER_URL="redis://:$VPE_REDIS_PASSWORD@$CENTRAL:$VPE_REDIS_PORT/0"
     export AIRFLOW__CELERY__RESULT_BACKEND="db+postgresql://airflow:$VPE_AIRFLOW_DB_PASSWORD@$VPE_PG_HOST:$VPE_PG_PORT/$VPE_AIRFLOW_DB"
     export AIRFLOW__CELERY__WORKER_CONCURRENCY=$VPE_AIRFLOW_PARALLELISM
     # Several people share a Celery setup: real users and roles, not the simple auth manager (for development only).
@@ -582,14 +632,17 @@ airflow_env() {
   export AIRFLOW__API__PORT=$VPE_AIRFLOW_PORT
   export AIRFLOW__API__BASE_URL=$api
   export AIRFLOW__LOGGING__BASE_LOG_FOLDER=$LOGS/airflow
+  # A task instance records where it ran; the api-server fetches its log from there (a worker host's log server).
+  export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=$VPE_WORKER_LOG_PORT
+  ! serves_others || export AIRFLOW__CORE__HOSTNAME_CALLABLE=vpe.hosts.listen_address
   export AIRFLOW_CONN_GRPC_DEFAULT
   AIRFLOW_CONN_GRPC_DEFAULT=$(grpc_connection_json)
 }
 
-# The connection Airflow uses to reach the executor; its password is the executor's token.
+# The connection Airflow uses to reach the executor (VPE_EXECUTOR_TARGET, whole, as its host); its password
+# is the executor's token.
 grpc_connection_json() {
-  printf '{"conn_type": "vpe_executor", "host": "%s", "port": %s, "password": "%s"}' \
-    "$VPE_EXECUTOR_HOST" "$VPE_EXECUTOR_PORT" "$VPE_EXECUTOR_TOKEN"
+  printf '{"conn_type": "vpe_executor", "host": "%s", "password": "%s"}' "$EXECUTOR_TARGET" "$VPE_EXECUTOR_TOKEN"
 }
 
 airflow_api() { say "http://$VPE_AIRFLOW_HOST:$VPE_AIRFLOW_PORT"; }
@@ -626,7 +679,8 @@ start_airflow() {
 }
 
 # Airflow's log servers bind every interface; workers here share the log folder
-# with the api-server, so they are not needed and nothing listens beyond loopback.
+# with the api-server, so they are not needed and nothing listens beyond loopback
+# (a worker host starts one of its own on its address: start_log_server).
 airflow_flags() {
   case "$1" in scheduler|triggerer) say --skip-serve-logs ;; esac
 }
@@ -653,15 +707,36 @@ ensure_fab_admin() {
 # processes run them. Workers here share the log folder with the api-server, so like the scheduler
 # they serve no logs (a log server binds every interface).
 
+# Named after this host's address when it has one for the others: hosts may share a host name (namespaces).
 celery_worker_names() {
   celery_mode || return 0
-  local i
-  for i in $(seq 1 "$VPE_CELERY_WORKERS"); do say "celery-worker-$i@$(hostname)"; done
+  local i host
+  host=$(serves_others && say "$VPE_LISTEN_ADDRESS" || hostname)
+  for i in $(seq 1 "$VPE_CELERY_WORKERS"); do say "celery-worker-$i@$host"; done
+}
+
+# Redis and this host's workers; on the central host also the workers other hosts run.
+celery_status() {
+  local bad=0 replies worker
+  status_line redis "$CENTRAL:$VPE_REDIS_PORT" redis_healthy || bad=1
+  replies=$(celery_workers_answering)
+  for worker in $(celery_worker_names); do
+    status_row "airflow-celery-worker" "$worker" "$(grep -qx "$worker" <<< "$replies" && say healthy || say unhealthy)"
+    grep -qx "$worker" <<< "$replies" || bad=1
+  done
+  if satellite && serves_others; then
+    status_line "airflow-log-server" "$VPE_LISTEN_ADDRESS:$VPE_WORKER_LOG_PORT" log_server_healthy || bad=1
+  elif ! satellite; then
+    for worker in $(grep -vxF "$(celery_worker_names)" <<< "$replies"); do
+      status_row "airflow-celery-worker" "$worker" "healthy (another host)"
+    done
+  fi
+  return $bad
 }
 
 redis_running() { running redis "redis-server"; }
 
-redis_cli() { REDISCLI_AUTH=$VPE_REDIS_PASSWORD redis-cli -h 127.0.0.1 -p "$VPE_REDIS_PORT" "$@"; }
+redis_cli() { REDISCLI_AUTH=$VPE_REDIS_PASSWORD redis-cli -h "$CENTRAL" -p "$VPE_REDIS_PORT" "$@"; }
 
 redis_healthy() { [ "$(redis_cli ping 2>/dev/null)" = PONG ]; }
 
@@ -672,11 +747,11 @@ start_redis() {
   if redis_running; then
     say "redis      already running"
   else
-    port_free 127.0.0.1 "$VPE_REDIS_PORT" || die "port $VPE_REDIS_PORT is taken by another program: set VPE_REDIS_PORT in .env or the environment."
+    port_free "$CENTRAL" "$VPE_REDIS_PORT" || die "port $VPE_REDIS_PORT is taken by another program: set VPE_REDIS_PORT in .env or the environment."
     mkdir -p "$VPE_HOME/redis" "$LOGS/redis"
-    ( umask 077; printf 'bind 127.0.0.1\nport %s\nrequirepass %s\ndir %s\nprotected-mode yes\n' \
-        "$VPE_REDIS_PORT" "$VPE_REDIS_PASSWORD" "$VPE_HOME/redis" > "$VPE_HOME/redis/redis.conf" )
-    step "starting Redis on 127.0.0.1:$VPE_REDIS_PORT (Celery's broker)"
+    ( umask 077; printf 'bind %s\nport %s\nrequirepass %s\ndir %s\nprotected-mode yes\n' \
+        "$CENTRAL" "$VPE_REDIS_PORT" "$VPE_REDIS_PASSWORD" "$VPE_HOME/redis" > "$VPE_HOME/redis/redis.conf" )
+    step "starting Redis on $CENTRAL:$VPE_REDIS_PORT (Celery's broker)"
     spawn redis "$LOGS/redis/redis.log" redis-server "$VPE_HOME/redis/redis.conf"
   fi
   wait_for Redis 30 "$LOGS/redis/redis.log" redis_healthy
@@ -696,6 +771,29 @@ start_celery_workers() {
   wait_for "Airflow's Celery workers" 120 "$LOGS/airflow" all_celery_workers_answer
 }
 
+# `up celery-worker` on a worker host: its workers, and the server the api-server fetches their task logs from.
+start_celery_worker() {
+  celery_mode || die "Celery workers run under the CeleryExecutor: ./bootstrap.sh --celery up celery-worker"
+  ! serves_others || start_log_server
+  start_celery_workers
+}
+
+log_server_healthy() { ! port_free "$VPE_LISTEN_ADDRESS" "$VPE_WORKER_LOG_PORT"; }
+
+# Airflow's worker log server (what `airflow celery worker` would start on every interface), on this host's
+# address only; it accepts the api-server's requests signed with the secrets file's key.
+start_log_server() {
+  if running celery-log-server "serve_logs"; then
+    say "log server already running"
+  else
+    port_free "$VPE_LISTEN_ADDRESS" "$VPE_WORKER_LOG_PORT" || die "port $VPE_WORKER_LOG_PORT is taken by another program: set VPE_WORKER_LOG_PORT in .env or the environment (on every host)."
+    step "starting Airflow's task-log server on $VPE_LISTEN_ADDRESS:$VPE_WORKER_LOG_PORT"
+    spawn celery-log-server "$LOGS/airflow/log-server.log" "$VPE_VENV/bin/python" -m uvicorn --factory \
+      airflow.utils.serve_logs.log_server:get_app --host "$VPE_LISTEN_ADDRESS" --port "$VPE_WORKER_LOG_PORT"
+  fi
+  wait_for "the task-log server" 60 "$LOGS/airflow/log-server.log" log_server_healthy
+}
+
 # The names of the workers that answer a ping through the broker, one a line.
 celery_workers_answering() {
   "$VPE_VENV/bin/celery" --app airflow.providers.celery.executors.celery_executor.app inspect ping \
@@ -708,6 +806,24 @@ all_celery_workers_answer() {
   for worker in $(celery_worker_names); do grep -qx "$worker" <<< "$replies" || return 1; done
 }
 
+# --- several hosts (local mode) ------------------------------------------------
+# The central host serves PostgreSQL, Redis, the api-server and the demo stand-ins on VPE_LISTEN_ADDRESS; an
+# executor or worker host reaches them at VPE_CENTRAL_HOST and serves its own part on its VPE_LISTEN_ADDRESS.
+# With both at their defaults everything stays on 127.0.0.1.
+
+several_hosts_addresses() {
+  CENTRAL=${VPE_CENTRAL_HOST:-$VPE_LISTEN_ADDRESS}
+  ! serves_others || export VPE_EXECUTOR_HOST=$VPE_LISTEN_ADDRESS
+  [ "$CENTRAL" = 127.0.0.1 ] || export VPE_PG_HOST=$CENTRAL VPE_AIRFLOW_HOST=$CENTRAL
+  # Not exported: the test suite's stacks, started from `./bootstrap.sh test`, pick their own ports.
+  EXECUTOR_TARGET=${VPE_EXECUTOR_TARGET:-$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT}
+}
+
+# An executor or worker host: the central host's services are elsewhere.
+satellite() { [ -n "$VPE_CENTRAL_HOST" ]; }
+
+serves_others() { [ "$VPE_LISTEN_ADDRESS" != 127.0.0.1 ]; }
+
 # --- offline demo --------------------------------------------------------------
 
 # Synthetic weather from the local Open-Meteo stand-in, loaded into a database of
@@ -717,21 +833,23 @@ all_celery_workers_answer() {
 enter_offline_demo() {
   OFFLINE_DEMO=1
   export VPE_WAREHOUSE_DB=$VPE_DEMO_WAREHOUSE_DB
-  export OPEN_METEO_ARCHIVE_URL=http://127.0.0.1:$VPE_OPEN_METEO_PORT/v1/archive
-  export VPE_GLC_LAYER_URL=http://127.0.0.1:$VPE_ARCGIS_PORT/arcgis/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0
+  export OPEN_METEO_ARCHIVE_URL=http://$CENTRAL:$VPE_OPEN_METEO_PORT/v1/archive
+  export VPE_GLC_LAYER_URL=http://$CENTRAL:$VPE_ARCGIS_PORT/arcgis/rest/services/Landslides/COOLR_Reports_Points/FeatureServer/0
   export VPE_ALLOW_SYNTHETIC_WEATHER=1
   export VPE_TASK_ENV_PASSTHROUGH="VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL VPE_ALLOW_SYNTHETIC_WEATHER"
 }
 
 open_meteo_running() { running open-meteo "open_meteo_server.py"; }
 
-open_meteo_healthy() { http_get "http://127.0.0.1:$VPE_OPEN_METEO_PORT/stats"; }
+open_meteo_healthy() { http_get "http://$CENTRAL:$VPE_OPEN_METEO_PORT/stats"; }
 
 start_open_meteo() {
-  start_standin open-meteo "SYNTHETIC weather" VPE_OPEN_METEO_PORT open_meteo_server.py "the Open-Meteo stand-in"
+  # shellcheck disable=SC2086 # options, split into words
+  start_standin open-meteo "SYNTHETIC weather" VPE_OPEN_METEO_PORT open_meteo_server.py "the Open-Meteo stand-in" \
+    $VPE_OPEN_METEO_ARGS
 }
 
-arcgis_healthy() { http_get "http://127.0.0.1:$VPE_ARCGIS_PORT/stats"; }
+arcgis_healthy() { http_get "http://$CENTRAL:$VPE_ARCGIS_PORT/stats"; }
 
 start_arcgis() {
   start_standin arcgis "demo landslide reports" VPE_ARCGIS_PORT arcgis_server.py "the ArcGIS layer stand-in" \
@@ -745,12 +863,12 @@ start_standin() {
   if running "$name" "$script"; then
     say "$name already running ($what)"
   else
-    port_free 127.0.0.1 "$port" || die "port $port is taken by another program: set $port_var in .env or the environment."
-    step "starting $title on 127.0.0.1:$port ($what)"
+    port_free "$CENTRAL" "$port" || die "port $port is taken by another program: set $port_var in .env or the environment."
+    step "starting $title on $CENTRAL:$port ($what)"
     spawn "$name" "$LOGS/executor/$name.log" "$VPE_VENV/bin/python" "$ROOT/tasks/ingestion/$script" "$@" \
-      --host 127.0.0.1 --port "$port" --quiet
+      --host "$CENTRAL" --port "$port" --quiet
   fi
-  wait_for "$title" 30 "$LOGS/executor/$name.log" http_get "http://127.0.0.1:$port/stats"
+  wait_for "$title" 30 "$LOGS/executor/$name.log" http_get "http://$CENTRAL:$port/stats"
 }
 
 # --- compose mode ------------------------------------------------------------

@@ -331,6 +331,7 @@ CREATE UNLOGGED TABLE IF NOT EXISTS staging.pending_window (
 -- Roles (cluster-wide; bootstrap gives them LOGIN and a password):
 --   vpe_loader  the tasks' VPE_WAREHOUSE_DSN: stages rows and calls load_staging
 --   vpe_reader  ./bootstrap.sh psql: reads everything, creates tables in schema scratch
+--   (version 6 adds vpe_executor: the executor's workspace store)
 -- No one else may connect to this database (Airflow's role included); the
 -- grants on tables and functions are renewed at the end of dml.sql.
 DO $$
@@ -442,6 +443,83 @@ WHERE (hazard_type, landslide_category, landslide_trigger, landslide_size, lands
 
 INSERT INTO schema_version (version, description)
 VALUES (5, 'one coding of the catalog''s categorical values (code_alias, catalog_code), stored values recoded')
+ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------
+-- Version 6: the workspace store. The files of the executor's workspaces
+-- (buffer/<workspace>), which executor replicas on several hosts share:
+-- executor.py's WorkspaceStore reads and writes them as vpe_executor
+-- (VPE_EXECUTOR_WORKSPACE_STORE), a role with rights on this schema only.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'vpe_executor') THEN
+        CREATE ROLE vpe_executor NOLOGIN;
+    END IF;
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO vpe_executor', current_database());
+END $$;
+CREATE SCHEMA IF NOT EXISTS workspace;
+
+CREATE TABLE IF NOT EXISTS workspace.file (
+    workspace  text        NOT NULL,
+    path       text        NOT NULL,  -- relative to the workspace, '/' between folders
+    sha256     text        NOT NULL,  -- of content: a replica fetches only files whose content it lacks
+    mode       integer     NOT NULL,  -- permission bits
+    content    bytea       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),  -- retention: workspaces untouched for keep_days go
+    CONSTRAINT file_pkey PRIMARY KEY (workspace, path)
+);
+
+GRANT USAGE ON SCHEMA workspace TO vpe_executor;
+GRANT SELECT, INSERT, UPDATE, DELETE ON workspace.file TO vpe_executor;
+
+INSERT INTO schema_version (version, description)
+VALUES (6, 'the workspace store (workspace.file) and its role vpe_executor')
+ON CONFLICT (version) DO NOTHING;
+
+-- ---------------------------------------------------------------------------
+-- Version 7: the crawl's answer cache and its daily call count, shared by
+-- every crawl on every host (tasks/ingestion/crawl.py; they were files in
+-- each executor's buffer/cache, which the crawl imports once). An answer is
+-- quota already spent: nothing here is ever deleted by the crawl.
+
+CREATE SCHEMA IF NOT EXISTS crawl;
+
+-- One Open-Meteo answer per archive endpoint (host:port/path of the URL
+-- asked: a stand-in's synthetic answers never stand in for the real
+-- archive's), requested timezone (crawl's --timezone), place and day: the
+-- place's elevation, utc_offset_seconds, zone name and the day's 24 hours.
+CREATE TABLE IF NOT EXISTS crawl.answer (
+    source     text NOT NULL,
+    timezone   text NOT NULL,
+    latitude   numeric(8,6) NOT NULL,
+    longitude  numeric(9,6) NOT NULL,
+    day        date NOT NULL,
+    answer     jsonb NOT NULL,
+    synthetic  boolean NOT NULL,
+    fetched_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT answer_pkey PRIMARY KEY (source, timezone, latitude, longitude, day)
+);
+
+-- Weighted calls (Open-Meteo's weighting) spent per endpoint and UTC day, by
+-- all crawls together: the daily limit is checked and counted in one
+-- statement (crawl.py's Cache.spend).
+CREATE TABLE IF NOT EXISTS crawl.api_calls (
+    source         text NOT NULL,
+    day            date NOT NULL,
+    weighted_calls double precision NOT NULL
+        CONSTRAINT api_calls_weighted_calls_positive CHECK (weighted_calls >= 0),
+    CONSTRAINT api_calls_pkey PRIMARY KEY (source, day)
+);
+
+-- The loader (the tasks' role) reads and adds answers and counts calls; it
+-- cannot change or delete an answer. The reader reads both.
+GRANT USAGE ON SCHEMA crawl TO vpe_loader, vpe_reader;
+GRANT SELECT, INSERT ON crawl.answer, crawl.api_calls TO vpe_loader;
+GRANT UPDATE (weighted_calls) ON crawl.api_calls TO vpe_loader;
+GRANT SELECT ON crawl.answer, crawl.api_calls TO vpe_reader;
+
+INSERT INTO schema_version (version, description)
+VALUES (7, 'the crawl''s answer cache and daily call count (schema crawl), shared by every host')
 ON CONFLICT (version) DO NOTHING;
 
 COMMIT;

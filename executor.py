@@ -46,6 +46,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -126,6 +127,13 @@ GRPC_OPTIONS = [
     # A target with several replicas (a multi-address target, a name with several addresses) spreads new
     # runs over all of them; gRPC's default, pick_first, would send every run to the first.
     ("grpc.lb_policy_name", "round_robin"),
+    # A replica whose host goes silent (no reset, e.g. powered off) is noticed within 40 s by a client
+    # following a quiet run: pings every 30 s, also on a stream with no data (max_pings_without_data 0),
+    # and the server accepts them that often.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
 ]
 
 
@@ -276,6 +284,9 @@ SETTINGS = (
     Setting("keep_log_bytes", "VPE_EXECUTOR_KEEP_LOGS", "2G", parse_size, 0, help="size the logs are pruned to"),
     Setting("keep_buffer_bytes", "VPE_EXECUTOR_KEEP_BUFFER", "20G", parse_size, 0,
             help="size the buffer is pruned to"),
+    Setting("workspace_store", "VPE_EXECUTOR_WORKSPACE_STORE", "",
+            help="PostgreSQL URL of the workspace store the replicas share (ddl.sql's schema workspace); "
+                 "empty = workspaces on this replica's disk only"),
 )
 
 
@@ -359,10 +370,11 @@ class Refused(Exception):
 
 
 class ExecutorServicer(pb2_grpc.ExecutorServicer):
-    def __init__(self, cfg: Config, envs: EnvManager, containment: Containment):
+    def __init__(self, cfg: Config, envs: EnvManager, containment: Containment, store: WorkspaceStore | None):
         self._cfg = cfg
         self._envs = envs
         self._containment = containment
+        self.store = store
         self._slots = Slots(cfg.max_concurrent, cfg.max_queue)
         self._runs: dict[str, ActiveRun] = {}
         self._runs_lock = threading.Lock()
@@ -371,7 +383,8 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
 
     def Ping(self, request, context):
         return pb2.PingReply(message="pong", version=__version__, envs=self._envs.statuses(),
-                             containment=self._containment.mechanism)
+                             containment=self._containment.mechanism,
+                             workspace_store=self.store.name if self.store else "")
 
     def ListEnvs(self, request, context):
         return pb2.ListEnvsReply(envs=self._envs.statuses())
@@ -478,7 +491,7 @@ class ExecutorServicer(pb2_grpc.ExecutorServicer):
         if self.shutting_down.is_set():
             raise Refused(grpc.StatusCode.UNAVAILABLE, "executor is shutting down; retry against the restarted executor")
         plan = self._plan(request)
-        run = ActiveRun(plan, self._slots, self._cfg, self._containment, self._forget)
+        run = ActiveRun(plan, self._slots, self._cfg, self._containment, self.store, self._forget)
         with self._runs_lock:
             if plan.run_id in self._runs:
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS,
@@ -1472,11 +1485,12 @@ class ActiveRun:
     lasts until the task's process has exited and no other process of its cage is left."""
 
     def __init__(self, plan: RunPlan, slots: Slots, cfg: Config, containment: Containment,
-                 on_end: Callable[["ActiveRun"], None]):
+                 store: WorkspaceStore | None, on_end: Callable[["ActiveRun"], None]):
         self.plan = plan
         self._slots = slots
         self._cfg = cfg
         self._containment = containment
+        self._store = store
         self._on_end = on_end
         self._run_log: RunLog | None = None  # opened by the supervisor, so a refused run never truncates one
         self.events = EventQueue()
@@ -1548,7 +1562,7 @@ class ActiveRun:
             self._run_log = RunLog(self.plan.log_path, self._cfg.run_log_max_bytes)
             holds_slot = holds_slot or self._wait_for_slot()
             if holds_slot:
-                self._run_process(status)
+                self._run_in_workspace(status)
             else:
                 status.cancelled = True
         except Exception as exc:  # the stream must still end with a status
@@ -1579,6 +1593,30 @@ class ActiveRun:
             position=self._position,
             message=f"queued at position {self._position}: all run slots are busy; starts when one frees up"))
         return self._slots.wait_turn(self, self._cancelled)
+
+    def _run_in_workspace(self, status) -> None:
+        """With a workspace store: the run starts on the store's files and, only when it exits 0, sends back what
+        it changed; a run whose workspace cannot be brought here does not start."""
+        if self._store is None:
+            return self._run_process(status)
+        workspace_dir = self.plan.workspace_dir
+        try:
+            before = self._store.check_out(workspace_dir)
+        except WorkspaceStoreError as exc:
+            log.warning("run %s: %s", self.plan.run_id, exc)
+            status.ended_by = f"{exc}; the run did not start"
+            return
+        succeeded = False
+        try:
+            self._run_process(status)
+            succeeded = (status.WhichOneof("outcome") == "exit_code" and status.exit_code == 0
+                         and not (status.timed_out or status.cancelled or status.ended_by))
+        finally:
+            try:
+                self._store.check_in(workspace_dir, before, upload=succeeded)
+            except WorkspaceStoreError as exc:
+                log.warning("run %s: %s", self.plan.run_id, exc)
+                status.ended_by = f"{exc}; the run's files were not saved"
 
     def _run_process(self, status) -> None:
         plan = self.plan
@@ -1770,8 +1808,9 @@ def prune(paths: list[Path], keep_days: float, keep_bytes: int) -> tuple[int, in
     return count, freed
 
 
-def apply_retention(cfg: Config, busy: Callable[[], set[Path]]) -> None:
-    """Run logs and workspaces: by age and total size, never what a live run uses, never the crawl cache."""
+def apply_retention(cfg: Config, busy: Callable[[], set[Path]], store: WorkspaceStore | None = None) -> None:
+    """Run logs and workspaces: by age and total size, never what a live run uses, never the crawl cache; the
+    store's workspaces by age."""
     in_use = busy()
     logs = [p for p in cfg.run_logs_dir.glob("*.jsonl") if p not in in_use]
     workspaces = [p for p in cfg.buffer_dir.iterdir() if p.is_dir() and p.name != CRAWL_CACHE and p not in in_use]
@@ -1781,6 +1820,199 @@ def apply_retention(cfg: Config, busy: Callable[[], set[Path]]) -> None:
         if count:
             log.info("retention: removed %d %s (%s): older than %g days or beyond %s", count, what,
                      format_size(freed), cfg.keep_days, format_size(keep_bytes))
+    if store:
+        count, files = store.prune(cfg.keep_days, {path.name for path in in_use if path.parent == cfg.buffer_dir})
+        if count:
+            log.info("retention: removed %d workspaces (%d files) from the workspace store: untouched for %g days",
+                     count, files, cfg.keep_days)
+
+
+# ---------------------------------------------------------------- workspaces shared through PostgreSQL
+
+STORE_MANIFEST = ".vpe-store"  # in a workspace: its files as this replica last had them from or sent to the store
+LOCAL_ONLY = {".home", STORE_MANIFEST, f"{STORE_MANIFEST}.partial"}  # top-level names never stored
+STORE_CONNECT_TIMEOUT = 10
+
+
+class WorkspaceStoreError(Exception):
+    """The workspace store could not be reached, or refused what was asked of it."""
+
+
+def redacted_url(url: str) -> str:
+    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1@", url)
+
+
+def workspace_files(workspace_dir: Path) -> dict[str, tuple[int, int]]:
+    """The workspace's regular files that the store shares, by path relative to it: (size, mtime in ns)."""
+    files = {}
+    for folder, dirs, names in os.walk(workspace_dir):
+        relative = os.path.relpath(folder, workspace_dir)
+        prefix = "" if relative == "." else relative + "/"
+        if not prefix:
+            dirs[:] = [name for name in dirs if name not in LOCAL_ONLY]
+        for name in names:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                info = os.lstat(os.path.join(folder, name))
+                if stat.S_ISREG(info.st_mode) and prefix + name not in LOCAL_ONLY:
+                    files[prefix + name] = (info.st_size, info.st_mtime_ns)
+    return files
+
+
+def stored_path(workspace_dir: Path, path: str) -> Path:
+    """Where a stored file goes in the workspace; a path that would leave it, or land in what stays local, is
+    refused (the store is shared: what one host wrote there must not reach beyond another's workspace)."""
+    parts = path.split("/")
+    if path.startswith("/") or {"", ".", ".."} & set(parts) or parts[0] in LOCAL_ONLY:
+        raise ValueError(f"refusing the stored file {path!r}: not a plain path inside the workspace")
+    return workspace_dir / path
+
+
+class WorkspaceStore:
+    """The workspaces' files in PostgreSQL (ddl.sql's workspace.file), the truth for every replica: a run starts on
+    this replica's copy brought to what the store holds, and a run that exits 0 sends back what it changed, file by
+    file. Each copy's manifest (STORE_MANIFEST: path -> sha256, size, mtime) says which local files are the stored
+    ones, so only files whose content differs travel, and only changed files are hashed. Runs of one workspace on
+    this replica share its folder: a lock orders their check-outs and check-ins."""
+
+    def __init__(self, url: str):
+        try:
+            import psycopg2
+        except ImportError:
+            raise SystemExit("executor.py: VPE_EXECUTOR_WORKSPACE_STORE needs psycopg2 in the executor's Python: "
+                             "pip install 'vpe-executor[store]' (or psycopg2-binary)") from None
+        self._connect = functools.partial(psycopg2.connect, url, connect_timeout=STORE_CONNECT_TIMEOUT,
+                                          application_name="vpe-executor")
+        self._failures = (psycopg2.Error, OSError, ValueError)  # ValueError: UnicodeError, a refused path
+        self.name = redacted_url(url)
+        self._lock = threading.Lock()
+        self._workspace_locks: dict[str, threading.Lock] = {}
+        self._running: dict[str, int] = {}  # workspace -> its runs here between check-out and check-in
+
+    @contextlib.contextmanager
+    def _guarded(self, workspace: str, doing: str) -> Iterator[None]:
+        """Holds the workspace's lock; a failure becomes a WorkspaceStoreError naming the store and what failed."""
+        with self._lock:
+            lock = self._workspace_locks.setdefault(workspace, threading.Lock())
+        with lock:
+            try:
+                yield
+            except self._failures as exc:
+                raise WorkspaceStoreError(f"workspace store {self.name}: cannot {doing}: "
+                                          f"{' '.join(str(exc).split())}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        conn = self._connect()
+        try:
+            with conn, conn.cursor() as cur:
+                yield cur
+        finally:
+            conn.close()
+
+    def check_out(self, workspace_dir: Path) -> dict[str, tuple[int, int]]:
+        """Brings this replica's copy of the workspace to what the store holds and returns its files as the run
+        starts. Local files the store lacks are removed (left by a run that failed, or deleted elsewhere), except,
+        while another run of the workspace runs here, the ones it may be writing."""
+        workspace = workspace_dir.name
+        with self._guarded(workspace, f"bring workspace {workspace!r} here"):
+            others = self._running.get(workspace, 0) > 0
+            workspace_dir.mkdir(parents=True, exist_ok=True)
+            manifest = read_manifest(workspace_dir)
+            local = workspace_files(workspace_dir)
+            with self._transaction() as cur:
+                cur.execute("SELECT path, sha256 FROM workspace.file WHERE workspace = %s", (workspace,))
+                stored = dict(cur.fetchall())
+                for path in local.keys() - stored.keys():
+                    if path in manifest or not others:
+                        (workspace_dir / path).unlink(missing_ok=True)
+                for path in manifest.keys() - stored.keys():
+                    del manifest[path]
+                for path, sha in stored.items():
+                    mine = manifest.get(path)
+                    if mine and mine[0] == sha and (tuple(mine[1:]) == local.get(path) or others and path in local):
+                        continue  # the stored content, or being changed by a run here
+                    self._download(cur, workspace_dir, path, manifest)
+            write_manifest(workspace_dir, manifest)
+            self._running[workspace] = self._running.get(workspace, 0) + 1
+            return workspace_files(workspace_dir)
+
+    def _download(self, cur, workspace_dir: Path, path: str, manifest: dict[str, list]) -> None:
+        target = stored_path(workspace_dir, path)
+        cur.execute("SELECT sha256, mode, content FROM workspace.file WHERE workspace = %s AND path = %s",
+                    (workspace_dir.name, path))
+        row = cur.fetchone()
+        if row is None:  # deleted since the listing
+            return
+        sha, mode, content = row
+        if target.parent.resolve() != workspace_dir.resolve() / Path(path).parent:
+            raise ValueError(f"refusing the stored file {path!r}: a symlink in the workspace is in its way")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.vpe-download")
+        partial.write_bytes(content)
+        partial.chmod(mode & 0o777)
+        partial.replace(target)
+        info = target.stat()
+        manifest[path] = [sha, info.st_size, info.st_mtime_ns]
+
+    def check_in(self, workspace_dir: Path, before: dict[str, tuple[int, int]], upload: bool) -> None:
+        """Ends a run's use of the workspace. With `upload`, in one transaction: stores the files the run created
+        or changed (only those whose content differs from the stored one) and deletes the ones it removed."""
+        workspace = workspace_dir.name
+        with self._guarded(workspace, f"save the files of workspace {workspace!r}"):
+            self._running[workspace] -= 1
+            if not upload:
+                return
+            manifest = read_manifest(workspace_dir)
+            after = workspace_files(workspace_dir)
+            removed = sorted(before.keys() - after.keys())
+            with self._transaction() as cur:
+                for path, state in after.items():
+                    if before.get(path) != state:
+                        self._upload(cur, workspace_dir, path, state, manifest)
+                if removed:
+                    cur.execute("DELETE FROM workspace.file WHERE workspace = %s AND path = ANY(%s)",
+                                (workspace, removed))
+            for path in removed:
+                manifest.pop(path, None)
+            write_manifest(workspace_dir, manifest)
+
+    def _upload(self, cur, workspace_dir: Path, path: str, state: tuple[int, int], manifest: dict[str, list]) -> None:
+        fd = os.open(workspace_dir / path, os.O_RDONLY | os.O_NOFOLLOW)  # a symlink put there meanwhile: refused
+        with open(fd, "rb") as source:
+            content, mode = source.read(), stat.S_IMODE(os.fstat(fd).st_mode)
+        sha = hashlib.sha256(content).hexdigest()
+        if manifest.get(path, [None])[0] != sha:
+            cur.execute("INSERT INTO workspace.file (workspace, path, sha256, mode, content) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (workspace, path) DO UPDATE "
+                        "SET sha256 = excluded.sha256, mode = excluded.mode, content = excluded.content, "
+                        "updated_at = now()",
+                        (workspace_dir.name, path, sha, mode, content))
+        manifest[path] = [sha, *state]
+
+    def prune(self, keep_days: float, busy: set[str]) -> tuple[int, int]:
+        """Deletes the workspaces untouched for keep_days, but those runs here use. Returns (workspaces, files)."""
+        with self._guarded("", "prune old workspaces"), self._transaction() as cur:
+            cur.execute("WITH old AS (SELECT workspace FROM workspace.file GROUP BY workspace "
+                        "                 HAVING max(updated_at) < now() - make_interval(secs => %s)), "
+                        "     gone AS (DELETE FROM workspace.file WHERE workspace IN (TABLE old) "
+                        "                AND workspace <> ALL(%s) RETURNING workspace) "
+                        "SELECT count(DISTINCT workspace), count(*) FROM gone", (keep_days * 86400, sorted(busy)))
+            return cur.fetchone()
+
+
+def read_manifest(workspace_dir: Path) -> dict[str, list]:
+    """The workspace's manifest; a missing or damaged one is empty (every file is then fetched again)."""
+    try:
+        manifest = json.loads((workspace_dir / STORE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def write_manifest(workspace_dir: Path, manifest: dict[str, list]) -> None:
+    partial = workspace_dir / f"{STORE_MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest))
+    partial.replace(workspace_dir / STORE_MANIFEST)
 
 
 # ---------------------------------------------------------------- runs that outlive their client
@@ -2979,12 +3211,13 @@ def serve(cfg: Config) -> int:
     from grpc_reflection.v1alpha import reflection
 
     backend = detect_backend(cfg.backend)
+    store = WorkspaceStore(cfg.workspace_store) if cfg.workspace_store else None
     for folder in (cfg.built_envs_dir, cfg.buffer_dir, cfg.logs_dir, cfg.run_logs_dir):
         folder.mkdir(parents=True, exist_ok=True)
     containment = Containment(cfg)
     lost = containment.recover()
     envs = EnvManager(cfg, backend, watch=not containment.launcher.read_only)
-    servicer = ExecutorServicer(cfg, envs, containment)
+    servicer = ExecutorServicer(cfg, envs, containment, store)
     workers = cfg.max_concurrent + cfg.max_queue + 16  # every streaming Run holds a thread; keep spares for Ping/Cancel
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                          options=GRPC_OPTIONS, maximum_concurrent_rpcs=workers,
@@ -3017,6 +3250,8 @@ def serve(cfg: Config) -> int:
     log.info("executor %s listening on %s (%s, %s); envs from %s (backend %s), tasks from %s, home %s",
              __version__, cfg.target, "TLS" if credentials else "plaintext", "token auth" if cfg.token else "no auth",
              cfg.envs_dir, backend, cfg.tasks_dir, cfg.home)
+    log.info("workspaces: %s", f"shared through the workspace store {store.name}" if store else
+             f"on this replica's disk only ({cfg.buffer_dir})")
     log.info("containment: %s%s", containment.mechanism,
              f"; {len(lost)} runs left by a previous executor were killed and reported lost" if lost else "")
     envs.start_builds()
@@ -3036,8 +3271,8 @@ def serve(cfg: Config) -> int:
 def keep_pruning(cfg: Config, servicer: ExecutorServicer, stop: threading.Event) -> None:
     while True:
         try:
-            apply_retention(cfg, servicer.paths_in_use)
-        except OSError as exc:
+            apply_retention(cfg, servicer.paths_in_use, servicer.store)
+        except (OSError, WorkspaceStoreError) as exc:
             log.warning("retention: %s; retrying in %.0f s", exc, RETENTION_INTERVAL)
         if stop.wait(RETENTION_INTERVAL):
             return
@@ -3181,16 +3416,24 @@ def replica_channel(address: str, target: str, tls_ca: str = "", tls_cert: str =
 def attach_where_held(clients: Sequence[ExecutorClient], run_id: str, from_seq: int = 0,
                       running_only: bool = False, rpc_timeout: float | None = None):
     """Attach through the first client whose executor holds `run_id` (replicas know only their own live
-    runs). Returns (client, call, first event); raises the NOT_FOUND error when none holds it."""
+    runs). Returns (client, call, first event); raises the NOT_FOUND error when none holds it. A replica
+    that cannot be reached is passed over (a lost host's runs cannot be followed; a new try starts elsewhere)
+    unless no replica answers at all: then its UNAVAILABLE error is raised."""
     not_found: grpc.RpcError | None = None
+    unreachable: grpc.RpcError | None = None
     for client in clients:
         call = client.attach(run_id, from_seq, running_only, rpc_timeout)
         try:
             return client, call, next(call)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                unreachable = exc
+                continue
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             not_found = exc
+    if not_found is None and unreachable is not None:
+        raise unreachable
     assert not_found is not None, "attach_where_held needs at least one client"
     raise not_found
 
@@ -3211,7 +3454,9 @@ def status_exit_code(status) -> int:
         return 124
     if status.WhichOneof("outcome") == "signal":
         return 128 + status.signal
-    return status.exit_code if status.WhichOneof("outcome") == "exit_code" else 1
+    if status.WhichOneof("outcome") != "exit_code" or (status.ended_by and not status.exit_code):
+        return 1  # never started, or ended badly after all (e.g. its files were not saved to the workspace store)
+    return status.exit_code
 
 
 def describe_status(status) -> str:
@@ -3262,6 +3507,8 @@ def cmd_ping(cfg: Config, args: argparse.Namespace) -> int:
             time.sleep(0.2)
     print(f"{reply.message} from executor {reply.version} at {cfg.target}")
     print(f"  containment: {reply.containment}")
+    store = reply.workspace_store or "none: workspaces stay on this replica's disk"
+    print(f"  workspace store: {store}")
     for env in reply.envs:
         print("  " + describe_env(env))
     return 0

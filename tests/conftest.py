@@ -163,7 +163,7 @@ class AirflowAPI:
     """Airflow's REST API v2 as a user drives it: token, trigger, poll, read logs."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.base = f"http://127.0.0.1:{env['VPE_AIRFLOW_PORT']}"
+        self.base = f"http://{env.get('VPE_AIRFLOW_HOST', '127.0.0.1')}:{env['VPE_AIRFLOW_PORT']}"
         if env.get("VPE_AIRFLOW_EXECUTOR") == "CeleryExecutor":  # the FAB auth manager's admin
             password = read_secrets(Path(env["VPE_HOME"]))["VPE_AIRFLOW_ADMIN_PASSWORD"]
         else:

@@ -71,7 +71,7 @@ def test_help_and_unknown_commands() -> None:
 
 def test_grpc_pins_agree_between_local_venv_and_executor_env() -> None:
     """Local mode runs the executor from requirements.txt; Docker from envs/grpc.yml."""
-    local = dict(re.findall(r"^(grpcio[\w-]*|protobuf)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
+    local = dict(re.findall(r"^(grpcio[\w-]*|protobuf|psycopg2-binary)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
     spec = yaml.safe_load((ROOT / "envs" / "grpc.yml").read_text())
     pip = next(dep["pip"] for dep in spec["dependencies"] if isinstance(dep, dict))
     executor = dict(pin.split("==", 1) for pin in pip if pin.split("==")[0] in local)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from conftest import ROOT, SHARED_DATA, bootstrap, free_port
+from conftest import ROOT, SHARED_DATA, bootstrap, free_port, new_database, read_secrets, warehouse_dsn
 
 TASKS = ROOT / "tasks" / "ingestion"
 SERVER = TASKS / "open_meteo_server.py"
@@ -79,21 +80,51 @@ def api_calls(url: str) -> dict:
         return json.load(response)
 
 
+@pytest.fixture(scope="session")
+def warehouse_template(pg_env: dict[str, str]) -> str:
+    """A migrated warehouse that each workdir's own is copied from (much faster than migrating each)."""
+    _, env = new_database(pg_env)
+    bootstrap("migrate", env=env)
+    return env["VPE_WAREHOUSE_DB"]
+
+
+def own_warehouse(folder: Path, pg_env: dict[str, str], template: str) -> str:
+    """A new warehouse database for the user's folder `folder`, its DSN as the tasks' role (vpe_loader) kept in
+    folder/warehouse.dsn for `step` (as a user's shell exports VPE_WAREHOUSE_DSN): the crawl's answer cache of
+    one test, which no other test's crawl reads."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(warehouse_dsn(pg_env, "postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    password = read_secrets(Path(pg_env["VPE_HOME"]))["VPE_LOADER_PASSWORD"]
+    dsn = f"postgresql://vpe_loader:{password}@127.0.0.1:{pg_env['VPE_PG_PORT']}/{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "warehouse.dsn").write_text(dsn)
+    return dsn
+
+
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path, pg_env: dict[str, str], warehouse_template: str) -> Path:
+    """A user's folder: run/ is the workspace, buffer/ the steps' buffer, and a warehouse of its own."""
     (tmp_path / "run").mkdir()
+    own_warehouse(tmp_path, pg_env, warehouse_template)
     return tmp_path
 
 
 def step(python: str, script: str, *args: str, workdir: Path, env: dict[str, str] | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs one step by hand, the way a user would, in its own buffer (cache) and workspace."""
+    """Runs one step by hand, the way a user would, in its own buffer and workspace, with the user's warehouse
+    (workdir/warehouse.dsn, if it has one) exported."""
+    return subprocess.run([python, str(TASKS / script), *args], env=step_env(workdir, env), capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+def step_env(workdir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items()
             if k not in ("VPE_WORKSPACE", "VPE_RUN_ID", "VPE_WAREHOUSE_DSN", "OPEN_METEO_ARCHIVE_URL")}
-    return subprocess.run(
-        [python, str(TASKS / script), *args],
-        env={**base, "VPE_BUFFER": str(workdir / "buffer"), "VPE_WORKSPACE": str(workdir / "run"), **(env or {})},
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=cwd)
+    dsn = workdir / "warehouse.dsn"
+    shell = {"VPE_WAREHOUSE_DSN": dsn.read_text()} if dsn.is_file() else {}
+    return {**base, **shell, "VPE_BUFFER": str(workdir / "buffer"), "VPE_WORKSPACE": str(workdir / "run"),
+            **(env or {})}
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -406,12 +437,14 @@ def write_windows(workdir: Path, days: list[str]) -> None:
                                                   + "\n".join(rows) + "\n")
 
 
-def test_batched_answers_match_single_calls_window_by_window(ingestion_python: str, api: str, tmp_path: Path) -> None:
+def test_batched_answers_match_single_calls_window_by_window(ingestion_python: str, api: str, tmp_path: Path,
+                                                             pg_env: dict[str, str], warehouse_template: str) -> None:
     """Long coordinate lists go by POST and the answers are matched to windows by position."""
     hourly = {}
     for batch_size in ("1", "60"):
         workdir = tmp_path / batch_size
         (workdir / "run").mkdir(parents=True)
+        own_warehouse(workdir, pg_env, warehouse_template)
         write_windows(workdir, [f"20{10 + i % 12}-0{1 + i % 9}-{1 + i % 28:02d}" for i in range(60)])
         before = api_calls(api)["by_method"]
         ok(step(ingestion_python, "crawl.py", "--url", api, "--batch-size", batch_size, workdir=workdir))
@@ -510,7 +543,7 @@ def test_load_of_a_corrupt_file_commits_nothing(ingestion_python: str, api: str,
 def test_load_without_a_warehouse_says_what_to_do(ingestion_python: str, api: str, workdir: Path) -> None:
     ok(step(ingestion_python, "extract.py", str(DEMO), workdir=workdir))
     ok(step(ingestion_python, "crawl.py", "--url", api, workdir=workdir))
-    result = step(ingestion_python, "load.py", workdir=workdir)
+    result = step(ingestion_python, "load.py", workdir=workdir, env={"VPE_WAREHOUSE_DSN": ""})
     assert result.returncode == 1 and "VPE_WAREHOUSE_DSN" in result.stderr
     closed = f"postgresql://postgres:x@127.0.0.1:{free_port()}/warehouse"
     result = step(ingestion_python, "load.py", "--dsn", closed, "--allow-synthetic", workdir=workdir)
@@ -522,7 +555,8 @@ def test_load_without_a_warehouse_says_what_to_do(ingestion_python: str, api: st
 def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_then_load(
         ingestion_python: str, api: str, tmp_path: Path, empty_db: tuple[str, dict[str, str]]) -> None:
     """What dags/ingestion.py does per DAG run: extract_csv and extract_xlsx in parallel, crawl, load, all in one
-    workspace, the catalogs named by repo-relative paths; a second DAG run adds nothing."""
+    workspace (kept in the warehouse's workspace store, as bootstrap sets it up), the catalogs named by repo-relative
+    paths; a second DAG run adds nothing."""
     dsn, env = empty_db
     bootstrap("migrate", env=env)
     home, envs = tmp_path / "home", tmp_path / "envs"
@@ -531,8 +565,10 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
     shutil.copy(ROOT / "envs" / "ingestion.yml", envs)  # only this env: no waiting for the others' builds
     (home / "envs").symlink_to(ENV_CACHE)  # the env built for this session is the executor's cached build
     port = str(free_port())
+    store = (f"postgresql://vpe_executor:{read_secrets(Path(env['VPE_HOME']))['VPE_EXECUTOR_DB_PASSWORD']}"
+             f"@127.0.0.1:{env['VPE_PG_PORT']}/{env['VPE_WAREHOUSE_DB']}")
     executor_env = {**os.environ, "VPE_HOME": str(home), "VPE_EXECUTOR_PORT": port, "VPE_EXECUTOR_TOKEN": "",
-                    "OPEN_METEO_ARCHIVE_URL": api, "VPE_WAREHOUSE_DSN": dsn}
+                    "OPEN_METEO_ARCHIVE_URL": api, "VPE_WAREHOUSE_DSN": dsn, "VPE_EXECUTOR_WORKSPACE_STORE": store}
     server = subprocess.Popen([sys.executable, str(ROOT / "executor.py"), "serve", "--envs-dir", str(envs)],
                               env=executor_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -568,6 +604,9 @@ def test_dag_shaped_runs_through_the_executor_two_extracts_at_once_then_crawl_th
             assert f"read {DEMO_ROWS} rows = {DEMO_EVENTS} events + {DEMO_REJECTS} rejected" in first[f"extract_{kind}"]
             assert f"workspace {workspace} (run id dag-1-extract_{kind})" in first[f"extract_{kind}"]
         assert not (home / "buffer" / "dag-1-crawl").exists()
+        stored = {path for (path,) in query(dsn, "SELECT path FROM workspace.file WHERE workspace = 'dag-1'")}
+        assert {"events-csv.csv", "events-xlsx.csv", "windows-csv.csv", "windows-xlsx.csv", "hourly.csv"} <= stored, \
+            "both extracts, run at once in one workspace, stored their files"
         windows = 2 * DEMO_EVENTS
         assert f"{windows} windows in windows-csv.csv, windows-xlsx.csv; {windows} listed again" in first["crawl"]
         hourly = read_csv(workspace / "hourly.csv")

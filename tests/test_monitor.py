@@ -75,6 +75,12 @@ def write_places(workdir: Path, windows: list[tuple[str, float]]) -> None:
                                                           + "\n".join(rows) + "\n")
 
 
+def cached_days(workdir: Path) -> list[str]:
+    """The days of the answers in the crawl cache of workdir's warehouse."""
+    with psycopg.connect((workdir / "warehouse.dsn").read_text()) as conn:
+        return [day for (day,) in conn.execute("SELECT day::text FROM crawl.answer ORDER BY day")]
+
+
 def test_days_the_archive_has_no_values_for_yet_wait_and_older_ones_fail(ingestion_python: str,
                                                                            workdir: Path) -> None:
     after_today = (TODAY + datetime.timedelta(days=2)).isoformat()
@@ -93,7 +99,7 @@ def test_days_the_archive_has_no_values_for_yet_wait_and_older_ones_fail(ingesti
         ("2018-12-31", "the archive answered no values for 8 of the day's 24 hours (older than --recent-days 30)")}
     assert len(read_csv(run / "hourly.csv")) == 24, "only 2018-06-01 has values"
     assert "the archive has no values yet for 4 place-days: 2 of the last 30 days wait as pending, 2 older" in out
-    assert not list((workdir / "buffer").rglob(f"{YESTERDAY.isoformat()}/*.json")), "an empty answer is not cached"
+    assert cached_days(workdir) == ["2018-06-01"], "an empty answer is not cached"
 
 
 def test_moving_the_archive_end_serves_the_pending_days(ingestion_python: str, workdir: Path) -> None:
@@ -115,10 +121,14 @@ def test_moving_the_archive_end_serves_the_pending_days(ingestion_python: str, w
 
 def test_the_warehouse_options_without_a_warehouse_say_what_to_set(ingestion_python: str, workdir: Path) -> None:
     write_places(workdir, [("2019-05-01", 20.0)])
-    crawl = step(ingestion_python, "crawl.py", "--pending-from-warehouse", workdir=workdir)
+    none = {"VPE_WAREHOUSE_DSN": ""}
+    pending = step(ingestion_python, "crawl.py", "--pending-from-warehouse", workdir=workdir, env=none)
+    crawl = step(ingestion_python, "crawl.py", workdir=workdir, env=none)
     extract = step(ingestion_python, "extract.py", "--since", "warehouse",
-                   str(ROOT / "tests" / "fixtures" / "catalogs" / "coolr_export.csv"), workdir=workdir)
-    for result, option in ((crawl, "--pending-from-warehouse"), (extract, "--since warehouse")):
+                   str(ROOT / "tests" / "fixtures" / "catalogs" / "coolr_export.csv"), workdir=workdir, env=none)
+    for result, option in ((pending, "--pending-from-warehouse"), (crawl, "crawl (its answer cache is the "
+                                                                          "warehouse's)"),
+                           (extract, "--since warehouse")):
         assert result.returncode == 1 and f"{option} needs the warehouse: set VPE_WAREHOUSE_DSN" in result.stderr
 
 

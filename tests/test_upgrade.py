@@ -107,7 +107,7 @@ def test_an_upgraded_warehouse_says_what_a_fresh_one_says(
     bootstrap("migrate", env=fresh_env)
     today = tmp_path / "today"
     ok(step(ingestion_python, "extract.py", str(catalog), workdir=today))
-    ok(step(ingestion_python, "crawl.py", "--url", api, *UNPACED, workdir=today))
+    ok(step(ingestion_python, "crawl.py", "--url", api, *UNPACED, workdir=today, env={"VPE_WAREHOUSE_DSN": fresh}))
     load_run(ingestion_python, today, fresh)
 
     assert rows(upgraded, V2_COLUMNS["landslide_event"]), "the catalog loaded"

@@ -85,7 +85,7 @@ def load(conn: psycopg.Connection, run_id: str, events: list[Row] = (), weather:
 def snapshot(conn: psycopg.Connection) -> dict[str, tuple[int, str]]:
     """Row count and checksum of every table's content."""
     tables = [f"{s}.{t}" for s, t in conn.execute(
-        "SELECT schemaname, tablename FROM pg_tables WHERE schemaname IN ('public', 'staging') ORDER BY 1, 2")]
+        "SELECT schemaname, tablename FROM pg_tables WHERE schemaname IN ('public', 'staging', 'crawl') ORDER BY 1, 2")]
     return {table: conn.execute(
         f"SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
     ).fetchone() for table in tables}
@@ -96,16 +96,16 @@ def schema_shape(conn: psycopg.Connection) -> list[tuple]:
     return conn.execute("""
         SELECT 'column', table_schema || '.' || table_name || '.' || column_name,
                data_type || coalesce(numeric_precision::text, '') || coalesce(numeric_scale::text, '')
-        FROM information_schema.columns WHERE table_schema IN ('public', 'staging')
+        FROM information_schema.columns WHERE table_schema IN ('public', 'staging', 'crawl')
         UNION ALL
         SELECT 'constraint', conrelid::regclass::text || '.' || conname, pg_get_constraintdef(oid)
-        FROM pg_constraint WHERE connamespace IN ('public'::regnamespace, 'staging'::regnamespace)
+        FROM pg_constraint WHERE connamespace IN ('public'::regnamespace, 'staging'::regnamespace, 'crawl'::regnamespace)
         UNION ALL
         SELECT 'index', schemaname || '.' || indexname, indexdef FROM pg_indexes
-        WHERE schemaname IN ('public', 'staging')
+        WHERE schemaname IN ('public', 'staging', 'crawl')
         UNION ALL
         SELECT 'view', schemaname || '.' || viewname, definition FROM pg_views
-        WHERE schemaname IN ('public', 'staging')
+        WHERE schemaname IN ('public', 'staging', 'crawl')
         UNION ALL
         SELECT 'function', p.oid::regprocedure::text, md5(pg_get_functiondef(p.oid)) FROM pg_proc p
         WHERE pronamespace IN ('public'::regnamespace, 'staging'::regnamespace)
@@ -128,7 +128,7 @@ def test_applying_the_schema_twice_to_an_empty_warehouse_changes_nothing(
         before = snapshot(conn), schema_shape(conn)
         bootstrap("migrate", env=env)
         assert (snapshot(conn), schema_shape(conn)) == before
-        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,), (6,), (7,)]
         assert all(count == 0 for table, (count, _) in before[0].items()
                    if table not in ("public.schema_version", "public.code_alias"))
 

@@ -121,7 +121,7 @@ def test_a_populated_v2_warehouse_upgrades_in_place_and_keeps_every_measurement_
     bootstrap("migrate", env=env)
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,)]
+        assert conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [(1,), (3,), (4,), (5,), (6,), (7,)]
         assert v3_hours(conn) == hours
         assert conn.execute(f"SELECT {EVENT_FACTS}, landslide_category FROM landslide_event ORDER BY 1"
                             ).fetchall() == [(*e[:-1], code(e[-1], "landslide_category")) for e in events]
@@ -197,7 +197,7 @@ def test_a_v3_warehouse_renames_its_staging_key_and_still_knows_its_rejects(ware
                                          ("weather_hourly", "catalog_id")]
     assert conn.execute("SELECT catalog_id FROM staging.landslide_event WHERE run_id = 'crashed'").fetchall() == [
         ("1",)]
-    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (5,)
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (7,)
     assert load(conn, "crawl-2", [], bad_hours)["weather_hour"] == (0, 0, 0, 2)
     assert conn.execute("SELECT source, row_key, reason FROM rejected_rows ORDER BY 2").fetchall() == rejects
 
@@ -489,13 +489,14 @@ def test_the_compose_init_gives_the_same_roles_their_logins(warehouse) -> None:
     init = re.search(r"<<'PY'\n(.*?)\n\s*PY\n", script, re.S).group(1)
     init = textwrap.dedent(init).replace('host="postgres"', f'host="127.0.0.1", port={env["VPE_PG_PORT"]}')
     secrets = read_secrets(Path(env["VPE_HOME"]))
-    names = ("VPE_PG_PASSWORD", "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD")
+    names = ("VPE_PG_PASSWORD", "VPE_AIRFLOW_DB_PASSWORD", "VPE_LOADER_PASSWORD", "VPE_READER_PASSWORD",
+             "VPE_EXECUTOR_DB_PASSWORD")
     result = subprocess.run([sys.executable, "-c", init], capture_output=True, text=True, timeout=60,
                             env={"VPE_PG_USER": "postgres", "VPE_AIRFLOW_DB": "airflow_compose",
                                  **{name: secrets[name] for name in names}})
     assert result.returncode == 0, result.stderr
     bootstrap_roles = set(re.findall(r"\('(\w+)', :'\w+'\)", (ROOT / "bootstrap.sh").read_text()))
-    assert bootstrap_roles == {"airflow", "vpe_loader", "vpe_reader"}
+    assert bootstrap_roles == {"airflow", "vpe_loader", "vpe_reader", "vpe_executor"}
     for role, secret in (("airflow", "VPE_AIRFLOW_DB_PASSWORD"), ("vpe_loader", "VPE_LOADER_PASSWORD")):
         with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
             psycopg.connect(role_dsn(env, role, secret, env["VPE_WAREHOUSE_DB"] if role == "airflow"

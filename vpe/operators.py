@@ -85,6 +85,12 @@ DEFER_SETTLE = timedelta(seconds=10)
 OUTLET_EXTRA_MARK = "vpe-outlet-extra: "
 # Refusals a retry cannot fix. Others (executor unreachable, env still building,
 # queue full) are raised as ordinary failures, so the task's `retries` apply.
+# How a started run's stream breaks when its replica is lost: the connection reset or, for a host gone
+# silent, gRPC's keepalive unanswered (vpe.executor's GRPC_OPTIONS).
+LOST = {grpc.StatusCode.UNAVAILABLE}
+RETRY_AFTER_LOSS = ("This try fails; Airflow's retry attaches to the run if that replica is back and still has it, "
+                    "else starts the step on a live replica, where the workspace and the crawl cache are found "
+                    "in PostgreSQL.")
 PERMANENT_REFUSALS = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -231,7 +237,7 @@ class ExecutorOperator(BaseOperator):
                     timer = self._hand_over_after_defer_after(handing_over)
         except grpc.RpcError as err:
             if not handing_over.is_set():
-                raise self._refusal(err) from None
+                raise (self._lost(err) if self._replica and err.code() in LOST else self._refusal(err)) from None
         finally:
             if timer is not None:
                 timer.cancel()
@@ -242,8 +248,8 @@ class ExecutorOperator(BaseOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         """Resumes a deferred task with what ExecutorRunTrigger saw."""
         if "error" in event:
-            raise AirflowException(f"lost track of executor run {event['run_id']}: {event['error']}. "
-                                   "A retry attaches to it again while it still runs.")
+            raise AirflowException(f"lost track of executor run {event['run_id']} on replica "
+                                   f"{event.get('replica') or self.grpc_conn_id}: {event['error']}. {RETRY_AFTER_LOSS}")
         return self._outcome(context, event["summary"], event["stderr_tail"], event.get("outlet_extra", {}))
 
     def on_kill(self) -> None:
@@ -315,6 +321,12 @@ class ExecutorOperator(BaseOperator):
         raise AirflowException(f"{self.script} {what} after {result['duration_seconds']:.1f}s "
                                f"(executor log {result['log_path']}). Last stderr lines:\n{tail}")
 
+    def _lost(self, err: grpc.RpcError) -> AirflowException:
+        """The stream of a started run broke: the replica holding it is gone (killed, its host lost), so this try
+        fails now rather than wait for it."""
+        return AirflowException(f"executor replica {self._replica} was lost while it ran {self._run_id} "
+                                f"({err.code().name}: {err.details()}). {RETRY_AFTER_LOSS}")
+
     def _refusal(self, err: grpc.RpcError) -> AirflowException:
         code = err.code()
         if code == grpc.StatusCode.UNAVAILABLE:
@@ -369,8 +381,9 @@ class ExecutorRunTrigger(BaseTrigger):
                         return {"summary": run_summary(status), "stderr_tail": list(self.stderr_tail),
                                 "outlet_extra": self.outlet_extra}
             except grpc.aio.AioRpcError as err:
-                return {"run_id": self.run_id, "error": f"{err.code().name}: {err.details()}"}
-        return {"run_id": self.run_id, "error": "the executor ended the stream without a final status"}
+                return {"run_id": self.run_id, "replica": self.replica, "error": f"{err.code().name}: {err.details()}"}
+        return {"run_id": self.run_id, "replica": self.replica,
+                "error": "the executor ended the stream without a final status"}
 
     async def on_kill(self) -> None:
         """The task was marked failed or cleared while deferred: stop the remote run too."""

@@ -11,9 +11,15 @@ day of the last --recent-days that the archive answers with hours of no values
 (or as out of its range) has not reached it yet. --pending-from-warehouse adds the windows
 still pending in the warehouse (table pending_window) to this run's.
 Windows go to the API in batches (comma lists of coordinates and dates, one
-answer per location). Every answer is cached on disk first, so a rerun or a
-resumed run asks only for windows it does not have. 429/5xx/timeouts are retried
-with backoff; a rate limit keeps weighted calls under the free tier's limits.
+answer per location). Every answer is cached in the warehouse first (schema crawl,
+reached through $VPE_WAREHOUSE_DSN), so no crawl on any host asks again for a
+window one of them has: a rerun or a resumed run asks only for windows none has.
+Concurrent crawls split the windows: each takes a session-level advisory lock on
+the windows of the batch it fetches; a window another crawl holds is read from the
+cache once that crawl releases it (a killed crawl's locks go with its connection).
+An on-disk cache of earlier versions (--import-cache) is imported once.
+429/5xx/timeouts are retried with backoff; a rate limit keeps weighted calls under
+the free tier's limits, the daily one counted in the warehouse for all crawls.
 A 400 that refuses the request as a whole (a bad variable, timezone or API key)
 stops the crawl with its reason after two calls; a 400 for some windows only is
 narrowed down to those windows by halving the batch.
@@ -25,11 +31,13 @@ Exit codes: 0 done; 1 failed (reason on stderr); 75 daily quota reached (rerun l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import random
 import re
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,11 +46,13 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlencode, urlsplit
 
+import psycopg
 import requests
 
 from common import (CRAWL_SUMMARY, FAILED_COLUMNS, FAILED_WINDOWS, HOURLY, HOURLY_COLUMNS, HOURLY_VARIABLES,
                     PENDING_WINDOWS, WINDOW_COLUMNS, WINDOWS, Progress, StepFailed, add_run_arguments, buffer_dir,
-                    extract_files, log, query_warehouse, run_step, warehouse_dsn, workspace, write_csv)
+                    connect_warehouse, extract_files, log, query_warehouse, run_step, warehouse_dsn, workspace,
+                    write_csv)
 
 REAL_ARCHIVE_URL = "https://archive-api.open-meteo.com/v1/archive"
 CUSTOMER_ARCHIVE_URL = "https://customer-archive-api.open-meteo.com/v1/archive"
@@ -104,30 +114,22 @@ def call_weight(locations: int) -> float:
 
 
 class RateLimit:
-    """Sliding-window limits on weighted calls, remembered on disk so that reruns on the same day count too."""
+    """Limits on weighted calls: per minute and per hour this crawl's own (sliding windows), per UTC day the
+    warehouse's, which every crawl on every host spends from."""
 
-    def __init__(self, limits: list[tuple[float, float]], ledger: Path) -> None:
-        self.limits = sorted((span, limit) for span, limit in limits if limit > 0)
-        self.ledger = ledger
+    def __init__(self, per_minute: float, per_hour: float, per_day: float, cache: Cache) -> None:
+        self.limits = sorted((span, limit) for span, limit in ((60, per_minute), (3600, per_hour)) if limit > 0)
+        self.per_day, self.cache = per_day, cache
         self.calls: deque[tuple[float, float]] = deque()
-        if self.limits and ledger.is_file():
-            horizon = time.time() - self.limits[-1][0]
-            for line in ledger.read_text().splitlines():
-                try:
-                    moment, weight = map(float, line.split())
-                except ValueError:  # a line cut short by a crash
-                    continue
-                if moment > horizon:
-                    self.calls.append((moment, weight))
-            ledger.write_text("".join(f"{moment:.3f} {weight}\n" for moment, weight in self.calls))
 
     def largest_batch(self, wanted: int) -> int:
         """Batch size capped so that one call's weight fits the tightest limit."""
-        tightest = min((limit for _, limit in self.limits), default=None)
+        tightest = min([limit for _, limit in self.limits] + ([self.per_day] if self.per_day > 0 else []), default=None)
         return wanted if tightest is None else max(1, min(wanted, int(tightest // call_weight(1))))
 
     def acquire(self, weight: float) -> None:
-        """Waits until `weight` fits every limit; raises QuotaExhausted if the daily one does not."""
+        """Waits until `weight` fits the minute and hour limits, then spends it from the day's; raises
+        QuotaExhausted if the day's does not have it."""
         while self.limits:
             now = time.time()
             while self.calls and self.calls[0][0] <= now - self.limits[-1][0]:
@@ -135,16 +137,11 @@ class RateLimit:
             wake = self.wake_time(now, weight)
             if wake is None:
                 break
-            if wake - now > 3600:
-                resume = datetime.fromtimestamp(wake, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-                raise QuotaExhausted(f"the local rate limit's daily budget is used up until {resume}")
             if wake - now >= 1:
                 log.info("rate limit: waiting %.1fs", wake - now)
             time.sleep(wake - now)
+        self.cache.spend(weight, self.per_day)
         self.calls.append((time.time(), weight))
-        if self.limits:
-            with self.ledger.open("a") as handle:
-                handle.write(f"{self.calls[-1][0]:.3f} {weight}\n")
 
     def wake_time(self, now: float, weight: float) -> float | None:
         """When enough old calls will have left every window for this one to fit; None if it fits now."""
@@ -255,32 +252,141 @@ def cache_entry(answer: dict) -> dict:
 
 
 class Cache:
-    """One JSON file per (place, day), under a folder per API URL and timezone: synthetic answers never stand in
-    for real ones."""
+    """The answers in the warehouse (crawl.answer), one per archive endpoint, timezone, place and day (synthetic
+    answers never stand in for real ones: they come from another endpoint, in another database), and the weighted
+    calls spent per endpoint and UTC day (crawl.api_calls). Keys go to PostgreSQL as the text of their 6 decimals,
+    so that Python rounds them, as the on-disk cache's file names did."""
 
-    def __init__(self, root: Path, url: str, zone: str) -> None:
-        source = re.sub(r"[^A-Za-z0-9.-]+", "_", urlsplit(url).netloc + urlsplit(url).path).strip("_")
-        self.folder = root / source / f"tz-{zone.replace('/', '_')}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, connection: psycopg.Connection, url: str, zone: str) -> None:
+        self.connection, self.zone = connection, zone
+        self.source = urlsplit(url).netloc + urlsplit(url).path
 
-    def path(self, key: Key) -> Path:
-        lat, lon, day = key
-        return self.folder / day / f"{lat:.6f}_{lon:.6f}.json"
+    @staticmethod
+    def columns(keys: list[Key]) -> tuple[list[str], list[str], list[str]]:
+        return [f"{lat:.6f}" for lat, _, _ in keys], [f"{lon:.6f}" for _, lon, _ in keys], [day for *_, day in keys]
 
-    def get(self, key: Key) -> dict | None:
-        """An entry written before answers' zone names were kept counts as missing: the warehouse needs the name."""
-        try:
-            entry = json.loads(self.path(key).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return entry if "timezone" in entry else None
+    def get(self, keys: list[Key]) -> dict[Key, dict]:
+        """The cached entries of `keys` (those it has), each with its synthetic flag."""
+        wanted = dict(zip(zip(*self.columns(keys)), keys))
+        rows = self.connection.execute(
+            "SELECT a.latitude::text, a.longitude::text, a.day::text, a.answer, a.synthetic "
+            "FROM unnest(%s::numeric[], %s::numeric[], %s::date[]) k(latitude, longitude, day) "
+            "JOIN crawl.answer a USING (latitude, longitude, day) WHERE a.source = %s AND a.timezone = %s",
+            (*self.columns(keys), self.source, self.zone))
+        return {wanted[lat, lon, day]: {**answer, "synthetic": synthetic} for lat, lon, day, answer, synthetic in rows}
 
-    def put(self, key: Key, entry: dict) -> None:
-        path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(entry))
-        partial.replace(path)
+    def put(self, entries: dict[Key, dict], synthetic: bool) -> None:
+        keys = list(entries)
+        self.connection.execute(
+            "INSERT INTO crawl.answer (source, timezone, latitude, longitude, day, answer, synthetic) "
+            "SELECT %s, %s, k.* , %s FROM unnest(%s::numeric[], %s::numeric[], %s::date[], %s::jsonb[]) k "
+            "ON CONFLICT DO NOTHING",
+            (self.source, self.zone, synthetic, *self.columns(keys), [json.dumps(entries[key]) for key in keys]))
+
+    def lock_names(self, keys: list[Key]) -> list[str]:
+        return [f"crawl.answer {self.source} {self.zone} {lat} {lon} {day}" for lat, lon, day in
+                zip(*self.columns(keys))]
+
+    def lock(self, keys: list[Key]) -> list[Key]:
+        """Those of `keys` this crawl now holds (a session-level advisory lock each); another crawl holds the rest."""
+        rows = self.connection.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(name, 0)) FROM unnest(%s::text[]) WITH ORDINALITY n(name, i) "
+            "ORDER BY i", (self.lock_names(keys),)).fetchall()
+        return [key for key, (held,) in zip(keys, rows) if held]
+
+    def unlock(self, keys: list[Key]) -> None:
+        self.connection.execute("SELECT pg_advisory_unlock(hashtextextended(name, 0)) FROM unnest(%s::text[]) name",
+                                (self.lock_names(keys),))
+
+    def spend(self, weight: float, per_day: float) -> None:
+        """Counts `weight` against the endpoint's budget of the UTC day, atomically for every crawl on every host;
+        raises QuotaExhausted if it does not fit (per_day 0 = no budget, counted all the same)."""
+        limit = per_day if per_day > 0 else float("inf")
+        spent = self.connection.execute(
+            "INSERT INTO crawl.api_calls AS c (source, day, weighted_calls) "
+            "SELECT %(source)s, (now() AT TIME ZONE 'UTC')::date, %(weight)s WHERE %(weight)s <= %(limit)s "
+            "ON CONFLICT (source, day) DO UPDATE SET weighted_calls = c.weighted_calls + excluded.weighted_calls "
+            "WHERE c.weighted_calls + excluded.weighted_calls <= %(limit)s RETURNING weighted_calls",
+            {"source": self.source, "weight": weight, "limit": limit}).fetchone()
+        if spent is None:
+            day, used = self.connection.execute(
+                "SELECT (now() AT TIME ZONE 'UTC')::date::text, coalesce(sum(weighted_calls), 0) FROM crawl.api_calls "
+                "WHERE source = %s AND day = (now() AT TIME ZONE 'UTC')::date", (self.source,)).fetchone()
+            raise QuotaExhausted(f"the daily budget of {per_day:g} weighted calls to {self.source} is used up for the "
+                                 f"UTC day {day} ({used:g} spent by all crawls); it renews at 00:00 UTC")
+
+    def import_folder(self, root: Path, url: str) -> None:
+        """Once: the answers the on-disk cache of earlier versions holds under `root` for this endpoint and
+        timezone, and its call log's weighted calls of today (both are quota already spent); then removes them.
+        An entry the table has already keeps the table's; an entry without its zone's name was a miss then too."""
+        source = root / re.sub(r"[^A-Za-z0-9.-]+", "_", urlsplit(url).netloc + urlsplit(url).path).strip("_")
+        folder, ledger = source / f"tz-{self.zone.replace('/', '_')}", source / "calls.log"
+        entries: dict[Key, dict] = {}
+        for path in sorted(folder.glob("*/*.json")):
+            try:
+                lat, lon = map(float, path.stem.split("_"))
+                entry = json.loads(path.read_text())
+            except ValueError:  # a file cut short by a crash
+                continue
+            if "timezone" in entry:
+                entries[lat, lon, path.parent.name] = entry
+        today = datetime.now(timezone.utc).date()
+        calls = 0.0
+        if ledger.is_file():
+            for line in ledger.read_text().splitlines():
+                try:
+                    moment, weight = map(float, line.split())
+                except ValueError:
+                    continue
+                calls += weight if datetime.fromtimestamp(moment, timezone.utc).date() == today else 0
+        if not entries and not ledger.is_file():
+            return
+        with self.connection.transaction():
+            for synthetic in (False, True):
+                chosen = {key: {k: v for k, v in entry.items() if k != "synthetic"}
+                          for key, entry in entries.items() if bool(entry.get("synthetic")) == synthetic}
+                if chosen:
+                    self.put(chosen, synthetic)
+            if calls:
+                self.connection.execute(
+                    "INSERT INTO crawl.api_calls AS c (source, day, weighted_calls) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (source, day) DO UPDATE SET weighted_calls = c.weighted_calls + excluded.weighted_calls",
+                    (self.source, today, calls))
+        shutil.rmtree(folder, ignore_errors=True)
+        ledger.unlink(missing_ok=True)
+        for empty in (source, root):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        log.info("imported %d answers and today's %g weighted calls from the on-disk cache %s into the warehouse's; "
+                 "removed them from disk", len(entries), calls, folder)
+
+
+class Waiting:
+    """The bounded wait for windows other crawls hold: polls, logs, and gives up after `limit` seconds in which
+    none of them came free."""
+
+    POLL = 1.0
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.since = self.logged = 0.0
+        self.done = -1
+
+    def another_round(self, held: list[Key], done: int) -> Retryable | None:
+        """Sleeps before the held windows are tried again; returns why to stop once the wait is over."""
+        now = time.monotonic()
+        if done != self.done:  # some came free (or this is the first wait): the clock starts again
+            self.done, self.since = done, now
+        if now - self.since >= self.limit:
+            return Retryable(f"{len(held)} windows were still being fetched by another crawl after --lock-wait "
+                             f"{self.limit:g}s; rerun to read them from the cache once it has them")
+        if now - self.logged >= 10:
+            self.logged = now
+            log.info("waiting for %d windows another crawl is fetching: they are read from the cache once it "
+                     "releases them (%.0fs without one, gives up at --lock-wait %gs)", len(held), now - self.since,
+                     self.limit)
+        time.sleep(self.POLL)
+        return None
 
 
 @dataclass
@@ -291,57 +397,96 @@ class Crawl:
     batch_size: int
     retries: int
     backoff: float
+    lock_wait: float  # seconds to wait for windows another crawl holds, while none of them comes free
 
     probed: bool = False  # a refused batch has shown that the request itself is fine
     # Keys the archive has not got yet, with how it said so; the caller decides whether they wait or fail.
     not_in_archive: dict[Key, str] = field(default_factory=dict)
+    held_elsewhere: list[Key] = field(default_factory=list)  # by another crawl, when this one wanted them
+    by_others: int = 0  # windows another crawl fetched while this one ran
+
+    def batches(self, keys: list[Key]) -> list[list[Key]]:
+        return [keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
 
     def run(self, keys: list[Key]) -> tuple[dict[Key, str], QuotaExhausted | Retryable | RefusedWhole | None]:
         """Fetches and caches `keys`; returns failures by key and, if it stopped early, why."""
         failed: dict[Key, str] = {}
-        queue = deque(keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size))
+        queue = deque(self.batches(keys))
         progress = Progress("windows fetched", len(keys))
         failed_in_a_row = 0
-        while queue:
-            batch = queue.popleft()
-            try:
-                answers = self.call(batch)
-            except Refused as reason:
-                try:
-                    self.check_request(reason)
-                except (RefusedWhole, QuotaExhausted) as stop:
+        waited = Waiting(self.lock_wait)
+        while queue or self.held_elsewhere:
+            if not queue:
+                stop = waited.another_round(self.held_elsewhere, progress.done)
+                if stop:
                     return failed, stop
-                except Retryable as stop:
-                    return failed, Retryable(f"a batch was refused ({reason}) and the check that followed got "
-                                             f"no answer: {stop}")
-                if len(batch) > 1:  # find the windows the API refuses by halving the batch
-                    queue.extendleft([batch[len(batch) // 2:], batch[:len(batch) // 2]])
+                queue.extend(self.batches(self.held_elsewhere))
+                self.held_elsewhere = []
+                continue
+            with self.claimed(queue.popleft(), progress) as batch:
+                if not batch:
                     continue
-                if OUT_OF_RANGE.search(str(reason)):
-                    self.not_in_archive[batch[0]] = f"API refused: {reason}"
-                else:
-                    failed[batch[0]] = f"API refused: {reason}"
-                progress.advance()
-                continue
-            except Retryable as reason:
-                failed.update((key, f"gave up after {self.retries + 1} attempts: {reason}") for key in batch)
-                progress.advance(len(batch))
-                failed_in_a_row += 1
-                if failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
-                    return failed, Retryable(f"{failed_in_a_row} batches in a row failed, last: {reason}")
-                continue
-            except QuotaExhausted as reason:
-                return failed, reason
-            failed_in_a_row = 0
-            for key, answer in zip(batch, answers):
                 try:
-                    self.cache.put(key, {**cache_entry(answer), "synthetic": self.archive.synthetic})
-                except NotInArchiveYet as reason:
-                    self.not_in_archive[key] = str(reason)
-                except ValueError as reason:
-                    failed[key] = f"incomplete answer: {reason}"
-            progress.advance(len(batch))
+                    answers = self.call(batch)
+                except Refused as reason:
+                    try:
+                        self.check_request(reason)
+                    except (RefusedWhole, QuotaExhausted) as stop:
+                        return failed, stop
+                    except Retryable as stop:
+                        return failed, Retryable(f"a batch was refused ({reason}) and the check that followed got "
+                                                 f"no answer: {stop}")
+                    if len(batch) > 1:  # find the windows the API refuses by halving the batch
+                        queue.extendleft([batch[len(batch) // 2:], batch[:len(batch) // 2]])
+                        continue
+                    if OUT_OF_RANGE.search(str(reason)):
+                        self.not_in_archive[batch[0]] = f"API refused: {reason}"
+                    else:
+                        failed[batch[0]] = f"API refused: {reason}"
+                    progress.advance()
+                    continue
+                except Retryable as reason:
+                    failed.update((key, f"gave up after {self.retries + 1} attempts: {reason}") for key in batch)
+                    progress.advance(len(batch))
+                    failed_in_a_row += 1
+                    if failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
+                        return failed, Retryable(f"{failed_in_a_row} batches in a row failed, last: {reason}")
+                    continue
+                except QuotaExhausted as reason:
+                    return failed, reason
+                failed_in_a_row = 0
+                self.keep(batch, answers, failed)
+                progress.advance(len(batch))
         return failed, None
+
+    @contextlib.contextmanager
+    def claimed(self, batch: list[Key], progress: Progress) -> Iterator[list[Key]]:
+        """The keys of `batch` this crawl fetches: those it holds the lock of and that no other crawl has fetched
+        since this one looked; the locks go when the batch is done (and with the connection, should this crawl
+        die). The keys another crawl holds wait in held_elsewhere."""
+        mine = self.cache.lock(batch)
+        self.held_elsewhere += sorted(set(batch) - set(mine))
+        try:
+            cached = self.cache.get(mine) if mine else {}
+            self.by_others += len(cached)
+            progress.advance(len(cached))
+            yield [key for key in mine if key not in cached]
+        finally:
+            if mine:
+                self.cache.unlock(mine)
+
+    def keep(self, batch: list[Key], answers: list[dict], failed: dict[Key, str]) -> None:
+        """Caches each complete answer of `batch`; the others are failed or not in the archive yet."""
+        entries = {}
+        for key, answer in zip(batch, answers):
+            try:
+                entries[key] = cache_entry(answer)
+            except NotInArchiveYet as reason:
+                self.not_in_archive[key] = str(reason)
+            except ValueError as reason:
+                failed[key] = f"incomplete answer: {reason}"
+        if entries:
+            self.cache.put(entries, self.archive.synthetic)
 
     def check_request(self, reason: Refused) -> None:
         """After a refusal, once per run: asks for a window the archive certainly serves. Refused too, the API
@@ -433,7 +578,7 @@ def write_outputs(folder: Path, windows: list[Window], cache: Cache, failed: dic
                   waiting: set[Key]) -> tuple[int, int, int, bool]:
     """hourly.csv, failed_windows.csv and pending_windows.csv (the windows of `waiting` without data); returns
     (windows with data, failed windows, pending windows, any synthetic)."""
-    entries = {key: cache.get(key) for key in {w.key for w in windows} if key not in failed}
+    entries = cache.get([key for key in {w.key for w in windows} if key not in failed])
     done = [w for w in windows if entries.get(w.key)]
     write_csv(folder / HOURLY, HOURLY_COLUMNS, (row for w in done for row in window_rows(w, entries[w.key])))
     pending = [w for w in windows if not entries.get(w.key) and w.key in waiting]
@@ -450,7 +595,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help=f"archive endpoint (default: $OPEN_METEO_ARCHIVE_URL, else {REAL_ARCHIVE_URL}; "
                                       f"with $OPEN_METEO_API_KEY set, {CUSTOMER_ARCHIVE_URL} instead of the former)")
-    parser.add_argument("--cache-dir", type=Path, help="answer cache (default: <buffer>/cache/open-meteo)")
+    parser.add_argument("--import-cache", type=Path, metavar="DIR",
+                        help="the on-disk answer cache of earlier versions (their --cache-dir), imported once into "
+                             "the warehouse's and then removed (default: <buffer>/cache/open-meteo)")
+    parser.add_argument("--lock-wait", type=float, default=600,
+                        help="seconds to wait for windows another crawl is fetching while none of them comes free, "
+                             "then stop (rerun to read them from the cache; default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=100, help="windows per call, 1-1000 (default: %(default)s)")
     parser.add_argument("--timezone", default="auto",
                         help="'auto' = each place's local day (default), or GMT, or an IANA name")
@@ -492,24 +642,40 @@ def main() -> int:
     if args.pending_from_warehouse:
         windows = with_pending(windows, warehouse_pending(warehouse_dsn("--pending-from-warehouse")))
     archive = Archive(args.url, args.timezone, args.timeout, args.api_key)
-    cache_root = args.cache_dir or buffer_dir() / "cache" / "open-meteo"
-    cache = Cache(cache_root, args.url, args.timezone)
-    limit = RateLimit([(60, args.calls_per_minute), (3600, args.calls_per_hour), (86400, args.calls_per_day)],
-                      cache.folder.parent / "calls.log")
+    # Autocommit: each answer is kept the moment it is written, and the window locks are the session's.
+    connection = connect_warehouse(warehouse_dsn("crawl (its answer cache is the warehouse's)"))
+    connection.autocommit = True
+    try:
+        with connection:
+            cache = Cache(connection, args.url, args.timezone)
+            cache.import_folder(args.import_cache or buffer_dir() / "cache" / "open-meteo", args.url)
+            return crawl_windows(args, folder, windows, archive, cache)
+    except psycopg.Error as error:
+        raise StepFailed(f"the answer cache in the warehouse failed ({' '.join(str(error).split())}): is the "
+                         f"warehouse up and its schema current? (./bootstrap.sh status, ./bootstrap.sh migrate); "
+                         f"then rerun: the answers cached so far stay") from None
+
+
+def crawl_windows(args: argparse.Namespace, folder: Path, windows: list[Window], archive: Archive, cache: Cache) -> int:
+    limit = RateLimit(args.calls_per_minute, args.calls_per_hour, args.calls_per_day, cache)
     batch_size = limit.largest_batch(args.batch_size)
     today = datetime.now(timezone.utc).date()
     last_day = (today - timedelta(days=args.archive_lag_days)).isoformat()
     recent = (today - timedelta(days=args.recent_days)).isoformat()
     keys = sorted({w.key for w in windows})
-    uncached = [key for key in keys if cache.get(key) is None]
+    cached = cache.get(keys)
+    uncached = [key for key in keys if key not in cached]
     missing = [key for key in uncached if key[2] <= last_day]
     log.info("%d windows (%d distinct place-days): %d cached, %d to fetch from %s%s in batches of %d; %d pending "
              "(after %s, the archive's last day with --archive-lag-days %d)", len(windows), len(keys),
              len(keys) - len(uncached), len(missing), args.url, " with the API key" if args.api_key else "",
              batch_size, len(uncached) - len(missing), last_day, args.archive_lag_days)
     started = time.monotonic()
-    crawl = Crawl(archive, cache, limit, batch_size, args.retries, args.backoff)
+    crawl = Crawl(archive, cache, limit, batch_size, args.retries, args.backoff, args.lock_wait)
     failed, stopped = crawl.run(missing)
+    if crawl.by_others:
+        log.info("%d of the windows to fetch were fetched by another crawl meanwhile: read from the cache",
+                 crawl.by_others)
     not_fetched = f"not fetched: {stopped}" if stopped else "not fetched"
     arriving = {key for key in crawl.not_in_archive if key[2] >= recent}
     failed.update((key, f"{reason} (older than --recent-days {args.recent_days})")
