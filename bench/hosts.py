@@ -6,11 +6,12 @@ For each Celery setup the bench brings up a throwaway offline-demo stack under A
 script: every task starts its run, defers at once, and resumes in a worker when the run has ended (no sooner
 than the trigger's DEFER_SETTLE), so a DAG run costs two Airflow task starts per task and one executor run.
 
-The executor replicas are the stack's own executor plus two more started here, each with a VPE_HOME of its
-own, on loopback ports. The DAG file holds the same DAG twice: vpe_bench_hosts_1 reaches the stack's executor
-alone, vpe_bench_hosts_3 all three replicas through gRPC's multi-address target
-`ipv4:127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3` (connections given to Airflow as AIRFLOW_CONN_* variables, the
-way bootstrap.sh gives it grpc_default). Per configuration: one warm-up DAG run, then --runs DAG runs
+The executor replicas are the stack's own executor plus two more, each with a VPE_HOME of its own on a
+loopback port, started as on an executor host (`./bootstrap.sh up executor` with VPE_CENTRAL_HOST and the
+stack's secrets.env copied); the stack's VPE_EXECUTOR_TARGET names all three (`ipv4:127.0.0.1:p1,...`).
+The DAG file holds the same DAG twice: vpe_bench_hosts_3 runs through grpc_default (all three replicas),
+vpe_bench_hosts_1 through a connection to the stack's executor alone (an AIRFLOW_CONN_* variable, written
+the way bootstrap.sh writes grpc_default). Per configuration: one warm-up DAG run, then --runs DAG runs
 triggered together; runs/minute = those runs / (last end - first start). Each replica's run logs show where
 the executor runs went.
 
@@ -20,8 +21,8 @@ second worker gets no slot of its own); 2 workers with VPE_AIRFLOW_PARALLELISM d
 hands out as many tasks as two hosts of 4 slots each would take (each worker may then take 8 of them).
 
 What a 2-core machine can show: every replica and worker shares the same two cores, the same PostgreSQL and
-the same scheduler, so more replicas or workers add no CPU. It can show what spreading over them costs, that
-the runs do spread, and where the time goes; what several hosts gain needs several machines.
+the same scheduler, so more replicas or workers add no CPU. It can show what spreading over them costs and that
+the runs do spread; what several hosts gain needs several machines.
 
 Run with the test venv:  .vpe/venv/bin/python bench/hosts.py [--tasks 40] [--runs 2]
 """
@@ -30,20 +31,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (AirflowAPI, bootstrap, free_port, read_secrets, repo_copy_stack_config,  # noqa: E402
-                      stack_parent, wait_for_envs)
+from conftest import (AirflowAPI, bootstrap, free_port, repo_copy_stack_config, stack_parent,  # noqa: E402
+                      wait_for_envs)
 
 REPLICAS = (1, 3)
+# Each DAG's connection: the stack's executor alone, or grpc_default (VPE_EXECUTOR_TARGET: every replica).
+CONNECTIONS = {1: "vpe_bench_one", 3: "grpc_default"}
 TINY_TASK = 'print("done")\n'
 
 
@@ -58,46 +58,38 @@ from vpe import ExecutorOperator
 TASKS = {tasks}
 
 
-def tasks_dag(replicas: int) -> None:
+def tasks_dag(replicas: int, conn_id: str) -> None:
     @dag(dag_id=f"vpe_bench_hosts_{{replicas}}", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
          catchup=False, max_active_runs=16, max_active_tasks=TASKS * 16)
     def many_short_deferrable_tasks():
         for i in range(TASKS):
             ExecutorOperator(task_id=f"t{{i:02d}}", env="ingestion", script="vpe_bench/tiny.py", deferrable=True,
-                             defer_after=timedelta(0), grpc_conn_id=f"vpe_bench_{{replicas}}", retries=0)
+                             defer_after=timedelta(0), grpc_conn_id=conn_id, retries=0)
 
     many_short_deferrable_tasks()
 
 
-for replicas in {REPLICAS!r}:
-    tasks_dag(replicas)
+for replicas, conn_id in {CONNECTIONS!r}.items():
+    tasks_dag(replicas, conn_id)
 '''
 
 
+def target(ports: list[int]) -> str:
+    return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+
+
 def connection(ports: list[int], token: str) -> str:
-    """A vpe_executor connection, as bootstrap.sh's grpc_connection_json writes it, to the replicas on `ports`."""
-    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
-    return f'{{"conn_type": "vpe_executor", "host": "{target}", "password": "{token}"}}'
+    """A vpe_executor connection to the replicas on `ports`, as bootstrap.sh's grpc_connection_json writes it."""
+    return f'{{"conn_type": "vpe_executor", "host": "{target(ports)}", "password": "{token}"}}'
 
 
-def start_replica(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
-    """An executor with a VPE_HOME of its own, as `./bootstrap.sh up executor` starts one on another host."""
+def replica_env(env: dict[str, str], home: Path, port: int) -> dict[str, str]:
+    """An executor host's environment: its own VPE_HOME and port, the stack's services and secrets."""
     home.mkdir(parents=True)
-    replica_env = {**os.environ, "VPE_HOME": str(home), "VPE_EXECUTOR_HOST": "127.0.0.1",
-                   "VPE_EXECUTOR_PORT": str(port), "VPE_EXECUTOR_TASKS_DIR": env["VPE_TASKS_DIR"],
-                   "VPE_EXECUTOR_TOKEN": read_secrets(Path(env["VPE_HOME"]))["VPE_EXECUTOR_TOKEN"]}
-    with (home / "executor.log").open("w") as log:
-        return subprocess.Popen([sys.executable, str(ROOT / "executor.py"), "serve"], env=replica_env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_replica(replica: subprocess.Popen) -> None:
-    os.killpg(replica.pid, signal.SIGTERM)
-    try:
-        replica.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(replica.pid, signal.SIGKILL)
-        replica.wait(30)
+    shutil.copy(Path(env["VPE_HOME"]) / "secrets.env", home / "secrets.env")
+    (home / "secrets.env").chmod(0o600)
+    own = {k: v for k, v in env.items() if k != "VPE_EXECUTOR_TARGET" and not k.startswith("AIRFLOW_CONN_")}
+    return {**own, "VPE_HOME": str(home), "VPE_EXECUTOR_PORT": str(port), "VPE_CENTRAL_HOST": "127.0.0.1"}
 
 
 def parallelism() -> int:
@@ -117,8 +109,8 @@ def stack_env(parent: Path, workers: int, slots: int, tasks: int) -> tuple[dict[
     """A Celery stack's environment (not yet up) with the bench DAG and connections to 1 and to 3 replicas, and
     the replicas' ports (the stack's executor's first). The token is written before bootstrap makes the other
     secrets: the connections carry it."""
-    env = repo_copy_stack_config(parent, f"workers{workers}-slots{slots}", {"dags/vpe_bench_hosts.py": dag_file(tasks),
-                                                              "tasks/vpe_bench/tiny.py": TINY_TASK})
+    files = {"dags/vpe_bench_hosts.py": dag_file(tasks), "tasks/vpe_bench/tiny.py": TINY_TASK}
+    env = repo_copy_stack_config(parent, f"workers{workers}-slots{slots}", files)
     env.update(VPE_AIRFLOW_EXECUTOR="CeleryExecutor", VPE_CELERY_WORKERS=str(workers),
                VPE_AIRFLOW_PARALLELISM=str(slots))
     token = os.urandom(32).hex()
@@ -126,8 +118,8 @@ def stack_env(parent: Path, workers: int, slots: int, tasks: int) -> tuple[dict[
     secrets.write_text(f"VPE_EXECUTOR_TOKEN={token}\n")
     secrets.chmod(0o600)
     ports = [int(env["VPE_EXECUTOR_PORT"]), free_port(), free_port()]
-    for replicas in REPLICAS:
-        env[f"AIRFLOW_CONN_VPE_BENCH_{replicas}"] = connection(ports[:replicas], token)
+    env["VPE_EXECUTOR_TARGET"] = target(ports)
+    env[f"AIRFLOW_CONN_{CONNECTIONS[1].upper()}"] = connection(ports[:1], token)
     return env, ports
 
 
@@ -171,9 +163,12 @@ def measure_stack(parent: Path, workers: int, slots: int, tasks: int, runs: int)
     replica_homes = [Path(env["VPE_HOME"])] + [parent / f"{name}-replica{i}" for i in (2, 3)]
     print(f"bringing up an offline-demo stack with {workers} Celery worker(s), scheduler parallelism {slots} and "
           f"3 replicas in {parent}", flush=True)
-    extra = [start_replica(home, port, env) for home, port in zip(replica_homes[1:], ports[1:])]
+    replica_envs = []
     try:
         bootstrap("--offline-demo", "--celery", "up", env=env, timeout=1200)
+        for home, port in zip(replica_homes[1:], ports[1:]):
+            replica_envs.append(replica_env(env, home, port))
+            bootstrap("--offline-demo", "up", "executor", env=replica_envs[-1])
         for port in ports:
             wait_for_envs({**env, "VPE_EXECUTOR_PORT": str(port)})
         airflow = AirflowAPI(env)
@@ -186,8 +181,8 @@ def measure_stack(parent: Path, workers: int, slots: int, tasks: int, runs: int)
         return results
     finally:
         bootstrap("down", env=env, check=False)
-        for replica in extra:
-            stop_replica(replica)
+        for replica in replica_envs:
+            bootstrap("down", env=replica, check=False)
 
 
 def report(results: dict[tuple[int, int, int], dict], tasks: int, runs: int) -> None:
@@ -197,8 +192,9 @@ def report(results: dict[tuple[int, int, int], dict], tasks: int, runs: int) -> 
     print(f"{'replicas':>8} {'workers':>8} {'scheduler slots':>16} {'runs/min':>9} {'tasks/min':>10} {'vs 1/1':>7} "
           f"{'runs per replica':>17} {'not 1st try':>12}")
     for (replicas, workers, slots), r in results.items():
-        print(f"{replicas:>8} {workers:>8} {slots:>16} {r['runs_per_minute']:>9.2f} {r['runs_per_minute'] * tasks:>10.0f} "
-              f"{r['runs_per_minute'] / base:>6.2f}x {'/'.join(map(str, r['per_replica'])):>17} {r['failed_tasks']:>12}")
+        rate = r["runs_per_minute"]
+        print(f"{replicas:>8} {workers:>8} {slots:>16} {rate:>9.2f} {rate * tasks:>10.0f} {rate / base:>6.2f}x "
+              f"{'/'.join(map(str, r['per_replica'])):>17} {r['failed_tasks']:>12}")
     print("\nOn one 2-core machine the replicas and workers share the same cores, PostgreSQL and scheduler: the "
           "ratios show what spreading costs, not what more hosts would gain.")
 
