@@ -15,10 +15,12 @@ the way bootstrap.sh writes grpc_default). Per configuration: one warm-up DAG ru
 triggered together; runs/minute = those runs / (last end - first start). Each replica's run logs show where
 the executor runs went.
 
-The Celery setups: 1 worker; 2 workers as bootstrap.sh sets them up (VPE_AIRFLOW_PARALLELISM, .env's 4, is each
-worker's concurrency and also the scheduler's `parallelism`, its cap on tasks queued or running in all: the
-second worker gets no slot of its own); 2 workers with VPE_AIRFLOW_PARALLELISM doubled, so that the scheduler
-hands out as many tasks as two hosts of 4 slots each would take (each worker may then take 8 of them).
+The Celery setups (--setup WORKERS:SLOTS): 1 worker; 2 workers as bootstrap.sh sets them up
+(VPE_AIRFLOW_PARALLELISM, .env's 4, is each worker's concurrency and also the scheduler's `parallelism`, its
+cap on tasks queued or running in all: the second worker gets no slot of its own); 2 workers with
+VPE_AIRFLOW_PARALLELISM doubled, so that the scheduler hands out as many tasks as two hosts of 4 slots each
+would take (each worker may then take 8 of them); and 1 worker with it doubled, to tell the slots' share of
+the gain from the second worker's.
 
 What a 2-core machine can show: every replica and worker shares the same two cores, the same PostgreSQL and
 the same scheduler, so more replicas or workers add no CPU. It can show what spreading over them costs and that
@@ -99,10 +101,17 @@ def parallelism() -> int:
     return int(os.environ.get("VPE_AIRFLOW_PARALLELISM") or configured["VPE_AIRFLOW_PARALLELISM"])
 
 
-def celery_setups() -> list[tuple[int, int]]:
-    """(workers, the scheduler's parallelism) of each stack."""
+def default_setups() -> list[str]:
+    """WORKERS:SLOTS (Celery workers, the scheduler's parallelism) of each stack."""
     slots = parallelism()
-    return [(1, slots), (2, slots), (2, 2 * slots)]
+    return [f"1:{slots}", f"2:{slots}", f"2:{2 * slots}", f"1:{2 * slots}"]
+
+
+def setup(text: str) -> tuple[int, int]:
+    workers, _, slots = text.partition(":")
+    if not (workers.isdigit() and slots.isdigit() and int(workers) > 0 and int(slots) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WORKERS:SLOTS, e.g. 2:8")
+    return int(workers), int(slots)
 
 
 def stack_env(parent: Path, workers: int, slots: int, tasks: int) -> tuple[dict[str, str], list[int]]:
@@ -186,10 +195,10 @@ def measure_stack(parent: Path, workers: int, slots: int, tasks: int, runs: int)
 
 
 def report(results: dict[tuple[int, int, int], dict], tasks: int, runs: int) -> None:
-    base = results[(1, 1, parallelism())]["runs_per_minute"]
+    base = next(iter(results.values()))["runs_per_minute"]
     print(f"\n{runs} DAG runs of {tasks} deferrable tasks (defer_after=0) each, triggered together, after one "
           f"warm-up run; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"{'replicas':>8} {'workers':>8} {'scheduler slots':>16} {'runs/min':>9} {'tasks/min':>10} {'vs 1/1':>7} "
+    print(f"{'replicas':>8} {'workers':>8} {'scheduler slots':>16} {'runs/min':>9} {'tasks/min':>10} {'vs 1st':>7} "
           f"{'runs per replica':>17} {'not 1st try':>12}")
     for (replicas, workers, slots), r in results.items():
         rate = r["runs_per_minute"]
@@ -204,11 +213,14 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=40, help="deferrable tasks in the DAG (default: 40)")
     parser.add_argument("--runs", type=int, default=2, help="DAG runs triggered together per configuration "
                                                             "(default: 2)")
+    parser.add_argument("--setup", type=setup, action="append",
+                        help="WORKERS:SLOTS, Celery workers and the scheduler's parallelism, one stack each; "
+                             f"repeatable; the first row is the ratios' base (default: {' '.join(default_setups())})")
     args = parser.parse_args()
     parent = stack_parent("vpe-bench-hosts-")
     results = {}
     try:
-        for workers, slots in celery_setups():
+        for workers, slots in args.setup or [setup(text) for text in default_setups()]:
             for replicas, result in measure_stack(parent, workers, slots, args.tasks, args.runs).items():
                 results[(replicas, workers, slots)] = result
     finally:
