@@ -147,8 +147,9 @@ prepare_local() {
   make_state_dirs
   ensure_secrets
   if [ "$OFFLINE_DEMO" = 1 ] || { ! satellite && open_meteo_running; }; then enter_offline_demo; fi
-  # A running Redis means the stack was started under Celery: later commands keep to it.
-  if redis_running; then export VPE_AIRFLOW_EXECUTOR=CeleryExecutor; fi
+  # A running Redis (or, on a worker host, running workers) means the stack was started under Celery: later
+  # commands keep to it.
+  if redis_running || compgen -G "$PIDS/celery-worker-*.pid" > /dev/null; then export VPE_AIRFLOW_EXECUTOR=CeleryExecutor; fi
   export_warehouse_dsn
   export_workspace_store
   airflow_env
@@ -194,7 +195,7 @@ cmd_status() {
   done
   if celery_mode; then celery_status || bad=1; fi
   say ""
-  replica=$(executor_replicas | head -n 1)
+  replica=$(executor_replicas | sed -n 1p)
   executor_cli ping --host "${replica%:*}" --port "${replica##*:}" 2>/dev/null | sed 's/^/  /' || true
   [ "$OFFLINE_DEMO" = 0 ] || say "
 OFFLINE DEMO: the weather is SYNTHETIC (local stand-in), loaded into the database $VPE_WAREHOUSE_DB.
@@ -593,7 +594,12 @@ executor_replicas() {
 }
 
 # Whether one of the replicas Airflow uses is this host's (not so when VPE_EXECUTOR_TARGET names only others).
-executor_here() { executor_replicas | grep -qxF "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT"; }
+# The list is read whole first: `grep -q` on the pipe would end it early, and pipefail would count that as "no".
+executor_here() {
+  local replicas
+  replicas=$(executor_replicas) || die "VPE_EXECUTOR_TARGET=$EXECUTOR_TARGET: not an address list (see above)"
+  grep -qxF "$VPE_EXECUTOR_HOST:$VPE_EXECUTOR_PORT" <<< "$replicas"
+}
 
 start_executor() {
   if ! executor_here; then

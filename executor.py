@@ -15,11 +15,12 @@ and only this environment: PATH (the env's bin first, then /usr/local/bin:/usr/b
 VPE_WORKSPACE, VPE_BUFFER, the executor's own values of the names in VPE_TASK_ENV_PASSTHROUGH (default:
 VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL), then the request's env vars
 whose names VPE_TASK_ENV_ALLOW allows (never a reserved name: PATH, HOME, BASH_ENV, PYTHON*, LD_*, proxies, CA bundles, the VPE_* above, ...).
-Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them).
+Each run's events go to $VPE_HOME/logs/runs/<run_id>.jsonl (read_run_events replays them). With
+VPE_EXECUTOR_WORKSPACE_STORE, workspaces are shared by replicas through PostgreSQL (WorkspaceStore).
 
 Contents, in order: configuration (SETTINGS: every setting once; Config); the service (ExecutorServicer:
-ping.proto's RPCs, and the checks of a request); runs (processes, cages, event logs, retention, runs that
-outlive their client); environments (env ymls, builds, the conda-to-PyPI tables); the server (auth, TLS,
+ping.proto's RPCs, and the checks of a request); runs (processes, cages, event logs, retention, the workspace
+store, runs that outlive their client); environments (env ymls, builds, the conda-to-PyPI tables); the server (auth, TLS,
 serve, shut down); the client (ExecutorClient, channels, replicas); the CLI.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ import uuid
 from collections import deque
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -174,6 +175,15 @@ def words(text: str) -> tuple[str, ...]:
     return tuple(re.findall(r"[^\s,]+", text))
 
 
+def variable_names(text: str) -> tuple[str, ...]:
+    """words() that are environment variable names: a task's start script exports them."""
+    names = words(text)
+    if bad := [name for name in names if not ENV_VAR_NAME_RE.fullmatch(name)]:
+        raise SystemExit(f"executor.py: VPE_TASK_ENV_PASSTHROUGH: {bad[0]!r} is no environment variable name; use "
+                         f"letters, digits and _, not starting with a digit")
+    return names
+
+
 def folder(text: str) -> Path:
     return Path(text).resolve()
 
@@ -274,7 +284,7 @@ SETTINGS = (
     Setting("backend", "VPE_EXECUTOR_ENV_BACKEND", "auto", choices=("auto", "conda", "venv"), flag="serve",
             help="env backend", shown_default="auto: conda-family if on PATH, else venv"),
     Setting("passthrough", "VPE_TASK_ENV_PASSTHROUGH",
-            "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL", words,
+            "VPE_WAREHOUSE_DSN OPEN_METEO_ARCHIVE_URL OPEN_METEO_API_KEY VPE_GLC_LAYER_URL", variable_names,
             help="the executor's variables every task gets"),
     Setting("env_allow", "VPE_TASK_ENV_ALLOW", "VPE_ALLOW_SYNTHETIC_WEATHER", words,
             help="names (or fnmatch patterns) a request may set"),
@@ -871,7 +881,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 def proc_info(pid: int) -> ProcInfo | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = kernel_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     return ProcInfo(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), int(fields[21]) * PAGE_SIZE,
@@ -898,50 +908,54 @@ def same_process(pid: int, start: int) -> bool:
 
 
 def _write(path: Path, value: object) -> None:
-    path.write_text(f"{value}\n")
+    """One write to a cgroup file: without Python's buffered I/O, half the syscalls."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def kernel_text(path: Path | str) -> str:
+    """A small /proc or cgroup file: without Python's buffered I/O, half the syscalls."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")  # a process may name itself in any bytes
+    finally:
+        os.close(fd)
 
 
 def _counter(path: Path, name: str) -> int:
     """A 'name N' line of a cgroup file such as memory.oom_control or pids.events; 0 if absent."""
     with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
+        for line in kernel_text(path).splitlines():
             key, _, value = line.partition(" ")
             if key == name and value.strip().isdigit():
                 return int(value)
     return 0
 
 
-# The task's first process runs this, then becomes the task (exec): it joins the run's cgroups and takes its
-# rlimits before any code of the task runs. Not preexec_fn, which may crash a child forked by a threaded
+# A run's first process: a shell that does nothing until it has read its start script (start_script) from stdin,
+# then becomes the task. The executor puts it into the run's cgroups before it sends the script, from outside: in
+# the tasks' mount namespace /sys is read-only. Not preexec_fn, which may crash a child forked by a threaded
 # server; and a shell, not Python, because it costs a millisecond rather than an interpreter start.
-CAGE_WRAPPER = """\
-cpu=$1 cpu_hard=$2 files=$3; shift 3
-while [ "$1" != -- ]; do
-  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
-  shift
-done
-shift
-ulimit -t "$cpu_hard" && ulimit -S -t "$cpu" && ulimit -n "$files" || {
-  echo "[executor] cannot set the run's limits" >&2; exit 126; }
-unset PWD
-exec "$@"
-"""
-
-# A run's first process started ahead of its run: it joins fresh cgroups while no run waits for it (joining costs
-# the kernel a grace period, about 10 ms here, when nothing joined a cgroup lately), then runs its run's start
-# script (start_script), read from stdin, and becomes the task.
-PARKED_WRAPPER = """\
-while [ "$1" != -- ]; do
-  echo $$ > "$1" || { echo "[executor] cannot join the run's cgroup $1" >&2; exit 126; }
-  shift
-done
+WAITING_SHELL = """\
 . /dev/stdin
 exit 126
 """
 
 
+def waiting_shell() -> subprocess.Popen:
+    return subprocess.Popen(["/bin/sh", "-c", WAITING_SHELL, "vpe-task"], env={}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
 def start_script(argv: Sequence[str], env: dict[str, str], cwd: Path, rlimits: tuple[int, int, int]) -> bytes:
-    """What a parked process runs to become the task: what Popen(argv, env=env, cwd=cwd) behind CAGE_WRAPPER does."""
+    """What a waiting shell runs to become the task: Popen(argv, env=env, cwd=cwd, stdin=DEVNULL) with the
+    run's rlimits (CPU seconds soft and hard, open files)."""
     cpu, cpu_hard, files = rlimits
     lines = [f"ulimit -t {cpu_hard} && ulimit -S -t {cpu} && ulimit -n {files} || {{",
              "  echo \"[executor] cannot set the run's limits\" >&2; exit 126; }",
@@ -950,6 +964,18 @@ def start_script(argv: Sequence[str], env: dict[str, str], cwd: Path, rlimits: t
              "unset PWD OLDPWD",
              "exec </dev/null " + " ".join(map(shlex.quote, argv))]
     return ("\n".join(lines) + "\n").encode()
+
+
+def hand_over(proc: subprocess.Popen, script: bytes) -> None:
+    """Sends a waiting shell its start script; one that has ended says why in its exit status and stderr."""
+    try:
+        proc.stdin.write(script)
+        proc.stdin.flush()
+    except BrokenPipeError:
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
 
 
 def within_hard_limit(kind: int, value: int) -> int:
@@ -971,6 +997,7 @@ class Cage:
         self.thorough = thorough  # cgroups and /proc both: for runs a dead executor left
         self.leader: tuple[int, int] | None = None  # (pid, start)
         self._seen: dict[int, int] = {}  # pid -> start of members found by tracking, so their zombies get reaped
+        self.killed = False  # its freezer may have been left frozen
 
     def record(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "marker": sorted(m.decode() for m in self.marker),
@@ -1004,10 +1031,22 @@ class Cage:
         return (within_hard_limit(resource.RLIMIT_CPU, cpu), within_hard_limit(resource.RLIMIT_CPU, cpu + 5),
                 within_hard_limit(resource.RLIMIT_NOFILE, int(limits["open_files"])))
 
-    def command(self, argv: Sequence[str], limits: dict[str, float]) -> list[str]:
-        """argv behind CAGE_WRAPPER."""
-        procs = [str(folder / "cgroup.procs") for folder in self.cgroups.values()]
-        return ["/bin/sh", "-c", CAGE_WRAPPER, "vpe-cage", *map(str, self.rlimits(limits)), *procs, "--", *argv]
+    def join(self, pid: int) -> None:
+        """Moves a waiting shell into the run's cgroups, before it has run anything of the task."""
+        for folder in self.cgroups.values():
+            _write(folder / "cgroup.procs", pid)
+
+    def reusable(self) -> bool:
+        """Whether the next run may have these cgroups: never killed (frozen), none of its processes left, no
+        limit hit (the counters verdict reads start at 0) and little memory still charged (its page cache)."""
+        memory, pids = self.cgroups.get("memory"), self.cgroups.get("pids")
+        try:
+            return (not self.killed and not self._cgroup_members()
+                    and not (memory and (_counter(memory / "memory.oom_control", "oom_kill")
+                                         or int(kernel_text(memory / "memory.usage_in_bytes")) > REUSE_CHARGED_BYTES))
+                    and not (pids and _counter(pids / "pids.events", "max")))
+        except (OSError, ValueError):
+            return False
 
     def set_leader(self, pid: int) -> None:
         info = proc_info(pid)
@@ -1023,7 +1062,7 @@ class Cage:
         if not self.cgroups:
             return set()
         with contextlib.suppress(FileNotFoundError):
-            return {int(pid) for pid in (next(iter(self.cgroups.values())) / "cgroup.procs").read_text().split()}
+            return {int(pid) for pid in kernel_text(next(iter(self.cgroups.values())) / "cgroup.procs").split()}
         return set()
 
     def tracked(self) -> list[ProcInfo]:
@@ -1069,12 +1108,13 @@ class Cage:
 
     def kill(self) -> None:
         """SIGKILL for every process; with a freezer they are frozen first, so none can fork a child that misses it."""
+        self.killed = True
         freezer = self.cgroups.get("freezer")
         if freezer:
             with contextlib.suppress(OSError):
                 _write(freezer / "freezer.state", "FROZEN")
                 deadline = time.monotonic() + 1
-                while (freezer / "freezer.state").read_text().strip() != "FROZEN" and time.monotonic() < deadline:
+                while kernel_text(freezer / "freezer.state").strip() != "FROZEN" and time.monotonic() < deadline:
                     time.sleep(0.01)
         self.signal(signal.SIGKILL)
         if freezer:
@@ -1123,6 +1163,16 @@ CGROUP_CONTROLLERS = ("pids", "memory", "freezer")
 LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_CHILD_SUBREAPER, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 36, 24, 38
 CLONE_NEWNS, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 1, 32, 4096, 16384, 1 << 18
+MOUNT_FLAGS = {"nosuid": 2, "nodev": 4, "noexec": 8, "nosymfollow": 256, "noatime": 1024, "nodiratime": 2048,
+               "relatime": 1 << 21, "strictatime": 1 << 24}  # per-mount options a read-only remount keeps
+# Root-owned files a task without capabilities could still write (the owner's permission bits suffice): cgroup
+# files (its limits, leaving its cgroup), sysctls such as kernel.core_pattern (a program the kernel runs as root
+# with every capability), the magic SysRq key.
+SYSTEM_READ_ONLY = (Path("/sys"), Path("/proc/sys"), Path("/proc/sysrq-trigger"))
+REUSE_CHARGED_BYTES = 4 * 1024 * 1024  # memory a finished run may leave charged to cgroups the next run gets
+# A run's parked process is replaced only after the run (see Containment._park_soon), so with one per slot a client
+# starting its next run the moment the last one ended found none about a fifth of the time and waited for its join.
+PARKED_PER_SLOT = 2
 
 
 def libc_call(name: str, *args: Any) -> int:
@@ -1131,6 +1181,16 @@ def libc_call(name: str, *args: Any) -> int:
         errno = ctypes.get_errno()
         raise OSError(errno, f"{name}: {os.strerror(errno)}")
     return result
+
+
+def mounts() -> list[tuple[Path, int]]:
+    """(mount point, its MOUNT_FLAGS) of the calling thread's mount namespace."""
+    found = []
+    for line in Path("/proc/thread-self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal[1], 8)), fields[4])
+        found.append((Path(point), sum(MOUNT_FLAGS.get(option, 0) for option in fields[5].split(","))))
+    return found
 
 
 def base_prefix(interpreter: Path) -> Path | None:
@@ -1147,12 +1207,13 @@ def base_prefix(interpreter: Path) -> Path | None:
 class TaskLauncher:
     """Starts every task. Where the executor may (root with CAP_SYS_ADMIN and CAP_SETPCAP), it starts them from one
     thread of its own that has entered a mount namespace of its own, in which the built envs, each env's base
-    interpreter and the task scripts are read-only bind mounts, and whose children get an empty capability bounding
-    set and no_new_privs. A task is then root without capabilities: it can neither write there nor remount, unmount,
-    chmod or chown its way back (mounts it would copy into a user namespace of its own are locked). Mount namespaces,
-    capability bounding sets and no_new_privs are per thread, and fork copies the calling thread's: the executor's
-    other threads (env builds) are untouched, and starting a task costs nothing more than a hand-over to this thread.
-    Elsewhere tasks start as they are, and EnvManager watches every env's files instead."""
+    interpreter, the task scripts and SYSTEM_READ_ONLY are read-only bind mounts, and whose children get an empty
+    capability bounding set and no_new_privs. A task is then root without capabilities: it can neither write there
+    nor remount, unmount, chmod or chown its way back (mounts it would copy into a user namespace of its own are
+    locked). Mount namespaces, capability bounding sets and no_new_privs are per thread, and fork copies the calling
+    thread's: the executor's other threads (env builds, cgroup work) are untouched, and starting a task costs
+    nothing more than a hand-over to this thread. Elsewhere tasks start as they are, and EnvManager watches every
+    env's files instead."""
 
     def __init__(self, cfg: Config):
         self._keep_writable = cfg.buffer_dir.resolve()
@@ -1174,14 +1235,15 @@ class TaskLauncher:
                                      f"use auto") from None
                 reason = f"no read-only mounts here ({exc})"
         self.mechanism = (
-            "envs, their base interpreters and the task scripts read-only in the tasks' own mount namespace; tasks "
-            "without capabilities (empty bounding set, no_new_privs)" if self.read_only else
+            "envs, their base interpreters and the task scripts read-only in the tasks' own mount namespace, and "
+            "/sys, /proc/sys and /proc/sysrq-trigger; tasks without capabilities (empty bounding set, "
+            "no_new_privs)" if self.read_only else
             f"envs watched (inotify on every file; a change is refused before the next run and rebuilt): {reason}")
 
     def _enter_task_namespace(self, paths: Sequence[Path]) -> None:
         libc_call("unshare", CLONE_NEWNS)
         libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing made here reaches the host
-        for path in paths:
+        for path in (*paths, *(path for path in SYSTEM_READ_ONLY if path.exists())):  # no SysRq on some kernels
             self._make_read_only(path)
         for cap in range(int(Path("/proc/sys/kernel/cap_last_cap").read_text()) + 1):
             libc_call("prctl", PR_CAPBSET_DROP, cap, 0, 0, 0)
@@ -1197,7 +1259,9 @@ class TaskLauncher:
         else:
             target = str(path).encode()
             libc_call("mount", target, target, None, MS_BIND | MS_REC, None)
-            libc_call("mount", None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+            below = {point: flags for point, flags in mounts() if point == path or path in point.parents}
+            for point, flags in below.items():  # the topmost mount at each point: what a task sees
+                libc_call("mount", None, str(point).encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
             log.info("read-only for tasks: %s", path)
         self._protected.add(path)
 
@@ -1205,20 +1269,12 @@ class TaskLauncher:
         """fn(*args) on the launcher thread, whose children are started the tasks' way."""
         return self._thread.submit(fn, *args).result()
 
-    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._thread.submit(fn, *args)
-
     def protect_interpreter(self, interpreter: Path) -> None:
         """Makes the base of a venv's interpreter read-only for tasks, before its first task."""
         if self.read_only and interpreter not in self._interpreters:
             if (base := base_prefix(interpreter)) is not None:
                 self.call(self._make_read_only, base)
             self._interpreters.add(interpreter)
-
-    def popen(self, argv: list[str], interpreter: Path, **kwargs: Any) -> subprocess.Popen:
-        """Popen(argv, **kwargs) for a task run by `interpreter`."""
-        self.protect_interpreter(interpreter)
-        return self.call(lambda: subprocess.Popen(argv, **kwargs))
 
     def stop(self) -> None:
         self._thread.shutdown()
@@ -1242,7 +1298,8 @@ class Containment:
             raise SystemExit("executor.py: VPE_EXECUTOR_CONTAINMENT=cgroup, but no writable pids, memory and freezer "
                              "cgroup (v1) hierarchies are mounted; run as root or use auto")
         if self._bases:
-            self.mechanism = "cgroup: one per run in the pids, memory and freezer hierarchies"
+            self.mechanism = ("cgroup: one per run in the pids, memory and freezer hierarchies (a later run's "
+                              "once a run leaves it clean)")
         else:
             LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             self.mechanism = ("subreaper: no writable cgroups, descendants tracked through /proc "
@@ -1251,68 +1308,77 @@ class Containment:
         self.mechanism += f"; {self.launcher.mechanism}"
         self._records.mkdir(parents=True, exist_ok=True)
         self._parked: deque[tuple[subprocess.Popen, dict[str, Path]]] = deque()
+        self._clean: deque[dict[str, Path]] = deque()  # cgroups finished runs left clean, for the next ones
         self._parked_lock = threading.Lock()
+        # cgroup work (creating, joining, removing) off the runs' path and outside the tasks' mount namespace
+        self._keeper = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cgroup-keeper")
         self._park_numbers = itertools.count()
         self._owed = 0  # parked processes taken by runs still going: each is replaced when its run ends
         self._stopping = False
-        for _ in range(cfg.max_concurrent):
+        for _ in range(PARKED_PER_SLOT * cfg.max_concurrent):
             self._park_soon()
 
     def start(self, cage: Cage, argv: list[str], env: dict[str, str], cwd: Path,
               limits: dict[str, float]) -> subprocess.Popen:
         """The run's first process, in its cage: a parked one (its cgroups joined ahead of the run) where there is
-        one, else a new one behind CAGE_WRAPPER."""
-        parked = self._take_parked() if all(ENV_VAR_NAME_RE.fullmatch(name) for name in env) else None
-        if parked is None:
-            cage.create(limits)
-            return self.launcher.popen(cage.command(argv, limits), Path(argv[0]), cwd=cwd, env=env,
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       start_new_session=True)
-        proc, folders = parked
-        with self._parked_lock:
-            self._owed += 1
-        try:
-            if limits != self._cfg.limit_defaults:  # a parked process's cgroups have the default limits
-                Cage(cage.run_id, cage.marker, folders).set_limits(limits)
-            self.launcher.protect_interpreter(Path(argv[0]))
-        except BaseException:
-            self._unpark(proc, folders)
-            raise
-        cage.cgroups = folders
-        try:
-            proc.stdin.write(start_script(argv, env, cwd, Cage.rlimits(limits)))
-            proc.stdin.flush()
-        except BrokenPipeError:
-            pass  # it could not join its cgroups: its exit status and stderr say so
-        finally:
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
+        one, else one that joins them now."""
+        self.launcher.protect_interpreter(Path(argv[0]))
+        parked = self._take_parked()
+        if parked is not None:
+            with self._parked_lock:
+                self._owed += 1
+            proc, cage.cgroups = parked
+        else:
+            proc, cage.cgroups = self._new_parked() if self._bases else (self.launcher.call(waiting_shell), {})
+        if limits != self._cfg.limit_defaults:  # parked cgroups have the default limits
+            try:
+                cage.set_limits(limits)
+            except BaseException:
+                self._unpark(proc, cage.cgroups)
+                raise
+        hand_over(proc, start_script(argv, env, cwd, Cage.rlimits(limits)))
         return proc
 
     def _park_soon(self) -> None:
-        """Parks a process, soon and on the launcher thread. Not while a run starts: the new process's joining
+        """Parks a process, soon and on the keeper thread, not while a run starts: the new process's joining
         would hold up the run's own process starting and exiting."""
         if self._bases and not self._stopping:
-            self.launcher.call_soon(self._park)
+            self._keeper.submit(self._park)
 
     def _park(self) -> None:
-        """Starts a process for a future run, in cgroups of its own (on the launcher thread)."""
         if self._stopping:
             return
-        number = next(self._park_numbers)
-        folders = {name: base / f"parked-{number}" for name, base in self._bases.items()}
         try:
-            Cage("parked", frozenset(), folders).create(self._cfg.limit_defaults)
-            procs = [str(folder / "cgroup.procs") for folder in folders.values()]
-            proc = subprocess.Popen(["/bin/sh", "-c", PARKED_WRAPPER, "vpe-parked", *procs, "--"], env={},
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
-        except OSError as exc:
+            parked = self._new_parked()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: the launcher has stopped with the executor
             log.warning("cannot park a process for a future run (%s); runs start without", exc)
-            Cage("parked", frozenset(), folders).remove()
             return
         with self._parked_lock:
-            self._parked.append((proc, folders))
+            self._parked.append(parked)
+
+    def _new_parked(self) -> tuple[subprocess.Popen, dict[str, Path]]:
+        """A waiting shell in cgroups of its own with the default limits: ones a finished run left clean, else
+        new ones."""
+        with self._parked_lock:
+            folders = self._clean.popleft() if self._clean else None
+        if folders is None:
+            folders = {name: base / f"parked-{next(self._park_numbers)}" for name, base in self._bases.items()}
+            try:
+                Cage("parked", frozenset(), folders).create(self._cfg.limit_defaults)
+            except BaseException:
+                remove_if_empty(folders.values())
+                raise
+        try:
+            proc = self.launcher.call(waiting_shell)
+        except BaseException:
+            remove_if_empty(folders.values())
+            raise
+        try:
+            Cage("parked", frozenset(), folders).join(proc.pid)
+        except BaseException:
+            self._unpark(proc, folders)
+            raise
+        return proc, folders
 
     def _take_parked(self) -> tuple[subprocess.Popen, dict[str, Path]] | None:
         while True:
@@ -1333,7 +1399,7 @@ class Containment:
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 pipe.close()
-        Cage("parked", frozenset(), folders).remove()
+        remove_if_empty(folders.values())
 
     def _cgroup_bases(self) -> dict[str, Path]:
         bases = {}
@@ -1342,7 +1408,12 @@ class Containment:
             try:
                 if home is None:
                     raise OSError(f"no {controller} hierarchy")
-                (home / self.identity).mkdir(parents=True, exist_ok=True)
+                for _ in range(3):  # another executor's sweep may remove `home` between the two mkdirs
+                    with contextlib.suppress(FileNotFoundError):
+                        (home / self.identity).mkdir(parents=True, exist_ok=True)
+                        break
+                else:
+                    raise OSError(f"{home} keeps disappearing")
                 bases[controller] = home / self.identity
             except OSError as exc:
                 log.info("no per-run cgroups (%s): tracking descendants through /proc instead", exc)
@@ -1353,8 +1424,9 @@ class Containment:
         return bases
 
     def cage(self, run_id: str, env: dict[str, str]) -> Cage:
+        """The run's cage; start() gives it its cgroups."""
         marker = frozenset(f"{name}={env[name]}".encode() for name in ("VPE_RUN_ID", "VPE_BUFFER"))
-        return Cage(run_id, marker, {name: base / f"run-{run_id}" for name, base in self._bases.items()})
+        return Cage(run_id, marker, {})
 
     def remember(self, cage: Cage, log_path: Path) -> None:
         record = self._records / f"{cage.run_id}.json"
@@ -1362,35 +1434,49 @@ class Containment:
         tmp.write_text(json.dumps({**cage.record(), "log_path": str(log_path)}))
         os.replace(tmp, record)
 
-    def forget(self, cage: Cage) -> None:
-        """The run is over: its record goes; its cgroups are removed and the parked process it took is replaced
-        on the launcher thread, while the run's status goes out."""
+    def forget(self, cage: Cage, limits: dict[str, float]) -> None:
+        """The run is over: its record goes; on the keeper thread, while the run's status goes out, its cgroups
+        are kept for a later run if it left them clean (else removed), and the parked process it took is
+        replaced."""
         (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
         with self._parked_lock:
             owed, self._owed = self._owed > 0, max(0, self._owed - 1)
         try:
-            self.launcher.call_soon(self._retire, cage, owed)
-        except RuntimeError:  # the launcher has stopped with the executor
+            self._keeper.submit(self._retire, cage, limits, owed)
+        except RuntimeError:  # the keeper has stopped with the executor
             cage.remove()
 
-    def _retire(self, cage: Cage, owed: bool) -> None:
-        cage.remove()
+    def _retire(self, cage: Cage, limits: dict[str, float], owed: bool) -> None:
+        """Creating and removing a run's cgroups costs the kernel more than emptying them: clean ones are kept."""
+        try:
+            clean = bool(cage.cgroups) and not self._stopping and cage.reusable()
+            if clean and limits != self._cfg.limit_defaults:
+                cage.set_limits(self._cfg.limit_defaults)
+        except OSError:
+            clean = False
+        with self._parked_lock:
+            clean = clean and len(self._clean) < PARKED_PER_SLOT * self._cfg.max_concurrent
+            if clean:
+                self._clean.append(cage.cgroups)
+        if not clean:
+            cage.remove()
         if owed:
             self._park()
 
     def stop(self) -> None:
         """Leaves the records of runs still alive (none, unless killing failed) for the next start to find."""
         self._stopping = True
+        self._keeper.shutdown()
         self.launcher.stop()
         with self._parked_lock:
             parked, self._parked = list(self._parked), deque()
+            clean, self._clean = list(self._clean), deque()
         for proc, folders in parked:
             self._unpark(proc, folders)
+        remove_if_empty(folder for folders in clean for folder in folders.values())
         with contextlib.suppress(OSError):
             self._records.rmdir()
-        for base in self._bases.values():
-            with contextlib.suppress(OSError):
-                base.rmdir()
+        remove_if_empty([*self._bases.values(), *(base.parent for base in self._bases.values())])
 
     def recover(self) -> list[str]:
         """Kills every process of the runs that dead executors of this VPE_HOME left behind, reports each such run
@@ -1416,23 +1502,49 @@ class Containment:
         return lost
 
     def _remove_dead_cgroups(self) -> None:
-        """Cgroups of dead executors that no record names (it died between creating one and recording the run)."""
+        """Cgroups of dead executors that no record names (it died between creating one and recording the run),
+        then the empty ones that dead executors of other VPE_HOMEs left (killed, or from before executors removed
+        their home's folder on stopping): those are only removed, their processes left to their own home."""
         homes = {controller: base.parent for controller, base in self._bases.items()}
         for home in homes.values():
-            for executor in [p for p in home.iterdir() if p.is_dir() and p.name != self.identity]:
-                if self._executor_alive(executor.name):
-                    continue
-                for run in [p for p in executor.iterdir() if p.is_dir()]:
+            for executor in self._dead_executors(home):
+                for run in subfolders(executor):
                     cage = Cage(run.name, frozenset(), {c: h / executor.name / run.name for c, h in homes.items()})
                     cage.kill_all()
                     cage.remove()
                 with contextlib.suppress(OSError):
                     executor.rmdir()
+            for other in subfolders(home.parent):
+                if other != home and CGROUP_HOME_RE.fullmatch(other.name):
+                    dead = self._dead_executors(other)
+                    remove_if_empty([*(run for executor in dead for run in subfolders(executor)), *dead, other])
+
+    def _dead_executors(self, home: Path) -> list[Path]:
+        return [p for p in subfolders(home) if EXECUTOR_IDENTITY_RE.fullmatch(p.name) and p.name != self.identity
+                and not self._executor_alive(p.name)]
 
     @staticmethod
     def _executor_alive(identity: str) -> bool:
         pid, _, start = identity.partition("-")
         return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
+
+
+def subfolders(path: Path) -> list[Path]:
+    """[] for a folder gone meanwhile (another executor's clean-up)."""
+    with contextlib.suppress(OSError):
+        return [p for p in path.iterdir() if p.is_dir()]
+    return []
+
+
+def remove_if_empty(cgroups: Iterable[Path]) -> None:
+    """rmdir, in order; the kernel refuses for a cgroup that still has processes or children, and that one stays."""
+    for folder in cgroups:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+CGROUP_HOME_RE = re.compile(r"vpe-[0-9a-f]{12}")  # home_cgroup's folder of one VPE_HOME
+EXECUTOR_IDENTITY_RE = re.compile(r"[0-9]+-[0-9]+")  # Containment.identity: <pid>-<start>
 
 
 def home_cgroup(home: Path, controller: str) -> Path | None:
@@ -1640,7 +1752,7 @@ class ActiveRun:
             rc = proc.wait()
             status.ended_by = status.ended_by or cage.verdict(plan.limits, rc)
         finally:
-            self._containment.forget(cage)
+            self._containment.forget(cage, plan.limits)
         status.cancelled = self._cancelled.is_set()
         if rc < 0:
             status.signal = -rc
@@ -1659,7 +1771,7 @@ class ActiveRun:
         timed_out, ended_by = False, ""
         stopping, kill_at = False, math.inf
         exited, exited_at = False, math.inf
-        others_left, census_at = True, 0.0
+        others_left, census_at = True, started + CENSUS_INTERVAL
         partial = {pb2.STDOUT: b"", pb2.STDERR: b""}
         pidfd = os.pidfd_open(proc.pid)
         wake_r, wake_w = os.pipe()
@@ -1716,7 +1828,7 @@ class ActiveRun:
                         if not chunk:
                             sel.unregister(key.fileobj)
                             open_pipes -= 1
-                            census_at = 0.0
+                            census_at = 0.0 if exited else census_at
                             chunk = b"\n" if partial[key.data] else b""
                         self._forward(key.data, partial, chunk)
                         if self._output_over and not ended_by:
@@ -1769,7 +1881,9 @@ class ActiveRun:
         return False
 
 
-CRAWL_CACHE = "cache"  # buffer/cache: the crawl's answer cache (tasks/ingestion/crawl.py), worth keeping
+# buffer/cache: the crawl's answer cache of earlier versions (now the warehouse's), quota already spent: kept
+# until a crawl imports it (tasks/ingestion/crawl.py --import-cache), which then removes what it imported.
+CRAWL_CACHE = "cache"
 RETENTION_INTERVAL = 3600.0
 
 
@@ -1809,7 +1923,7 @@ def prune(paths: list[Path], keep_days: float, keep_bytes: int) -> tuple[int, in
 
 
 def apply_retention(cfg: Config, busy: Callable[[], set[Path]], store: WorkspaceStore | None = None) -> None:
-    """Run logs and workspaces: by age and total size, never what a live run uses, never the crawl cache; the
+    """Run logs and workspaces: by age and total size, never what a live run uses, never an old crawl cache; the
     store's workspaces by age."""
     in_use = busy()
     logs = [p for p in cfg.run_logs_dir.glob("*.jsonl") if p not in in_use]
@@ -1832,6 +1946,7 @@ def apply_retention(cfg: Config, busy: Callable[[], set[Path]], store: Workspace
 STORE_MANIFEST = ".vpe-store"  # in a workspace: its files as this replica last had them from or sent to the store
 LOCAL_ONLY = {".home", STORE_MANIFEST, f"{STORE_MANIFEST}.partial"}  # top-level names never stored
 STORE_CONNECT_TIMEOUT = 10
+STORE_IDLE_CONNECTIONS = 4  # kept open: a new login costs tens of ms (SCRAM), twice per run
 
 
 class WorkspaceStoreError(Exception):
@@ -1883,8 +1998,10 @@ class WorkspaceStore:
         self._connect = functools.partial(psycopg2.connect, url, connect_timeout=STORE_CONNECT_TIMEOUT,
                                           application_name="vpe-executor")
         self._failures = (psycopg2.Error, OSError, ValueError)  # ValueError: UnicodeError, a refused path
+        self._connection_errors = psycopg2.Error
         self.name = redacted_url(url)
         self._lock = threading.Lock()
+        self._idle: list[Any] = []
         self._workspace_locks: dict[str, threading.Lock] = {}
         self._running: dict[str, int] = {}  # workspace -> its runs here between check-out and check-in
 
@@ -1902,12 +2019,32 @@ class WorkspaceStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        conn = self._connect()
+        conn = self._idle_connection() or self._connect()
         try:
             with conn, conn.cursor() as cur:
                 yield cur
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        with self._lock:
+            if len(self._idle) < STORE_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _idle_connection(self) -> Any:
+        """An idle connection that still answers (the server may have restarted since), or None."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return conn
+            except self._connection_errors:
+                conn.close()
 
     def check_out(self, workspace_dir: Path) -> dict[str, tuple[int, int]]:
         """Brings this replica's copy of the workspace to what the store holds and returns its files as the run
@@ -1922,6 +2059,8 @@ class WorkspaceStore:
             with self._transaction() as cur:
                 cur.execute("SELECT path, sha256 FROM workspace.file WHERE workspace = %s", (workspace,))
                 stored = dict(cur.fetchall())
+                if local and not stored and not (workspace_dir / STORE_MANIFEST).exists():
+                    stored = self._adopt(cur, workspace_dir, local, manifest)
                 for path in local.keys() - stored.keys():
                     if path in manifest or not others:
                         (workspace_dir / path).unlink(missing_ok=True)
@@ -1935,6 +2074,15 @@ class WorkspaceStore:
             write_manifest(workspace_dir, manifest)
             self._running[workspace] = self._running.get(workspace, 0) + 1
             return workspace_files(workspace_dir)
+
+    def _adopt(self, cur, workspace_dir: Path, local: dict[str, tuple[int, int]],
+               manifest: dict[str, list]) -> dict[str, str]:
+        """A workspace written here before the store was turned on: its files become the stored ones, so a step
+        cleared and run again after the upgrade still finds what the earlier steps wrote."""
+        log.info("workspace %s predates the store: storing its %d files", workspace_dir.name, len(local))
+        for path, state in local.items():
+            self._upload(cur, workspace_dir, path, state, manifest)
+        return {path: entry[0] for path, entry in manifest.items()}
 
     def _download(self, cur, workspace_dir: Path, path: str, manifest: dict[str, list]) -> None:
         target = stored_path(workspace_dir, path)

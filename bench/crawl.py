@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark of the crawl step against the local Open-Meteo server with injected latency.
 
-Measured in one run: 2,000 windows fetched batched and one call per window (each from a cold cache),
-then the batched crawl again on its warm cache (goal: 0 calls). Prints a table. Not run in CI.
+Measured in one run: 2,000 windows fetched batched and one call per window (each from a cold cache: other
+windows), then the batched crawl again on its warm cache (goal: 0 calls). The cache is the warehouse's
+(--dsn, default $VPE_WAREHOUSE_DSN, e.g. a local stack's warehouse). Prints a table. Not run in CI.
 The local rate limit is off: this measures round trips, not the free tier's quota (which weighs each
 location the same, batched or not).
 """
@@ -34,9 +35,9 @@ def default_python() -> str:
     return sys.executable
 
 
-def write_windows(folder: Path, count: int) -> None:
+def write_windows(folder: Path, count: int, seed: int) -> None:
     """count/2 events at scattered places, each with its event day and the day one year earlier."""
-    rng = random.Random(42)
+    rng = random.Random(seed)
     lines = ["catalog_id,is_event,latitude,longitude,window_date"]
     for event in range(count // 2):
         lat, lon = round(rng.uniform(-55, 65), 4), round(rng.uniform(-180, 180), 4)
@@ -52,13 +53,13 @@ def stats(url: str) -> dict:
         return json.load(response)
 
 
-def crawl(python: str, url: str, folder: Path, cache: Path, batch_size: int) -> tuple[int, float]:
+def crawl(python: str, url: str, folder: Path, dsn: str, batch_size: int) -> tuple[int, float]:
     """(API calls the server counted, wall seconds) for one crawl run."""
     before = stats(url)["calls"]
     started = time.monotonic()
-    subprocess.run([python, str(TASKS / "crawl.py"), "--url", url, "--workspace", str(folder), "--cache-dir", str(cache),
+    subprocess.run([python, str(TASKS / "crawl.py"), "--url", url, "--workspace", str(folder),
                     "--batch-size", str(batch_size), *NO_RATE_LIMIT], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                   env={**os.environ, "PYTHONUNBUFFERED": "1", "VPE_WAREHOUSE_DSN": dsn})
     return stats(url)["calls"] - before, time.monotonic() - started
 
 
@@ -68,7 +69,11 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=50, help="server latency per call (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=100, help="batched run's windows per call (default: 100)")
     parser.add_argument("--python", default=default_python(), help="python of the ingestion env (default: %(default)s)")
+    parser.add_argument("--dsn", default=os.environ.get("VPE_WAREHOUSE_DSN"),
+                        help="the warehouse holding the crawl cache (default: $VPE_WAREHOUSE_DSN)")
     args = parser.parse_args()
+    if not args.dsn:
+        parser.error("the crawl cache is the warehouse's: pass --dsn or set VPE_WAREHOUSE_DSN")
 
     server = subprocess.Popen([sys.executable, str(TASKS / "open_meteo_server.py"), "--port", "0", "--quiet",
                                "--latency-ms", str(args.latency_ms)],
@@ -78,16 +83,16 @@ def main() -> int:
         url = re.search(r"http://\S+/v1/archive", server.stdout.readline()).group(0)
         with tempfile.TemporaryDirectory(prefix="vpe-bench-") as tmp:
             work = Path(tmp)
-            for name in ("batched", "single"):
-                write_windows(work / name, args.windows)
+            for seed, name in enumerate(("batched", "single")):
+                write_windows(work / name, args.windows, seed)
             print(f"crawl of {args.windows} windows, local server with {args.latency_ms:g} ms latency per call, "
                   f"{args.python}", flush=True)
             rows = [
                 (f"batched ({args.batch_size}/call), cold cache",
-                 *crawl(args.python, url, work / "batched", work / "cache-batched", args.batch_size)),
-                ("one call per window, cold cache", *crawl(args.python, url, work / "single", work / "cache-single", 1)),
+                 *crawl(args.python, url, work / "batched", args.dsn, args.batch_size)),
+                ("one call per window, cold cache", *crawl(args.python, url, work / "single", args.dsn, 1)),
                 (f"batched ({args.batch_size}/call), rerun on warm cache",
-                 *crawl(args.python, url, work / "batched", work / "cache-batched", args.batch_size)),
+                 *crawl(args.python, url, work / "batched", args.dsn, args.batch_size)),
             ]
     finally:
         os.killpg(server.pid, signal.SIGTERM)

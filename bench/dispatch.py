@@ -8,10 +8,11 @@ shows.
   (a) a trivial task through the executor's Run RPC (client in this process, server on loopback), in each env
   (a0) the same on the executor of an earlier commit (--baseline, default: before containment), for comparison
   (b) the floor: `<env>/bin/python task.py` as a bare subprocess of this process, in each env
-  (d) (b) behind the executor's cage wrapper (its shell, rlimits) without cgroups, and
-  (e) the same with the run's cgroups created, joined (by the wrapper) and removed, all while the run waits
-  (f) the task started as the executor starts a run: from a process parked in fresh cgroups ahead of its run (the
-      executor's Containment), its limits set, then removed: (f) - (d) is what a run pays for its cgroups
+  (d) (b) from the executor's waiting shell (a shell that reads its start script: rlimits, cwd, env), no cgroups
+  (e) the same with the run's cgroups created, joined (the executor writes the shell's pid) and removed, all while
+      the run waits: how a run starts when no parked process is ready
+  (f) the task started as the executor starts a run: from a process parked in its cgroups ahead of its run (the
+      executor's Containment), which keeps or removes them afterwards: (f) - (d) is what a run pays for its cgroups
   (c) a fresh venv per run, the way Airflow's PythonVirtualenvOperator does by default
       (providers/standard/utils/python_virtualenv.py: `uv venv --allow-existing --seed --python ...` then
       `uv pip install --python <venv>/bin/python <requirements>` when uv is on PATH), then the task;
@@ -149,23 +150,33 @@ class Cages:
         proc.stdout.read()
         proc.stderr.read()
         assert proc.wait() == 0, proc.returncode
-        self.containment.forget(cage)  # removes its cgroups and parks the next run's process, as after a run
+        self.containment.forget(cage, self.limits)  # keeps or removes its cgroups, parks the next run's process
         elapsed = time.perf_counter() - started
         proc.stdout.close()
         proc.stderr.close()
         return elapsed
 
     def run(self, python: Path, script: Path, cgroups: bool) -> float:
-        """(d) or, with cgroups, (e): the task behind the cage wrapper, timed like bare()."""
+        """(d) or, with cgroups, (e): the task from a fresh waiting shell, as the executor starts a run when no
+        parked process is ready, timed like bare()."""
         self._count += 1
         folders = {c: base / f"run-{self._count}" for c, base in self.bases.items()} if cgroups else {}
         cage = executor.Cage(f"bench-{self._count}", frozenset(), folders)
+        env = {"PATH": os.environ.get("PATH", "")}
         started = time.perf_counter()
         cage.create(self.limits)
-        subprocess.run(cage.command([str(python), str(script)], self.limits), check=True, stdout=subprocess.DEVNULL,
-                       cwd=script.parent)
+        proc = executor.waiting_shell()
+        cage.join(proc.pid)
+        executor.hand_over(proc, executor.start_script([str(python), str(script)], env, script.parent,
+                                                       executor.Cage.rlimits(self.limits)))
+        proc.stdout.read()
+        proc.stderr.read()
+        assert proc.wait() == 0, proc.returncode
         cage.remove()
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        proc.stdout.close()
+        proc.stderr.close()
+        return elapsed
 
     def close(self) -> None:
         if hasattr(self, "containment"):
@@ -298,7 +309,7 @@ def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[s
     floor = p50["bench (b)"]
     names = {"(a)": "executor Run RPC", "(a0)": f"the same at {baseline}", "(b)": "bare subprocess (floor)"}
     rows = [(f"{env}: {v} {names[v]}", f"{env} {v}") for env in ENVS for v in names if f"{env} {v}" in p50] + [
-        ("(d) bare + cage wrapper", "(d)"), ("(e) (d) + run's cgroups, cold", "(e)"),
+        ("(d) bare from a waiting shell", "(d)"), ("(e) (d) + run's cgroups, cold", "(e)"),
         ("(f) as a run starts: parked in its cgroups", "(f)"),
         ("(c) fresh venv per run, uv", "(c)"), ("(c') fresh venv per run, pip", "(c')")]
     print("\n" + "; ".join(f"env {env}: {sizes[env]:,} files ({', '.join(ENVS[env])})" for env in ENVS))
@@ -323,7 +334,7 @@ def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[s
     cgroups, cold = p50["(f)"] - p50["(d)"], p50["(e)"] - p50["(d)"]
     print(f"goal cgroups created, joined, removed <= 2 ms per run: (f) - (d) = {cgroups * 1000:.1f} ms "
           f"{'MET' if cgroups <= 0.002 else 'MISSED'} (all at dispatch, (e) - (d): {cold * 1000:.1f} ms; "
-          f"the wrapper itself, (d) - (b): {(p50['(d)'] - floor) * 1000:.1f} ms)")
+          f"the waiting shell itself, (d) - (b): {(p50['(d)'] - floor) * 1000:.1f} ms)")
     run_rpc, fresh, fresh_pip = p50["bench (a)"], p50["(c)"], p50["(c')"]
     print(f"goal (c) >= 50 x (a): {fresh / run_rpc:.0f}x {'MET' if fresh >= 50 * run_rpc else 'MISSED'} "
           f"(c') {fresh_pip / run_rpc:.0f}x")

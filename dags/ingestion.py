@@ -14,7 +14,8 @@ the executor), so each finds what the one before it wrote.
    be used are kept with their reason.
 2. **crawl** fetches hourly weather and soil data from the Open-Meteo archive for
    each event day and the same day one year earlier (the non-event sample),
-   batched and cached, within the free tier's limits; days the archive does not
+   batched and cached in the warehouse (shared by every executor host), within
+   the free tier's limits; days the archive does not
    serve yet are left pending.
 3. **load** merges everything into the warehouse star schema in one transaction.
 

@@ -150,6 +150,14 @@ def empty_db(pg_env: dict[str, str]) -> tuple[str, dict[str, str]]:
     return new_database(pg_env)
 
 
+@pytest.fixture(scope="session")
+def warehouse_template(pg_env: dict[str, str]) -> str:
+    """A migrated warehouse that tests copy (CREATE DATABASE … TEMPLATE: much faster than migrating each)."""
+    _, env = new_database(pg_env)
+    bootstrap("migrate", env=env)
+    return env["VPE_WAREHOUSE_DB"]
+
+
 def new_database(pg_env: dict[str, str]) -> tuple[str, dict[str, str]]:
     """(its DSN, the stack's env naming it as the warehouse) of a new, empty database on pg_env's server."""
     name = f"t_{uuid.uuid4().hex[:12]}"

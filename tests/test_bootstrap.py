@@ -11,7 +11,7 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from conftest import AirflowAPI, bootstrap, pid_alive, stack_config, warehouse_dsn
+from conftest import AirflowAPI, bootstrap, pid_alive, read_secrets, stack_config, warehouse_dsn
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,13 @@ def test_nothing_listens_beyond_loopback(stack: dict[str, str]) -> None:
     addresses = listening_addresses(pids)
     assert any(addr.endswith(":" + stack["VPE_EXECUTOR_PORT"]) for addr in addresses)
     assert [a for a in addresses if not a.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))] == []
+
+
+def test_the_executor_keeps_workspaces_in_the_warehouse_database(stack: dict[str, str]) -> None:
+    """The path every user runs is the several-hosts one: the workspace store, as vpe_executor."""
+    status = bootstrap("status", env=stack).stdout
+    assert f"workspace store: postgresql://vpe_executor@127.0.0.1:{stack['VPE_PG_PORT']}/warehouse" in status, status
+    assert read_secrets(Path(stack["VPE_HOME"]))["VPE_EXECUTOR_DB_PASSWORD"] not in status
 
 
 def test_airflow_reaches_the_executor_through_grpc_default(stack: dict[str, str]) -> None:

@@ -473,3 +473,33 @@ def test_an_executor_failure_is_a_status_saying_so_not_a_task_failure(make_serve
     assert status.ended_by.startswith("executor error:") and status.WhichOneof("outcome") is None
     runs_dir.unlink()
     assert collect(srv.client().run("six_a", "t/noop.py"))[1].exit_code == 0, "the failed run gave its slot back"
+
+
+def test_empty_cgroups_of_dead_executors_of_other_homes_go_and_a_stopped_executor_leaves_none(make_server, tmp_path):
+    if not cgroups_writable():
+        pytest.skip("no writable cgroup v1 hierarchies here (not root?)")
+    controllers = ("pids", "memory", "freezer")
+    me = executor.proc_info(os.getpid())
+    dead = [executor.home_cgroup(tmp_path / "killed-home", c) / "999999999-1" / "parked-0" for c in controllers]
+    busy = [executor.home_cgroup(tmp_path / "busy-home", c) / "999999999-1" / "run-y" for c in controllers]
+    alive = [executor.home_cgroup(tmp_path / "live-home", c) / f"{me.pid}-{me.start}" for c in controllers]
+    stranger = [executor.home_cgroup(tmp_path / "x", c).parent / f"not-vpe-{os.getpid()}" for c in controllers]
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        for folder in dead + busy + alive + stranger:
+            folder.mkdir(parents=True)
+        for folder in busy:
+            (folder / "cgroup.procs").write_text(str(sleeper.pid))
+        srv = make_server(home=tmp_path / "sweeping-home", VPE_EXECUTOR_CONTAINMENT="cgroup").start()
+        assert not any(folder.parent.parent.exists() for folder in dead), "a killed executor's empty cgroups go"
+        assert all(folder.exists() for folder in busy + alive + stranger), "what has processes, a live executor " \
+                                                                           "or another owner stays"
+        assert sleeper.poll() is None, "another home's processes are left to that home's executor"
+        assert collect(srv.client().run("six_a", "t/noop.py"))[1].exit_code == 0
+        srv.stop()
+        assert not any(executor.home_cgroup(srv.home, c).exists() for c in controllers)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        executor.remove_if_empty([*dead, *busy, *alive, *stranger, *(f.parent for f in dead + busy + alive),
+                                  *(f.parent.parent for f in dead + busy)])

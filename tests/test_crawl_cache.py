@@ -7,6 +7,7 @@ import datetime
 import json
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,12 +16,12 @@ from urllib.parse import urlencode, urlsplit
 import psycopg
 import pytest
 
-from test_ingestion import (TASKS, api_calls, archive_server, ingestion_python, ok, own_warehouse, read_csv,  # noqa: F401
-                            step, step_env, warehouse_template, workdir, write_windows)
+from test_ingestion import (TASKS, api_calls, archive_server, ingestion_python, ok, read_csv,  # noqa: F401
+                            step, step_env, workdir, write_windows)
 
-HOURLY = ("temperature_2m,relative_humidity_2m,precipitation,rain,soil_temperature_0_to_7cm,soil_temperature_7_to_28cm,"
-          "soil_temperature_28_to_100cm,soil_temperature_100_to_255cm,soil_moisture_0_to_7cm,soil_moisture_7_to_28cm,"
-          "soil_moisture_28_to_100cm,soil_moisture_100_to_255cm")
+sys.path.insert(0, str(TASKS))
+from common import HOURLY_VARIABLES  # noqa: E402 (the steps' own module)
+
 WEIGHT = 1.2  # weighted calls per window: 12 variables
 
 
@@ -74,7 +75,8 @@ def test_two_crawls_at_once_on_two_hosts_fetch_each_window_once(ingestion_python
     a, b = host(workdir, "a"), host(workdir, "b")
     write_numbered(a, range(0, 80))
     write_numbered(b, range(40, 120))
-    with archive_server("--latency-ms", "200") as url:
+    # Slow enough answers that the second crawl starts while the first has most of its batches ahead.
+    with archive_server("--latency-ms", "500") as url:
         args = ("--url", url, "--batch-size", "10", "--calls-per-minute", "0")
         first = start(ingestion_python, a, *args)
         until(lambda: api_calls(url)["calls"] >= 1, "host a's first call")
@@ -125,6 +127,9 @@ def test_a_crawl_killed_mid_way_is_resumed_on_another_host_fetching_only_what_wa
         until(lambda: api_calls(url)["locations"] >= 10, "two batches served")
         killed.send_signal(signal.SIGKILL)
         killed.communicate(timeout=60)
+        until(lambda: cache(workdir, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                     "AND pid <> pg_backend_pid()") == [(0,)],
+              "the killed crawl's session (and its window locks) gone")
         [(kept,)] = cache(workdir, "SELECT count(*) FROM crawl.answer")
         assert 5 <= kept < 40, "the first batch is cached before the second is asked for"
         out = ok(step(ingestion_python, "crawl.py", "--url", url, "--batch-size", "5", "--lock-wait", "60",
@@ -140,7 +145,7 @@ def test_a_crawl_killed_mid_way_is_resumed_on_another_host_fetching_only_what_wa
 def stand_in_answers(url: str, keys: list[tuple[float, float, str]]) -> list[dict]:
     query = urlencode({"latitude": ",".join(str(k[0]) for k in keys), "longitude": ",".join(str(k[1]) for k in keys),
                        "start_date": ",".join(k[2] for k in keys), "end_date": ",".join(k[2] for k in keys),
-                       "hourly": HOURLY, "timezone": "auto"})
+                       "hourly": ",".join(HOURLY_VARIABLES), "timezone": "auto"})
     with urllib.request.urlopen(f"{url}?{query}", timeout=30) as response:
         body = json.load(response)
     return body if isinstance(body, list) else [body]
@@ -153,7 +158,7 @@ def write_legacy_cache(root: Path, url: str, zone: str, answers: dict[tuple[floa
     for (lat, lon, day), answer in answers.items():
         path = source / f"tz-{zone}" / day / f"{lat:.6f}_{lon:.6f}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        hourly = {name: answer["hourly"][name] for name in ("time", *HOURLY.split(","))}
+        hourly = {name: answer["hourly"][name] for name in ("time", *HOURLY_VARIABLES)}
         path.write_text(json.dumps({"elevation": answer["elevation"], "utc_offset_seconds": answer["utc_offset_seconds"],
                                     "timezone": answer["timezone"], "hourly": hourly, "synthetic": True}))
     return source
@@ -179,6 +184,10 @@ def test_the_old_on_disk_cache_is_imported_once_and_its_spent_calls_count(ingest
 
         again = ok(step(ingestion_python, "crawl.py", "--url", url, workdir=workdir))
         assert api_calls(url)["locations"] - before == 4 and "imported" not in again and "10 cached, 0 to fetch" in again
+        assert "holds no answers for" in again and "in timezone auto" in again
+        elsewhere = step(ingestion_python, "crawl.py", "--url", url, "--import-cache", str(workdir / "nowhere"),
+                         workdir=workdir)
+        assert elsewhere.returncode == 1 and "--import-cache" in elsewhere.stderr and "no such folder" in elsewhere.stderr
     assert cache(workdir, "SELECT count(*), every(synthetic) FROM crawl.answer") == [(10, True)]
     assert cache(workdir, "SELECT weighted_calls FROM crawl.api_calls") == [(pytest.approx(4.8 + 4 * WEIGHT),)]
     assert len(read_csv(workdir / "run" / "hourly.csv")) == 10 * 24

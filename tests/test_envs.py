@@ -523,6 +523,12 @@ def test_a_task_cannot_change_its_env_nor_undo_the_protection(read_only_server, 
     assert_env_untouched(read_only_server, built)
 
 
+def test_a_task_can_change_neither_its_cgroups_nor_the_kernels_settings(read_only_server):
+    results = attempts(read_only_server, "system")
+    refused = [r for r in results.values() if r.startswith("refused: [Errno 30] Read-only file system")]
+    assert len(results) == len(refused) == 3, results
+
+
 def test_tasks_still_write_their_workspace_home_and_temp_files(read_only_server):
     results = attempts(read_only_server, "own")
     assert results == {"workspace": "done", "HOME": "done", "temp dir": "done"}

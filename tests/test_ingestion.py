@@ -24,7 +24,7 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from conftest import ROOT, SHARED_DATA, bootstrap, free_port, new_database, read_secrets, warehouse_dsn
+from conftest import ROOT, SHARED_DATA, bootstrap, free_port, read_secrets, warehouse_dsn
 
 TASKS = ROOT / "tasks" / "ingestion"
 SERVER = TASKS / "open_meteo_server.py"
@@ -78,14 +78,6 @@ def api() -> Iterator[str]:
 def api_calls(url: str) -> dict:
     with urllib.request.urlopen(url.replace("/v1/archive", "/stats"), timeout=10) as response:
         return json.load(response)
-
-
-@pytest.fixture(scope="session")
-def warehouse_template(pg_env: dict[str, str]) -> str:
-    """A migrated warehouse that each workdir's own is copied from (much faster than migrating each)."""
-    _, env = new_database(pg_env)
-    bootstrap("migrate", env=env)
-    return env["VPE_WAREHOUSE_DB"]
 
 
 def own_warehouse(folder: Path, pg_env: dict[str, str], template: str) -> str:

@@ -503,6 +503,9 @@ def test_the_compose_init_gives_the_same_roles_their_logins(warehouse) -> None:
                                      else "airflow_compose")).close()
     with psycopg.connect(role_dsn(env, "airflow", "VPE_AIRFLOW_DB_PASSWORD", "airflow_compose")) as airflow:
         assert airflow.execute("SELECT current_user").fetchone() == ("airflow",)
+    with psycopg.connect(role_dsn(env, "vpe_executor", "VPE_EXECUTOR_DB_PASSWORD", env["VPE_WAREHOUSE_DB"])) as store:
+        assert store.execute("SELECT current_user, has_table_privilege('workspace.file', 'INSERT')").fetchone() == (
+            "vpe_executor", True)
     environment = compose["services"]["executor"]["environment"]["VPE_WAREHOUSE_DSN"]
     assert environment.startswith("postgresql://vpe_loader:${VPE_LOADER_PASSWORD")
     for service in ("airflow-scheduler", "airflow-init"):

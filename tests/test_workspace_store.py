@@ -101,6 +101,17 @@ def test_concurrent_runs_writing_different_files_in_one_workspace_both_land(repl
     assert show(two, workspace) == show(one, workspace) == {"a.txt": "a", "b.txt": "b"}
 
 
+def test_a_workspace_written_before_the_store_is_kept_and_stored(replicas, store):
+    one, two = replicas
+    older = one.home / "buffer" / "w-older"
+    (older / "sub").mkdir(parents=True)
+    (older / "extract.csv").write_text("x,y")
+    (older / "sub" / "z.txt").write_text("2")
+    assert show(one, "w-older") == {"extract.csv": "x,y", "sub/z.txt": "2"}
+    assert stored(store, "w-older") == {"extract.csv": "x,y", "sub/z.txt": "2"}
+    assert show(two, "w-older") == {"extract.csv": "x,y", "sub/z.txt": "2"}
+
+
 def test_a_file_deleted_by_a_run_is_gone_for_the_next_run_elsewhere(replicas, store):
     one, two = replicas
     assert run(one, "w-delete", "write:x.txt=1", "write:y.txt=2")[1].exit_code == 0
@@ -108,6 +119,37 @@ def test_a_file_deleted_by_a_run_is_gone_for_the_next_run_elsewhere(replicas, st
     assert show(one, "w-delete") == {"y.txt": "2"}
     assert not (one.home / "buffer" / "w-delete" / "x.txt").exists()
     assert stored(store, "w-delete") == {"y.txt": "2"}
+
+
+def test_a_run_whose_files_cannot_be_saved_fails_with_the_reason(replicas, store, tmp_path):
+    one, two = replicas
+    release = tmp_path / "release"
+    call = one.client().run("six_a", "t/files.py", [f"wait:{release}", "write:lost.txt=1"], workspace="w-unsaved")
+    next(event for event in call if event.HasField("started"))
+    with psycopg.connect(store["admin"], autocommit=True) as conn:
+        conn.execute("REVOKE INSERT ON workspace.file FROM vpe_executor")
+        try:
+            release.touch()
+            status = collect(call)[1]
+        finally:
+            conn.execute("GRANT INSERT ON workspace.file TO vpe_executor")
+    assert status.exit_code == 0, status
+    assert status.ended_by.startswith(f"workspace store {executor.redacted_url(store['url'])}: cannot save the files "
+                                      "of workspace 'w-unsaved': permission denied"), status.ended_by
+    assert status.ended_by.endswith("; the run's files were not saved")
+    assert executor.status_exit_code(status) == 1, "the CLI does not call it a success"
+    assert show(two, "w-unsaved") == {}
+
+
+def test_runs_go_on_after_the_store_dropped_the_executors_connections(replicas, store):
+    one, _ = replicas
+    assert run(one, "w-reconnect", "write:a.txt=1")[1].exit_code == 0
+    with psycopg.connect(store["admin"], autocommit=True) as conn:
+        dropped = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                               "WHERE application_name = 'vpe-executor'").fetchone()[0]
+    assert dropped >= 1, "the executor keeps connections to the store open between runs"
+    assert run(one, "w-reconnect", "write:b.txt=2")[1].exit_code == 0
+    assert stored(store, "w-reconnect") == {"a.txt": "1", "b.txt": "2"}
 
 
 def test_a_stored_path_that_would_leave_the_workspace_is_refused(replicas, store):

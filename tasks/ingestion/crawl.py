@@ -267,13 +267,22 @@ class Cache:
 
     def get(self, keys: list[Key]) -> dict[Key, dict]:
         """The cached entries of `keys` (those it has), each with its synthetic flag."""
+        return {key: {**answer, "synthetic": synthetic}
+                for key, answer, synthetic in self.find(keys, ", a.answer, a.synthetic")}
+
+    def has(self, keys: list[Key]) -> set[Key]:
+        """Those of `keys` it has, without reading their answers."""
+        return {key for key, in self.find(keys, "")}
+
+    def find(self, keys: list[Key], more: str) -> Iterator[tuple]:
+        """(key, *more) for those of `keys` it has; `more` is a list of crawl.answer's columns after a comma."""
         wanted = dict(zip(zip(*self.columns(keys)), keys))
         rows = self.connection.execute(
-            "SELECT a.latitude::text, a.longitude::text, a.day::text, a.answer, a.synthetic "
+            f"SELECT a.latitude::text, a.longitude::text, a.day::text{more} "
             "FROM unnest(%s::numeric[], %s::numeric[], %s::date[]) k(latitude, longitude, day) "
             "JOIN crawl.answer a USING (latitude, longitude, day) WHERE a.source = %s AND a.timezone = %s",
             (*self.columns(keys), self.source, self.zone))
-        return {wanted[lat, lon, day]: {**answer, "synthetic": synthetic} for lat, lon, day, answer, synthetic in rows}
+        return ((wanted[lat, lon, day], *rest) for lat, lon, day, *rest in rows)
 
     def put(self, entries: dict[Key, dict], synthetic: bool) -> None:
         keys = list(entries)
@@ -340,6 +349,9 @@ class Cache:
                     continue
                 calls += weight if datetime.fromtimestamp(moment, timezone.utc).date() == today else 0
         if not entries and not ledger.is_file():
+            if root.is_dir():
+                log.info("the on-disk cache %s holds no answers for %s in timezone %s (a crawl with that --url and "
+                         "--timezone takes them)", root, self.source, self.zone)
             return
         with self.connection.transaction():
             for synthetic in (False, True):
@@ -467,7 +479,7 @@ class Crawl:
         mine = self.cache.lock(batch)
         self.held_elsewhere += sorted(set(batch) - set(mine))
         try:
-            cached = self.cache.get(mine) if mine else {}
+            cached = self.cache.has(mine) if mine else set()
             self.by_others += len(cached)
             progress.advance(len(cached))
             yield [key for key in mine if key not in cached]
@@ -641,6 +653,8 @@ def main() -> int:
     windows = distinct_windows(list(extract_files(folder, WINDOWS).values()))
     if args.pending_from_warehouse:
         windows = with_pending(windows, warehouse_pending(warehouse_dsn("--pending-from-warehouse")))
+    if args.import_cache and not args.import_cache.is_dir():
+        raise StepFailed(f"--import-cache {args.import_cache}: no such folder (the --cache-dir of an earlier crawl)")
     archive = Archive(args.url, args.timezone, args.timeout, args.api_key)
     # Autocommit: each answer is kept the moment it is written, and the window locks are the session's.
     connection = connect_warehouse(warehouse_dsn("crawl (its answer cache is the warehouse's)"))
@@ -663,7 +677,7 @@ def crawl_windows(args: argparse.Namespace, folder: Path, windows: list[Window],
     last_day = (today - timedelta(days=args.archive_lag_days)).isoformat()
     recent = (today - timedelta(days=args.recent_days)).isoformat()
     keys = sorted({w.key for w in windows})
-    cached = cache.get(keys)
+    cached = cache.has(keys)
     uncached = [key for key in keys if key not in cached]
     missing = [key for key in uncached if key[2] <= last_day]
     log.info("%d windows (%d distinct place-days): %d cached, %d to fetch from %s%s in batches of %d; %d pending "
