@@ -6,6 +6,8 @@
 - the Dockerfiles follow requirements.txt and envs/*.yml (the same files local mode uses);
 - the env-building step of Dockerfile.executor, run for real against the executor (venv backend);
 - the grpc_default connection it gives Airflow, read by VPE's hook (vpe.hooks), reaching a real executor;
+- scaled executor replicas: no volume shared between them, and each names its own address (a replica bound
+  to all addresses run in a stand-in container: its own hostname and /etc/hosts, as Docker gives it);
 - bootstrap.sh's compose mode against a `docker` stand-in that records its calls (a double for the CLI only).
 """
 from __future__ import annotations
