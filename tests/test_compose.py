@@ -6,6 +6,8 @@
 - the Dockerfiles follow requirements.txt and envs/*.yml (the same files local mode uses);
 - the env-building step of Dockerfile.executor, run for real against the executor (venv backend);
 - the grpc_default connection it gives Airflow, read by VPE's hook (vpe.hooks), reaching a real executor;
+- scaled executor replicas: no volume shared between them, and each names its own address (a replica bound
+  to all addresses run in a stand-in container: its own hostname and /etc/hosts, as Docker gives it);
 - bootstrap.sh's compose mode against a `docker` stand-in that records its calls (a double for the CLI only).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+import executor
 from conftest import ROOT, bootstrap, free_port
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -198,19 +201,81 @@ def test_airflow_reaches_every_executor_replica_through_dns(model: dict[str, Any
     assert "container_name" not in executor, "a fixed container name would forbid --scale executor=N"
 
 
-def test_executor_replicas_share_workspaces_through_the_store_not_a_volume(model: dict[str, Any]) -> None:
+def test_executor_replicas_share_no_volume(model: dict[str, Any]) -> None:
+    """With --scale executor=N a named volume is one disk under every replica; replicas on several hosts have
+    none in common, so what they write goes to volumes of their own (anonymous: one per container)."""
+    volumes = model["services"]["executor"]["volumes"]
+    writable = [v for v in volumes if not v.endswith(":ro")]
+    assert sorted(writable) == ["/vpe/buffer", "/vpe/logs"]
+    assert all(v.startswith("./") for v in volumes if v.endswith(":ro")), "read-only: the repo's own files"
+    assert not {"buffer", "executor-logs"} & set(model["volumes"])
+
+
+def test_the_executor_service_has_nothing_one_replica_only_can_have(model: dict[str, Any]) -> None:
+    """Started.replica (where Attach and Cancel go) is the container's own address when bound to all (next test):
+    a fixed name, address or host port would be the same for every replica, or forbid scaling."""
     executor = model["services"]["executor"]
-    warehouse = env_file(ROOT / ".env")["VPE_WAREHOUSE_DB"]
-    assert executor["environment"]["VPE_EXECUTOR_WORKSPACE_STORE"] == (
-        f"postgresql://vpe_executor:{fake_secrets()['VPE_EXECUTOR_DB_PASSWORD']}@postgres:5432/{warehouse}")
-    assert not [volume for volume in executor["volumes"] if "/vpe/buffer" in str(volume)], \
-        "each replica's buffer is its own copy of the store's files"
+    assert "VPE_EXECUTOR_ADVERTISE" not in executor["environment"]
+    assert not {"container_name", "hostname", "ports"} & set(executor)
+
+
+def replica_named_in_a_container(tmp_path: Path, hostname: str, address: str, port: int) -> str:
+    """Started.replica of an executor bound to 0.0.0.0 in a stand-in for a Docker container: its own hostname
+    (UTS namespace) and an /etc/hosts that maps it to the container's address (mount namespace), as Docker
+    writes them."""
+    hosts = tmp_path / f"hosts-{hostname}"
+    hosts.write_text(f"127.0.0.1 localhost\n{address} {hostname}\n")
+    probe = f"import executor; print(executor.Config(host='0.0.0.0', port={port}).replica)"
+    script = f"hostname {hostname} && mount --bind {hosts} /etc/hosts && exec {sys.executable} -c \"{probe}\""
+    result = subprocess.run(["unshare", "--uts", "--mount", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    if result.returncode != 0 and ("unshare" in result.stderr or "mount" in result.stderr):
+        pytest.skip(f"cannot make UTS and mount namespaces here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_each_scaled_replica_names_its_own_container_address(model: dict[str, Any], tmp_path: Path) -> None:
+    executor_env = model["services"]["executor"]["environment"]
+    assert executor_env["VPE_EXECUTOR_HOST"] == "0.0.0.0"
+    port = int(executor_env["VPE_EXECUTOR_PORT"])
+    named = [replica_named_in_a_container(tmp_path, hostname, address, port)
+             for hostname, address in [("3f2a9c1b7d4e", "172.30.0.7"), ("9b0c4d2e6a18", "172.30.0.8")]]
+    assert named == [f"172.30.0.7:{port}", f"172.30.0.8:{port}"]
+
+
+def test_the_executor_keeps_workspaces_in_the_warehouses_postgresql(model: dict[str, Any]) -> None:
+    secrets = fake_secrets()
+    store = model["services"]["executor"]["environment"]["VPE_EXECUTOR_WORKSPACE_STORE"]
+    assert store == f"postgresql://vpe_executor:{secrets['VPE_EXECUTOR_DB_PASSWORD']}@postgres:5432/" \
+                    f"{env_file(ROOT / '.env')['VPE_WAREHOUSE_DB']}"
+    init = model["services"]["airflow-init"]
+    assert '"vpe_executor": "VPE_EXECUTOR_DB_PASSWORD"' in init["command"][-1]
+    assert init["environment"]["VPE_EXECUTOR_DB_PASSWORD"] == secrets["VPE_EXECUTOR_DB_PASSWORD"]
+    assert model["services"]["executor"]["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
+
+
+def test_airflows_target_is_one_dns_name_for_every_replica(model: dict[str, Any]) -> None:
+    """gRPC's dns resolver returns every address of the scaled service, and round_robin uses them all."""
+    from airflow.models.connection import Connection
+
+    from vpe.hooks import connection_settings
+    conn = model["services"]["airflow-scheduler"]["environment"]["AIRFLOW_CONN_GRPC_DEFAULT"]
+    target, token, _ = connection_settings(Connection.from_json(conn, conn_id="grpc_default"))
+    port = int(env_file(ROOT / ".env")["VPE_EXECUTOR_PORT"])
+    assert target == f"dns:///executor:{port}"
+    assert token == fake_secrets()["VPE_EXECUTOR_TOKEN"]
+    assert executor.split_target(target) == ("executor", port) and executor.listed_addresses(target) is None
+    assert ("grpc.lb_policy_name", "round_robin") in executor.GRPC_OPTIONS
 
 
 def test_celery_profile_adds_redis_and_workers(model: dict[str, Any]) -> None:
     services = model["services"]
     assert {name for name, s in services.items() if s.get("profiles")} == {"redis", "airflow-worker"}
     assert services["airflow-worker"]["command"] == "celery worker"
+    assert "healthcheck" in services["redis"] and "healthcheck" in services["airflow-worker"]
+    assert str(services["airflow-worker"]["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"]) == \
+        env_file(ROOT / ".env")["VPE_AIRFLOW_PARALLELISM"]
     assert services["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
     celery = compose_model(env_file(ROOT / ".env") | fake_secrets() | {"VPE_AIRFLOW_EXECUTOR": "CeleryExecutor"})
     assert celery["services"]["airflow-worker"]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
