@@ -83,14 +83,14 @@ DEFER_SETTLE = timedelta(seconds=10)
 # A task script's stdout line starting with this, then a JSON object, adds that object to the `extra` of
 # the asset events its task emits (tasks/ingestion/load.py prints it).
 OUTLET_EXTRA_MARK = "vpe-outlet-extra: "
-# Refusals a retry cannot fix. Others (executor unreachable, env still building,
-# queue full) are raised as ordinary failures, so the task's `retries` apply.
 # How a started run's stream breaks when its replica is lost: the connection reset or, for a host gone
 # silent, gRPC's keepalive unanswered (vpe.executor's GRPC_OPTIONS).
 LOST = {grpc.StatusCode.UNAVAILABLE}
 RETRY_AFTER_LOSS = ("This try fails; Airflow's retry attaches to the run if that replica is back and still has it, "
-                    "else starts the step on a live replica, where the workspace and the crawl cache are found "
-                    "in PostgreSQL.")
+                    "else starts the step on a live replica, which finds the workspace in the executors' "
+                    "workspace store (VPE_EXECUTOR_WORKSPACE_STORE).")
+# Refusals a retry cannot fix. Others (executor unreachable, env still building,
+# queue full) are raised as ordinary failures, so the task's `retries` apply.
 PERMANENT_REFUSALS = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT,
