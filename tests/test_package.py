@@ -121,8 +121,8 @@ def test_wheel_holds_the_package_and_what_it_reads_but_no_checkout_content(wheel
     code = {n for n in names if ".dist-info/" not in n}
     beside_executor = {f"vpe/{p.name}" for pattern in ("*.proto", "*.yaml") for p in ROOT.glob(pattern)}
     assert "vpe/ping.proto" in beside_executor
-    assert code == {"vpe/__init__.py", "vpe/executor.py", "vpe/hooks.py", "vpe/operators.py", "vpe/provider.py",
-                    "executor_operator.py", *beside_executor}
+    assert code == {"vpe/__init__.py", "vpe/executor.py", "vpe/hooks.py", "vpe/hosts.py", "vpe/operators.py",
+                    "vpe/provider.py", "executor_operator.py", *beside_executor}
 
 
 def test_the_version_is_the_executors_own(wheel: Path) -> None:
