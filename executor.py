@@ -1173,6 +1173,7 @@ REUSE_CHARGED_BYTES = 4 * 1024 * 1024  # memory a finished run may leave charged
 # A run's parked process is replaced only after the run (see Containment._park_soon), so with one per slot a client
 # starting its next run the moment the last one ended found none about a fifth of the time and waited for its join.
 PARKED_PER_SLOT = 2
+JOURNAL_COMPACT_BYTES = 64 * 1024
 
 
 def libc_call(name: str, *args: Any) -> int:
@@ -1281,7 +1282,7 @@ class TaskLauncher:
 
 
 class Containment:
-    """Keeps each run's processes together, records live runs under $VPE_HOME/run/executor/<executor>/ and, at
+    """Keeps each run's processes together, records live runs in $VPE_HOME/run/executor/<executor>.jsonl and, at
     start, kills what executors that died without stopping (kill -9, OOM killer, power loss) left running.
 
     A cgroup per run where the executor may create them (v1 pids, memory and freezer hierarchies, e.g. as root),
@@ -1292,7 +1293,6 @@ class Containment:
         me = proc_info(os.getpid())
         self.identity = f"{me.pid}-{me.start}"
         self._records_root = cfg.home / "run" / "executor"
-        self._records = self._records_root / self.identity
         self._bases = self._cgroup_bases() if cfg.containment in ("auto", "cgroup") else {}
         if cfg.containment == "cgroup" and not self._bases:
             raise SystemExit("executor.py: VPE_EXECUTOR_CONTAINMENT=cgroup, but no writable pids, memory and freezer "
@@ -1306,7 +1306,8 @@ class Containment:
                               "(a process that clears its environment and leaves the run's session can escape)")
         self.launcher = TaskLauncher(cfg)
         self.mechanism += f"; {self.launcher.mechanism}"
-        self._records.mkdir(parents=True, exist_ok=True)
+        self._records_root.mkdir(parents=True, exist_ok=True)
+        self._journal = RunJournal(self._records_root / f"{self.identity}.jsonl")
         self._parked: deque[tuple[subprocess.Popen, dict[str, Path]]] = deque()
         self._clean: deque[dict[str, Path]] = deque()  # cgroups finished runs left clean, for the next ones
         self._parked_lock = threading.Lock()
@@ -1429,16 +1430,13 @@ class Containment:
         return Cage(run_id, marker, {})
 
     def remember(self, cage: Cage, log_path: Path) -> None:
-        record = self._records / f"{cage.run_id}.json"
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**cage.record(), "log_path": str(log_path)}))
-        os.replace(tmp, record)
+        self._journal.started({**cage.record(), "log_path": str(log_path)})
 
     def forget(self, cage: Cage, limits: dict[str, float]) -> None:
         """The run is over: its record goes; on the keeper thread, while the run's status goes out, its cgroups
         are kept for a later run if it left them clean (else removed), and the parked process it took is
         replaced."""
-        (self._records / f"{cage.run_id}.json").unlink(missing_ok=True)
+        self._journal.ended(cage.run_id)
         with self._parked_lock:
             owed, self._owed = self._owed > 0, max(0, self._owed - 1)
         try:
@@ -1474,30 +1472,30 @@ class Containment:
         for proc, folders in parked:
             self._unpark(proc, folders)
         remove_if_empty(folder for folders in clean for folder in folders.values())
-        with contextlib.suppress(OSError):
-            self._records.rmdir()
+        self._journal.close()
         remove_if_empty([*self._bases.values(), *(base.parent for base in self._bases.values())])
 
     def recover(self) -> list[str]:
         """Kills every process of the runs that dead executors of this VPE_HOME left behind, reports each such run
         as lost in its run log, and removes their records and cgroups. Returns the lost runs' ids."""
         lost = []
-        for records in self._records_root.glob("*-*"):
-            if records == self._records or self._executor_alive(records.name):
+        for journal in self._records_root.glob("*-*"):
+            identity = journal.name.removesuffix(".jsonl")
+            if identity == self.identity or self._executor_alive(identity):
                 continue
-            for path in sorted(records.glob("*.json")):
+            for record in RunJournal.live_runs(journal):
                 try:
-                    record = json.loads(path.read_text())
                     cage = Cage.from_record(record)
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    log.warning("%s: unreadable run record (%s); its cgroups, if any, are cleaned up below", path, exc)
-                else:
-                    killed = cage.kill_all()
-                    cage.remove()
-                    report_lost(record, records.name.split("-")[0], killed)
-                    lost.append(record["run_id"])
-                path.unlink(missing_ok=True)
-            shutil.rmtree(records, ignore_errors=True)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("%s: unreadable run record (%s); its cgroups, if any, are cleaned up below", journal, exc)
+                    continue
+                killed = cage.kill_all()
+                cage.remove()
+                report_lost(record, identity.split("-")[0], killed)
+                lost.append(record["run_id"])
+            if journal.is_dir():
+                shutil.rmtree(journal, ignore_errors=True)
+            journal.unlink(missing_ok=True)
         self._remove_dead_cgroups()
         return lost
 
@@ -1527,6 +1525,85 @@ class Containment:
     def _executor_alive(identity: str) -> bool:
         pid, _, start = identity.partition("-")
         return pid.isdigit() and start.isdigit() and same_process(int(pid), int(start))
+
+
+class RunJournal:
+    """The runs an executor has alive, as JSON lines appended to a file of its own: {"started": record} once a run's
+    first process exists, {"ended": run_id} once its last one is gone. An append per event, where a file per run
+    cost creating, renaming and removing one (and a new inode costs ext4 a search). Emptied whenever no run is alive,
+    rewritten with only the live runs once it grows past JOURNAL_COMPACT_BYTES, removed when the executor stops with
+    none alive. A line torn by a crash is skipped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._live: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._fd = self._open(path, os.O_TRUNC)
+        self._size = 0
+
+    @staticmethod
+    def _open(path: Path, flags: int) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | flags, 0o600)
+
+    def started(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._live[record["run_id"]] = record
+            self._append({"started": record})
+
+    def ended(self, run_id: str) -> None:
+        with self._lock:
+            if self._live.pop(run_id, None) is None:
+                return
+            if not self._live:
+                os.ftruncate(self._fd, 0)
+                self._size = 0
+            elif self._size > JOURNAL_COMPACT_BYTES:
+                self._compact()
+            else:
+                self._append({"ended": run_id})
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry) + "\n").encode()
+        os.write(self._fd, line)
+        self._size += len(line)
+
+    def _compact(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = self._open(tmp, os.O_TRUNC)
+        os.close(self._fd)
+        self._fd, self._size = fd, 0
+        for record in self._live.values():
+            self._append({"started": record})
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        """Keeps the file only while runs are alive (none, unless killing them failed) for the next start."""
+        with self._lock:
+            os.close(self._fd)
+            if not self._live:
+                self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def live_runs(path: Path) -> list[dict[str, Any]]:
+        """The records of the runs a journal shows alive: started and not ended. `path` may also be the folder
+        executors kept before this journal, with a JSON file per live run."""
+        try:
+            lines = ([b'{"started": %s}' % record.read_bytes() for record in sorted(path.glob("*.json"))]
+                     if path.is_dir() else path.read_bytes().splitlines())
+        except OSError as exc:
+            log.warning("%s: unreadable (%s)", path, exc)
+            return []
+        live: dict[str, dict[str, Any]] = {}
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                if "started" in entry:
+                    live[entry["started"]["run_id"]] = entry["started"]
+                else:
+                    live.pop(entry["ended"], None)
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: skipping a torn or unreadable record", path)
+        return list(live.values())
 
 
 def subfolders(path: Path) -> list[Path]:

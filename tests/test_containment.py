@@ -442,6 +442,35 @@ def test_output_waiting_for_a_client_that_does_not_read_is_bounded_in_bytes(make
     assert grown < 64 * 1024 * 1024, f"the executor grew by {grown / 2**20:.0f} MiB for one unread run"
 
 
+def test_the_run_journal_shows_exactly_the_runs_still_alive_and_stays_small(tmp_path, monkeypatch):
+    monkeypatch.setattr(executor, "JOURNAL_COMPACT_BYTES", 400)
+    path = tmp_path / "1-2.jsonl"
+    journal = executor.RunJournal(path)
+    for i in range(12):
+        journal.started({"run_id": f"r{i}", "log_path": f"/logs/r{i}.jsonl"})
+    for i in range(0, 12, 2):
+        journal.ended(f"r{i}")
+    journal.ended("never-started")
+    assert path.stat().st_size < 500, "rewritten with only the live runs once past the compaction size"
+    with path.open("ab") as crashed:  # the executor died while appending
+        crashed.write(b'{"started": {"run_id": "r99", "log')
+    assert sorted(r["run_id"] for r in executor.RunJournal.live_runs(path)) == [f"r{i}" for i in (1, 11, 3, 5, 7, 9)]
+    for i in range(1, 12, 2):
+        journal.ended(f"r{i}")
+    assert path.stat().st_size == 0 and executor.RunJournal.live_runs(path) == []
+    journal.started({"run_id": "left", "log_path": "/logs/left.jsonl"})
+    journal.close()
+    assert [r["run_id"] for r in executor.RunJournal.live_runs(path)] == ["left"], "kept for the next start"
+
+
+def test_run_records_an_earlier_executor_left_in_a_folder_are_still_read(tmp_path):
+    folder = tmp_path / "999999999-1"
+    folder.mkdir()
+    (folder / "old.json").write_text(json.dumps({"run_id": "old", "log_path": "/logs/old.jsonl"}))
+    (folder / "torn.json").write_text('{"run_id": "to')
+    assert executor.RunJournal.live_runs(folder) == [{"run_id": "old", "log_path": "/logs/old.jsonl"}]
+
+
 def test_a_cgroup_left_by_a_dead_executor_without_a_record_is_emptied_and_removed(make_server, tmp_path):
     if not cgroups_writable():
         pytest.skip("no writable cgroup v1 hierarchies here (not root?)")
