@@ -7,6 +7,8 @@ shows.
 
   (a) a trivial task through the executor's Run RPC (client in this process, server on loopback), in each env
   (a0) the same on the executor of an earlier commit (--baseline, default: before containment), for comparison
+  (g) the same on bench/grpc_floor.py, a bare-bones gRPC server (Popen, read to the end, answer; no run log, no
+      cage, no checks): what any executor written with Python and grpcio pays before it does anything of its own
   (b) the floor: `<env>/bin/python task.py` as a bare subprocess of this process, in each env
   (d) (b) from the executor's waiting shell (a shell that reads its start script: rlimits, cwd, env), no cgroups
   (e) the same with the run's cgroups created, joined (the executor writes the shell's pid) and removed, all while
@@ -18,7 +20,7 @@ shows.
       `uv pip install --python <venv>/bin/python <requirements>` when uv is on PATH), then the task;
   (c') the same without uv on PATH (`python -m venv`, then `<venv>/bin/pip install <requirements>`)
 
-(a), (a0), (b), (d), (e) and (f) alternate run by run so that machine noise hits all alike, each after a pause (--pause, 50 ms):
+(a), (a0), (g), (b), (d), (e) and (f) alternate run by run so that machine noise hits all alike, each after a pause (--pause, 50 ms):
 a pipeline's tasks come seconds apart, and joining a cgroup costs much more after the kernel was idle (see
 README's Known limits). Then concurrent throughput: runs/s with as many client threads as the executor has run
 slots, back to back, against bare subprocesses with the same parallelism.
@@ -40,6 +42,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -86,6 +90,26 @@ def baseline_code(workdir: Path, commit: str) -> Path:
         shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"], check=True, capture_output=True)
         (folder / name).write_bytes(shown.stdout)
     return folder
+
+
+def start_floor(workdir: Path, tasks: Path, port: int) -> subprocess.Popen:
+    """bench/grpc_floor.py on the envs the executor built in `workdir`."""
+    return subprocess.Popen([sys.executable, str(ROOT / "bench" / "grpc_floor.py"), "--port", str(port),
+                             "--home", str(workdir / "home"), "--tasks-dir", str(tasks.parent)],
+                            stdout=(workdir / "grpc-floor.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_answering(client: executor.ExecutorClient, env: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            via_executor(client, env)
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -253,10 +277,15 @@ def main() -> int:
                                 "baseline-home")
         clients["(a0)"] = executor.ExecutorClient(executor.open_channel(f"127.0.0.1:{baseline_port}"))
     cages = Cages(workdir)
+    floor = None
     try:
         print(f"building the bench envs ({'; '.join(', '.join(r) for r in ENVS.values())}) ...", file=sys.stderr)
         for each in clients.values():
             wait_ready(each)
+        floor_port = executor.free_port()
+        floor = start_floor(workdir, tasks, floor_port)
+        clients["(g)"] = executor.ExecutorClient(executor.open_channel(f"127.0.0.1:{floor_port}"))
+        wait_answering(clients["(g)"], "bench")
         pythons = {env: workdir / "home" / "envs" / env / "bin" / "python" for env in ENVS}
         sizes = {env: file_count(python.parent.parent.resolve()) for env, python in pythons.items()}
         script = tasks / "noop.py"
@@ -291,7 +320,7 @@ def main() -> int:
             rates[env]["(b)"] = throughput(lambda: bare(python, script), args.slots, args.seconds)
     finally:
         cages.close()
-        for each in (server, baseline):
+        for each in (server, baseline, floor):
             if each is not None:
                 stop_server(each)
         if args.keep:
@@ -307,7 +336,8 @@ def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[s
            slots: int, baseline: str) -> None:
     p50 = {name: statistics.median(values) for name, values in samples.items()}
     floor = p50["bench (b)"]
-    names = {"(a)": "executor Run RPC", "(a0)": f"the same at {baseline}", "(b)": "bare subprocess (floor)"}
+    names = {"(a)": "executor Run RPC", "(a0)": f"the same at {baseline}", "(g)": "bare-bones gRPC server",
+             "(b)": "bare subprocess (floor)"}
     rows = [(f"{env}: {v} {names[v]}", f"{env} {v}") for env in ENVS for v in names if f"{env} {v}" in p50] + [
         ("(d) bare from a waiting shell", "(d)"), ("(e) (d) + run's cgroups, cold", "(e)"),
         ("(f) as a run starts: parked in its cgroups", "(f)"),
@@ -321,13 +351,15 @@ def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[s
     for env, rate in rates.items():
         print(f"throughput at {slots} slots, env {env}: executor {rate['(a)']:.1f} runs/s, bare subprocess "
               f"{rate['(b)']:.1f} runs/s ({rate['(a)'] / rate['(b)']:.2f}x)" +
-              (f"; at {baseline}: {rate['(a0)']:.1f} runs/s ({rate['(a0)'] / rate['(b)']:.2f}x)" if "(a0)" in rate else ""))
+              (f"; at {baseline}: {rate['(a0)']:.1f} runs/s ({rate['(a0)'] / rate['(b)']:.2f}x)" if "(a0)" in rate else "")
+              + f"; bare-bones gRPC server (g): {rate['(g)']:.1f} runs/s ({rate['(g)'] / rate['(b)']:.2f}x)")
     print()
     for env in ENVS:
         a, b = p50[f"{env} (a)"], p50[f"{env} (b)"]
         print(f"goal (a) <= (b) + 5 ms, env {env} ({sizes[env]:,} files): {a * 1000:.1f} <= {(b + 0.005) * 1000:.1f} ms "
               f"{'MET' if a <= b + 0.005 else 'MISSED'} (overhead {(a - b) * 1000:.1f} ms" +
-              (f"; at {baseline}: {(p50[f'{env} (a0)'] - b) * 1000:.1f} ms)" if f"{env} (a0)" in p50 else ")"))
+              (f"; at {baseline}: {(p50[f'{env} (a0)'] - b) * 1000:.1f} ms" if f"{env} (a0)" in p50 else "") +
+              f"; bare-bones gRPC server (g): {(p50[f'{env} (g)'] - b) * 1000:.1f} ms)")
     for env, rate in rates.items():
         ratio = rate["(a)"] / rate["(b)"]
         print(f"goal throughput >= 0.7 x bare at {slots} slots, env {env}: {ratio:.2f}x {'MET' if ratio >= 0.7 else 'MISSED'}")
