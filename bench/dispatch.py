@@ -362,9 +362,10 @@ def report(samples: dict[str, list[float]], sizes: dict[str, int], rates: dict[s
               (f"; at {baseline}: {(p50[f'{env} (a0)'] - b) * 1000:.1f} ms" if f"{env} (a0)" in p50 else "") +
               f"; bare-bones gRPC server (g): {(p50[f'{env} (g)'] - b) * 1000:.1f} ms)")
     for env, rate in rates.items():
-        ratio = rate["(a)"] / rate["(b)"]
-        print(f"goal throughput >= 0.7 x bare at {slots} slots, env {env}: {ratio:.2f}x {'MET' if ratio >= 0.7 else 'MISSED'} "
-              f"(bare-bones gRPC server (g): {rate['(g)'] / rate['(b)']:.2f}x; executor / (g): {rate['(a)'] / rate['(g)']:.2f}x)")
+        ratio, ceiling = rate["(a)"] / rate["(b)"], rate["(g)"] / rate["(b)"]
+        print(f"goal throughput >= 0.7 x bare at {slots} slots, env {env}: {ratio:.2f}x "
+              f"{'MET' if ratio >= 0.7 else 'MISSED'} (bare-bones gRPC server (g): {ceiling:.2f}x; "
+              f"executor / (g): {ratio / ceiling:.2f}x)")
     cgroups, cold = p50["(f)"] - p50["(d)"], p50["(e)"] - p50["(d)"]
     print(f"goal cgroups created, joined, removed <= 2 ms per run: (f) - (d) = {cgroups * 1000:.1f} ms "
           f"{'MET' if cgroups <= 0.002 else 'MISSED'} (all at dispatch, (e) - (d): {cold * 1000:.1f} ms; "
