@@ -1479,8 +1479,11 @@ class Containment:
         as lost in its run log, and removes their records and cgroups. Returns the lost runs' ids."""
         lost = []
         for journal in self._records_root.glob("*-*"):
-            identity = journal.name.removesuffix(".jsonl")
+            identity = journal.name.split(".")[0]
             if identity == self.identity or self._executor_alive(identity):
+                continue
+            if journal.suffix == ".tmp":  # a compaction cut short: the journal it was to replace is still there
+                journal.unlink(missing_ok=True)
                 continue
             for record in RunJournal.live_runs(journal):
                 try:

@@ -305,11 +305,15 @@ def test_executor_killed_mid_run_leaves_no_unmanaged_process_after_a_restart(mak
     os.kill(first.proc.pid, signal.SIGKILL)
     first.proc.wait(10)
     assert pid_alive(task) and pid_alive(daemon), "orphans of the killed executor"
+    journal, = (home / "run" / "executor").glob(f"{first.proc.pid}-*.jsonl")
+    journal.with_suffix(".tmp").write_bytes(journal.read_bytes())  # as if killed while compacting its journal
     second = make_server(home=home, VPE_EXECUTOR_CONTAINMENT=mode).start()
     assert unmanaged(home) == []
     assert not pid_alive(task) and not pid_alive(daemon)
     *_, (_, last) = executor.read_run_events(executor.Config(home=home), "crash")
     assert last.status.ended_by.startswith("lost:")
+    run_log = (home / "logs" / "runs" / "crash.jsonl").read_text()
+    assert run_log.count('"kind": "status"') == 1, "reported lost once"
     assert "reported lost" in second.log()
     assert not list((home / "run" / "executor").glob(f"{first.proc.pid}-*"))
 
