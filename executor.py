@@ -3486,7 +3486,10 @@ def serve(cfg: Config) -> int:
              f"; {len(lost)} runs left by a previous executor were killed and reported lost" if lost else "")
     envs.start_builds()
     threading.Thread(target=keep_pruning, args=(cfg, servicer, stop), name="retention", daemon=True).start()
-    stop.wait()
+    # Never an endless wait: the kernel may hand SIGTERM to another thread, and then its handler runs only once
+    # the main thread wakes (an executor waiting without a timeout ignored about one SIGTERM in ten).
+    while not stop.wait(1.0):
+        pass
     log.info("shutting down: no new runs; running tasks get %.0fs to finish", cfg.shutdown_grace)
     health_servicer.enter_graceful_shutdown()
     servicer.shutting_down.set()
