@@ -1497,7 +1497,8 @@ class Containment:
                 lost.append(record["run_id"])
             if journal.is_dir():
                 shutil.rmtree(journal, ignore_errors=True)
-            journal.unlink(missing_ok=True)
+            else:
+                journal.unlink(missing_ok=True)
         self._remove_dead_cgroups()
         return lost
 

@@ -470,9 +470,11 @@ def test_the_run_journal_shows_exactly_the_runs_still_alive_and_stays_small(tmp_
         journal.ended(f"r{i}")
     journal.ended("never-started")
     assert path.stat().st_size < 500, "rewritten with only the live runs once past the compaction size"
-    with path.open("ab") as crashed:  # the executor died while appending
-        crashed.write(b'{"started": {"run_id": "r99", "log')
-    assert sorted(r["run_id"] for r in executor.RunJournal.live_runs(path)) == [f"r{i}" for i in (1, 11, 3, 5, 7, 9)]
+    crashed = tmp_path / "3-4.jsonl"  # what the journal would hold had the executor died while appending
+    crashed.write_bytes(path.read_bytes() + b'{"started": {"run_id": "r99", "log')
+    odd = sorted(f"r{i}" for i in range(1, 12, 2))
+    assert sorted(r["run_id"] for r in executor.RunJournal.live_runs(path)) == odd
+    assert sorted(r["run_id"] for r in executor.RunJournal.live_runs(crashed)) == odd
     for i in range(1, 12, 2):
         journal.ended(f"r{i}")
     assert path.stat().st_size == 0 and executor.RunJournal.live_runs(path) == []
